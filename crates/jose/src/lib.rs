@@ -96,7 +96,9 @@ pub enum JoseError {
     AlgNotAllowed(String),
     #[error("no published key has the token's key id \"{0}\"")]
     UnknownKid(String),
-    #[error("the token names no key id and the provider publishes several keys, so the key is ambiguous")]
+    #[error(
+        "the token names no key id and the provider publishes several keys, so the key is ambiguous"
+    )]
     AmbiguousKey,
     #[error("the provider publishes no usable signing key")]
     NoKeys,
@@ -140,7 +142,10 @@ impl Jwk {
     /// The RSA public key, if this JWK is a usable RSA signing key.
     pub fn rsa_public_key(&self) -> Result<RsaPublicKey, JoseError> {
         if self.kty != "RSA" {
-            return Err(JoseError::BadKey(format!("key type {} is not RSA", self.kty)));
+            return Err(JoseError::BadKey(format!(
+                "key type {} is not RSA",
+                self.kty
+            )));
         }
         let (Some(n), Some(e)) = (&self.n, &self.e) else {
             return Err(JoseError::BadKey("an RSA key without n or e".into()));
@@ -317,7 +322,9 @@ impl UnverifiedJwt {
         let claims: Value = serde_json::from_slice(&b64url_decode(c)?)
             .map_err(|_| JoseError::Malformed("the claims are not JSON"))?;
         let (Value::Object(header), Value::Object(claims)) = (header, claims) else {
-            return Err(JoseError::Malformed("header and claims must be JSON objects"));
+            return Err(JoseError::Malformed(
+                "header and claims must be JSON objects",
+            ));
         };
         Ok(UnverifiedJwt {
             header,
@@ -337,7 +344,9 @@ impl UnverifiedJwt {
 
     /// The algorithm, refused unless it is one of `allowed` (and never `none` or an HMAC).
     pub fn checked_alg(&self, allowed: &[Alg]) -> Result<Alg, JoseError> {
-        let name = self.alg().ok_or(JoseError::Malformed("the header has no alg"))?;
+        let name = self
+            .alg()
+            .ok_or(JoseError::Malformed("the header has no alg"))?;
         if name.eq_ignore_ascii_case("none") {
             return Err(JoseError::AlgNone);
         }
@@ -445,7 +454,12 @@ mod tests {
     fn a_tampered_payload_fails() {
         let token = key().sign(&json!({"sub": "alice"}));
         let parts: Vec<&str> = token.split('.').collect();
-        let forged = format!("{}.{}.{}", parts[0], b64url(r#"{"sub":"mallory"}"#), parts[2]);
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64url(r#"{"sub":"mallory"}"#),
+            parts[2]
+        );
         let err = UnverifiedJwt::parse(&forged)
             .unwrap()
             .verify(&[Alg::RS256], &set_of(&[key()]))
@@ -499,7 +513,12 @@ mod tests {
         let header = json!({"alg": "RS256"});
         let token = key().sign_with_header(&header, &json!({"sub": "x"}));
         let parsed = UnverifiedJwt::parse(&token).unwrap();
-        assert!(parsed.clone().verify(&[Alg::RS256], &set_of(&[key()])).is_ok());
+        assert!(
+            parsed
+                .clone()
+                .verify(&[Alg::RS256], &set_of(&[key()]))
+                .is_ok()
+        );
         assert_eq!(
             parsed
                 .verify(&[Alg::RS256], &set_of(&[key(), &other]))
@@ -524,9 +543,15 @@ mod tests {
     #[test]
     fn pem_round_trip_keeps_the_kid() {
         let pem = key().to_pkcs8_pem();
-        assert_eq!(SigningKey::from_pem(&pem, Alg::RS256).unwrap().kid(), key().kid());
+        assert_eq!(
+            SigningKey::from_pem(&pem, Alg::RS256).unwrap().kid(),
+            key().kid()
+        );
         let pem1 = key().to_pkcs1_pem();
-        assert_eq!(SigningKey::from_pem(&pem1, Alg::RS256).unwrap().kid(), key().kid());
+        assert_eq!(
+            SigningKey::from_pem(&pem1, Alg::RS256).unwrap().kid(),
+            key().kid()
+        );
         assert!(SigningKey::from_pem("not a key", Alg::RS256).is_err());
     }
 

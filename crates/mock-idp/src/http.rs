@@ -3,11 +3,11 @@
 
 use crate::model::Client;
 use crate::pages;
-use crate::tls::Peer;
 use crate::provider::{
     FaultMode, FaultRequest, FaultTarget, FlowStep, OAuthError, Provider, REALM_PATH, SSO_COOKIE,
     TokenExpectation,
 };
+use crate::tls::Peer;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
@@ -154,7 +154,13 @@ fn flow_response(step: FlowStep) -> Response {
             offered,
             error,
         } => (
-            Html(pages::login_page(&pending, &users, &offered, error.as_deref())).into_response(),
+            Html(pages::login_page(
+                &pending,
+                &users,
+                &offered,
+                error.as_deref(),
+            ))
+            .into_response(),
             None,
         ),
         FlowStep::SelectRole {
@@ -193,10 +199,19 @@ async fn jwks(State(provider): Shared) -> Response {
     axum::Json(provider.jwks()).into_response()
 }
 
-async fn authorize(State(provider): Shared, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+async fn authorize(
+    State(provider): Shared,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let params = match single_valued(query.unwrap_or_default().as_bytes()) {
         Ok(params) => params,
-        Err(message) => return flow_response(FlowStep::ErrorPage { status: 400, message }),
+        Err(message) => {
+            return flow_response(FlowStep::ErrorPage {
+                status: 400,
+                message,
+            });
+        }
     };
     flow_response(provider.authorize(&params, session_cookie(&headers).as_deref()))
 }
@@ -204,14 +219,20 @@ async fn authorize(State(provider): Shared, headers: HeaderMap, RawQuery(query):
 async fn login(State(provider): Shared, body: Bytes) -> Response {
     match single_valued(&body) {
         Ok(form) => flow_response(provider.login(&form)),
-        Err(message) => flow_response(FlowStep::ErrorPage { status: 400, message }),
+        Err(message) => flow_response(FlowStep::ErrorPage {
+            status: 400,
+            message,
+        }),
     }
 }
 
 async fn select_role(State(provider): Shared, body: Bytes) -> Response {
     match single_valued(&body) {
         Ok(form) => flow_response(provider.select_role(&form)),
-        Err(message) => flow_response(FlowStep::ErrorPage { status: 400, message }),
+        Err(message) => flow_response(FlowStep::ErrorPage {
+            status: 400,
+            message,
+        }),
     }
 }
 
@@ -250,7 +271,10 @@ async fn userinfo(State(provider): Shared, headers: HeaderMap) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match provider.userinfo(bearer) {
         Ok(claims) => (no_store(), axum::Json(claims)).into_response(),
@@ -272,10 +296,19 @@ async fn revoke(State(provider): Shared, headers: HeaderMap, body: Bytes) -> Res
     }
 }
 
-async fn end_session(State(provider): Shared, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+async fn end_session(
+    State(provider): Shared,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let params = match single_valued(query.unwrap_or_default().as_bytes()) {
         Ok(params) => params,
-        Err(message) => return flow_response(FlowStep::ErrorPage { status: 400, message }),
+        Err(message) => {
+            return flow_response(FlowStep::ErrorPage {
+                status: 400,
+                message,
+            });
+        }
     };
     match provider
         .end_session(&params, session_cookie(&headers).as_deref())
@@ -283,7 +316,9 @@ async fn end_session(State(provider): Shared, headers: HeaderMap, RawQuery(query
     {
         Ok(Some(location)) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
         Ok(None) => Html(pages::signed_out_page()).into_response(),
-        Err(message) => (StatusCode::BAD_REQUEST, Html(pages::error_page(&message))).into_response(),
+        Err(message) => {
+            (StatusCode::BAD_REQUEST, Html(pages::error_page(&message))).into_response()
+        }
     }
 }
 
@@ -325,12 +360,18 @@ macro_rules! loopback_only {
     };
 }
 
-async fn admin_keys(State(provider): Shared, ConnectInfo(Peer(peer)): ConnectInfo<Peer>) -> Response {
+async fn admin_keys(
+    State(provider): Shared,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+) -> Response {
     loopback_only!(peer);
     axum::Json(provider.keys()).into_response()
 }
 
-async fn admin_key_next(State(provider): Shared, ConnectInfo(Peer(peer)): ConnectInfo<Peer>) -> Response {
+async fn admin_key_next(
+    State(provider): Shared,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+) -> Response {
     loopback_only!(peer);
     axum::Json(provider.add_next_key()).into_response()
 }
@@ -350,7 +391,10 @@ async fn admin_key_activate(
     }
 }
 
-async fn admin_key_retire(State(provider): Shared, ConnectInfo(Peer(peer)): ConnectInfo<Peer>) -> Response {
+async fn admin_key_retire(
+    State(provider): Shared,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+) -> Response {
     loopback_only!(peer);
     axum::Json(json!({"retired": provider.retire_previous_keys()})).into_response()
 }
@@ -418,7 +462,10 @@ async fn admin_backchannel_logout(
     axum::Json(json!({"deliveries": deliveries})).into_response()
 }
 
-async fn admin_deliveries(State(provider): Shared, ConnectInfo(Peer(peer)): ConnectInfo<Peer>) -> Response {
+async fn admin_deliveries(
+    State(provider): Shared,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+) -> Response {
     loopback_only!(peer);
     axum::Json(provider.deliveries()).into_response()
 }

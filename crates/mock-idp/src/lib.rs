@@ -10,6 +10,7 @@
 //!
 //! The agent embeds it as its sandbox; tests and people run it as the `cis2-mock-idp` binary.
 
+pub mod browser;
 pub mod http;
 pub mod keys;
 pub mod model;
@@ -158,13 +159,17 @@ pub async fn start(options: Options) -> Result<RunningProvider, StartError> {
             let listener = tls::TlsListener::new(listener, config);
             let app = app.into_make_service_with_connect_info::<tls::Peer>();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(stop).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await;
             })
         }
         None => {
             let app = app.into_make_service_with_connect_info::<tls::Peer>();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(stop).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await;
             })
         }
     };

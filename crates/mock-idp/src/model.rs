@@ -109,7 +109,14 @@ pub fn acr_satisfied_by(acr: &str, authenticator: Authenticator) -> bool {
 /// nothing requested, the level reached.
 pub fn acr_for(requested: &[String], authenticator: Authenticator) -> Option<String> {
     if requested.is_empty() {
-        return Some(if authenticator.level() >= 3 { "AAL3_ANY" } else { "AAL2_ANY" }.to_string());
+        return Some(
+            if authenticator.level() >= 3 {
+                "AAL3_ANY"
+            } else {
+                "AAL2_ANY"
+            }
+            .to_string(),
+        );
     }
     requested
         .iter()
@@ -409,10 +416,19 @@ mod tests {
         assert!(redirect_uri_matches(reg, "http://127.0.0.1:49152/callback"));
         assert!(redirect_uri_matches(reg, "http://127.0.0.1/callback"));
         assert!(!redirect_uri_matches(reg, "http://127.0.0.1:49152/other"));
-        assert!(!redirect_uri_matches(reg, "http://localhost:49152/callback"));
-        assert!(!redirect_uri_matches(reg, "http://127.0.0.2.evil.example/callback"));
+        assert!(!redirect_uri_matches(
+            reg,
+            "http://localhost:49152/callback"
+        ));
+        assert!(!redirect_uri_matches(
+            reg,
+            "http://127.0.0.2.evil.example/callback"
+        ));
         assert!(!redirect_uri_matches(reg, "https://127.0.0.1:1/callback"));
-        assert!(redirect_uri_matches("http://[::1]/cb", "http://[::1]:5000/cb"));
+        assert!(redirect_uri_matches(
+            "http://[::1]/cb",
+            "http://[::1]:5000/cb"
+        ));
         let web = "https://ehr.example/cb";
         assert!(redirect_uri_matches(web, web));
         assert!(!redirect_uri_matches(web, "https://ehr.example:8443/cb"));

@@ -60,12 +60,12 @@ pub fn login_page(
     offered: &[Authenticator],
     error: Option<&str>,
 ) -> String {
-    let mut body = format!(
-        "<h1>Sign in to {}</h1>",
-        escape(&pending.client_name)
-    );
+    let mut body = format!("<h1>Sign in to {}</h1>", escape(&pending.client_name));
     if let Some(error) = error {
-        body.push_str(&format!("<p class=\"error\" id=\"error\">{}</p>", escape(error)));
+        body.push_str(&format!(
+            "<p class=\"error\" id=\"error\">{}</p>",
+            escape(error)
+        ));
     }
     if !pending.acr_values.is_empty() {
         body.push_str(&format!(

@@ -359,8 +359,7 @@ impl Provider {
 
     /// Provider time: the wall clock plus whatever a test advanced it by.
     pub fn now(&self) -> u64 {
-        let offset = self.lock().clock_offset_secs;
-        unix_now().saturating_add_signed(offset)
+        self.lock().now()
     }
 
     pub fn advance_clock(&self, secs: i64) -> u64 {
@@ -470,9 +469,7 @@ impl Provider {
 
     pub fn register_client(&self, client: Client) -> Result<(), String> {
         client.check()?;
-        self.lock()
-            .clients
-            .insert(client.client_id.clone(), client);
+        self.lock().clients.insert(client.client_id.clone(), client);
         Ok(())
     }
 
@@ -568,10 +565,7 @@ impl Provider {
             );
         };
         if params.get("code_challenge_method").map(String::as_str) != Some("S256") {
-            return fail(
-                "invalid_request",
-                "PKCE code_challenge_method must be S256",
-            );
+            return fail("invalid_request", "PKCE code_challenge_method must be S256");
         }
         if code_challenge.len() != 43 {
             return fail(
@@ -620,9 +614,7 @@ impl Provider {
             created: now,
             authenticated: None,
         };
-        inner
-            .pending
-            .retain(|_, p| p.created + 1800 > now);
+        inner.pending.retain(|_, p| p.created + 1800 > now);
         // Reuse the browser's session when the request allows it (no prompt=login, within max_age, strong
         // enough for the acr asked).
         let reusable = session_cookie
@@ -654,10 +646,7 @@ impl Provider {
     pub fn login(&self, form: &HashMap<String, String>) -> FlowStep {
         let now = self.now();
         let mut inner = self.lock();
-        let Some(pending) = form
-            .get("txn")
-            .and_then(|t| inner.pending.remove(t))
-        else {
+        let Some(pending) = form.get("txn").and_then(|t| inner.pending.remove(t)) else {
             return FlowStep::ErrorPage {
                 status: 400,
                 message: "This sign-in has expired or was already finished. Start again from your application.".into(),
@@ -706,11 +695,7 @@ impl Provider {
             return retry(&mut inner, pending, message);
         }
         if !user.authenticators.contains(&authenticator) {
-            let message = if user
-                .authenticators
-                .iter()
-                .any(|a| offered.contains(a))
-            {
+            let message = if user.authenticators.iter().any(|a| offered.contains(a)) {
                 format!(
                     "{} has no {} registered. Choose one of theirs.",
                     user.name(),
@@ -763,11 +748,7 @@ impl Provider {
                 set_session: None,
             };
         }
-        let user = inner
-            .users
-            .iter()
-            .find(|u| u.uid == session.uid)
-            .cloned();
+        let user = inner.users.iter().find(|u| u.uid == session.uid).cloned();
         let Some(user) = user else {
             return FlowStep::ErrorPage {
                 status: 400,
@@ -1100,7 +1081,11 @@ impl Provider {
         Ok(response)
     }
 
-    fn refresh(&self, client: &Client, form: &HashMap<String, String>) -> Result<Value, OAuthError> {
+    fn refresh(
+        &self,
+        client: &Client,
+        form: &HashMap<String, String>,
+    ) -> Result<Value, OAuthError> {
         let now = self.now();
         let mut inner = self.lock();
         let token = form
@@ -1136,7 +1121,7 @@ impl Provider {
         state: Option<&str>,
         kept_refresh_token: Option<&str>,
     ) -> Result<Value, OAuthError> {
-        let now = self.now();
+        let now = inner.now();
         let user = inner
             .users
             .iter()
@@ -1296,7 +1281,9 @@ impl Provider {
         if let Some(hint) = params.get("id_token_hint") {
             let claims = UnverifiedJwt::parse(hint)
                 .and_then(|t| t.verify(&[Alg::RS256, Alg::RS512], &self.jwks()))
-                .map_err(|e| format!("id_token_hint is not one of this provider's ID tokens: {e}"))?;
+                .map_err(|e| {
+                    format!("id_token_hint is not one of this provider's ID tokens: {e}")
+                })?;
             if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
                 return Err("id_token_hint was issued by another provider".into());
             }
@@ -1304,7 +1291,10 @@ impl Provider {
                 .get("sid")
                 .and_then(Value::as_str)
                 .ok_or("id_token_hint has no sid")?;
-            let aud = claims.get("aud").and_then(Value::as_str).map(str::to_string);
+            let aud = claims
+                .get("aud")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             target = Some((sid.to_string(), aud));
         } else if let Some(cookie) = session_cookie
             && let Some(session) = self.lock().sessions.get(cookie)
@@ -1335,13 +1325,14 @@ impl Provider {
     /// Ends the provider sessions of `sub` (every one) or `sid`, revokes their refresh tokens and POSTs a
     /// logout token to each client that holds one and registered a back-channel URI.
     pub async fn logout_sessions(&self, sub: Option<&str>, sid: Option<&str>) -> Vec<Delivery> {
-        let matches = |g: &Grant| sub.is_some_and(|s| g.uid == s) || sid.is_some_and(|s| g.sid == s);
+        let matches =
+            |g: &Grant| sub.is_some_and(|s| g.uid == s) || sid.is_some_and(|s| g.sid == s);
         let mut targets: Vec<(Client, String, String)> = Vec::new(); // client, sub, sid
         {
             let mut inner = self.lock();
-            inner
-                .sessions
-                .retain(|_, s| !(sub.is_some_and(|x| s.uid == x) || sid.is_some_and(|x| s.sid == x)));
+            inner.sessions.retain(|_, s| {
+                !(sub.is_some_and(|x| s.uid == x) || sid.is_some_and(|x| s.sid == x))
+            });
             let mut seen = HashSet::new();
             let grants: Vec<Grant> = inner
                 .access_tokens
@@ -1401,8 +1392,13 @@ impl Provider {
 }
 
 impl Inner {
+    fn now(&self) -> u64 {
+        unix_now().saturating_add_signed(self.clock_offset_secs)
+    }
+
     fn pending_userinfo_overrides(&mut self, access_token: &str, claims: Map<String, Value>) {
-        self.userinfo_overrides.insert(access_token.to_string(), claims);
+        self.userinfo_overrides
+            .insert(access_token.to_string(), claims);
     }
 }
 
@@ -1460,7 +1456,13 @@ pub fn offered_authenticators(acr_values: &[String]) -> Vec<Authenticator> {
         .collect()
 }
 
-fn sign_id_token(keys: &KeyRing, alg: Alg, signing: Signing, client: &Client, claims: &Value) -> String {
+fn sign_id_token(
+    keys: &KeyRing,
+    alg: Alg,
+    signing: Signing,
+    client: &Client,
+    claims: &Value,
+) -> String {
     let signer = keys.signer(alg);
     match signing {
         Signing::Normal => signer.sign(claims),
@@ -1470,7 +1472,9 @@ fn sign_id_token(keys: &KeyRing, alg: Alg, signing: Signing, client: &Client, cl
             b64url(claims.to_string())
         ),
         Signing::UnknownKey => SigningKey::generate(alg).sign(claims),
-        Signing::NoKid => signer.sign_with_header(&json!({"alg": alg.as_str(), "typ": "JWT"}), claims),
+        Signing::NoKid => {
+            signer.sign_with_header(&json!({"alg": alg.as_str(), "typ": "JWT"}), claims)
+        }
         Signing::Hs256ClientSecret => {
             let input = format!(
                 "{}.{}",
@@ -1532,7 +1536,12 @@ pub fn with_query(base: &str, pairs: &[(&str, &str)]) -> String {
     }
 }
 
-fn error_redirect(redirect_uri: &str, error: &str, description: &str, state: Option<&str>) -> String {
+fn error_redirect(
+    redirect_uri: &str,
+    error: &str,
+    description: &str,
+    state: Option<&str>,
+) -> String {
     let mut pairs = vec![("error", error), ("error_description", description)];
     if let Some(state) = state {
         pairs.push(("state", state));

@@ -1,0 +1,3118 @@
+//! Loading and validating the agent config file (see docs/configuration.md).
+//!
+//! The file format is the one in `interfaces.md` ("Config file (TOML)"). This module reads it into a
+//! [`Config`], and refuses anything it does not understand: unknown keys and bad values are reported
+//! with the file, the 1-based line and a sentence that says what to write instead ([`ConfigError`]).
+//!
+//! The TOML is parsed with `toml_edit` (the parser under the `toml` crate), whose document keeps the
+//! byte span of every key, value and table header, so every error, including the ones found after
+//! parsing (a relay without `relay_url`, a `[[clients]]` entry without `path` or `sha256`), can name
+//! its line.
+//!
+//! Rules beyond the plain format:
+//!
+//! - `environment` picks a preset: `"int"` and `"live"` fill `issuer` from cis2-reference.md §1 when the
+//!   file gives none (an explicit issuer wins, kept byte for byte); `"custom"` needs `issuer`;
+//!   `"sandbox"` uses the embedded mock provider and refuses a `[provider]` section. A file with no
+//!   `environment` is a sandbox file if it has no `[provider]`, and an error if it has one (the file must
+//!   say whether it talks to INT, Live or another provider).
+//! - The issuer is never round-tripped through a URL type: CIS2 issuers contain `:443`, and tokens are
+//!   compared with it as an exact string.
+//! - Secrets never go in the file: a key named `client_secret` or `secret` anywhere is refused;
+//!   `secret_env` names the environment variable that holds the secret.
+//! - Relative paths (`ca_file`, `key_file`, `socket`, `data_dir`) are read from the config file's
+//!   folder; a leading `~/` is the home folder. `[[clients]] path` must be absolute.
+//! - [`load`] also checks that `ca_file` and `key_file` exist; [`parse`] never touches the disk.
+//!
+//! Keys this implementation adds to the contract (all optional): `[provider] prompt`,
+//! `redirect_ports`, `login_timeout_secs`, and `[[clients]] scopes`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml_edit::{ImDocument, Item, TableLike, Value};
+
+/// Issuer of NHS CIS2 INT (path to live), exactly as tokens carry it (cis2-reference.md §1).
+pub const INT_ISSUER: &str = "https://am.nhsint.auth-ptl.cis2.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare";
+/// Issuer of NHS CIS2 Live, exactly as tokens carry it (cis2-reference.md §1).
+pub const LIVE_ISSUER: &str = "https://am.nhsidentity.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare";
+/// `[provider] scopes` when the file gives none.
+pub const DEFAULT_SCOPES: [&str; 7] = [
+    "openid",
+    "profile",
+    "email",
+    "nhsperson",
+    "nationalrbacaccess",
+    "associatedorgs",
+    "selectedrole",
+];
+/// `[provider] acr_values` when the file gives none.
+pub const DEFAULT_ACR_VALUES: &str = "AAL2_OR_AAL3_ANY";
+/// `[provider] max_age` when the file gives none (seconds).
+pub const DEFAULT_MAX_AGE: u64 = 300;
+/// `[provider] prompt` when the file gives none (CIS2 role selection needs `login`).
+pub const DEFAULT_PROMPT: &str = "login";
+/// `[provider] login_timeout_secs` when the file gives none.
+pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 300;
+/// The IPC methods a `[[clients]]` rule may list in `methods`.
+pub const CLIENT_METHODS: [&str; 7] = [
+    "status",
+    "login",
+    "whoami",
+    "token",
+    "change_role",
+    "logout",
+    "subscribe",
+];
+/// The largest number of seconds any duration in the file may have (366 days). Larger values are
+/// refused so that adding them to a clock reading can never overflow.
+pub const MAX_SECS: u64 = 366 * 24 * 60 * 60;
+
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $( $(#[$vmeta:meta])* $variant:ident => $text:literal ),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $text)] $variant ),+
+        }
+
+        impl $name {
+            /// Every value, with the name it has in the config file (and on the wire).
+            pub const CHOICES: &'static [(&'static str, $name)] = &[ $( ($text, $name::$variant) ),+ ];
+
+            /// The name of this value in the config file (and on the wire).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text ),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// Which provider the agent signs in against (`environment`).
+    Environment {
+        /// The embedded `cis2-mock-idp` on loopback: not NHS CIS2.
+        Sandbox => "sandbox",
+        /// NHS CIS2 INT (path to live).
+        Int => "int",
+        /// NHS CIS2 Live.
+        Live => "live",
+        /// Any other OpenID Connect provider; the file must give `issuer`.
+        Custom => "custom",
+    }
+}
+
+impl Environment {
+    /// The issuer this preset fills in when the file gives none.
+    pub fn preset_issuer(self) -> Option<&'static str> {
+        match self {
+            Environment::Int => Some(INT_ISSUER),
+            Environment::Live => Some(LIVE_ISSUER),
+            Environment::Sandbox | Environment::Custom => None,
+        }
+    }
+}
+
+named_enum! {
+    /// Who swaps the authorization code for tokens (`[provider.exchange] method`).
+    ExchangeMethod {
+        /// The vendor's `cis2-relay` (the confidential client CIS2 requires).
+        Relay => "relay",
+        /// The agent itself, authenticating with a signed JWT (`key_file`, `alg`).
+        PrivateKeyJwt => "private_key_jwt",
+        /// The agent itself, with a client secret read from the variable named by `secret_env`.
+        ClientSecretPost => "client_secret_post",
+        /// The agent itself as a public client (PKCE only).
+        None => "none",
+    }
+}
+
+named_enum! {
+    /// The signature algorithm of a `private_key_jwt` client assertion (`[provider.exchange] alg`).
+    #[allow(clippy::upper_case_acronyms)]
+    #[derive(Default)]
+    SigningAlg {
+        /// RSASSA-PKCS1-v1_5 with SHA-256.
+        RS256 => "RS256",
+        /// RSASSA-PKCS1-v1_5 with SHA-512 (the default).
+        #[default]
+        RS512 => "RS512",
+    }
+}
+
+named_enum! {
+    /// Where tokens are kept (`[agent] store`).
+    #[derive(Default)]
+    StoreKind {
+        /// The OS keychain (the default).
+        #[default]
+        Keyring => "keyring",
+        /// Memory only: nothing persists (shared PCs).
+        Memory => "memory",
+    }
+}
+
+named_enum! {
+    /// What happens when a program not listed in `[[clients]]` connects (`[agent] client_policy`).
+    ClientPolicy {
+        /// Ask the person at the desk (`cis2-agentd` has no one to ask, so there it refuses).
+        Ask => "ask",
+        /// Serve it.
+        Allow => "allow",
+        /// Refuse it.
+        Deny => "deny",
+    }
+}
+
+named_enum! {
+    /// What a workstation event does to the session (`[workstation] on_os_lock`, `on_card_removal`).
+    SignalAction {
+        /// Nothing.
+        Ignore => "ignore",
+        /// Lock the session (tokens are withheld until unlocked).
+        Lock => "lock",
+        /// End the session.
+        SignOut => "sign_out",
+    }
+}
+
+named_enum! {
+    /// What happens after `inactivity_secs` without a client request (`[session] inactivity_action`).
+    InactivityAction {
+        /// Lock the session.
+        Lock => "lock",
+        /// End the session.
+        SignOut => "sign_out",
+        /// Nothing: the inactivity timeout is off.
+        None => "none",
+    }
+}
+
+/// `[provider.exchange]`: who swaps the code for tokens.
+///
+/// When the table (or its `method`) is absent the method is `relay` for `environment = "int"` and
+/// `"live"` (CIS2 wants a confidential client, which the desktop is not) and `none` for `"custom"`.
+/// The keys a method does not use may be present and are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// `method`.
+    pub method: ExchangeMethod,
+    /// `relay_url`: the `cis2-relay` base URL, as written. Required for `relay`; `https://`, or
+    /// `http://` to a loopback host only (the code and PKCE verifier travel in it).
+    pub relay_url: Option<String>,
+    /// `key_file`: PEM RSA private key. Required for `private_key_jwt`.
+    pub key_file: Option<PathBuf>,
+    /// `alg`: `RS512` (default) or `RS256`.
+    pub alg: SigningAlg,
+    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
+    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
+    pub secret_env: Option<String>,
+}
+
+/// `[provider]`: the OpenID Connect provider and this agent's client registration with it.
+///
+/// Keys beyond `interfaces.md`: `prompt` (default `"login"`; `""` sends none; otherwise
+/// space-separated `login`, `none`, `consent`, `select_account`), `redirect_ports` (fixed loopback
+/// ports for the redirect, tried in order; default `[]` = a free port chosen at sign-in; whether CIS2
+/// lets the port vary is unconfirmed) and `login_timeout_secs` (how long a sign-in may take in the
+/// browser, default 300, 1..=[`MAX_SECS`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderConfig {
+    /// Kept exactly as written (or as the preset gives it): never round-tripped through a URL type.
+    /// `https://`, or `http://` to 127.0.0.0/8, `[::1]` or `localhost`.
+    pub issuer: String,
+    /// Required outside the sandbox.
+    pub client_id: String,
+    /// Must contain `openid`. Default [`DEFAULT_SCOPES`]. Duplicates are dropped.
+    pub scopes: Vec<String>,
+    /// Default `Some("AAL2_OR_AAL3_ANY")`; `acr_values = ""` gives `None` (not sent).
+    pub acr_values: Option<String>,
+    /// Seconds; default `Some(300)`. 0 is allowed (a fresh sign-in every time).
+    pub max_age: Option<u64>,
+    /// Extra key. Default `Some("login")`; `prompt = ""` gives `None` (not sent).
+    pub prompt: Option<String>,
+    /// Extra trust anchor (PEM); system roots stay trusted.
+    pub ca_file: Option<PathBuf>,
+    /// Extra key: fixed loopback ports for the redirect, tried in order; empty = an ephemeral port.
+    pub redirect_ports: Vec<u16>,
+    /// Extra key: how long a sign-in may take, in seconds. Default 300.
+    pub login_timeout_secs: u64,
+    /// `[provider.exchange]`.
+    pub exchange: Exchange,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentConfig {
+    /// `socket`; `None` = the default path (interfaces.md, "The local socket").
+    pub socket: Option<PathBuf>,
+    /// `store`; default `keyring`.
+    pub store: StoreKind,
+    /// `data_dir`; `None` = [`default_data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// `client_policy`; `None` = not set: see [`Config::effective_client_policy`].
+    pub client_policy: Option<ClientPolicy>,
+}
+
+/// One `[[clients]]` entry: a program allowed to use the agent, identified by the OS.
+///
+/// Needs `name` and at least one of `path` (absolute) and `sha256` (64 hex digits, stored lower
+/// case). Extra key beyond `interfaces.md`: `scopes`, the extra scopes this program may ask for
+/// (default empty: none beyond the session's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRule {
+    /// Shown to people.
+    pub name: String,
+    /// The executable's absolute path.
+    pub path: Option<PathBuf>,
+    /// The executable's SHA-256, 64 lower-case hex digits.
+    pub sha256: Option<String>,
+    /// `None` = the default: every method but `logout`. Entries are among [`CLIENT_METHODS`].
+    pub methods: Option<Vec<String>>,
+    /// Token audiences it may ask for (empty: the default token only).
+    pub audiences: Vec<String>,
+    /// Extra key: scopes it may ask for (empty: none beyond the session's).
+    pub scopes: Vec<String>,
+}
+
+/// `[session]`. All durations are seconds, at most [`MAX_SECS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Renew this long before the access token expires. Default 60; 0 allowed (renew at expiry).
+    pub refresh_margin_secs: u64,
+    /// Announce `session_expiring` this long before a session that cannot be renewed ends.
+    /// Default 120; 0 allowed (no advance notice).
+    pub expiring_notice_secs: u64,
+    /// No client request for this long → `inactivity_action`. Default 900; must be at least 1: to
+    /// switch the inactivity timeout off, write `inactivity_action = "none"` (0 is refused, so there
+    /// is one way to say it).
+    pub inactivity_secs: u64,
+    /// Default `lock`.
+    pub inactivity_action: InactivityAction,
+    /// A session never lasts longer than this. Default 43200 (12 hours); must be at least 1.
+    pub absolute_secs: u64,
+    /// RP-initiated logout at the provider on logout. Default true.
+    pub end_session_at_provider: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            refresh_margin_secs: 60,
+            expiring_notice_secs: 120,
+            inactivity_secs: 900,
+            inactivity_action: InactivityAction::Lock,
+            absolute_secs: 43200,
+            end_session_at_provider: true,
+        }
+    }
+}
+
+/// `[workstation]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkstationConfig {
+    /// Default `lock`.
+    pub on_os_lock: SignalAction,
+    /// Default `lock`.
+    pub on_card_removal: SignalAction,
+    /// Default true.
+    pub same_card_unlocks: bool,
+    /// Default false.
+    pub allow_user_switch: bool,
+}
+
+impl Default for WorkstationConfig {
+    fn default() -> Self {
+        WorkstationConfig {
+            on_os_lock: SignalAction::Lock,
+            on_card_removal: SignalAction::Lock,
+            same_card_unlocks: true,
+            allow_user_switch: false,
+        }
+    }
+}
+
+/// The whole config file, validated, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `environment`.
+    pub environment: Environment,
+    /// `[provider]`; `None` only in the sandbox (which uses its embedded provider).
+    pub provider: Option<ProviderConfig>,
+    /// `[agent]`.
+    pub agent: AgentConfig,
+    /// `[[clients]]`, in file order.
+    pub clients: Vec<ClientRule>,
+    /// `[session]`.
+    pub session: SessionConfig,
+    /// `[workstation]`.
+    pub workstation: WorkstationConfig,
+    /// The file this came from; `None` for [`Config::sandbox`].
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// The config used when there is no file, or with `--sandbox`: the embedded provider and
+    /// defaults everywhere.
+    pub fn sandbox() -> Config {
+        Config {
+            environment: Environment::Sandbox,
+            provider: None,
+            agent: AgentConfig::default(),
+            clients: Vec::new(),
+            session: SessionConfig::default(),
+            workstation: WorkstationConfig::default(),
+            source: None,
+        }
+    }
+
+    /// Whether this is the sandbox (not NHS CIS2).
+    pub fn is_sandbox(&self) -> bool {
+        self.environment == Environment::Sandbox
+    }
+
+    /// `[agent] client_policy` if set, else `allow` in the sandbox, else `ask`.
+    pub fn effective_client_policy(&self) -> ClientPolicy {
+        match self.agent.client_policy {
+            Some(policy) => policy,
+            None if self.is_sandbox() => ClientPolicy::Allow,
+            None => ClientPolicy::Ask,
+        }
+    }
+}
+
+/// A config file that cannot be used: where, what is wrong, and what to write instead.
+///
+/// Displays as `{file}:{line}: {message} {fix}`, or `{file}: {message} {fix}` when no line applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, when the problem is on one.
+    pub line: Option<usize>,
+    /// What is wrong, as a sentence.
+    pub message: String,
+    /// What to write instead, as a sentence.
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message)?,
+            None => write!(f, "{}: {}", self.file.display(), self.message)?,
+        }
+        if !self.fix.is_empty() {
+            write!(f, " {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates the config file at `path`. A missing or unreadable file is an error naming
+/// it. Unlike [`parse`], this also checks that `ca_file` and `key_file` exist.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let (message, fix) = match e.kind() {
+            std::io::ErrorKind::NotFound => (
+                "the config file does not exist.".to_owned(),
+                "Check the path given with --config or in $CIS2_AGENT_CONFIG \
+                 (with no config file at all the agent starts in sandbox mode)."
+                    .to_owned(),
+            ),
+            std::io::ErrorKind::InvalidData => (
+                "the config file is not UTF-8 text.".to_owned(),
+                "Save it as UTF-8.".to_owned(),
+            ),
+            _ => (
+                format!("cannot read the config file ({e})."),
+                "Check that it is a file and that this user may read it.".to_owned(),
+            ),
+        };
+        ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message,
+            fix,
+        }
+    })?;
+    parse_inner(&text, path, true)
+}
+
+/// Validates config text. `origin` is the file it came from: it names the file in errors, is
+/// recorded in [`Config::source`], and relative paths in the file are read from its folder.
+/// Does not touch the disk.
+pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+    parse_inner(text, origin, false)
+}
+
+/// The default config path: `$CIS2_AGENT_CONFIG` if set and not empty, else
+/// `<OS config dir>/cis2-agent/config.toml`, where the OS config dir is `$XDG_CONFIG_HOME` (if
+/// absolute) or `~/.config` on Linux and other Unixes, `~/Library/Application Support` on macOS,
+/// and `%APPDATA%` on Windows. `None` when none of those variables is set.
+///
+/// The contract's full order (interfaces.md, "Starting an agent") is: explicit `--config`, else
+/// this; see [`resolve_path`]. With no config file at all the agent runs in sandbox mode.
+pub fn default_path() -> Option<PathBuf> {
+    default_path_with(&env_var, Os::CURRENT)
+}
+
+/// The config path per the contract: `explicit` (`--config FILE`) if given, else
+/// [`default_path`].
+pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(path) => Some(path.to_path_buf()),
+        None => default_path(),
+    }
+}
+
+/// The default data folder (session file, audit log, decisions): `$XDG_DATA_HOME` (if absolute) or
+/// `~/.local/share` on Linux and other Unixes, `~/Library/Application Support` on macOS,
+/// `%LOCALAPPDATA%` on Windows; then `cis2-agent`. If none of those is known (no home folder), a
+/// per-user folder under the temp dir. The folder may not exist yet: the caller creates it
+/// (owner-only).
+pub fn default_data_dir() -> PathBuf {
+    default_data_dir_with(&env_var, Os::CURRENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths from the environment.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Os {
+    Unix,
+    Mac,
+    Windows,
+}
+
+impl Os {
+    const CURRENT: Os = if cfg!(windows) {
+        Os::Windows
+    } else if cfg!(target_os = "macos") {
+        Os::Mac
+    } else {
+        Os::Unix
+    };
+}
+
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<OsString>;
+
+fn env_var(name: &str) -> Option<OsString> {
+    std::env::var_os(name)
+}
+
+fn env_path(get: EnvLookup<'_>, name: &str) -> Option<PathBuf> {
+    get(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+fn home_dir(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
+    match os {
+        Os::Windows => env_path(get, "USERPROFILE").or_else(|| env_path(get, "HOME")),
+        Os::Unix | Os::Mac => env_path(get, "HOME"),
+    }
+}
+
+fn config_dir_with(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
+    match os {
+        Os::Windows => env_path(get, "APPDATA"),
+        Os::Mac => home_dir(get, os).map(|h| h.join("Library").join("Application Support")),
+        Os::Unix => env_path(get, "XDG_CONFIG_HOME")
+            .filter(|p| p.is_absolute())
+            .or_else(|| home_dir(get, os).map(|h| h.join(".config"))),
+    }
+}
+
+fn default_path_with(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
+    env_path(get, "CIS2_AGENT_CONFIG")
+        .or_else(|| config_dir_with(get, os).map(|d| d.join("cis2-agent").join("config.toml")))
+}
+
+fn default_data_dir_with(get: EnvLookup<'_>, os: Os) -> PathBuf {
+    let base = match os {
+        Os::Windows => env_path(get, "LOCALAPPDATA").or_else(|| env_path(get, "APPDATA")),
+        Os::Mac => home_dir(get, os).map(|h| h.join("Library").join("Application Support")),
+        Os::Unix => env_path(get, "XDG_DATA_HOME")
+            .filter(|p| p.is_absolute())
+            .or_else(|| home_dir(get, os).map(|h| h.join(".local").join("share"))),
+    };
+    match base {
+        Some(base) => base.join("cis2-agent"),
+        None => {
+            let user = get("USER")
+                .or_else(|| get("USERNAME"))
+                .map(|u| u.to_string_lossy().into_owned())
+                .filter(|u| {
+                    !u.is_empty()
+                        && u.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                })
+                .unwrap_or_else(|| "user".to_owned());
+            std::env::temp_dir().join(format!("cis2-agent-{user}"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the document.
+
+type Span = Option<Range<usize>>;
+/// The entries of a list, each with its span.
+type Entries = Vec<(String, Span)>;
+
+const TOP_KEYS: &[&str] = &[
+    "environment",
+    "provider",
+    "agent",
+    "clients",
+    "session",
+    "workstation",
+];
+const PROVIDER_KEYS: &[&str] = &[
+    "issuer",
+    "client_id",
+    "scopes",
+    "acr_values",
+    "max_age",
+    "prompt",
+    "ca_file",
+    "redirect_ports",
+    "login_timeout_secs",
+    "exchange",
+];
+const EXCHANGE_KEYS: &[&str] = &["method", "relay_url", "key_file", "alg", "secret_env"];
+const AGENT_KEYS: &[&str] = &["socket", "store", "data_dir", "client_policy"];
+const CLIENT_KEYS: &[&str] = &["name", "path", "sha256", "methods", "audiences", "scopes"];
+const SESSION_KEYS: &[&str] = &[
+    "refresh_margin_secs",
+    "expiring_notice_secs",
+    "inactivity_secs",
+    "inactivity_action",
+    "absolute_secs",
+    "end_session_at_provider",
+];
+const WORKSTATION_KEYS: &[&str] = &[
+    "on_os_lock",
+    "on_card_removal",
+    "same_card_unlocks",
+    "allow_user_switch",
+];
+
+/// Where each key belongs, to tell someone who put a key in the wrong place where it goes.
+const HOMES: &[(&str, &[&str])] = &[
+    (
+        "at the top of the file, before the first [section] heading",
+        TOP_KEYS,
+    ),
+    ("in [provider]", PROVIDER_KEYS),
+    ("in [provider.exchange]", EXCHANGE_KEYS),
+    ("in [agent]", AGENT_KEYS),
+    ("in [session]", SESSION_KEYS),
+    ("in [workstation]", WORKSTATION_KEYS),
+    ("in a [[clients]] entry", CLIENT_KEYS),
+];
+
+const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
+const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a Path,
+    base: PathBuf,
+    check_files: bool,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: &Span) -> Option<usize> {
+        let start = span.as_ref()?.start.min(self.text.len());
+        Some(
+            self.text.as_bytes()[..start]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1,
+        )
+    }
+
+    fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: self.line(span),
+            message: message.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// The source text of a value, for quoting it back: first line only, at most 60 characters.
+    fn snippet(&self, span: &Span) -> String {
+        let raw = span
+            .as_ref()
+            .and_then(|r| self.text.get(r.clone()))
+            .unwrap_or("")
+            .trim();
+        let first = raw.lines().next().unwrap_or("").trim_end();
+        let short: String = first.chars().take(60).collect();
+        if short.len() < raw.len() {
+            format!("{short}…")
+        } else {
+            short
+        }
+    }
+
+    /// A path from the file: `~/` is the home folder; relative paths are read from the config
+    /// file's folder.
+    fn resolve(&self, raw: &str) -> PathBuf {
+        let home = || home_dir(&env_var, Os::CURRENT);
+        if raw == "~"
+            && let Some(h) = home()
+        {
+            return h;
+        }
+        if let Some(rest) = raw.strip_prefix("~/").or_else(|| raw.strip_prefix("~\\"))
+            && let Some(h) = home()
+        {
+            return h.join(rest);
+        }
+        let path = PathBuf::from(raw);
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+}
+
+/// One table of the document (a `[section]`, an inline table or a `[[clients]]` entry).
+struct Tbl<'a> {
+    t: &'a dyn TableLike,
+    /// Dotted path: `""` for the top level, `provider.exchange`, `clients`.
+    path: String,
+    /// How messages name it: `[agent]`, `[[clients]] entry 2`, `the top level`.
+    label: String,
+    /// Where it starts (its header), else its first key.
+    span: Span,
+}
+
+impl<'a> Tbl<'a> {
+    fn new(t: &'a dyn TableLike, path: &str, label: String, span: Span) -> Tbl<'a> {
+        let span = span.or_else(|| t.iter().find_map(|(k, _)| t.key(k).and_then(|k| k.span())));
+        Tbl {
+            t,
+            path: path.to_owned(),
+            label,
+            span,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Item> {
+        self.t.get(key).filter(|i| !i.is_none())
+    }
+
+    fn key_span(&self, key: &str) -> Span {
+        self.t
+            .key(key)
+            .and_then(|k| k.span())
+            .or_else(|| self.get(key).and_then(Item::span))
+            .or_else(|| self.span.clone())
+    }
+
+    fn value_span(&self, key: &str) -> Span {
+        self.get(key)
+            .and_then(Item::span)
+            .or_else(|| self.key_span(key))
+    }
+
+    fn place(&self) -> String {
+        if self.path.is_empty() {
+            "at the top level".to_owned()
+        } else {
+            format!("in {}", self.label)
+        }
+    }
+
+    /// Refuses any key not in `allowed`, suggesting the nearest valid one or where it belongs.
+    fn check_keys(&self, ctx: &Ctx<'_>, allowed: &[&str]) -> Result<(), ConfigError> {
+        for (key, item) in self.t.iter() {
+            if allowed.contains(&key) {
+                continue;
+            }
+            let span = self.key_span(key);
+            let is_table = matches!(item, Item::Table(_) | Item::ArrayOfTables(_));
+            let shown = match item {
+                Item::Table(_) => format!("[{}]", join_path(&self.path, key)),
+                Item::ArrayOfTables(_) => format!("[[{}]]", join_path(&self.path, key)),
+                _ => format!("\"{key}\""),
+            };
+            let message = if is_table {
+                format!("unknown table {shown}.")
+            } else {
+                format!("unknown key {shown} {}.", self.place())
+            };
+            let mut fix = String::new();
+            if let Some(near) = suggest(key, allowed.iter().copied()) {
+                let shown = display_entry(&self.path, near);
+                let shown = if shown.starts_with('[') {
+                    shown
+                } else {
+                    format!("\"{shown}\"")
+                };
+                fix.push_str(&format!("Did you mean {shown}? "));
+            } else if let Some((home, _)) = HOMES.iter().find(|(_, keys)| keys.contains(&key)) {
+                fix.push_str(&format!("\"{key}\" belongs {home}: move it there. "));
+            }
+            let valid: Vec<String> = allowed
+                .iter()
+                .map(|k| display_entry(&self.path, k))
+                .collect();
+            fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
+            return Err(ctx.err(&span, message, fix));
+        }
+        Ok(())
+    }
+
+    fn type_error(&self, ctx: &Ctx<'_>, key: &str, wanted: &str, example: &str) -> ConfigError {
+        let span = self.value_span(key);
+        let found = self.get(key).map(describe).unwrap_or("nothing");
+        ctx.err(
+            &span,
+            format!(
+                "{key} = {} is not valid: {key} must be {wanted}, not {found}.",
+                ctx.snippet(&span)
+            ),
+            format!("Write {key} = {example}."),
+        )
+    }
+
+    fn string(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        example: &str,
+    ) -> Result<Option<(String, Span)>, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        match item.as_str() {
+            Some(s) => Ok(Some((s.to_owned(), self.value_span(key)))),
+            None => Err(self.type_error(ctx, key, "text in double quotes", example)),
+        }
+    }
+
+    fn uint(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        min: u64,
+        example: &str,
+        zero_fix: Option<&str>,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        let Some(n) = item.as_integer() else {
+            return Err(self.type_error(ctx, key, "a whole number", example));
+        };
+        let span = self.value_span(key);
+        if n < 0 || (n as u64) < min || (n as u64) > MAX_SECS {
+            let range = if min == 0 {
+                format!("it must be between 0 and {MAX_SECS}")
+            } else {
+                format!("it must be between {min} and {MAX_SECS}")
+            };
+            let fix = match zero_fix {
+                Some(fix) if n == 0 => fix.to_owned(),
+                _ => format!("Write {key} = {example}."),
+            };
+            return Err(ctx.err(
+                &span,
+                format!("{key} = {} is not valid: {range}.", ctx.snippet(&span)),
+                fix,
+            ));
+        }
+        Ok(Some(n as u64))
+    }
+
+    fn boolean(&self, ctx: &Ctx<'_>, key: &str, default: bool) -> Result<bool, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(default);
+        };
+        item.as_bool().ok_or_else(|| {
+            self.type_error(
+                ctx,
+                key,
+                "true or false (without quotes)",
+                &format!("{default}"),
+            )
+        })
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        choices: &[(&str, T)],
+    ) -> Result<Option<(T, Span)>, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        let span = self.value_span(key);
+        if let Some(s) = item.as_str()
+            && let Some((_, v)) = choices.iter().find(|(name, _)| *name == s)
+        {
+            return Ok(Some((*v, span)));
+        }
+        let mut fix = String::new();
+        if let Some(s) = item.as_str()
+            && let Some(near) = suggest(s, choices.iter().map(|(n, _)| *n))
+        {
+            fix.push_str(&format!("Did you mean \"{near}\"? "));
+        }
+        let options: Vec<String> = choices
+            .iter()
+            .map(|(name, _)| format!("{key} = \"{name}\""))
+            .collect();
+        fix.push_str(&format!("Write {}.", join_or(&options)));
+        Err(ctx.err(
+            &span,
+            format!("{key} = {} is not valid.", ctx.snippet(&span)),
+            fix,
+        ))
+    }
+
+    fn string_list(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        example: &str,
+    ) -> Result<Option<(Entries, Span)>, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        let Some(array) = item.as_array() else {
+            return Err(self.type_error(ctx, key, "a list in square brackets", example));
+        };
+        let mut out = Vec::with_capacity(array.len());
+        for value in array.iter() {
+            let span = value.span().or_else(|| self.value_span(key));
+            match value.as_str() {
+                Some(s) => out.push((s.to_owned(), span)),
+                None => {
+                    return Err(ctx.err(
+                        &span,
+                        format!(
+                            "{key} contains {}, which is not text in double quotes.",
+                            ctx.snippet(&span)
+                        ),
+                        format!("Write each entry in double quotes, e.g. {key} = {example}."),
+                    ));
+                }
+            }
+        }
+        Ok(Some((out, self.value_span(key))))
+    }
+
+    /// A list of single words (scopes, audiences): no empty entries, no spaces. Duplicates dropped.
+    fn word_list(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        example: &str,
+    ) -> Result<Option<(Vec<String>, Span)>, ConfigError> {
+        let Some((list, span)) = self.string_list(ctx, key, example)? else {
+            return Ok(None);
+        };
+        let mut out: Vec<String> = Vec::with_capacity(list.len());
+        for (word, word_span) in list {
+            if word.is_empty() || word.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ctx.err(
+                    &word_span,
+                    format!(
+                        "{key} entry {} is not valid: each entry is one word, with no spaces.",
+                        ctx.snippet(&word_span)
+                    ),
+                    format!("Write each as its own entry, e.g. {key} = {example}."),
+                ));
+            }
+            if !out.contains(&word) {
+                out.push(word);
+            }
+        }
+        Ok(Some((out, span)))
+    }
+
+    /// A path: not empty; resolved from the config folder; optionally required to be a file.
+    fn path(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &str,
+        example: &str,
+        what: &str,
+        must_exist: bool,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some((raw, span)) = self.string(ctx, key, example)? else {
+            return Ok(None);
+        };
+        if raw.trim().is_empty() {
+            return Err(ctx.err(
+                &span,
+                format!("{key} = {} is not valid: it is empty.", ctx.snippet(&span)),
+                format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out."),
+            ));
+        }
+        let path = ctx.resolve(&raw);
+        if must_exist && ctx.check_files && !path.is_file() {
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "{key} = {} names a file that does not exist or is not a file: {}.",
+                    ctx.snippet(&span),
+                    path.display()
+                ),
+                format!(
+                    "Write the path of {what} (a relative path is read from the config file's folder)."
+                ),
+            ));
+        }
+        Ok(Some(path))
+    }
+
+    /// A sub-table (`[path.key]` or an inline table).
+    fn table(&self, ctx: &Ctx<'_>, key: &str) -> Result<Option<Tbl<'a>>, ConfigError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        let path = join_path(&self.path, key);
+        match item.as_table_like() {
+            Some(t) => Ok(Some(Tbl::new(
+                t,
+                &path,
+                format!("[{path}]"),
+                item.span().or_else(|| self.key_span(key)),
+            ))),
+            None => {
+                let span = self.value_span(key);
+                Err(ctx.err(
+                    &span,
+                    format!(
+                        "{key} = {} is not valid: {key} must be a table, not {}.",
+                        ctx.snippet(&span),
+                        describe(item)
+                    ),
+                    format!("Write it as a section: a line [{path}] followed by its keys."),
+                ))
+            }
+        }
+    }
+}
+
+fn join_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// How a key is shown in lists and suggestions: tables as `[provider]`, the clients list as
+/// `[[clients]]`, plain keys bare.
+fn display_entry(parent: &str, key: &str) -> String {
+    let path = join_path(parent, key);
+    let is_table = matches!(
+        path.as_str(),
+        "provider" | "provider.exchange" | "agent" | "session" | "workstation"
+    );
+    if path == "clients" {
+        format!("[[{path}]]")
+    } else if is_table {
+        format!("[{path}]")
+    } else {
+        key.to_owned()
+    }
+}
+
+fn describe(item: &Item) -> &'static str {
+    match item {
+        Item::None => "nothing",
+        Item::Table(_) => "a table",
+        Item::ArrayOfTables(_) => "a list of tables",
+        Item::Value(v) => match v {
+            Value::String(_) => "text",
+            Value::Integer(_) => "a whole number",
+            Value::Float(_) => "a decimal number",
+            Value::Boolean(_) => "true/false",
+            Value::Datetime(_) => "a date or time",
+            Value::Array(_) => "a list",
+            Value::InlineTable(_) => "a table",
+        },
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn join_or(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// Edits (insert, delete, substitute, swap two neighbours) from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // d[i][j]: distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The candidate nearest to `word`, if it is near enough to be a likely typo.
+fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+    let word = word.to_lowercase().replace('-', "_");
+    let len = word.chars().count();
+    candidates
+        .into_iter()
+        .map(|c| {
+            let lower = c.to_lowercase();
+            // A word that is the start of a candidate ("relay" for "relay_url") is near too.
+            let prefix = len >= 4 && lower.starts_with(&word);
+            (edit_distance(&word, &lower), prefix, c)
+        })
+        .filter(|(d, prefix, c)| *prefix || *d <= (len.max(c.len()) / 3).max(1))
+        .min_by_key(|(d, _, _)| *d)
+        .map(|(_, _, c)| c)
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_lowercase().replace('-', "_");
+    SECRET_KEYS.contains(&key.as_str())
+}
+
+/// The first key anywhere in the document that would hold a secret: (key, its span, its table).
+fn find_secret(t: &dyn TableLike, path: &str) -> Option<(String, Span, String)> {
+    for (key, item) in t.iter() {
+        if is_secret_key(key) {
+            let span = t.key(key).and_then(|k| k.span()).or_else(|| item.span());
+            let place = if path.is_empty() {
+                "at the top level".to_owned()
+            } else if path == "clients" {
+                "in [[clients]]".to_owned()
+            } else {
+                format!("in [{path}]")
+            };
+            return Some((key.to_owned(), span, place));
+        }
+        let child = join_path(path, key);
+        let found = match item {
+            Item::None => None,
+            Item::Table(t) => find_secret(t, &child),
+            Item::ArrayOfTables(a) => a.iter().find_map(|t| find_secret(t, &child)),
+            Item::Value(v) => find_secret_in_value(v, &child),
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+fn find_secret_in_value(v: &Value, path: &str) -> Option<(String, Span, String)> {
+    match v {
+        Value::InlineTable(t) => find_secret(t, path),
+        Value::Array(a) => a.iter().find_map(|v| find_secret_in_value(v, path)),
+        _ => None,
+    }
+}
+
+fn parse_inner(text: &str, origin: &Path, check_files: bool) -> Result<Config, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let ctx = Ctx {
+        text,
+        file: origin,
+        base: origin.parent().map(Path::to_path_buf).unwrap_or_default(),
+        check_files,
+    };
+    let doc = ImDocument::parse(text).map_err(|e| {
+        let detail: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let detail = detail.join("; ");
+        let lower = detail.to_lowercase();
+        let fix = if lower.contains("duplicate") {
+            "Each key and each [section] may appear only once; remove or merge the repeated one."
+        } else if lower.contains("string") || lower.contains("invalid key") {
+            "Put text values in double quotes (store = \"memory\"), write numbers and true/false \
+             without quotes, and keep each key = value on its own line."
+        } else {
+            "Check the TOML on that line: key = value pairs, [section] headings, text values in \
+             double quotes, lists in [square brackets]."
+        };
+        ctx.err(
+            &e.span(),
+            format!(
+                "the file is not valid TOML: {}.",
+                detail.trim_end_matches('.')
+            ),
+            fix,
+        )
+    })?;
+    let root_table = doc.as_table();
+
+    if let Some((key, span, place)) = find_secret(root_table, "") {
+        return Err(ctx.err(
+            &span,
+            format!("\"{key}\" {place}: secrets never go in the config file."),
+            "Remove it, put the secret in an environment variable of the agent, and name that \
+             variable in [provider.exchange]: method = \"client_secret_post\" and \
+             secret_env = \"CIS2_CLIENT_SECRET\".",
+        ));
+    }
+
+    let root = Tbl::new(root_table, "", "the top level".to_owned(), Some(0..0));
+    root.check_keys(&ctx, TOP_KEYS)?;
+
+    let environment = root.choice(&ctx, "environment", Environment::CHOICES)?;
+    let provider_table = root.table(&ctx, "provider")?;
+    let (environment, environment_span) = match environment {
+        Some(found) => found,
+        None => match &provider_table {
+            None => (Environment::Sandbox, None),
+            Some(p) => {
+                return Err(ctx.err(
+                    &p.span,
+                    "the file has a [provider] section but no environment, so it does not say \
+                     which provider this is.",
+                    "Add environment = \"int\", environment = \"live\" or environment = \"custom\" \
+                     at the top of the file, before [provider].",
+                ));
+            }
+        },
+    };
+
+    let provider = match environment {
+        Environment::Sandbox => {
+            if let Some(p) = provider_table {
+                return Err(ctx.err(
+                    &p.span,
+                    "environment = \"sandbox\" uses the agent's embedded test provider, so it \
+                     takes no [provider] section.",
+                    "Remove the [provider] section, or set environment = \"int\", \
+                     environment = \"live\" or environment = \"custom\" to sign in against a real \
+                     provider.",
+                ));
+            }
+            None
+        }
+        env => Some(read_provider(&ctx, provider_table, env, environment_span)?),
+    };
+
+    let agent = match root.table(&ctx, "agent")? {
+        None => AgentConfig::default(),
+        Some(t) => read_agent(&ctx, &t)?,
+    };
+    let clients = read_clients(&ctx, &root)?;
+    let session = match root.table(&ctx, "session")? {
+        None => SessionConfig::default(),
+        Some(t) => read_session(&ctx, &t)?,
+    };
+    let workstation = match root.table(&ctx, "workstation")? {
+        None => WorkstationConfig::default(),
+        Some(t) => read_workstation(&ctx, &t)?,
+    };
+
+    Ok(Config {
+        environment,
+        provider,
+        agent,
+        clients,
+        session,
+        workstation,
+        source: Some(origin.to_path_buf()),
+    })
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
+/// `what` names the other end ("the provider", "the relay").
+fn check_url(
+    ctx: &Ctx<'_>,
+    key: &str,
+    value: &str,
+    span: &Span,
+    example: &str,
+    what: &str,
+    allow_query: bool,
+) -> Result<(), ConfigError> {
+    let shown = ctx.snippet(span);
+    let fix = format!("Write {key} = {example}.");
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ctx.err(
+            span,
+            format!("{key} = {shown} is not valid: a URL has no spaces."),
+            fix,
+        ));
+    }
+    let url = match url::Url::parse(value) {
+        Ok(url) => url,
+        Err(e) => {
+            return Err(ctx.err(
+                span,
+                format!("{key} = {shown} is not a valid URL ({e})."),
+                fix,
+            ));
+        }
+    };
+    let lower = value.to_ascii_lowercase();
+    if lower.starts_with("http://") && url.scheme() == "http" {
+        if !is_loopback_host(&url) {
+            return Err(ctx.err(
+                span,
+                format!("{key} = {shown} uses plain http to another computer."),
+                format!(
+                    "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
+                     computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
+                ),
+            ));
+        }
+    } else if !(lower.starts_with("https://") && url.scheme() == "https") {
+        return Err(ctx.err(
+            span,
+            format!("{key} = {shown} is not valid: it must start with https://."),
+            fix,
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ctx.err(
+            span,
+            format!("{key} = {shown} is not valid: it has no host name."),
+            fix,
+        ));
+    }
+    if url.fragment().is_some() || (!allow_query && url.query().is_some()) {
+        let parts = if allow_query {
+            "#fragment"
+        } else {
+            "?query or #fragment"
+        };
+        return Err(ctx.err(
+            span,
+            format!("{key} = {shown} is not valid: it must not have a {parts}."),
+            fix,
+        ));
+    }
+    Ok(())
+}
+
+fn is_env_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn read_provider(
+    ctx: &Ctx<'_>,
+    table: Option<Tbl<'_>>,
+    env: Environment,
+    env_span: Span,
+) -> Result<ProviderConfig, ConfigError> {
+    const ISSUER_EXAMPLE: &str = "\"https://login.example.org/realms/staff\"";
+    const CLIENT_ID_EXAMPLE: &str = "\"123456789012.apps.national\"";
+    let name = env.as_str();
+    let Some(p) = table else {
+        let fix = if env == Environment::Custom {
+            format!(
+                "Add a [provider] section with issuer = {ISSUER_EXAMPLE} and client_id = \"…\" \
+                 (this service's client ID at that provider)."
+            )
+        } else {
+            format!(
+                "Add a [provider] section with client_id = {CLIENT_ID_EXAMPLE} (the client ID \
+                 NHS England registered for this service)."
+            )
+        };
+        return Err(ctx.err(
+            &env_span,
+            format!("environment = \"{name}\" needs a [provider] section, and the file has none."),
+            fix,
+        ));
+    };
+    p.check_keys(ctx, PROVIDER_KEYS)?;
+
+    let issuer = match p.string(ctx, "issuer", ISSUER_EXAMPLE)? {
+        Some((issuer, span)) => {
+            check_url(
+                ctx,
+                "issuer",
+                &issuer,
+                &span,
+                ISSUER_EXAMPLE,
+                "the provider",
+                false,
+            )?;
+            issuer
+        }
+        None => match env.preset_issuer() {
+            Some(preset) => preset.to_owned(),
+            None => {
+                return Err(ctx.err(
+                    &p.span,
+                    format!("[provider] has no issuer, and environment = \"{name}\" needs one."),
+                    format!(
+                        "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its \
+                         discovery document gives it), or use environment = \"int\" or \
+                         environment = \"live\" for NHS CIS2."
+                    ),
+                ));
+            }
+        },
+    };
+
+    let client_id = match p.string(ctx, "client_id", CLIENT_ID_EXAMPLE)? {
+        Some((id, span)) => {
+            if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "client_id = {} is not valid: it must be the client ID the provider \
+                         registered, with no spaces.",
+                        ctx.snippet(&span)
+                    ),
+                    format!("Write client_id = {CLIENT_ID_EXAMPLE}."),
+                ));
+            }
+            id
+        }
+        None => {
+            return Err(ctx.err(
+                &p.span,
+                format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
+                format!(
+                    "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
+                     service) to [provider]."
+                ),
+            ));
+        }
+    };
+
+    let scopes = match p.word_list(ctx, "scopes", "[\"openid\", \"profile\"]")? {
+        None => DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
+        Some((scopes, span)) => {
+            if !scopes.iter().any(|s| s == "openid") {
+                let mut with_openid = vec!["\"openid\"".to_owned()];
+                with_openid.extend(scopes.iter().map(|s| format!("\"{s}\"")));
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "scopes = {} does not include \"openid\".",
+                        ctx.snippet(&span)
+                    ),
+                    format!(
+                        "OpenID Connect needs it: write scopes = [{}].",
+                        with_openid.join(", ")
+                    ),
+                ));
+            }
+            scopes
+        }
+    };
+
+    let acr_values = match p.string(ctx, "acr_values", "\"AAL2_OR_AAL3_ANY\"")? {
+        None => Some(DEFAULT_ACR_VALUES.to_owned()),
+        Some((acr, span)) => {
+            if acr.chars().any(char::is_control) {
+                return Err(ctx.err(
+                    &span,
+                    "acr_values is not valid: it contains control characters.",
+                    "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
+                     sign-in only).",
+                ));
+            }
+            let acr = acr.trim().to_owned();
+            if acr.is_empty() { None } else { Some(acr) }
+        }
+    };
+
+    let max_age = Some(
+        p.uint(ctx, "max_age", 0, "300", None)?
+            .unwrap_or(DEFAULT_MAX_AGE),
+    );
+
+    let prompt = match p.string(ctx, "prompt", "\"login\"")? {
+        None => Some(DEFAULT_PROMPT.to_owned()),
+        Some((prompt, span)) => {
+            let words: Vec<&str> = prompt.split_whitespace().collect();
+            let bad = words.iter().any(|w| !PROMPT_VALUES.contains(w))
+                || (words.contains(&"none") && words.len() > 1);
+            if bad {
+                return Err(ctx.err(
+                    &span,
+                    format!("prompt = {} is not valid.", ctx.snippet(&span)),
+                    "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", \
+                     prompt = \"select_account\", prompt = \"none\", or prompt = \"\" to send no \
+                     prompt.",
+                ));
+            }
+            if words.is_empty() {
+                None
+            } else {
+                Some(words.join(" "))
+            }
+        }
+    };
+
+    let ca_file = p.path(
+        ctx,
+        "ca_file",
+        "\"/etc/cis2-agent/extra-ca.pem\"",
+        "a PEM file of extra CA certificates",
+        true,
+    )?;
+
+    let redirect_ports = read_ports(ctx, &p)?;
+    let login_timeout_secs = p
+        .uint(
+            ctx,
+            "login_timeout_secs",
+            1,
+            "300",
+            Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
+        )?
+        .unwrap_or(DEFAULT_LOGIN_TIMEOUT_SECS);
+
+    let exchange = read_exchange(ctx, &p, env)?;
+
+    Ok(ProviderConfig {
+        issuer,
+        client_id,
+        scopes,
+        acr_values,
+        max_age,
+        prompt,
+        ca_file,
+        redirect_ports,
+        login_timeout_secs,
+        exchange,
+    })
+}
+
+fn read_ports(ctx: &Ctx<'_>, p: &Tbl<'_>) -> Result<Vec<u16>, ConfigError> {
+    const EXAMPLE: &str = "[8400, 8401]";
+    let Some(item) = p.get("redirect_ports") else {
+        return Ok(Vec::new());
+    };
+    let Some(array) = item.as_array() else {
+        return Err(p.type_error(ctx, "redirect_ports", "a list of port numbers", EXAMPLE));
+    };
+    let mut ports = Vec::with_capacity(array.len());
+    for value in array.iter() {
+        let span = value.span().or_else(|| p.value_span("redirect_ports"));
+        let port = value
+            .as_integer()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0);
+        match port {
+            Some(port) if ports.contains(&port) => {
+                return Err(ctx.err(
+                    &span,
+                    format!("redirect_ports lists port {port} twice."),
+                    "List each port once.",
+                ));
+            }
+            Some(port) => ports.push(port),
+            None => {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "redirect_ports entry {} is not valid: a port is a whole number from 1 \
+                         to 65535.",
+                        ctx.snippet(&span)
+                    ),
+                    format!(
+                        "Write redirect_ports = {EXAMPLE}, or leave redirect_ports out to use a \
+                         free port chosen at each sign-in."
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(ports)
+}
+
+fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchange, ConfigError> {
+    const RELAY_EXAMPLE: &str = "\"https://relay.example.nhs.uk/\"";
+    let table = p.table(ctx, "exchange")?;
+    let default_method = match env {
+        Environment::Int | Environment::Live => ExchangeMethod::Relay,
+        Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
+    };
+    let Some(x) = table else {
+        if default_method == ExchangeMethod::Relay {
+            return Err(ctx.err(
+                &p.span,
+                format!(
+                    "environment = \"{}\" swaps the sign-in code for tokens through a relay by \
+                     default, and there is no [provider.exchange] section with its relay_url.",
+                    env.as_str()
+                ),
+                format!(
+                    "Add a [provider.exchange] section with method = \"relay\" and relay_url = \
+                     {RELAY_EXAMPLE}, or choose another method there: method = \
+                     \"private_key_jwt\", method = \"client_secret_post\" or method = \"none\"."
+                ),
+            ));
+        }
+        return Ok(Exchange {
+            method: default_method,
+            relay_url: None,
+            key_file: None,
+            alg: SigningAlg::default(),
+            secret_env: None,
+        });
+    };
+    x.check_keys(ctx, EXCHANGE_KEYS)?;
+
+    let chosen = x.choice(ctx, "method", ExchangeMethod::CHOICES)?;
+    let (method, method_span, stated) = match chosen {
+        Some((method, span)) => (method, span, format!("method = \"{}\"", method.as_str())),
+        None => (
+            default_method,
+            x.span.clone(),
+            format!(
+                "[provider.exchange] has no method, so it is \"{}\" (the default for \
+                 environment = \"{}\"), which",
+                default_method.as_str(),
+                env.as_str()
+            ),
+        ),
+    };
+    let other_methods = |except: ExchangeMethod| {
+        let names: Vec<String> = ExchangeMethod::CHOICES
+            .iter()
+            .filter(|(_, m)| *m != except)
+            .map(|(n, _)| format!("method = \"{n}\""))
+            .collect();
+        join_or(&names)
+    };
+
+    let relay_url = match x.string(ctx, "relay_url", RELAY_EXAMPLE)? {
+        Some((url, span)) => {
+            check_url(
+                ctx,
+                "relay_url",
+                &url,
+                &span,
+                RELAY_EXAMPLE,
+                "the relay",
+                true,
+            )?;
+            Some(url)
+        }
+        None => None,
+    };
+    let key_file = x.path(
+        ctx,
+        "key_file",
+        "\"client-key.pem\"",
+        "the PEM file holding the client's RSA private key",
+        method == ExchangeMethod::PrivateKeyJwt,
+    )?;
+    let alg = x
+        .choice(ctx, "alg", SigningAlg::CHOICES)?
+        .map(|(alg, _)| alg)
+        .unwrap_or_default();
+    let secret_env = match x.string(ctx, "secret_env", "\"CIS2_CLIENT_SECRET\"")? {
+        Some((name, span)) => {
+            if !is_env_var_name(&name) {
+                // The value is not quoted back: it may be the secret itself.
+                return Err(ctx.err(
+                    &span,
+                    "secret_env is not the name of an environment variable (letters, digits and \
+                     _, not starting with a digit).",
+                    "secret_env names the variable that holds the secret, never the secret \
+                     itself: write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in \
+                     the agent's environment.",
+                ));
+            }
+            Some(name)
+        }
+        None => None,
+    };
+
+    let missing = match method {
+        ExchangeMethod::Relay if relay_url.is_none() => Some((
+            "relay_url",
+            format!("relay_url = {RELAY_EXAMPLE} (the address of your organisation's cis2-relay)"),
+        )),
+        ExchangeMethod::PrivateKeyJwt if key_file.is_none() => Some((
+            "key_file",
+            "key_file = \"client-key.pem\" (the PEM file holding the client's RSA private key)"
+                .to_owned(),
+        )),
+        ExchangeMethod::ClientSecretPost if secret_env.is_none() => Some((
+            "secret_env",
+            "secret_env = \"CIS2_CLIENT_SECRET\" (the name of the environment variable holding \
+             the client secret; the secret itself never goes in the file)"
+                .to_owned(),
+        )),
+        _ => None,
+    };
+    if let Some((key, add)) = missing {
+        return Err(ctx.err(
+            &method_span,
+            format!("{stated} needs {key} in [provider.exchange], and there is none."),
+            format!(
+                "Add {add} to [provider.exchange], or choose another method: {}.",
+                other_methods(method)
+            ),
+        ));
+    }
+
+    Ok(Exchange {
+        method,
+        relay_url,
+        key_file,
+        alg,
+        secret_env,
+    })
+}
+
+fn read_agent(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<AgentConfig, ConfigError> {
+    t.check_keys(ctx, AGENT_KEYS)?;
+    Ok(AgentConfig {
+        socket: t.path(
+            ctx,
+            "socket",
+            "\"/run/user/1000/cis2-agent/agent.sock\"",
+            "the agent's socket",
+            false,
+        )?,
+        store: t
+            .choice(ctx, "store", StoreKind::CHOICES)?
+            .map(|(s, _)| s)
+            .unwrap_or_default(),
+        data_dir: t.path(
+            ctx,
+            "data_dir",
+            "\"/var/lib/cis2-agent\"",
+            "the agent's data folder",
+            false,
+        )?,
+        client_policy: t
+            .choice(ctx, "client_policy", ClientPolicy::CHOICES)?
+            .map(|(c, _)| c),
+    })
+}
+
+fn read_clients(ctx: &Ctx<'_>, root: &Tbl<'_>) -> Result<Vec<ClientRule>, ConfigError> {
+    let Some(item) = root.get("clients") else {
+        return Ok(Vec::new());
+    };
+    let label = |i: usize| format!("[[clients]] entry {}", i + 1);
+    let mut tables = Vec::new();
+    match item {
+        Item::ArrayOfTables(array) => {
+            for (i, t) in array.iter().enumerate() {
+                tables.push(Tbl::new(t, "clients", label(i), t.span()));
+            }
+        }
+        Item::Value(Value::Array(array))
+            if array.iter().all(|v| matches!(v, Value::InlineTable(_))) =>
+        {
+            for (i, v) in array.iter().enumerate() {
+                if let Value::InlineTable(t) = v {
+                    tables.push(Tbl::new(t, "clients", label(i), v.span()));
+                }
+            }
+        }
+        _ => {
+            let span = root.value_span("clients");
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "clients = {} is not valid: clients must be a list of [[clients]] sections, \
+                     not {}.",
+                    ctx.snippet(&span),
+                    describe(item)
+                ),
+                "Write each program as its own section: a line [[clients]], then \
+                 name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
+            ));
+        }
+    }
+    tables.iter().map(|t| read_client(ctx, t)).collect()
+}
+
+fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
+    const PATH_EXAMPLE: &str = "\"/opt/ehr/bin/ehr\"";
+    const SHA_EXAMPLE: &str = "\"<64 hex digits>\"";
+    t.check_keys(ctx, CLIENT_KEYS)?;
+    let label = &t.label;
+
+    let name = match t.string(ctx, "name", "\"Ward EHR\"")? {
+        Some((name, span)) => {
+            let trimmed = name.trim();
+            if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "name = {} in {label} is not valid: it is empty.",
+                        ctx.snippet(&span)
+                    ),
+                    "Write name = \"Ward EHR\" (the name shown to people).",
+                ));
+            }
+            trimmed.to_owned()
+        }
+        None => {
+            return Err(ctx.err(
+                &t.span,
+                format!("{label} has no name."),
+                "Add name = \"Ward EHR\" (the name shown to people when this program uses the \
+                 agent).",
+            ));
+        }
+    };
+
+    let path = match t.string(ctx, "path", PATH_EXAMPLE)? {
+        Some((raw, span)) => {
+            let path = PathBuf::from(&raw);
+            if !path.is_absolute() {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "path = {} in {label} is not valid: it must be the full path of the \
+                         program's executable.",
+                        ctx.snippet(&span)
+                    ),
+                    format!("Write path = {PATH_EXAMPLE} (the absolute path)."),
+                ));
+            }
+            Some(path)
+        }
+        None => None,
+    };
+
+    let sha256 = match t.string(ctx, "sha256", SHA_EXAMPLE)? {
+        Some((raw, span)) => {
+            let hex = raw.trim();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "sha256 = {} in {label} is not valid: it must be the executable's SHA-256 \
+                         as 64 hexadecimal digits.",
+                        ctx.snippet(&span)
+                    ),
+                    format!(
+                        "Write sha256 = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
+                         `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
+                         (Windows)."
+                    ),
+                ));
+            }
+            Some(hex.to_ascii_lowercase())
+        }
+        None => None,
+    };
+
+    if path.is_none() && sha256.is_none() {
+        return Err(ctx.err(
+            &t.span,
+            format!(
+                "{label} (\"{name}\") has neither path nor sha256, so no program can match it."
+            ),
+            format!(
+                "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} (its \
+                 SHA-256)."
+            ),
+        ));
+    }
+
+    let methods = match t.string_list(ctx, "methods", "[\"status\", \"whoami\", \"token\"]")? {
+        None => None,
+        Some((list, _)) => {
+            let mut methods: Vec<String> = Vec::with_capacity(list.len());
+            for (method, span) in list {
+                if !CLIENT_METHODS.contains(&method.as_str()) {
+                    let mut fix = String::new();
+                    if let Some(near) = suggest(&method, CLIENT_METHODS) {
+                        fix.push_str(&format!("Did you mean \"{near}\"? "));
+                    }
+                    fix.push_str(&format!("Valid methods: {}.", CLIENT_METHODS.join(", ")));
+                    return Err(ctx.err(
+                        &span,
+                        format!(
+                            "methods entry {} in {label} is not a method of the agent.",
+                            ctx.snippet(&span)
+                        ),
+                        fix,
+                    ));
+                }
+                if !methods.contains(&method) {
+                    methods.push(method);
+                }
+            }
+            Some(methods)
+        }
+    };
+
+    let audiences = t
+        .word_list(ctx, "audiences", "[\"https://ehr.example.nhs.uk\"]")?
+        .map(|(list, _)| list)
+        .unwrap_or_default();
+    let scopes = t
+        .word_list(ctx, "scopes", "[\"nhsperson\"]")?
+        .map(|(list, _)| list)
+        .unwrap_or_default();
+
+    Ok(ClientRule {
+        name,
+        path,
+        sha256,
+        methods,
+        audiences,
+        scopes,
+    })
+}
+
+fn read_session(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<SessionConfig, ConfigError> {
+    t.check_keys(ctx, SESSION_KEYS)?;
+    let d = SessionConfig::default();
+    Ok(SessionConfig {
+        refresh_margin_secs: t
+            .uint(ctx, "refresh_margin_secs", 0, "60", None)?
+            .unwrap_or(d.refresh_margin_secs),
+        expiring_notice_secs: t
+            .uint(ctx, "expiring_notice_secs", 0, "120", None)?
+            .unwrap_or(d.expiring_notice_secs),
+        inactivity_secs: t
+            .uint(
+                ctx,
+                "inactivity_secs",
+                1,
+                "900",
+                Some(
+                    "To switch the inactivity timeout off, write inactivity_action = \"none\" \
+                     instead; otherwise write inactivity_secs = 900.",
+                ),
+            )?
+            .unwrap_or(d.inactivity_secs),
+        inactivity_action: t
+            .choice(ctx, "inactivity_action", InactivityAction::CHOICES)?
+            .map(|(a, _)| a)
+            .unwrap_or(d.inactivity_action),
+        absolute_secs: t
+            .uint(
+                ctx,
+                "absolute_secs",
+                1,
+                "43200",
+                Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
+            )?
+            .unwrap_or(d.absolute_secs),
+        end_session_at_provider: t.boolean(
+            ctx,
+            "end_session_at_provider",
+            d.end_session_at_provider,
+        )?,
+    })
+}
+
+fn read_workstation(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<WorkstationConfig, ConfigError> {
+    t.check_keys(ctx, WORKSTATION_KEYS)?;
+    let d = WorkstationConfig::default();
+    Ok(WorkstationConfig {
+        on_os_lock: t
+            .choice(ctx, "on_os_lock", SignalAction::CHOICES)?
+            .map(|(a, _)| a)
+            .unwrap_or(d.on_os_lock),
+        on_card_removal: t
+            .choice(ctx, "on_card_removal", SignalAction::CHOICES)?
+            .map(|(a, _)| a)
+            .unwrap_or(d.on_card_removal),
+        same_card_unlocks: t.boolean(ctx, "same_card_unlocks", d.same_card_unlocks)?,
+        allow_user_switch: t.boolean(ctx, "allow_user_switch", d.allow_user_switch)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RELAY: &str = "https://relay.example.nhs.uk/";
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn ok(text: &str) -> Config {
+        parse(text, Path::new("config.toml")).unwrap_or_else(|e| panic!("refused: {e}"))
+    }
+
+    fn bad(text: &str) -> ConfigError {
+        match parse(text, Path::new("config.toml")) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Asserts the error's line and that its text contains every fragment.
+    fn check(e: &ConfigError, line: usize, fragments: &[&str]) {
+        assert_eq!(e.line, Some(line), "wrong line in: {e}");
+        let text = e.to_string();
+        for fragment in fragments {
+            assert!(text.contains(fragment), "{fragment:?} missing from: {text}");
+        }
+    }
+
+    /// A minimal valid INT file, then `extra` (which starts on line 6).
+    fn int_with(extra: &str) -> String {
+        format!(
+            "environment = \"int\"\n[provider]\nclient_id = \"123456789012.apps.national\"\n\
+             [provider.exchange]\nrelay_url = \"{RELAY}\"\n{extra}"
+        )
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cis2-config-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    const FULL: &str = r#"environment = "int"            # "sandbox" | "int" | "live" | "custom"
+
+[provider]
+issuer = "https://am.nhsint.auth-ptl.cis2.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare"
+client_id = "123456789012.apps.national"
+scopes = ["openid", "profile", "email", "nationalrbacaccess", "associatedorgs", "selectedrole"]
+acr_values = "AAL2_OR_AAL3_ANY"
+max_age = 300                  # seconds
+ca_file = "/path/extra-ca.pem" # optional extra trust anchor
+
+[provider.exchange]             # who swaps the code for tokens
+method = "relay"
+relay_url = "https://relay.example.nhs.uk/"
+key_file = "client-key.pem"    # private_key_jwt: PEM RSA key
+alg = "RS512"
+secret_env = "CIS2_CLIENT_SECRET"
+
+[agent]
+socket = "/run/user/1000/cis2-agent/agent.sock"
+store = "keyring"
+data_dir = "/var/lib/cis2-agent"
+client_policy = "ask"
+
+[[clients]]
+name = "Ward EHR"
+path = "/opt/ehr/bin/ehr"
+sha256 = "0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef"
+methods = ["status", "whoami", "token", "subscribe"]
+audiences = []
+
+[session]
+refresh_margin_secs = 60
+expiring_notice_secs = 120
+inactivity_secs = 900
+inactivity_action = "lock"
+absolute_secs = 43200
+end_session_at_provider = true
+
+[workstation]
+on_os_lock = "lock"
+on_card_removal = "lock"
+same_card_unlocks = true
+allow_user_switch = false
+"#;
+
+    #[test]
+    fn full_example_from_the_contract_parses() {
+        let config = parse(FULL, Path::new("/etc/cis2-agent/config.toml")).expect("valid");
+        assert_eq!(config.environment, Environment::Int);
+        assert!(!config.is_sandbox());
+        assert_eq!(
+            config.source.as_deref(),
+            Some(Path::new("/etc/cis2-agent/config.toml"))
+        );
+        let p = config.provider.as_ref().expect("provider");
+        assert_eq!(p.issuer, INT_ISSUER);
+        assert_eq!(p.client_id, "123456789012.apps.national");
+        assert_eq!(
+            p.scopes,
+            [
+                "openid",
+                "profile",
+                "email",
+                "nationalrbacaccess",
+                "associatedorgs",
+                "selectedrole"
+            ]
+        );
+        assert_eq!(p.acr_values.as_deref(), Some("AAL2_OR_AAL3_ANY"));
+        assert_eq!(p.max_age, Some(300));
+        assert_eq!(p.prompt.as_deref(), Some("login"));
+        assert_eq!(p.ca_file.as_deref(), Some(Path::new("/path/extra-ca.pem")));
+        assert!(p.redirect_ports.is_empty());
+        assert_eq!(p.login_timeout_secs, 300);
+        assert_eq!(p.exchange.method, ExchangeMethod::Relay);
+        assert_eq!(p.exchange.relay_url.as_deref(), Some(RELAY));
+        // Relative paths are read from the config file's folder.
+        assert_eq!(
+            p.exchange.key_file.as_deref(),
+            Some(Path::new("/etc/cis2-agent/client-key.pem"))
+        );
+        assert_eq!(p.exchange.alg, SigningAlg::RS512);
+        assert_eq!(p.exchange.secret_env.as_deref(), Some("CIS2_CLIENT_SECRET"));
+
+        assert_eq!(
+            config.agent.socket.as_deref(),
+            Some(Path::new("/run/user/1000/cis2-agent/agent.sock"))
+        );
+        assert_eq!(config.agent.store, StoreKind::Keyring);
+        assert_eq!(
+            config.agent.data_dir.as_deref(),
+            Some(Path::new("/var/lib/cis2-agent"))
+        );
+        assert_eq!(config.agent.client_policy, Some(ClientPolicy::Ask));
+        assert_eq!(config.effective_client_policy(), ClientPolicy::Ask);
+
+        assert_eq!(config.clients.len(), 1);
+        let c = &config.clients[0];
+        assert_eq!(c.name, "Ward EHR");
+        assert_eq!(c.path.as_deref(), Some(Path::new("/opt/ehr/bin/ehr")));
+        assert_eq!(
+            c.sha256.as_deref(),
+            Some(HEX),
+            "sha256 is normalised to lower case"
+        );
+        assert_eq!(
+            c.methods.as_deref(),
+            Some(&["status", "whoami", "token", "subscribe"].map(String::from)[..])
+        );
+        assert!(c.audiences.is_empty());
+        assert!(c.scopes.is_empty());
+
+        assert_eq!(config.session, SessionConfig::default());
+        assert_eq!(config.workstation, WorkstationConfig::default());
+    }
+
+    #[test]
+    fn defaults_everywhere() {
+        let config = ok(&int_with(""));
+        let p = config.provider.unwrap();
+        assert_eq!(p.scopes, DEFAULT_SCOPES);
+        assert_eq!(p.acr_values.as_deref(), Some("AAL2_OR_AAL3_ANY"));
+        assert_eq!(p.max_age, Some(300));
+        assert_eq!(p.prompt.as_deref(), Some("login"));
+        assert_eq!(p.ca_file, None);
+        assert_eq!(p.login_timeout_secs, 300);
+        assert_eq!(p.exchange.alg, SigningAlg::RS512);
+        assert_eq!(config.agent, AgentConfig::default());
+        assert_eq!(config.agent.store, StoreKind::Keyring);
+        assert!(config.clients.is_empty());
+        let s = config.session;
+        assert_eq!(
+            (
+                s.refresh_margin_secs,
+                s.expiring_notice_secs,
+                s.inactivity_secs,
+                s.absolute_secs
+            ),
+            (60, 120, 900, 43200)
+        );
+        assert_eq!(s.inactivity_action, InactivityAction::Lock);
+        assert!(s.end_session_at_provider);
+        let w = config.workstation;
+        assert_eq!(
+            (w.on_os_lock, w.on_card_removal),
+            (SignalAction::Lock, SignalAction::Lock)
+        );
+        assert!(w.same_card_unlocks);
+        assert!(!w.allow_user_switch);
+    }
+
+    #[test]
+    fn issuer_with_port_443_survives_byte_for_byte() {
+        let issuer = "https://am.nhsdev.auth-ptl.cis2.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/oidc";
+        let text = format!(
+            "environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"x\"\n"
+        );
+        let config = ok(&text);
+        assert_eq!(config.provider.unwrap().issuer, issuer);
+        // The url crate would have dropped the port: make sure nothing like that happened.
+        assert!(!url::Url::parse(issuer).unwrap().as_str().contains(":443"));
+        // The presets carry it too.
+        assert!(INT_ISSUER.contains(":443/") && LIVE_ISSUER.contains(":443/"));
+        // A trailing slash is kept as written as well.
+        let text = format!(
+            "environment = \"int\"\n[provider]\nissuer = \"{issuer}/\"\nclient_id = \"x\"\n\
+             exchange = {{ relay_url = \"{RELAY}\" }}\n"
+        );
+        assert_eq!(ok(&text).provider.unwrap().issuer, format!("{issuer}/"));
+    }
+
+    #[test]
+    fn int_and_live_presets_fill_the_issuer_and_default_to_the_relay() {
+        let int = ok(&int_with(""));
+        assert_eq!(int.environment, Environment::Int);
+        let p = int.provider.unwrap();
+        assert_eq!(p.issuer, INT_ISSUER);
+        assert_eq!(p.exchange.method, ExchangeMethod::Relay);
+
+        let live = ok(&int_with("").replace("\"int\"", "\"live\""));
+        assert_eq!(live.environment, Environment::Live);
+        assert_eq!(live.provider.unwrap().issuer, LIVE_ISSUER);
+
+        // An explicit issuer wins over the preset.
+        let text = int_with("").replace(
+            "[provider]\n",
+            "[provider]\nissuer = \"https://idp.example.org:443/realm\"\n",
+        );
+        assert_eq!(
+            ok(&text).provider.unwrap().issuer,
+            "https://idp.example.org:443/realm"
+        );
+    }
+
+    #[test]
+    fn custom_needs_an_issuer_and_defaults_to_a_public_client() {
+        let e = bad("environment = \"custom\"\n\n[provider]\nclient_id = \"x\"\n");
+        check(
+            &e,
+            3,
+            &[
+                "no issuer",
+                "environment = \"custom\"",
+                "Add issuer = \"https://",
+            ],
+        );
+
+        let config = ok(
+            "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n",
+        );
+        let p = config.provider.unwrap();
+        assert_eq!(p.exchange.method, ExchangeMethod::None);
+        assert_eq!(p.exchange.relay_url, None);
+    }
+
+    #[test]
+    fn sandbox_presets() {
+        let empty = ok("");
+        assert_eq!(
+            empty,
+            Config {
+                source: Some("config.toml".into()),
+                ..Config::sandbox()
+            }
+        );
+        assert!(empty.is_sandbox());
+        assert_eq!(empty.effective_client_policy(), ClientPolicy::Allow);
+
+        let explicit = ok(
+            "environment = \"sandbox\"\n[agent]\nstore = \"memory\"\nclient_policy = \"deny\"\n",
+        );
+        assert!(explicit.is_sandbox());
+        assert_eq!(explicit.provider, None);
+        assert_eq!(explicit.agent.store, StoreKind::Memory);
+        assert_eq!(explicit.effective_client_policy(), ClientPolicy::Deny);
+
+        let built = Config::sandbox();
+        assert!(built.is_sandbox() && built.provider.is_none() && built.source.is_none());
+        assert_eq!(built.agent.client_policy, None);
+        assert_eq!(built.effective_client_policy(), ClientPolicy::Allow);
+    }
+
+    #[test]
+    fn sandbox_refuses_a_provider_section() {
+        let e = bad("environment = \"sandbox\"\n\n\n[provider]\nclient_id = \"x\"\n");
+        check(
+            &e,
+            4,
+            &[
+                "sandbox",
+                "no [provider] section",
+                "Remove the [provider] section",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_provider_without_environment_is_refused() {
+        let e = bad("# CIS2\n[provider]\nclient_id = \"x\"\n");
+        check(
+            &e,
+            2,
+            &[
+                "no environment",
+                "environment = \"int\"",
+                "environment = \"custom\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn int_without_provider_or_client_id_is_refused() {
+        let e = bad("\nenvironment = \"int\"\n[agent]\nstore = \"memory\"\n");
+        check(
+            &e,
+            2,
+            &[
+                "needs a [provider] section",
+                "client_id = \"123456789012.apps.national\"",
+            ],
+        );
+
+        let e = bad(&int_with("").replace("client_id = \"123456789012.apps.national\"\n", ""));
+        check(&e, 2, &["[provider] has no client_id", "Add client_id ="]);
+
+        let e = bad(&int_with("").replace("\"123456789012.apps.national\"", "\"\""));
+        check(&e, 3, &["client_id = \"\" is not valid"]);
+    }
+
+    #[test]
+    fn relay_needs_relay_url() {
+        // Explicit method: the method line.
+        let text = "environment = \"live\"\n[provider]\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"relay\"\n";
+        let e = bad(text);
+        check(
+            &e,
+            5,
+            &[
+                "method = \"relay\" needs relay_url",
+                "Add relay_url = \"https://",
+                "method = \"private_key_jwt\"",
+            ],
+        );
+
+        // No exchange table: the default is the relay, reported at [provider].
+        let e = bad("environment = \"int\"\n\n[provider]\nclient_id = \"x\"\n");
+        check(
+            &e,
+            3,
+            &[
+                "through a relay by default",
+                "relay_url",
+                "method = \"none\"",
+            ],
+        );
+
+        // Exchange table without method or relay_url: its header.
+        let e = bad(
+            "environment = \"int\"\n[provider]\nclient_id = \"x\"\n\n[provider.exchange]\nalg = \"RS256\"\n",
+        );
+        check(
+            &e,
+            5,
+            &["has no method, so it is \"relay\"", "needs relay_url"],
+        );
+    }
+
+    #[test]
+    fn relay_url_must_be_https_or_loopback_http() {
+        let e = bad(&int_with("").replace(RELAY, "http://relay.example.nhs.uk/"));
+        check(&e, 5, &["plain http to another computer", "https://"]);
+        let e = bad(&int_with("").replace(RELAY, "ftp://relay.example.nhs.uk/"));
+        check(
+            &e,
+            5,
+            &[
+                "relay_url = \"ftp://relay.example.nhs.uk/\" is not valid",
+                "Write relay_url = \"https://",
+            ],
+        );
+        let e = bad(&int_with("").replace(RELAY, "relay.example.nhs.uk"));
+        check(&e, 5, &["not a valid URL"]);
+        for local in [
+            "http://127.0.0.1:8080/",
+            "http://[::1]:9000",
+            "http://localhost:1234/relay",
+        ] {
+            let config = ok(&int_with("").replace(RELAY, local));
+            assert_eq!(
+                config.provider.unwrap().exchange.relay_url.as_deref(),
+                Some(local)
+            );
+        }
+    }
+
+    #[test]
+    fn private_key_jwt_needs_key_file_and_a_known_alg() {
+        let base = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"private_key_jwt\"\n";
+        let e = bad(base);
+        check(
+            &e,
+            6,
+            &[
+                "method = \"private_key_jwt\" needs key_file",
+                "Add key_file = \"client-key.pem\"",
+            ],
+        );
+
+        let config = parse(
+            &format!("{base}key_file = \"keys/client.pem\"\nalg = \"RS256\"\n"),
+            Path::new("/etc/cis2/config.toml"),
+        )
+        .unwrap();
+        let x = config.provider.unwrap().exchange;
+        assert_eq!(x.method, ExchangeMethod::PrivateKeyJwt);
+        assert_eq!(
+            x.key_file.as_deref(),
+            Some(Path::new("/etc/cis2/keys/client.pem"))
+        );
+        assert_eq!(x.alg, SigningAlg::RS256);
+
+        let e = bad(&format!("{base}key_file = \"k.pem\"\nalg = \"rs256\"\n"));
+        check(
+            &e,
+            8,
+            &[
+                "alg = \"rs256\" is not valid.",
+                "Did you mean \"RS256\"?",
+                "Write alg = \"RS256\" or alg = \"RS512\".",
+            ],
+        );
+    }
+
+    #[test]
+    fn client_secret_post_needs_the_name_of_a_variable() {
+        let base = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"client_secret_post\"\n";
+        let e = bad(base);
+        check(
+            &e,
+            6,
+            &[
+                "needs secret_env",
+                "secret_env = \"CIS2_CLIENT_SECRET\"",
+                "never goes in the file",
+            ],
+        );
+
+        let config = ok(&format!("{base}secret_env = \"MY_SECRET\"\n"));
+        let x = config.provider.unwrap().exchange;
+        assert_eq!(x.method, ExchangeMethod::ClientSecretPost);
+        assert_eq!(x.secret_env.as_deref(), Some("MY_SECRET"));
+
+        // Something that is not a variable name may be the secret itself: never quoted back.
+        let e = bad(&format!("{base}secret_env = \"s3cr3t-Va1ue/+==\"\n"));
+        check(
+            &e,
+            7,
+            &[
+                "not the name of an environment variable",
+                "never the secret itself",
+            ],
+        );
+        assert!(!e.to_string().contains("s3cr3t"), "secret echoed: {e}");
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_refused_anywhere() {
+        let cases = [
+            (
+                int_with("client_secret = \"abc\"\n"),
+                6,
+                "in [provider.exchange]",
+            ),
+            (
+                int_with("").replace("[provider]\n", "[provider]\nclient_secret = \"abc\"\n"),
+                3,
+                "in [provider]",
+            ),
+            (
+                format!("secret = \"abc\"\n{}", int_with("")),
+                1,
+                "at the top level",
+            ),
+            (
+                int_with(
+                    "[[clients]]\nname = \"a\"\npath = \"/a\"\n[[clients]]\nname = \"b\"\nClient-Secret = \"x\"\n",
+                ),
+                11,
+                "in [[clients]]",
+            ),
+            (
+                int_with("[agent]\nx = { y = [{ secret = \"abc\" }] }\n"),
+                7,
+                "in [agent.x.y]",
+            ),
+        ];
+        for (text, line, place) in cases {
+            let e = bad(&text);
+            check(
+                &e,
+                line,
+                &[
+                    place,
+                    "secrets never go in the config file",
+                    "secret_env = \"CIS2_CLIENT_SECRET\"",
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn issuer_must_be_https_unless_loopback() {
+        let custom = |issuer: &str| {
+            format!(
+                "environment = \"custom\"\n[provider]\nclient_id = \"x\"\nissuer = \"{issuer}\"\n"
+            )
+        };
+        let e = bad(&custom("http://idp.example.org/realm"));
+        check(
+            &e,
+            4,
+            &[
+                "issuer = \"http://idp.example.org/realm\" uses plain http to another computer",
+                "Use https://",
+                "http://127.0.0.1",
+            ],
+        );
+        let e = bad(&custom("ftp://idp.example.org"));
+        check(&e, 4, &["must start with https://"]);
+        let e = bad(&custom("https://idp.example.org/?realm=a"));
+        check(&e, 4, &["?query or #fragment"]);
+        let e = bad(&custom("https://idp.example.org/ realm"));
+        check(&e, 4, &["no spaces"]);
+        for local in [
+            "http://127.0.0.1:5556/realms/x",
+            "http://[::1]:8080",
+            "http://127.0.0.5",
+        ] {
+            assert_eq!(ok(&custom(local)).provider.unwrap().issuer, local);
+        }
+    }
+
+    #[test]
+    fn scopes_must_include_openid() {
+        let e = bad(&int_with("").replace(
+            "[provider]\n",
+            "[provider]\nscopes = [\"profile\", \"email\"]\n",
+        ));
+        check(
+            &e,
+            3,
+            &[
+                "does not include \"openid\"",
+                "write scopes = [\"openid\", \"profile\", \"email\"]",
+            ],
+        );
+        let e = bad(&int_with("").replace(
+            "[provider]\n",
+            "[provider]\nscopes = [\"openid profile\"]\n",
+        ));
+        check(&e, 3, &["one word"]);
+        let e = bad(&int_with("").replace(
+            "[provider]\n",
+            "[provider]\nscopes = [\n  \"openid\",\n  7,\n]\n",
+        ));
+        check(&e, 5, &["scopes contains 7, which is not text"]);
+        let config = ok(&int_with("").replace(
+            "[provider]\n",
+            "[provider]\nscopes = [\"openid\", \"openid\", \"nhsperson\"]\n",
+        ));
+        assert_eq!(config.provider.unwrap().scopes, ["openid", "nhsperson"]);
+    }
+
+    #[test]
+    fn max_age_zero_is_allowed_and_prompt_and_acr_can_be_switched_off() {
+        let config = ok(&int_with("").replace(
+            "[provider]\n",
+            "[provider]\nmax_age = 0\nprompt = \"\"\nacr_values = \"\"\n",
+        ));
+        let p = config.provider.unwrap();
+        assert_eq!(p.max_age, Some(0));
+        assert_eq!(p.prompt, None);
+        assert_eq!(p.acr_values, None);
+
+        let e = bad(&int_with("").replace("[provider]\n", "[provider]\nprompt = \"always\"\n"));
+        check(
+            &e,
+            3,
+            &["prompt = \"always\" is not valid.", "prompt = \"login\""],
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_names_the_valid_choices() {
+        let e = bad("environment = \"sandbox\"\n[agent]\nstore = \"disk\"\n");
+        assert_eq!(
+            e.to_string(),
+            "config.toml:3: store = \"disk\" is not valid. Write store = \"keyring\" or store = \"memory\"."
+        );
+        let e = bad("environment = \"INT\"\n");
+        check(
+            &e,
+            1,
+            &[
+                "Did you mean \"int\"?",
+                "environment = \"sandbox\", environment = \"int\", environment = \"live\" or environment = \"custom\"",
+            ],
+        );
+        let e = bad("[workstation]\non_os_lock = \"lock\"\non_card_removal = \"signout\"\n");
+        check(
+            &e,
+            3,
+            &["Did you mean \"sign_out\"?", "on_card_removal = \"ignore\""],
+        );
+        let e = bad("[session]\ninactivity_action = \"off\"\n");
+        check(
+            &e,
+            2,
+            &[
+                "inactivity_action = \"lock\", inactivity_action = \"sign_out\" or inactivity_action = \"none\"",
+            ],
+        );
+        let e = bad("[agent]\nclient_policy = 1\n");
+        check(
+            &e,
+            2,
+            &["client_policy = 1 is not valid.", "client_policy = \"ask\""],
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_suggestion() {
+        let e = bad(
+            "environment = \"sandbox\"\n\n[agent]\nstore = \"memory\"\n\n\nsockett = \"/tmp/a.sock\"\n",
+        );
+        assert_eq!(
+            e.to_string(),
+            "config.toml:7: unknown key \"sockett\" in [agent]. Did you mean \"socket\"? Valid keys: socket, store, data_dir, client_policy."
+        );
+
+        let e = bad("enviroment = \"int\"\n");
+        check(
+            &e,
+            1,
+            &[
+                "unknown key \"enviroment\" at the top level.",
+                "Did you mean \"environment\"?",
+                "[provider]",
+                "[[clients]]",
+            ],
+        );
+
+        let e = bad("[agnet]\nstore = \"memory\"\n");
+        check(&e, 1, &["unknown table [agnet].", "Did you mean [agent]?"]);
+
+        let e = bad(&int_with("[provider.exchnage]\nmethod = \"none\"\n"));
+        check(
+            &e,
+            6,
+            &[
+                "unknown table [provider.exchnage].",
+                "Did you mean [provider.exchange]?",
+            ],
+        );
+
+        let e = bad(&int_with(&format!(
+            "[[clients]]\nname = \"a\"\npath = \"/a\"\n\n[[clients]]\nname = \"b\"\nhash = \"{HEX}\"\n"
+        )));
+        check(
+            &e,
+            12,
+            &[
+                "unknown key \"hash\" in [[clients]] entry 2.",
+                "Valid keys: name, path, sha256, methods, audiences, scopes.",
+            ],
+        );
+
+        let e = bad("[session]\nidle_secs = 5\n");
+        check(
+            &e,
+            2,
+            &[
+                "unknown key \"idle_secs\" in [session]",
+                "Valid keys: refresh_margin_secs",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_place_says_where_it_belongs() {
+        // The classic TOML slip: a top-level key after a [section] heading.
+        let e = bad("[agent]\nstore = \"memory\"\nenvironment = \"sandbox\"\n");
+        check(
+            &e,
+            3,
+            &[
+                "unknown key \"environment\" in [agent]",
+                "belongs at the top of the file, before the first [section] heading",
+            ],
+        );
+        let e = bad("environment = \"sandbox\"\nstore = \"memory\"\n");
+        check(
+            &e,
+            2,
+            &[
+                "unknown key \"store\" at the top level",
+                "\"store\" belongs in [agent]",
+            ],
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_give_a_line() {
+        let e = bad("environment = \"sandbox\"\n[agent]\nstore = memory\n");
+        check(&e, 3, &["the file is not valid TOML", "double quotes"]);
+        let e = bad("environment = \"sandbox\"\n[agent]\nstore = \"memory\"\n\n[agent]\n");
+        check(&e, 5, &["not valid TOML", "only once"]);
+        let e = bad("[agent\n");
+        check(&e, 1, &["not valid TOML"]);
+    }
+
+    #[test]
+    fn wrong_types_are_refused_with_an_example() {
+        let e = bad(&int_with("").replace("[provider]\n", "[provider]\nmax_age = \"300\"\n"));
+        check(
+            &e,
+            3,
+            &[
+                "max_age = \"300\" is not valid: max_age must be a whole number, not text.",
+                "Write max_age = 300.",
+            ],
+        );
+        let e = bad("[workstation]\nsame_card_unlocks = \"yes\"\n");
+        check(
+            &e,
+            2,
+            &["must be true or false", "Write same_card_unlocks = true."],
+        );
+        let e = bad("[session]\nabsolute_secs = 1.5\n");
+        check(
+            &e,
+            2,
+            &["not a decimal number", "Write absolute_secs = 43200."],
+        );
+        let e = bad("[session]\nabsolute_secs = 1979-05-27\n");
+        check(&e, 2, &["not a date or time"]);
+        let e = bad("agent = \"memory\"\n");
+        check(&e, 1, &["agent must be a table", "[agent]"]);
+        let e = bad("clients = \"all\"\n");
+        check(
+            &e,
+            1,
+            &[
+                "clients must be a list of [[clients]] sections",
+                "[[clients]]",
+            ],
+        );
+        let e = bad("environment = \"sandbox\"\n[agent]\nsocket = \"\"\n");
+        check(&e, 3, &["socket = \"\" is not valid: it is empty."]);
+    }
+
+    #[test]
+    fn client_rules_are_checked() {
+        let e = bad("[[clients]]\npath = \"/opt/a\"\n");
+        check(
+            &e,
+            1,
+            &["[[clients]] entry 1 has no name", "Add name = \"Ward EHR\""],
+        );
+
+        let e = bad(
+            "[[clients]]\nname = \"a\"\npath = \"/a\"\n\n[[clients]]\nname = \"Lab\"\nmethods = [\"status\"]\n",
+        );
+        check(
+            &e,
+            5,
+            &[
+                "[[clients]] entry 2 (\"Lab\") has neither path nor sha256",
+                "Add path = ",
+                "sha256 = ",
+            ],
+        );
+
+        let e = bad("[[clients]]\nname = \"a\"\nsha256 = \"abc123\"\n");
+        check(
+            &e,
+            3,
+            &[
+                "sha256 = \"abc123\" in [[clients]] entry 1 is not valid",
+                "64 hexadecimal digits",
+                "sha256sum",
+            ],
+        );
+        let e = bad(&format!(
+            "[[clients]]\nname = \"a\"\nsha256 = \"{}\"\n",
+            HEX.replace('0', "g")
+        ));
+        check(&e, 3, &["64 hexadecimal digits"]);
+
+        let e = bad("[[clients]]\nname = \"a\"\npath = \"bin/ehr\"\n");
+        check(
+            &e,
+            3,
+            &["must be the full path", "path = \"/opt/ehr/bin/ehr\""],
+        );
+
+        let e = bad(
+            "[[clients]]\nname = \"a\"\npath = \"/a\"\nmethods = [\n  \"status\",\n  \"tokens\",\n]\n",
+        );
+        check(
+            &e,
+            6,
+            &[
+                "methods entry \"tokens\" in [[clients]] entry 1 is not a method",
+                "Did you mean \"token\"?",
+                "Valid methods: status, login, whoami, token, change_role, logout, subscribe.",
+            ],
+        );
+
+        let config = ok(&format!(
+            "[[clients]]\nname = \" Lab \"\nsha256 = \"{}\"\naudiences = [\"api://lab\"]\nscopes = [\"nhsperson\"]\n\
+             [[clients]]\nname = \"b\"\npath = \"/b\"\nmethods = []\n",
+            HEX.to_uppercase()
+        ));
+        assert_eq!(config.clients.len(), 2);
+        let lab = &config.clients[0];
+        assert_eq!(lab.name, "Lab");
+        assert_eq!(lab.path, None);
+        assert_eq!(lab.sha256.as_deref(), Some(HEX));
+        assert_eq!(
+            lab.methods, None,
+            "absent methods = the default (all but logout)"
+        );
+        assert_eq!(lab.audiences, ["api://lab"]);
+        assert_eq!(lab.scopes, ["nhsperson"]);
+        assert_eq!(config.clients[1].methods, Some(vec![]));
+    }
+
+    #[test]
+    fn clients_may_be_inline_tables() {
+        let config = ok(
+            "clients = [\n  { name = \"a\", path = \"/a\" },\n  { name = \"b\", path = \"/b\" },\n]\n",
+        );
+        assert_eq!(config.clients.len(), 2);
+        assert_eq!(config.clients[1].path.as_deref(), Some(Path::new("/b")));
+        let e = bad(
+            "clients = [\n  { name = \"a\", path = \"/a\" },\n  { name = \"b\", sha256 = \"nope\" },\n]\n",
+        );
+        check(
+            &e,
+            3,
+            &["sha256 = \"nope\" in [[clients]] entry 2 is not valid"],
+        );
+    }
+
+    #[test]
+    fn durations_are_checked() {
+        let config = ok("[session]\nrefresh_margin_secs = 0\nexpiring_notice_secs = 0\n");
+        assert_eq!(config.session.refresh_margin_secs, 0);
+        assert_eq!(config.session.expiring_notice_secs, 0);
+
+        let e = bad("[session]\ninactivity_secs = 0\n");
+        check(
+            &e,
+            2,
+            &[
+                "inactivity_secs = 0 is not valid: it must be between 1 and",
+                "write inactivity_action = \"none\"",
+            ],
+        );
+        let config = ok("[session]\ninactivity_action = \"none\"\n");
+        assert_eq!(config.session.inactivity_action, InactivityAction::None);
+
+        let e = bad("[session]\n\nabsolute_secs = 0\n");
+        check(
+            &e,
+            3,
+            &["absolute_secs = 0 is not valid", "absolute_secs = 43200"],
+        );
+        let e = bad("[session]\nrefresh_margin_secs = -5\n");
+        check(
+            &e,
+            2,
+            &[
+                "refresh_margin_secs = -5 is not valid: it must be between 0 and 31622400",
+                "Write refresh_margin_secs = 60.",
+            ],
+        );
+        let e = bad("[session]\nabsolute_secs = 99999999999\n");
+        check(&e, 2, &["must be between 1 and 31622400"]);
+        let e = bad(&int_with("").replace("[provider]\n", "[provider]\nlogin_timeout_secs = 0\n"));
+        check(
+            &e,
+            3,
+            &[
+                "login_timeout_secs = 0 is not valid",
+                "login_timeout_secs = 300",
+            ],
+        );
+    }
+
+    #[test]
+    fn redirect_ports_are_checked() {
+        let with = |ports: &str| {
+            int_with("").replace(
+                "[provider]\n",
+                &format!("[provider]\nredirect_ports = {ports}\n"),
+            )
+        };
+        assert_eq!(
+            ok(&with("[8400, 8401]")).provider.unwrap().redirect_ports,
+            [8400, 8401]
+        );
+        assert!(ok(&with("[]")).provider.unwrap().redirect_ports.is_empty());
+        let e = bad(&with("[8400, 0]"));
+        check(
+            &e,
+            3,
+            &["redirect_ports entry 0 is not valid", "from 1 to 65535"],
+        );
+        let e = bad(&with("[70000]"));
+        check(&e, 3, &["redirect_ports entry 70000"]);
+        let e = bad(&with("[8400, 8400]"));
+        check(&e, 3, &["port 8400 twice"]);
+        let e = bad(&with("8400"));
+        check(
+            &e,
+            3,
+            &[
+                "must be a list of port numbers",
+                "redirect_ports = [8400, 8401]",
+            ],
+        );
+    }
+
+    #[test]
+    fn inline_and_dotted_tables_work() {
+        let config = ok(&format!(
+            "environment = \"int\"\nprovider.client_id = \"x\"\nprovider.exchange = {{ method = \"relay\", relay_url = \"{RELAY}\" }}\n\
+             agent = {{ store = \"memory\" }}\n"
+        ));
+        assert_eq!(config.provider.unwrap().client_id, "x");
+        assert_eq!(config.agent.store, StoreKind::Memory);
+        let e = bad(
+            "environment = \"int\"\nprovider.client_id = \"x\"\nprovider.exchange = { method = \"relay\" }\n",
+        );
+        check(&e, 3, &["needs relay_url"]);
+        let e = bad(
+            "environment = \"int\"\nprovider.client_id = \"x\"\nprovider.exchange = { method = \"relay\", relay = \"x\" }\n",
+        );
+        check(
+            &e,
+            3,
+            &[
+                "unknown key \"relay\" in [provider.exchange]",
+                "Did you mean \"relay_url\"?",
+            ],
+        );
+    }
+
+    #[test]
+    fn display_with_and_without_a_line() {
+        let e = ConfigError {
+            file: "/etc/a.toml".into(),
+            line: Some(7),
+            message: "m.".into(),
+            fix: "f.".into(),
+        };
+        assert_eq!(e.to_string(), "/etc/a.toml:7: m. f.");
+        let e = ConfigError { line: None, ..e };
+        assert_eq!(e.to_string(), "/etc/a.toml: m. f.");
+        let _: &dyn std::error::Error = &e;
+    }
+
+    #[test]
+    fn load_names_a_missing_file() {
+        let path = temp_dir("missing").join("nope.toml");
+        let e = load(&path).unwrap_err();
+        assert_eq!(e.file, path);
+        assert_eq!(e.line, None);
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{}: ", path.display())), "{text}");
+        assert!(
+            text.contains("does not exist") && text.contains("--config"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file_and_checks_key_files() {
+        let dir = temp_dir("load");
+        let path = dir.join("config.toml");
+        let text = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n\
+                    [provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"client-key.pem\"\n";
+        std::fs::write(&path, text).unwrap();
+        let _ = std::fs::remove_file(dir.join("client-key.pem"));
+        // parse() does not touch the disk; load() does.
+        assert!(parse(text, &path).is_ok());
+        let e = load(&path).unwrap_err();
+        check(
+            &e,
+            7,
+            &[
+                "key_file = \"client-key.pem\" names a file that does not exist",
+                "client-key.pem",
+            ],
+        );
+        assert_eq!(e.file, path);
+
+        std::fs::write(dir.join("client-key.pem"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let config = load(&path).expect("loads");
+        assert_eq!(config.source.as_deref(), Some(path.as_path()));
+        assert_eq!(
+            config.provider.unwrap().exchange.key_file,
+            Some(dir.join("client-key.pem"))
+        );
+
+        // A byte-order mark is tolerated and lines still count from 1.
+        std::fs::write(&path, "\u{feff}[agent]\nstor = \"memory\"\n").unwrap();
+        check(
+            &load(&path).unwrap_err(),
+            2,
+            &["unknown key \"stor\"", "Did you mean \"store\"?"],
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_paths_follow_the_contract() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| OsString::from(*v))
+            }
+        };
+        let explicit = env(&[("CIS2_AGENT_CONFIG", "/etc/cis2.toml"), ("HOME", "/home/a")]);
+        assert_eq!(
+            default_path_with(&explicit, Os::Unix),
+            Some("/etc/cis2.toml".into())
+        );
+        let xdg = env(&[
+            ("XDG_CONFIG_HOME", "/x/cfg"),
+            ("HOME", "/home/a"),
+            ("CIS2_AGENT_CONFIG", ""),
+        ]);
+        assert_eq!(
+            default_path_with(&xdg, Os::Unix),
+            Some("/x/cfg/cis2-agent/config.toml".into())
+        );
+        let home = env(&[("XDG_CONFIG_HOME", "relative"), ("HOME", "/home/a")]);
+        assert_eq!(
+            default_path_with(&home, Os::Unix),
+            Some("/home/a/.config/cis2-agent/config.toml".into())
+        );
+        assert_eq!(
+            default_path_with(&home, Os::Mac),
+            Some("/home/a/Library/Application Support/cis2-agent/config.toml".into())
+        );
+        let windows = env(&[
+            ("APPDATA", "C:\\Users\\a\\AppData\\Roaming"),
+            ("LOCALAPPDATA", "C:\\Users\\a\\AppData\\Local"),
+        ]);
+        assert_eq!(
+            default_path_with(&windows, Os::Windows),
+            Some(
+                PathBuf::from("C:\\Users\\a\\AppData\\Roaming")
+                    .join("cis2-agent")
+                    .join("config.toml")
+            )
+        );
+        let nothing = env(&[]);
+        assert_eq!(default_path_with(&nothing, Os::Unix), None);
+
+        assert_eq!(
+            default_data_dir_with(&xdg, Os::Unix),
+            PathBuf::from("/home/a/.local/share/cis2-agent")
+        );
+        let xdg_data = env(&[("XDG_DATA_HOME", "/x/data"), ("HOME", "/home/a")]);
+        assert_eq!(
+            default_data_dir_with(&xdg_data, Os::Unix),
+            PathBuf::from("/x/data/cis2-agent")
+        );
+        assert_eq!(
+            default_data_dir_with(&home, Os::Mac),
+            PathBuf::from("/home/a/Library/Application Support/cis2-agent")
+        );
+        assert_eq!(
+            default_data_dir_with(&windows, Os::Windows),
+            PathBuf::from("C:\\Users\\a\\AppData\\Local").join("cis2-agent")
+        );
+        let user = env(&[("USER", "alice")]);
+        assert_eq!(
+            default_data_dir_with(&user, Os::Unix),
+            std::env::temp_dir().join("cis2-agent-alice")
+        );
+
+        assert_eq!(
+            resolve_path(Some(Path::new("/a/b.toml"))),
+            Some("/a/b.toml".into())
+        );
+        assert_eq!(resolve_path(None), default_path());
+    }
+
+    #[test]
+    fn enums_use_the_file_names_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&Environment::Sandbox).unwrap(),
+            "\"sandbox\""
+        );
+        assert_eq!(
+            serde_json::to_string(&ExchangeMethod::PrivateKeyJwt).unwrap(),
+            "\"private_key_jwt\""
+        );
+        assert_eq!(
+            serde_json::to_string(&ExchangeMethod::ClientSecretPost).unwrap(),
+            "\"client_secret_post\""
+        );
+        assert_eq!(
+            serde_json::to_string(&SignalAction::SignOut).unwrap(),
+            "\"sign_out\""
+        );
+        assert_eq!(
+            serde_json::to_string(&SigningAlg::RS512).unwrap(),
+            "\"RS512\""
+        );
+        assert_eq!(
+            serde_json::from_str::<InactivityAction>("\"none\"").unwrap(),
+            InactivityAction::None
+        );
+        assert_eq!(Environment::Live.to_string(), "live");
+        assert_eq!(StoreKind::default(), StoreKind::Keyring);
+        assert_eq!(SigningAlg::default(), SigningAlg::RS512);
+    }
+}
