@@ -1,0 +1,68 @@
+//! Where the socket lives, and making its folder safe: 0700, owned by this user.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub fn current_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// `--socket`, else `$CIS2_AGENT_SOCK`, else `[agent] socket`, else `$XDG_RUNTIME_DIR/cis2-agent/agent.sock`,
+/// else `/tmp/cis2-agent-<uid>/agent.sock`.
+pub fn socket_path(flag: Option<&Path>, configured: Option<&Path>) -> PathBuf {
+    if let Some(path) = flag {
+        return path.to_path_buf();
+    }
+    if let Ok(env) = std::env::var("CIS2_AGENT_SOCK")
+        && !env.is_empty()
+    {
+        return PathBuf::from(env);
+    }
+    if let Some(path) = configured {
+        return path.to_path_buf();
+    }
+    default_socket_path()
+}
+
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var("XDG_RUNTIME_DIR") {
+        Ok(dir) if !dir.is_empty() && Path::new(&dir).is_absolute() => {
+            Path::new(&dir).join("cis2-agent").join("agent.sock")
+        }
+        _ => PathBuf::from(format!("/tmp/cis2-agent-{}", current_uid())).join("agent.sock"),
+    }
+}
+
+/// Creates the socket's folder 0700, or checks an existing one is ours and private (and makes it so).
+pub fn prepare_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(io::Error::other(format!(
+                    "{} exists and is not a folder (a symlink or file there is refused)",
+                    dir.display()
+                )));
+            }
+            if meta.uid() != current_uid() {
+                return Err(io::Error::other(format!(
+                    "{} belongs to another user (uid {}); refusing to put the agent's socket there",
+                    dir.display(),
+                    meta.uid()
+                )));
+            }
+            if meta.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Ok(())
+        }
+    }
+}

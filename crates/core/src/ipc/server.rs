@@ -1,0 +1,336 @@
+//! The socket server: accepts same-user peers only, frames lines (64 KiB at most), runs requests
+//! concurrently per connection, forwards events to subscribers through a bounded queue (a subscriber
+//! that falls behind gets a `resync` event, never silence and never a stalled agent), and bounds
+//! connections, idle time and request time.
+
+use super::MAX_LINE_BYTES;
+use super::paths::{current_uid, prepare_dir};
+use super::protocol::{self, INVALID_REQUEST};
+use crate::agent::Agent;
+use serde_json::{Value, json};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub max_connections: usize,
+    /// Requests one connection may have running at once.
+    pub max_in_flight: usize,
+    /// A connection that sends nothing and subscribes to nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Any request but `login` must finish within this.
+    pub request_timeout: Duration,
+    /// Lines queued to one client before events are dropped for it (and a resync promised).
+    pub queue: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_connections: 256,
+            max_in_flight: 16,
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(60),
+            queue: 256,
+        }
+    }
+}
+
+/// A listening socket, bound and secured, not yet serving.
+pub struct Bound {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Bound {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Binds the socket at `path`: folder 0700, socket 0600. A live agent already there is an error; a
+/// stale socket file is replaced.
+pub async fn bind(path: &Path) -> io::Result<Bound> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| io::Error::other("the socket path has no folder"))?;
+    prepare_dir(dir)?;
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another agent is already listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Bound {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Serves `agent` on the bound socket until the task is dropped.
+pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
+    let uid = current_uid();
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let options = Arc::new(options);
+    loop {
+        let Ok((stream, _)) = bound.listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        // Refused before it can send anything: another user's process.
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == uid => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    peer_uid = cred.uid(),
+                    "refused a connection from another user"
+                );
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        };
+        let agent = agent.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            connection(stream, agent, options).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse_busy(mut stream: UnixStream) {
+    let line = protocol::error_response(
+        Value::Null,
+        -32000,
+        "The agent has too many connections open; close some clients and try again.",
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(format!("{line}\n").as_bytes()),
+    )
+    .await;
+}
+
+enum Line {
+    Complete(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one `\n`-terminated line of at most `MAX_LINE_BYTES`; a longer one is skipped to its end.
+async fn read_line<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if line.is_empty() && !too_long {
+                Line::Eof
+            } else if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(line)
+            });
+        }
+        let (chunk_len, found_newline) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, true),
+            None => (available.len(), false),
+        };
+        if !too_long {
+            if line.len() + chunk_len > MAX_LINE_BYTES {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(&available[..chunk_len]);
+            }
+        }
+        reader.consume(chunk_len + usize::from(found_newline));
+        if found_newline {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(line)
+            });
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>) {
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(16 * 1024, read_half);
+    let (tx, mut rx) = mpsc::channel::<String>(options.queue);
+    let writer = tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            if write_half.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let idle = !subscribed.load(Ordering::Relaxed)
+            && in_flight.available_permits() == options.max_in_flight;
+        let read = if idle {
+            match tokio::time::timeout(options.idle_timeout, read_line(&mut reader)).await {
+                Ok(read) => read,
+                Err(_) => break,
+            }
+        } else {
+            read_line(&mut reader).await
+        };
+        let line = match read {
+            Ok(Line::Complete(line)) => line,
+            Ok(Line::TooLong) => {
+                let response = protocol::error_response(
+                    Value::Null,
+                    INVALID_REQUEST,
+                    &format!(
+                        "The line is longer than {} KiB and was skipped.",
+                        MAX_LINE_BYTES / 1024
+                    ),
+                );
+                if tx.send(format!("{response}\n")).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Ok(Line::Eof) | Err(_) => break,
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let request = match protocol::parse(&line) {
+            Ok(request) => request,
+            Err(response) => {
+                if tx.send(format!("{response}\n")).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        if request.method == "subscribe"
+            && subscription.is_none()
+            && request.params.as_object().is_some_and(|p| p.is_empty())
+        {
+            subscribed.store(true, Ordering::Relaxed);
+            subscription = Some(tokio::spawn(forward_events(agent.subscribe(), tx.clone())));
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let agent = agent.clone();
+        let tx = tx.clone();
+        let timeout = if request.method == "login" {
+            Duration::from_secs(3700)
+        } else {
+            options.request_timeout
+        };
+        tokio::spawn(async move {
+            let outcome =
+                match tokio::time::timeout(timeout, protocol::call(&agent, &request)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err((
+                        -32000,
+                        "The request took too long and was abandoned.".to_string(),
+                    )),
+                };
+            if let Some(id) = request.id {
+                let response = match outcome {
+                    Ok(result) => protocol::result_response(id, result),
+                    Err((code, message)) => protocol::error_response(id, code, &message),
+                };
+                let _ = tx.send(format!("{response}\n")).await;
+            }
+            drop(permit);
+        });
+    }
+    if let Some(subscription) = subscription {
+        subscription.abort();
+    }
+    drop(tx);
+    // Let queued answers go out, then stop.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Forwards events into the client's queue without ever waiting on the client: when the queue is full
+/// an event is dropped and the client is owed a `resync` event, sent as soon as there is room.
+async fn forward_events(
+    mut events: broadcast::Receiver<crate::agent::Event>,
+    tx: mpsc::Sender<String>,
+) {
+    let mut owe_resync = false;
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => Some(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                owe_resync = true;
+                None
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if owe_resync {
+            let line = json!({"jsonrpc": "2.0", "method": "event", "params": {"type": "resync", "reason": "events were dropped because this client read too slowly; ask for status"}});
+            match tx.try_send(format!("{line}\n")) {
+                Ok(()) => owe_resync = false,
+                Err(mpsc::error::TrySendError::Full(_)) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        if let Some(event) = event {
+            let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
+            match tx.try_send(format!("{line}\n")) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => owe_resync = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8]) -> Vec<String> {
+        let mut reader = BufReader::with_capacity(7, input);
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut reader).await.unwrap() {
+                Line::Complete(l) => out.push(String::from_utf8(l).unwrap()),
+                Line::TooLong => out.push("<too long>".into()),
+                Line::Eof => return out,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn framing_splits_lines_and_skips_overlong_ones() {
+        let long = "x".repeat(MAX_LINE_BYTES + 1);
+        let input = format!("one\ntwo\n{long}\nthree\nlast-without-newline");
+        assert_eq!(
+            lines(input.as_bytes()).await,
+            vec!["one", "two", "<too long>", "three", "last-without-newline"]
+        );
+        let exact = "y".repeat(MAX_LINE_BYTES);
+        assert_eq!(lines(format!("{exact}\n").as_bytes()).await, vec![exact]);
+    }
+}

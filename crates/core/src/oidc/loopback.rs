@@ -1,0 +1,416 @@
+//! The loopback redirect (RFC 8252 §7.3, §8.3): a listener on 127.0.0.1 — never 0.0.0.0, never the name
+//! `localhost` — on an ephemeral port or the first free one of a configured list. It accepts exactly
+//! one callback whose `state` matches, answers the browser with a short page, and closes. Noise
+//! (favicon, probes, a stale tab's callback) is answered and ignored; nothing is waited on forever.
+
+use crate::secret::Secret;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+pub const CALLBACK_PATH: &str = "/callback";
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why no code came back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackError {
+    #[error("cannot listen for the sign-in redirect on 127.0.0.1 ({0})")]
+    Bind(String),
+    #[error("the sign-in was not finished in the browser within {0} seconds; start it again")]
+    TimedOut(u64),
+    #[error("{sentence}")]
+    Provider {
+        /// The OAuth `error` code (e.g. `access_denied`).
+        error: String,
+        sentence: String,
+    },
+    #[error(
+        "the sign-in answer came from another provider ({found}); it was refused to prevent a mix-up attack"
+    )]
+    WrongIssuer { found: String },
+    #[error("the provider's answer had neither a code nor an error")]
+    NoCode,
+}
+
+/// A sentence a clinician understands for an OAuth `error` from the provider.
+pub fn explain_provider_error(error: &str, description: Option<&str>) -> String {
+    let base = match error {
+        "access_denied" => "The sign-in was cancelled or refused at the Care Identity Service.",
+        "login_required" | "interaction_required" => {
+            "The Care Identity Service needs you to sign in again."
+        }
+        "consent_required" => "The Care Identity Service needs your consent for this application.",
+        "invalid_scope" => {
+            "The Care Identity Service refused what this application asked for (its scopes); tell your IT service desk."
+        }
+        "unauthorized_client" | "invalid_client" => {
+            "The Care Identity Service does not recognise this application's registration; tell your IT service desk."
+        }
+        "temporarily_unavailable" | "server_error" => {
+            "The Care Identity Service is having problems. Try again in a few minutes."
+        }
+        _ => "The Care Identity Service refused the sign-in.",
+    };
+    let detail: String = description
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if detail.is_empty() {
+        format!("{base} (error: {error})")
+    } else {
+        format!("{base} (error: {error}: {detail})")
+    }
+}
+
+/// A code that arrived, and when (the start of the agent's part of a sign-in).
+#[derive(Debug)]
+pub struct Callback {
+    pub code: Secret,
+    pub received_at: Instant,
+}
+
+pub struct LoopbackListener {
+    listener: TcpListener,
+    port: u16,
+}
+
+impl LoopbackListener {
+    /// Binds 127.0.0.1: the first free port of `ports`, or an ephemeral port when the list is empty.
+    pub async fn bind(ports: &[u16]) -> Result<LoopbackListener, CallbackError> {
+        let candidates: Vec<u16> = if ports.is_empty() {
+            vec![0]
+        } else {
+            ports.to_vec()
+        };
+        let mut last_error = String::new();
+        for port in candidates {
+            match TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
+                Ok(listener) => {
+                    let port = listener
+                        .local_addr()
+                        .map_err(|e| CallbackError::Bind(e.to_string()))?
+                        .port();
+                    return Ok(LoopbackListener { listener, port });
+                }
+                Err(e) => last_error = format!("port {port}: {e}"),
+            }
+        }
+        Err(CallbackError::Bind(last_error))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn redirect_uri(&self) -> String {
+        format!("http://127.0.0.1:{}{CALLBACK_PATH}", self.port)
+    }
+
+    /// Waits for the one callback with `expected_state`. `issuer`: when the answer carries `iss`
+    /// (RFC 9207) it must be this, exactly. The listener is closed when this returns.
+    pub async fn wait(
+        self,
+        expected_state: &str,
+        issuer: &str,
+        timeout: Duration,
+    ) -> Result<Callback, CallbackError> {
+        let (tx, mut rx) = mpsc::channel::<Incoming>(16);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        tokio::spawn(read_request(stream, tx.clone()));
+                    }
+                }
+                Some(incoming) = rx.recv() => {
+                    let received_at = Instant::now();
+                    match judge(&incoming, expected_state, issuer) {
+                        Verdict::Ignore(status, page) => {
+                            let _ = incoming.reply.send((status, page));
+                        }
+                        Verdict::Done(result) => {
+                            let page = match &result {
+                                Ok(()) => page("You are signed in", "Your Care Identity sign-in reached the agent. You can close this tab and go back to your clinical system."),
+                                Err(e) => page("Sign-in not completed", &format!("{e} You can close this tab.")),
+                            };
+                            let _ = incoming.reply.send((if result.is_ok() { 200 } else { 400 }, page));
+                            return result.map(|()| Callback {
+                                code: Secret::new(incoming.params.get("code").cloned().unwrap_or_default()),
+                                received_at,
+                            });
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(CallbackError::TimedOut(timeout.as_secs()));
+                }
+            }
+        }
+    }
+}
+
+struct Incoming {
+    path: String,
+    params: HashMap<String, String>,
+    reply: oneshot::Sender<(u16, String)>,
+}
+
+enum Verdict {
+    Ignore(u16, String),
+    Done(Result<(), CallbackError>),
+}
+
+fn judge(incoming: &Incoming, expected_state: &str, issuer: &str) -> Verdict {
+    if incoming.path != CALLBACK_PATH {
+        return Verdict::Ignore(404, page("Not found", "Nothing here."));
+    }
+    let params = &incoming.params;
+    if params.get("state").map(String::as_str) != Some(expected_state) {
+        // A stale tab or a forged link: answered, but the sign-in keeps waiting for the real one.
+        return Verdict::Ignore(
+            400,
+            page(
+                "Sign-in link not recognised",
+                "This page does not belong to the sign-in the agent is waiting for. If you started a new sign-in, finish it in its own tab.",
+            ),
+        );
+    }
+    if let Some(iss) = params.get("iss")
+        && iss != issuer
+    {
+        return Verdict::Done(Err(CallbackError::WrongIssuer { found: iss.clone() }));
+    }
+    if let Some(error) = params.get("error") {
+        return Verdict::Done(Err(CallbackError::Provider {
+            error: error.clone(),
+            sentence: explain_provider_error(
+                error,
+                params.get("error_description").map(String::as_str),
+            ),
+        }));
+    }
+    match params.get("code") {
+        Some(code) if !code.is_empty() => Verdict::Done(Ok(())),
+        _ => Verdict::Done(Err(CallbackError::NoCode)),
+    }
+}
+
+async fn read_request(mut stream: TcpStream, tx: mpsc::Sender<Incoming>) {
+    let head = tokio::time::timeout(REQUEST_READ_TIMEOUT, async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Some(head)
+    })
+    .await;
+    let Ok(Some(head)) = head else { return };
+    let first_line =
+        String::from_utf8_lossy(head.split(|b| *b == b'\n').next().unwrap_or_default()).to_string();
+    let mut words = first_line.split_whitespace();
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        respond(&mut stream, 400, &page("Bad request", "")).await;
+        return;
+    };
+    if method != "GET" {
+        respond(&mut stream, 405, &page("Not allowed", "")).await;
+        return;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let incoming = Incoming {
+        path: path.to_string(),
+        params,
+        reply: reply_tx,
+    };
+    if tx.send(incoming).await.is_err() {
+        return;
+    }
+    if let Ok((status, body)) = reply_rx.await {
+        respond(&mut stream, status, &body).await;
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
+Cache-Control: no-store\r\nReferrer-Policy: no-referrer\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn page(title: &str, text: &str) -> String {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+<body style=\"font-family:Arial,sans-serif;max-width:40em;margin:3em auto\"><h1>{t}</h1><p>{x}</p></body></html>",
+        t = escape(title),
+        x = escape(text)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(port: u16, target: &str) -> Result<(u16, String), String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, text))
+    }
+
+    const ISS: &str = "https://cis2.example:443/realm";
+
+    #[tokio::test]
+    async fn binds_ipv4_loopback_only() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let addr = listener.listener.local_addr().unwrap();
+        assert_eq!(addr.ip(), std::net::IpAddr::from(Ipv4Addr::LOCALHOST));
+        assert!(listener.redirect_uri().starts_with("http://127.0.0.1:"));
+    }
+
+    #[tokio::test]
+    async fn takes_the_first_free_port_of_the_list() {
+        let busy = LoopbackListener::bind(&[]).await.unwrap();
+        let free = {
+            let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let listener = LoopbackListener::bind(&[busy.port(), free]).await.unwrap();
+        assert_eq!(listener.port(), free);
+        assert!(matches!(
+            LoopbackListener::bind(&[busy.port()]).await,
+            Err(CallbackError::Bind(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn noise_and_wrong_state_are_ignored_then_one_callback_is_taken_and_the_port_closes() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let port = listener.port();
+        let waiter = tokio::spawn(listener.wait("good-state", ISS, Duration::from_secs(10)));
+        assert_eq!(get(port, "/favicon.ico").await.unwrap().0, 404);
+        assert_eq!(
+            get(port, "/callback?code=evil&state=other")
+                .await
+                .unwrap()
+                .0,
+            400
+        );
+        let (status, page) = get(port, "/callback?code=the-code&state=good-state")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(page.contains("close this tab"));
+        let callback = waiter.await.unwrap().unwrap();
+        assert_eq!(callback.code.expose(), "the-code");
+        assert!(
+            get(port, "/callback?code=second&state=good-state")
+                .await
+                .is_err(),
+            "a second callback finds the port closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_callback_becomes_a_sentence() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let port = listener.port();
+        let waiter = tokio::spawn(listener.wait("s", ISS, Duration::from_secs(10)));
+        let (status, page) = get(
+            port,
+            "/callback?error=access_denied&error_description=the%20user%20cancelled&state=s",
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 400);
+        assert!(page.contains("cancelled or refused"));
+        match waiter.await.unwrap() {
+            Err(CallbackError::Provider { error, sentence }) => {
+                assert_eq!(error, "access_denied");
+                assert!(
+                    sentence.contains("cancelled or refused")
+                        && sentence.contains("the user cancelled")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_naming_another_issuer_is_refused() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let port = listener.port();
+        let waiter = tokio::spawn(listener.wait("s", ISS, Duration::from_secs(10)));
+        get(
+            port,
+            "/callback?code=c&state=s&iss=https%3A%2F%2Fevil.example",
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(CallbackError::WrongIssuer { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_the_timeout() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let result = listener.wait("s", ISS, Duration::from_secs(300)).await;
+        assert_eq!(result.unwrap_err(), CallbackError::TimedOut(300));
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_does_not_block_the_real_callback() {
+        let listener = LoopbackListener::bind(&[]).await.unwrap();
+        let port = listener.port();
+        let waiter = tokio::spawn(listener.wait("s", ISS, Duration::from_secs(10)));
+        let _preconnect = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert_eq!(get(port, "/callback?code=c&state=s").await.unwrap().0, 200);
+        assert!(waiter.await.unwrap().is_ok());
+    }
+}

@@ -1,0 +1,425 @@
+//! The relying party: one whole sign-in (discovery → authorize → loopback callback → code exchange →
+//! ID token validation → userinfo → the CIS2 user) and a refresh, each ending in a [`SignedIn`] or a
+//! [`SignInError`] that says which step failed and why.
+
+use super::authorize::{self, AuthParams};
+use super::claims::User;
+use super::discovery::{Discovery, DiscoveryError, ProviderMetadata};
+use super::exchange::{ClientAuth, TokenEndpoint, TokenResponse};
+use super::loopback::{CallbackError, LoopbackListener};
+use super::validate::{self, Expected, IdTokenError};
+use crate::browser::Browser;
+use crate::clock::SharedClock;
+use crate::http::ProviderError;
+use crate::secret::Secret;
+use cis2_jose::Alg;
+use serde_json::{Map, Value};
+use std::time::{Duration, Instant};
+
+/// The client registration and what to ask for.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub client_id: String,
+    pub auth: ClientAuth,
+    pub scopes: Vec<String>,
+    pub acr_values: Option<String>,
+    pub prompt: Option<String>,
+    pub max_age: Option<u64>,
+    pub redirect_ports: Vec<u16>,
+    pub login_timeout: Duration,
+}
+
+/// A validated sign-in or refresh.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    pub user: User,
+    pub sub: String,
+    pub sid: Option<String>,
+    pub access_token: Secret,
+    pub expires_at: u64,
+    pub refresh_token: Option<Secret>,
+    pub id_token: Secret,
+    /// From the callback's arrival to here: the agent's own share of a sign-in (benchmarks report it).
+    pub callback_to_done: Option<Duration>,
+    /// Of that, how long the provider took to answer the token and userinfo calls.
+    pub provider_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignInError {
+    #[error("{0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error("{0}")]
+    Callback(#[from] CallbackError),
+    #[error("{0}")]
+    Browser(String),
+    #[error("the code exchange failed: {0}")]
+    Exchange(ProviderError),
+    #[error("the provider gave no ID token (is `openid` in the scopes?)")]
+    NoIdToken,
+    #[error("{0}")]
+    IdToken(#[from] IdTokenError),
+    #[error("userinfo failed: {0}")]
+    Userinfo(ProviderError),
+    #[error("userinfo is about another person (its sub differs from the ID token's)")]
+    UserinfoSubjectMismatch,
+    #[error("the refreshed tokens are for another person (sub changed)")]
+    SubjectChanged,
+    #[error("the provider refused the refresh token: the session has ended there ({0})")]
+    RefreshRefused(String),
+}
+
+impl SignInError {
+    /// True when the provider could not be reached or answered garbage: the session should stay as it was.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            SignInError::Discovery(e) => e.is_outage(),
+            SignInError::Exchange(e) | SignInError::Userinfo(e) => e.is_outage(),
+            _ => false,
+        }
+    }
+}
+
+pub struct RelyingParty {
+    pub discovery: Discovery,
+    pub settings: ClientSettings,
+    pub clock: SharedClock,
+}
+
+fn accepted_algs(metadata: &ProviderMetadata) -> Vec<Alg> {
+    match &metadata.id_token_signing_alg_values_supported {
+        Some(list) => {
+            let algs: Vec<Alg> = list.iter().filter_map(|a| Alg::parse(a)).collect();
+            if algs.is_empty() {
+                vec![Alg::RS256]
+            } else {
+                algs
+            }
+        }
+        None => vec![Alg::RS256],
+    }
+}
+
+impl RelyingParty {
+    pub fn issuer(&self) -> &str {
+        self.discovery.issuer()
+    }
+
+    fn token_endpoint<'a>(&'a self, metadata: &'a ProviderMetadata) -> TokenEndpoint<'a> {
+        TokenEndpoint {
+            http: self.discovery.http(),
+            url: &metadata.token_endpoint,
+            client_id: &self.settings.client_id,
+            auth: &self.settings.auth,
+            now: self.clock.now(),
+        }
+    }
+
+    /// One whole sign-in through the browser. `prompt`/`scopes` may be overridden (role change).
+    pub async fn sign_in(
+        &self,
+        browser: &Browser,
+        timeout: Option<Duration>,
+        extra_scopes: &[&str],
+        drop_scopes: &[&str],
+    ) -> Result<SignedIn, SignInError> {
+        let metadata = self.discovery.metadata().await?;
+        let listener = LoopbackListener::bind(&self.settings.redirect_ports).await?;
+        let redirect_uri = listener.redirect_uri();
+        let mut scopes: Vec<String> = self
+            .settings
+            .scopes
+            .iter()
+            .filter(|s| !drop_scopes.contains(&s.as_str()))
+            .cloned()
+            .collect();
+        for extra in extra_scopes {
+            if !scopes.iter().any(|s| s == extra) {
+                scopes.push(extra.to_string());
+            }
+        }
+        let request = authorize::build(
+            &metadata.authorization_endpoint,
+            &AuthParams {
+                client_id: &self.settings.client_id,
+                redirect_uri: &redirect_uri,
+                scopes: &scopes,
+                acr_values: self.settings.acr_values.as_deref(),
+                prompt: self.settings.prompt.as_deref(),
+                max_age: self.settings.max_age,
+            },
+        );
+        browser.open(&request.url).map_err(SignInError::Browser)?;
+        let callback = listener
+            .wait(
+                &request.state,
+                self.issuer(),
+                timeout.unwrap_or(self.settings.login_timeout),
+            )
+            .await?;
+        let mut provider_time = Duration::ZERO;
+        let started = Instant::now();
+        let tokens = self
+            .token_endpoint(&metadata)
+            .exchange_code(&callback.code, &request.code_verifier, &redirect_uri)
+            .await
+            .map_err(SignInError::Exchange)?;
+        provider_time += started.elapsed();
+        let mut signed_in = self
+            .finish(
+                &metadata,
+                tokens,
+                Some(&request.nonce),
+                None,
+                &mut provider_time,
+            )
+            .await?;
+        signed_in.callback_to_done = Some(callback.received_at.elapsed());
+        signed_in.provider_time = provider_time;
+        Ok(signed_in)
+    }
+
+    /// Renews with the refresh token. The person must stay the same.
+    pub async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        previous: &SignedIn,
+    ) -> Result<SignedIn, SignInError> {
+        let metadata = self.discovery.metadata().await?;
+        let tokens = self
+            .token_endpoint(&metadata)
+            .refresh(refresh_token)
+            .await
+            .map_err(|e| match &e {
+                ProviderError::Status {
+                    oauth_error: Some(code),
+                    ..
+                } if code == "invalid_grant" => SignInError::RefreshRefused(e.to_string()),
+                _ => SignInError::Exchange(e),
+            })?;
+        let mut provider_time = Duration::ZERO;
+        let mut renewed = self
+            .finish(&metadata, tokens, None, Some(previous), &mut provider_time)
+            .await?;
+        if renewed.sub != previous.sub {
+            return Err(SignInError::SubjectChanged);
+        }
+        if renewed.refresh_token.is_none() {
+            // No rotation: the old refresh token stays valid.
+            renewed.refresh_token = Some(refresh_token.clone());
+        }
+        Ok(renewed)
+    }
+
+    async fn finish(
+        &self,
+        metadata: &ProviderMetadata,
+        tokens: TokenResponse,
+        nonce: Option<&str>,
+        previous: Option<&SignedIn>,
+        provider_time: &mut Duration,
+    ) -> Result<SignedIn, SignInError> {
+        let now = self.clock.now();
+        let (id_token, claims) = match (&tokens.id_token, previous) {
+            (Some(id_token), _) => {
+                let claims = self
+                    .validate_id_token(
+                        metadata,
+                        id_token.expose(),
+                        nonce,
+                        previous.is_none(),
+                        tokens.access_token.expose(),
+                    )
+                    .await?;
+                (id_token.clone(), claims)
+            }
+            // A refresh without a new ID token keeps the claims of the sign-in.
+            (None, Some(previous)) => (previous.id_token.clone(), Map::new()),
+            (None, None) => return Err(SignInError::NoIdToken),
+        };
+        let sub = match claims.get("sub").and_then(Value::as_str) {
+            Some(sub) => sub.to_string(),
+            None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
+        };
+        let started = Instant::now();
+        let user = match &metadata.userinfo_endpoint {
+            Some(endpoint) => {
+                let http = self.discovery.http();
+                let info: Map<String, Value> = http
+                    .json(
+                        "the provider's userinfo endpoint",
+                        http.inner()
+                            .get(endpoint)
+                            .bearer_auth(tokens.access_token.expose()),
+                    )
+                    .await
+                    .map_err(SignInError::Userinfo)?;
+                *provider_time += started.elapsed();
+                if info.get("sub").and_then(Value::as_str) != Some(sub.as_str()) {
+                    return Err(SignInError::UserinfoSubjectMismatch);
+                }
+                let id_claims = if claims.is_empty() {
+                    // Refresh without an ID token: keep the assurance of the original sign-in.
+                    return Ok(SignedIn {
+                        user: {
+                            let mut user = User::from_claims(&Map::new(), &info);
+                            if let Some(previous) = previous {
+                                user.assurance = previous.user.assurance.clone();
+                                user.selected_role = user
+                                    .roles
+                                    .iter()
+                                    .find(|r| {
+                                        previous
+                                            .user
+                                            .selected_role
+                                            .as_ref()
+                                            .is_some_and(|s| s.id == r.id)
+                                    })
+                                    .cloned();
+                            }
+                            user
+                        },
+                        sub,
+                        sid: previous.and_then(|p| p.sid.clone()),
+                        access_token: tokens.access_token,
+                        expires_at: now + tokens.expires_in.unwrap_or(300),
+                        refresh_token: tokens.refresh_token,
+                        id_token,
+                        callback_to_done: None,
+                        provider_time: *provider_time,
+                    });
+                } else {
+                    claims.clone()
+                };
+                User::from_claims(&id_claims, &info)
+            }
+            None => User::from_claims(&claims, &Map::new()),
+        };
+        Ok(SignedIn {
+            user,
+            sid: claims
+                .get("sid")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            sub,
+            access_token: tokens.access_token,
+            expires_at: now + tokens.expires_in.unwrap_or(300),
+            refresh_token: tokens.refresh_token,
+            id_token,
+            callback_to_done: None,
+            provider_time: *provider_time,
+        })
+    }
+
+    async fn validate_id_token(
+        &self,
+        metadata: &ProviderMetadata,
+        token: &str,
+        nonce: Option<&str>,
+        fresh_sign_in: bool,
+        access_token: &str,
+    ) -> Result<Map<String, Value>, SignInError> {
+        let algs = accepted_algs(metadata);
+        let (keys, _) = self.discovery.jwks(false).await?;
+        let verified = match validate::verify_signature(token, &algs, &keys) {
+            Err(IdTokenError::UnknownKey(_)) => {
+                // Rotation: the provider may have a key we have not seen; fetch once (rate-limited).
+                let (keys, _) = self.discovery.jwks(true).await?;
+                validate::verify_signature(token, &algs, &keys)?
+            }
+            other => other?,
+        };
+        let expected = Expected {
+            issuer: self.issuer(),
+            client_id: &self.settings.client_id,
+            nonce,
+            // On refresh auth_time stays that of the original sign-in (OIDC Core 12.2).
+            max_age: if fresh_sign_in {
+                self.settings.max_age
+            } else {
+                None
+            },
+            acr_values: if fresh_sign_in {
+                self.settings.acr_values.as_deref()
+            } else {
+                None
+            },
+            algs: &algs,
+            access_token: Some(access_token),
+            now: self.clock.now(),
+        };
+        validate::check_claims(&verified.claims, verified.alg, &expected)?;
+        Ok(verified.claims)
+    }
+
+    /// Best effort at logout: revoke the refresh token and end the provider session. Errors are
+    /// returned for the log, never for the person (they are signed out locally whatever happens).
+    pub async fn end_at_provider(
+        &self,
+        refresh_token: Option<&Secret>,
+        id_token: &Secret,
+        end_session: bool,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let Ok(metadata) = self.discovery.metadata().await else {
+            return vec!["the provider could not be reached to end the session there".into()];
+        };
+        let http = self.discovery.http();
+        if let (Some(rt), Some(endpoint)) = (refresh_token, &metadata.revocation_endpoint) {
+            let mut form = vec![
+                ("token", rt.expose().to_string()),
+                ("token_type_hint", "refresh_token".into()),
+                ("client_id", self.settings.client_id.clone()),
+            ];
+            match &self.settings.auth {
+                ClientAuth::SecretPost(secret) => {
+                    form.push(("client_secret", secret.expose().into()))
+                }
+                ClientAuth::PrivateKeyJwt(key) => {
+                    form.push((
+                        "client_assertion_type",
+                        super::exchange::CLIENT_ASSERTION_TYPE.into(),
+                    ));
+                    form.push((
+                        "client_assertion",
+                        super::exchange::client_assertion(
+                            key,
+                            &self.settings.client_id,
+                            &metadata.token_endpoint,
+                            self.clock.now(),
+                        ),
+                    ));
+                }
+                ClientAuth::None => {}
+            }
+            if let Err(e) = http
+                .send(
+                    "the revocation endpoint",
+                    http.inner().post(endpoint).form(&form),
+                )
+                .await
+            {
+                problems.push(e.to_string());
+            }
+        }
+        if end_session && let Some(endpoint) = &metadata.end_session_endpoint {
+            let query: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("id_token_hint", id_token.expose())
+                .append_pair("client_id", &self.settings.client_id)
+                .finish();
+            let separator = if endpoint.contains('?') { '&' } else { '?' };
+            let url = format!("{endpoint}{separator}{query}");
+            match http
+                .send("the end-session endpoint", http.inner().get(url))
+                .await
+            {
+                Ok((status, _)) if status < 400 => {}
+                Ok((status, _)) => {
+                    problems.push(format!("the end-session endpoint answered HTTP {status}"))
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        problems
+    }
+}
