@@ -26,12 +26,7 @@ pub fn socket_path(flag: Option<&Path>, configured: Option<&Path>) -> PathBuf {
 }
 
 pub fn default_socket_path() -> PathBuf {
-    match std::env::var("XDG_RUNTIME_DIR") {
-        Ok(dir) if !dir.is_empty() && Path::new(&dir).is_absolute() => {
-            Path::new(&dir).join("cis2-agent").join("agent.sock")
-        }
-        _ => PathBuf::from(format!("/tmp/cis2-agent-{}", current_uid())).join("agent.sock"),
-    }
+    cis2_ipc_client::os_default_socket_path()
 }
 
 /// Creates the socket's folder 0700, or checks an existing one is ours and private (and makes it so).
