@@ -441,21 +441,26 @@ impl Agent {
                 self.emit(Event::TokenRefreshed { expires_at });
                 Ok(answer)
             }
-            Err(err) if err.is_outage() => {
-                if current.expires_at > now + min_valid {
-                    tracing::warn!(error = %err, "refresh failed; serving the cached token");
-                    Ok(answer_from(&current))
-                } else {
-                    Err(AgentError::Unreachable(format!(
-                        "The token could not be renewed because the Care Identity Service could not be reached ({err}); the session is kept — try again shortly."
-                    )))
-                }
-            }
-            Err(err) => {
+            Err(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged)) => {
                 self.end_session(format!("the provider ended the session: {err}"));
                 Err(AgentError::NotSignedIn(format!(
                     "The session has ended: {err}. Sign in again."
                 )))
+            }
+            Err(err) => {
+                // Anything else leaves the session as it was: serve what is still valid, else say why.
+                if current.expires_at > now + min_valid {
+                    tracing::warn!(error = %err, "refresh failed; serving the cached token");
+                    Ok(answer_from(&current))
+                } else if err.is_outage() {
+                    Err(AgentError::Unreachable(format!(
+                        "The token could not be renewed because the Care Identity Service could not be reached ({err}); the session is kept — try again shortly."
+                    )))
+                } else {
+                    Err(AgentError::SignInFailed(format!(
+                        "The token could not be renewed: {err}. The session is kept."
+                    )))
+                }
             }
         }
     }

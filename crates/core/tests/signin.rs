@@ -1,0 +1,565 @@
+//! The relying party in process against the sandbox provider over real HTTP on loopback, with a
+//! scripted browser that follows the redirect into the agent's loopback listener, per-test provider
+//! expectations (the OpenID Foundation's RP certification cases), and an injected clock.
+
+use cis2_core::agent::{Agent, AgentError, AgentOptions, Event, SessionState, TokenRequest};
+use cis2_core::browser::Browser;
+use cis2_core::clock::TestClock;
+use cis2_core::config;
+use cis2_jose::{Alg, JwkSet, SigningKey};
+use cis2_mock_idp::browser::{Outcome, Script, ScriptedBrowser};
+use cis2_mock_idp::{Client, ClientAuthMethod, Lifetimes, Options, RunningProvider};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+const CLIENT_ID: &str = "rp.apps.national";
+const AMELIA: &str = "555021935107";
+const BEN: &str = "555021935108";
+const CHRIS: &str = "555021935109";
+
+fn client_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate(Alg::RS512))
+}
+
+struct Harness {
+    provider: RunningProvider,
+    agent: Agent,
+    clock: TestClock,
+    script: Arc<Mutex<Script>>,
+    opened: Arc<AtomicUsize>,
+    outcomes: Arc<Mutex<Vec<Result<Outcome, String>>>>,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup {
+    acr_values: &'static str,
+    lifetimes: Lifetimes,
+    refresh_tokens: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            acr_values: "AAL2_OR_AAL3_ANY",
+            lifetimes: Lifetimes::default(),
+            refresh_tokens: true,
+        }
+    }
+}
+
+async fn harness(setup: Setup) -> Harness {
+    let client: Client = serde_json::from_value(json!({
+        "client_id": CLIENT_ID,
+        "auth_method": ClientAuthMethod::PrivateKeyJwt,
+        "jwks": {"keys": [client_key().public_jwk()]},
+        "redirect_uris": ["http://127.0.0.1/callback"],
+        "refresh_tokens": setup.refresh_tokens,
+        "rotate_refresh_tokens": true,
+    }))
+    .unwrap();
+    let provider = cis2_mock_idp::start(Options {
+        clients: vec![client],
+        lifetimes: setup.lifetimes,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("client-key.pem");
+    std::fs::write(&key_path, client_key().to_pkcs8_pem()).unwrap();
+    let text = format!(
+        "environment = \"custom\"\n[provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nacr_values = \"{}\"\n\
+         [provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"{}\"\nalg = \"RS512\"\n",
+        provider.issuer,
+        setup.acr_values,
+        key_path.display()
+    );
+    let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
+    let script = Arc::new(Mutex::new(Script::new(BEN, "smartcard")));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let browser = {
+        let (script, opened, outcomes) = (script.clone(), opened.clone(), outcomes.clone());
+        Browser::Callback(Arc::new(move |url: &str| {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let (url, script, outcomes) = (
+                url.to_string(),
+                script.lock().unwrap().clone(),
+                outcomes.clone(),
+            );
+            tokio::spawn(async move {
+                let outcome = ScriptedBrowser::default().sign_in(&url, &script).await;
+                outcomes.lock().unwrap().push(outcome);
+            });
+        }))
+    };
+    let clock = TestClock::default();
+    let agent = Agent::start(AgentOptions {
+        config,
+        browser,
+        clock: Arc::new(clock.clone()),
+    })
+    .await
+    .unwrap();
+    Harness {
+        provider,
+        agent,
+        clock,
+        script,
+        opened,
+        outcomes,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    /// Time passes for everyone: the agent's injected clock and the provider's.
+    fn advance(&self, secs: i64) {
+        self.clock.advance(secs);
+        self.provider.provider.advance_clock(secs);
+    }
+
+    fn expect_next_token(&self, expectation: Value) {
+        self.provider
+            .provider
+            .expect_next_token(serde_json::from_value(expectation).unwrap());
+    }
+
+    async fn login(&self) -> Result<cis2_core::agent::Status, AgentError> {
+        self.agent.login(Some(Duration::from_secs(20))).await
+    }
+
+    async fn login_error(&self) -> String {
+        match self.login().await {
+            Ok(status) => panic!("the sign-in should have been refused, got {status:?}"),
+            Err(AgentError::SignInFailed(message)) => message,
+            Err(other) => panic!("expected -32002, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_sign_in_with_private_key_jwt_gives_the_user_and_role() {
+    let h = harness(Setup::default()).await;
+    let mut events = h.agent.subscribe();
+    h.script.lock().unwrap().role = Some("555021935107002".into());
+    h.script.lock().unwrap().uid = AMELIA.into();
+    let status = h.login().await.unwrap();
+    assert_eq!(status.state, SessionState::SignedIn);
+    assert_eq!(status.environment, "custom");
+    let user = status.user.unwrap();
+    assert_eq!(user.uid, AMELIA);
+    assert_eq!(user.roles.len(), 3);
+    let role = user.selected_role.unwrap();
+    assert_eq!(role.id, "555021935107002");
+    assert_eq!(
+        role.org_name.as_deref(),
+        Some("Riverside Teaching Hospitals NHS Foundation Trust")
+    );
+    assert_eq!(user.assurance.amr, vec!["N3_SMARTCARD"]);
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedIn { .. }
+    ));
+    let outcome = h.outcomes.lock().unwrap()[0].clone().unwrap();
+    assert_eq!(outcome.callback_status, Some(200));
+    assert!(
+        outcome
+            .callback_body
+            .unwrap()
+            .contains("You can close this tab")
+    );
+    let token = h.agent.token(TokenRequest::default()).await.unwrap();
+    assert_eq!(token.token_type, "Bearer");
+    assert!(!token.access_token.is_empty());
+}
+
+#[tokio::test]
+async fn a_user_with_no_roles_is_signed_in() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().uid = CHRIS.into();
+    let user = h.login().await.unwrap().user.unwrap();
+    assert!(user.roles.is_empty());
+    assert!(user.selected_role.is_none());
+}
+
+#[tokio::test]
+async fn each_id_token_rule_refuses_with_its_own_reason() {
+    let h = harness(Setup {
+        acr_values: "AAL3_ANY",
+        ..Setup::default()
+    })
+    .await;
+    let issuer = h.provider.issuer.clone();
+    let port = h.provider.addr.port();
+    let now = cis2_core::clock::Clock::now(&h.clock);
+    let cases = vec![
+        ("alg none", json!({"signing": "none"}), "unsigned"),
+        (
+            "bad signature",
+            json!({"signing": "bad_signature"}),
+            "signature did not verify",
+        ),
+        (
+            "unknown key",
+            json!({"signing": "unknown_key"}),
+            "which the provider does not publish",
+        ),
+        (
+            "HS256 with the client secret",
+            json!({"signing": "hs256_client_secret"}),
+            "HS256",
+        ),
+        (
+            "wrong iss",
+            json!({"id_token_claims": {"iss": "https://evil.example/openam"}}),
+            "not by the configured issuer",
+        ),
+        (
+            "iss differing only by the port",
+            json!({"id_token_claims": {"iss": issuer.replace(&format!(":{port}"), "")}}),
+            "not by the configured issuer",
+        ),
+        (
+            "wrong aud",
+            json!({"id_token_claims": {"aud": "someone.apps.national"}}),
+            "not for this application",
+        ),
+        (
+            "untrusted extra aud without azp",
+            json!({"id_token_claims": {"aud": [CLIENT_ID, "other.apps.national"]}, "id_token_remove": ["azp"]}),
+            "no azp",
+        ),
+        (
+            "expired",
+            json!({"id_token_claims": {"exp": now - 120}}),
+            "has expired",
+        ),
+        (
+            "iat in the future",
+            json!({"id_token_claims": {"iat": now + 600}}),
+            "in the future",
+        ),
+        (
+            "nonce missing",
+            json!({"id_token_remove": ["nonce"]}),
+            "no nonce claim",
+        ),
+        (
+            "nonce wrong",
+            json!({"id_token_claims": {"nonce": "not-the-nonce"}}),
+            "nonce does not match",
+        ),
+        (
+            "auth_time too old",
+            json!({"id_token_claims": {"auth_time": now - 3600}}),
+            "older than max_age",
+        ),
+        (
+            "acr too weak",
+            json!({"id_token_claims": {"acr": "AAL2_ANY"}}),
+            "weaker than",
+        ),
+        (
+            "userinfo sub mismatch",
+            json!({"userinfo_claims": {"sub": "999999999999"}}),
+            "another person",
+        ),
+    ];
+    for (case, expectation, reason) in cases {
+        h.expect_next_token(expectation);
+        let message = h.login_error().await;
+        assert!(message.contains(reason), "{case}: {message}");
+        assert_eq!(h.agent.status().state, SessionState::SignedOut, "{case}");
+    }
+    // And with nothing spoiled, the same harness signs in: the failures were the tokens' fault.
+    h.login().await.unwrap();
+}
+
+#[tokio::test]
+async fn kid_absent_is_accepted_with_one_key_and_refused_with_several() {
+    let h = harness(Setup::default()).await;
+    h.expect_next_token(json!({"signing": "no_kid"}));
+    h.login().await.expect("one published key: no kid is fine");
+    h.agent.logout().await.unwrap();
+    h.provider.provider.add_next_key();
+    // The agent still holds the one-key JWKS; the unknown-kid refetch does not apply without a kid,
+    // so let the cache age out (an hour) on the injected clock.
+    h.advance(3601);
+    h.expect_next_token(json!({"signing": "no_kid"}));
+    let message = h.login_error().await;
+    assert!(
+        message.contains("names no key and the provider publishes several"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn key_rotation_is_followed_without_a_failed_sign_in() {
+    let h = harness(Setup::default()).await;
+    h.login().await.unwrap();
+    h.agent.logout().await.unwrap();
+    h.provider.provider.add_next_key();
+    h.provider.provider.activate_next_key().unwrap();
+    h.provider.provider.retire_previous_keys();
+    h.login()
+        .await
+        .expect("the new kid makes the agent fetch the JWKS again");
+}
+
+#[tokio::test]
+async fn cancelling_in_the_browser_is_explained() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().cancel = true;
+    let message = h.login_error().await;
+    assert!(message.contains("cancelled or refused"), "{message}");
+    assert!(message.contains("access_denied"), "{message}");
+}
+
+#[tokio::test]
+async fn a_second_callback_after_the_first_finds_the_listener_closed() {
+    let h = harness(Setup::default()).await;
+    h.login().await.unwrap();
+    let outcome = h.outcomes.lock().unwrap()[0].clone().unwrap();
+    let replay = reqwest::Client::new().get(&outcome.redirect).send().await;
+    assert!(
+        replay.is_err(),
+        "the loopback listener must be closed after one callback"
+    );
+}
+
+#[tokio::test]
+async fn a_callback_with_the_wrong_state_is_ignored_and_the_real_one_taken() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().follow_callback = false;
+    let agent = h.agent.clone();
+    let login = tokio::spawn(async move { agent.login(Some(Duration::from_secs(20))).await });
+    let outcome = loop {
+        if let Some(outcome) = h.outcomes.lock().unwrap().first().cloned() {
+            break outcome.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let forged = outcome.redirect.replace(
+        &format!("state={}", outcome.param("state").unwrap()),
+        "state=forged",
+    );
+    let answer = reqwest::get(&forged).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    assert_eq!(
+        reqwest::get(&outcome.redirect)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(login.await.unwrap().unwrap().state, SessionState::SignedIn);
+}
+
+#[tokio::test]
+async fn twenty_concurrent_logins_open_one_browser() {
+    let h = harness(Setup::default()).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let agent = h.agent.clone();
+        calls.push(tokio::spawn(async move {
+            agent.login(Some(Duration::from_secs(20))).await
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().state, SessionState::SignedIn);
+    }
+    assert_eq!(h.opened.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_token_is_refreshed_inside_the_margin_once_for_many_callers() {
+    let h = harness(Setup {
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let first = h.agent.token(TokenRequest::default()).await.unwrap();
+    let mut events = h.agent.subscribe();
+    // Step to 30 s before expiry: inside the 60 s refresh margin.
+    h.advance(270);
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        let agent = h.agent.clone();
+        calls.push(tokio::spawn(async move {
+            agent.token(TokenRequest::default()).await
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        // With rotating refresh tokens a second refresh would use a dead token and end the session:
+        // every call succeeding with one new token shows the refresh happened once.
+        tokens.insert(call.await.unwrap().unwrap().access_token);
+    }
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains(&first.access_token));
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::TokenRefreshed { .. }
+    ));
+    assert!(events.try_recv().is_err(), "exactly one refresh");
+}
+
+#[tokio::test]
+async fn without_a_refresh_token_an_expired_session_asks_for_sign_in() {
+    let h = harness(Setup {
+        refresh_tokens: false,
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    assert!(
+        h.agent
+            .token(TokenRequest {
+                min_valid_secs: Some(100),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+    );
+    h.advance(301);
+    let err = h.agent.token(TokenRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), -32001, "{err}");
+}
+
+#[tokio::test]
+async fn a_provider_outage_keeps_the_session_and_says_why() {
+    let h = harness(Setup {
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let cached = h.agent.token(TokenRequest::default()).await.unwrap();
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "error500"})).unwrap(),
+    );
+    h.advance(270);
+    // Still valid for 30 s: served from the cache although the refresh failed.
+    let served = h.agent.token(TokenRequest::default()).await.unwrap();
+    assert_eq!(served.access_token, cached.access_token);
+    // A client that needs more than is left gets -32005 with the reason, and the session stays.
+    let err = h
+        .agent
+        .token(TokenRequest {
+            min_valid_secs: Some(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), -32005, "{err}");
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    h.provider
+        .provider
+        .set_fault(serde_json::from_value(json!({"endpoint": "token", "mode": "none"})).unwrap());
+    let renewed = h
+        .agent
+        .token(TokenRequest {
+            min_valid_secs: Some(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_ne!(renewed.access_token, cached.access_token);
+}
+
+#[tokio::test]
+async fn a_provider_that_is_down_at_sign_in_is_minus_32005() {
+    let h = harness(Setup::default()).await;
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "malformed", "count": 1}))
+            .unwrap(),
+    );
+    let err = h.login().await.unwrap_err();
+    assert_eq!(err.code(), -32005, "{err}");
+    assert!(err.to_string().contains("not the expected JSON"), "{err}");
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+}
+
+#[tokio::test]
+async fn revoked_grants_end_the_session_on_refresh() {
+    let h = harness(Setup {
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    h.provider.provider.revoke_user(BEN).unwrap();
+    h.advance(280);
+    let err = h.agent.token(TokenRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), -32001, "{err}");
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedIn { .. }
+    ));
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedOut { .. }
+    ));
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_here_and_at_the_provider() {
+    let h = harness(Setup::default()).await;
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    h.agent.logout().await.unwrap();
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    assert_eq!(h.agent.whoami().unwrap_err().code(), -32001);
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedIn { .. }
+    ));
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedOut { .. }
+    ));
+    assert_eq!(
+        h.provider.provider.revoke_user(BEN).unwrap(),
+        0,
+        "logout already revoked the grants at the provider"
+    );
+}
+
+#[tokio::test]
+async fn the_jwks_cache_is_used_between_sign_ins() {
+    let h = harness(Setup::default()).await;
+    h.login().await.unwrap();
+    h.agent.logout().await.unwrap();
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "jwks", "mode": "error500"})).unwrap(),
+    );
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "discovery", "mode": "error500"})).unwrap(),
+    );
+    h.login()
+        .await
+        .expect("discovery and keys come from the cache");
+    let jwks: JwkSet = h.provider.provider.jwks();
+    assert_eq!(jwks.keys.len(), 1);
+}
