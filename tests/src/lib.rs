@@ -1,1 +1,154 @@
-//! Helpers for the whole-system tests in `tests/tests/`: starting the programs as processes.
+//! Helpers for the whole-system tests in `tests/tests/`: the workspace's programs started as
+//! processes (built beforehand with `cargo build --workspace --bins`), read through their stdout, and
+//! stopped when the test ends.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A program of this workspace, from the same target folder as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the system tests",
+        path.display()
+    );
+    path
+}
+
+/// A started program whose stdout lines can be waited for; killed on drop.
+pub struct Process {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Process {
+    pub fn start(mut command: Command) -> Process {
+        command.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = command.spawn().expect("the program starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest of it.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!(
+                    "no line starting with {prefix:?} within {timeout:?}; saw {:?}; exit status {:?}",
+                    self.seen,
+                    self.child.try_wait()
+                ),
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `cis2-agentd` on its own socket in `dir`, with the scripted browser as `$BROWSER`.
+pub struct Agent {
+    pub process: Process,
+    pub socket: PathBuf,
+    pub browser_log: PathBuf,
+}
+
+impl Agent {
+    /// `args`: extra flags (`--sandbox`, `--config FILE`…); `env`: extra environment.
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let socket = dir.join("run").join("agent.sock");
+        let browser_log = dir.join("browser.log");
+        let mut command = Command::new(bin("cis2-agentd"));
+        command
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .env("BROWSER", bin("cis2-scripted-browser"))
+            .env("CIS2_TEST_BROWSER_LOG", &browser_log)
+            .env_remove("CIS2_AGENT_CONFIG")
+            .env("XDG_CONFIG_HOME", dir.join("no-config"));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut process = Process::start(command);
+        let listening = process.wait_for("listening on ", Duration::from_secs(30));
+        assert_eq!(Path::new(&listening), socket);
+        Agent {
+            process,
+            socket,
+            browser_log,
+        }
+    }
+
+    /// Runs `cis2ctl --socket SOCKET args…`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.socket, args)
+    }
+
+    /// How many times the agent opened the browser.
+    pub fn browser_opened(&self) -> usize {
+        std::fs::read_to_string(&self.browser_log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+pub fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin("cis2ctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("cis2ctl runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {} / {}", stdout(output), stderr(output)))
+}
