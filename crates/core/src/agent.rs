@@ -185,7 +185,7 @@ fn client_auth(config: &Config) -> Result<ClientAuth, StartError> {
             };
             let key = SigningKey::from_pem(&pem, alg)
                 .map_err(|e| StartError::Config(format!("key_file {}: {e}", path.display())))?;
-            Ok(ClientAuth::PrivateKeyJwt(key))
+            Ok(ClientAuth::PrivateKeyJwt(Box::new(key)))
         }
         ExchangeMethod::Relay => Err(StartError::Config(
             "[provider.exchange] method = \"relay\" is not available in this build yet (cis2-relay is still to come); \

@@ -342,14 +342,16 @@ fn admin_refused(peer: SocketAddr) -> Option<Response> {
     })
 }
 
-fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": "invalid_request", "error_description": e.to_string()})),
-        )
-            .into_response()
-    })
+fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+fn bad_admin_request(why: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": "invalid_request", "error_description": why})),
+    )
+        .into_response()
 }
 
 macro_rules! loopback_only {
@@ -410,7 +412,7 @@ async fn admin_faults(
             provider.set_fault(request);
             axum::Json(json!({})).into_response()
         }
-        Err(response) => response,
+        Err(why) => bad_admin_request(why),
     }
 }
 
@@ -447,7 +449,7 @@ async fn admin_backchannel_logout(
     loopback_only!(peer);
     let request: LogoutRequest = match admin_json(&body) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(why) => return bad_admin_request(why),
     };
     if request.sub.is_none() && request.sid.is_none() {
         return (
@@ -478,7 +480,7 @@ async fn admin_register_client(
     loopback_only!(peer);
     let client: Client = match admin_json(&body) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(why) => return bad_admin_request(why),
     };
     match provider.register_client(client) {
         Ok(()) => axum::Json(json!({})).into_response(),
@@ -501,7 +503,7 @@ async fn admin_next_token(
             provider.expect_next_token(expectation);
             axum::Json(json!({})).into_response()
         }
-        Err(response) => response,
+        Err(why) => bad_admin_request(why),
     }
 }
 
@@ -522,6 +524,6 @@ async fn admin_clock(
             let now = provider.advance_clock(request.advance_secs);
             axum::Json(json!({"now": now})).into_response()
         }
-        Err(response) => response,
+        Err(why) => bad_admin_request(why),
     }
 }

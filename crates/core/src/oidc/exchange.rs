@@ -19,7 +19,7 @@ pub const ASSERTION_LIFETIME_SECS: u64 = 120;
 pub enum ClientAuth {
     None,
     SecretPost(Secret),
-    PrivateKeyJwt(SigningKey),
+    PrivateKeyJwt(Box<SigningKey>),
 }
 
 impl ClientAuth {

@@ -187,10 +187,10 @@ pub fn check_claims(
             });
         }
     }
-    if let (Some(at_hash), Some(access_token)) = (text("at_hash"), expected.access_token) {
-        if alg.half_hash(access_token) != at_hash {
-            return Err(IdTokenError::AtHashMismatch);
-        }
+    if let (Some(at_hash), Some(access_token)) = (text("at_hash"), expected.access_token)
+        && alg.half_hash(access_token) != at_hash
+    {
+        return Err(IdTokenError::AtHashMismatch);
     }
     Ok(())
 }
