@@ -1,0 +1,133 @@
+//! Whole-process figures for the agent, on a fixed workload:
+//! - `cis2ctl token` with a cached token, whole process, 300 runs — and, side by side in the same run,
+//!   `oidc-token` fetching a cached token from `oidc-agent` (Debian `oidc-agent-cli`) against the same
+//!   provider, when bench/oidc-agent-setup.sh and oidc-agent are present;
+//! - resident memory of `cis2-agentd` signed in and idle (provider in its own process), and in sandbox mode
+//!   (provider embedded).
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p cis2-system-tests --bench agent`
+
+use cis2_system_tests::{Agent, Process, bin};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 300;
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn time_runs(mut make: impl FnMut() -> Command) -> Vec<f64> {
+    let mut times = Vec::with_capacity(RUNS);
+    for i in 0..RUNS + 10 {
+        let start = Instant::now();
+        let output = make().output().expect("runs");
+        let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(output.stdout.len() > 20, "a token was printed");
+        if i >= 10 {
+            times.push(elapsed);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn summary(times: &[f64]) -> String {
+    let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    format!("median {:.2} ms  p90 {:.2} ms  p99 {:.2} ms", p(0.5), p(0.9), p(0.99))
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    // The provider in its own process, a public client: the agent's memory is the agent's alone.
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(
+        &clients,
+        "[[clients]]\nclient_id = \"bench.apps.national\"\nauth_method = \"none\"\nredirect_uris = [\"http://127.0.0.1/callback\"]\nrefresh_tokens = true\n",
+    )
+    .unwrap();
+    let mut idp_command = Command::new(bin("cis2-mock-idp"));
+    idp_command.args(["--port", "0", "--clients"]).arg(&clients);
+    let mut idp = Process::start(idp_command);
+    let issuer = format!("http://{}", idp.wait_for("http://", Duration::from_secs(30)));
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"bench.apps.national\"\n[provider.exchange]\nmethod = \"none\"\n"),
+    )
+    .unwrap();
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent = Agent::start(&agent_dir, &["--config", config.to_str().unwrap()], &[("CIS2_LOG", "warn")]);
+    assert!(agent.ctl(&["login"]).status.success());
+    let socket = agent.socket.clone();
+    let ours = time_runs(|| {
+        let mut c = Command::new(bin("cis2ctl"));
+        c.arg("--socket").arg(&socket).arg("token");
+        c
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, hwm) = rss_kib(agent.process.child.id());
+
+    let sandbox_dir = dir.path().join("sandbox");
+    std::fs::create_dir_all(&sandbox_dir).unwrap();
+    let sandbox = Agent::start(&sandbox_dir, &["--sandbox"], &[("CIS2_LOG", "warn")]);
+    assert!(sandbox.ctl(&["login"]).status.success());
+    std::thread::sleep(Duration::from_secs(2));
+    let (sandbox_rss, _) = rss_kib(sandbox.process.child.id());
+
+    println!("cis2-agent whole-process figures ({RUNS} runs each after 10 warm-up; release build)");
+    println!("cis2ctl token (cached):            {}", summary(&ours));
+    let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/oidc-agent-setup.sh");
+    if setup.exists() && Command::new("oidc-token").arg("--version").output().is_ok() {
+        let work = dir.path().join("oidc-agent");
+        std::fs::create_dir_all(&work).unwrap();
+        let out = Command::new("bash").arg(&setup).arg(&issuer).arg(&work).output().unwrap();
+        assert!(out.status.success(), "oidc-agent setup: {}", String::from_utf8_lossy(&out.stderr));
+        let exports: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches(['"', '\'', ';']).to_string()))
+            .collect();
+        let theirs = time_runs(|| {
+            let mut c = Command::new("oidc-token");
+            c.arg("cis2bench").envs(exports.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            c
+        });
+        println!("oidc-token (cached, oidc-agent):   {}", summary(&theirs));
+        let median = |t: &[f64]| t[(t.len() - 1) / 2];
+        println!(
+            "ratio cis2ctl/oidc-token (median):  {:.2}  (target: <= 1.00 -> {})",
+            median(&ours) / median(&theirs),
+            if median(&ours) <= median(&theirs) { "met" } else { "NOT met" }
+        );
+        if let Some((_, pid)) = exports.iter().find(|(k, _)| k == "OIDCD_PID") {
+            let _ = Command::new("kill").arg(pid).status();
+        }
+    } else {
+        println!("oidc-token: not measured (needs oidc-agent-cli and bench/oidc-agent-setup.sh)");
+    }
+    println!(
+        "cis2-agentd signed in, idle, provider in its own process: VmRSS {:.1} MB (peak {:.1} MB); target <= 15 MB -> {}",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        if rss <= 15 * 1024 { "met" } else { "NOT met" }
+    );
+    println!(
+        "cis2-agentd --sandbox (embedded provider) signed in, idle: VmRSS {:.1} MB",
+        sandbox_rss as f64 / 1024.0
+    );
+    idp.kill();
+}
