@@ -33,7 +33,11 @@ fn time_runs(mut make: impl FnMut() -> Command) -> Vec<f64> {
         let start = Instant::now();
         let output = make().output().expect("runs");
         let elapsed = start.elapsed().as_secs_f64() * 1000.0;
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert!(output.stdout.len() > 20, "a token was printed");
         if i >= 10 {
             times.push(elapsed);
@@ -45,7 +49,12 @@ fn time_runs(mut make: impl FnMut() -> Command) -> Vec<f64> {
 
 fn summary(times: &[f64]) -> String {
     let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    format!("median {:.2} ms  p90 {:.2} ms  p99 {:.2} ms", p(0.5), p(0.9), p(0.99))
+    format!(
+        "median {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+        p(0.5),
+        p(0.9),
+        p(0.99)
+    )
 }
 
 fn main() {
@@ -60,16 +69,23 @@ fn main() {
     let mut idp_command = Command::new(bin("cis2-mock-idp"));
     idp_command.args(["--port", "0", "--clients"]).arg(&clients);
     let mut idp = Process::start(idp_command);
-    let issuer = format!("http://{}", idp.wait_for("http://", Duration::from_secs(30)));
+    let issuer = format!(
+        "http://{}",
+        idp.wait_for("http://", Duration::from_secs(30))
+    );
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
-        format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"bench.apps.national\"\n[provider.exchange]\nmethod = \"none\"\n"),
+        format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"bench.apps.national\"\n[agent]\nclient_policy = \"allow\"\n[provider.exchange]\nmethod = \"none\"\n"),
     )
     .unwrap();
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
-    let agent = Agent::start(&agent_dir, &["--config", config.to_str().unwrap()], &[("CIS2_LOG", "warn")]);
+    let agent = Agent::start(
+        &agent_dir,
+        &["--config", config.to_str().unwrap()],
+        &[("CIS2_LOG", "warn")],
+    );
     assert!(agent.ctl(&["login"]).status.success());
     let socket = agent.socket.clone();
     let ours = time_runs(|| {
@@ -93,8 +109,17 @@ fn main() {
     if setup.exists() && Command::new("oidc-token").arg("--version").output().is_ok() {
         let work = dir.path().join("oidc-agent");
         std::fs::create_dir_all(&work).unwrap();
-        let out = Command::new("bash").arg(&setup).arg(&issuer).arg(&work).output().unwrap();
-        assert!(out.status.success(), "oidc-agent setup: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("bash")
+            .arg(&setup)
+            .arg(&issuer)
+            .arg(&work)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "oidc-agent setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let exports: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix("export "))
@@ -103,7 +128,8 @@ fn main() {
             .collect();
         let theirs = time_runs(|| {
             let mut c = Command::new("oidc-token");
-            c.arg("cis2bench").envs(exports.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            c.arg("cis2bench")
+                .envs(exports.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             c
         });
         println!("oidc-token (cached, oidc-agent):   {}", summary(&theirs));
@@ -111,7 +137,11 @@ fn main() {
         println!(
             "ratio cis2ctl/oidc-token (median):  {:.2}  (target: <= 1.00 -> {})",
             median(&ours) / median(&theirs),
-            if median(&ours) <= median(&theirs) { "met" } else { "NOT met" }
+            if median(&ours) <= median(&theirs) {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
         if let Some((_, pid)) = exports.iter().find(|(k, _)| k == "OIDCD_PID") {
             let _ = Command::new("kill").arg(pid).status();

@@ -104,7 +104,8 @@ impl Agent {
             .env("BROWSER", bin("cis2-scripted-browser"))
             .env("CIS2_TEST_BROWSER_LOG", &browser_log)
             .env_remove("CIS2_AGENT_CONFIG")
-            .env("XDG_CONFIG_HOME", dir.join("no-config"));
+            .env("XDG_CONFIG_HOME", dir.join("no-config"))
+            .env("XDG_DATA_HOME", dir.join("data"));
         for (k, v) in env {
             command.env(k, v);
         }

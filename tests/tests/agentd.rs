@@ -228,7 +228,7 @@ fn against_cis2_mock_idp_as_a_process_with_private_key_jwt() {
         &config,
         format!(
             "environment = \"custom\"\n\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"123456789012.apps.national\"\n\
-             acr_values = \"AAL3_ANY\"\n\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"client-key.pem\"\nalg = \"RS512\"\n"
+             acr_values = \"AAL3_ANY\"\n\n[agent]\nclient_policy = \"allow\"\n\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"client-key.pem\"\nalg = \"RS512\"\n"
         ),
     )
     .unwrap();

@@ -56,7 +56,7 @@ fn signs_in_against_oidc_provider_configured_like_cis2() {
         format!(
             "environment = \"custom\"\n\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"123456789012.apps.national\"\n\
              scopes = [\"openid\", \"profile\", \"email\", \"nhsperson\", \"nationalrbacaccess\", \"associatedorgs\", \"selectedrole\"]\n\
-             acr_values = \"AAL3_ANY\"\nmax_age = 300\n\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"client-key.pem\"\nalg = \"RS512\"\n"
+             acr_values = \"AAL3_ANY\"\nmax_age = 300\n\n[agent]\nclient_policy = \"allow\"\n\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"client-key.pem\"\nalg = \"RS512\"\n"
         ),
     )
     .unwrap();

@@ -32,11 +32,12 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if args.sandbox {
         return Ok(Config::sandbox());
     }
+    let named = args.config.is_some()
+        || std::env::var_os("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty());
     match config::resolve_path(args.config.as_deref()) {
-        // An explicit file must exist; the default one may be absent (then: sandbox).
-        Some(path) if args.config.is_some() || path.exists() => {
-            config::load(&path).map_err(|e| e.to_string())
-        }
+        // A file named by --config or $CIS2_AGENT_CONFIG must exist; the default one may be absent
+        // (then: sandbox).
+        Some(path) if named || path.exists() => config::load(&path).map_err(|e| e.to_string()),
         _ => Ok(Config::sandbox()),
     }
 }

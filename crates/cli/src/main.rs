@@ -52,15 +52,147 @@ enum Command {
     },
     /// Sign out; every client is told.
     Logout,
+    /// Choose another role (re-authenticates in the browser with role selection).
+    ChangeRole,
     /// Print events as JSON lines until interrupted.
     Watch,
+    /// Programs the person signed in allowed or refused (remembered decisions).
+    Clients {
+        #[command(subcommand)]
+        action: Option<ClientsAction>,
+    },
+    /// The audit log of everything programs asked the agent for.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientsAction {
+    /// Forget a remembered decision (ID from `cis2ctl clients`).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditAction {
+    /// Check the hash chain: exit 0 intact, 1 with the first bad line named.
+    Verify {
+        /// The log file (default: audit.jsonl in the agent's data folder).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// The last lines of the log.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+/// The agent's config, when there is a file (the same search as the agent's).
+fn agent_config(args: &Args) -> Option<cis2_core::config::Config> {
+    cis2_core::config::resolve_path(args.config.as_deref())
+        .filter(|p| p.exists())
+        .and_then(|p| cis2_core::config::load(&p).ok())
+}
+
+fn data_dir(args: &Args) -> PathBuf {
+    agent_config(args)
+        .and_then(|c| c.agent.data_dir)
+        .unwrap_or_else(cis2_core::config::default_data_dir)
+}
+
+/// Commands that read the agent's files instead of asking it.
+fn offline(args: &Args) -> Option<ExitCode> {
+    match &args.command {
+        Command::Clients { action } => {
+            let path = data_dir(args).join("clients.json");
+            match action {
+                None => {
+                    let list: Vec<Value> = std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    if args.json {
+                        println!("{}", Value::Array(list));
+                    } else if list.is_empty() {
+                        println!("No remembered decisions ({}).", path.display());
+                    } else {
+                        for d in &list {
+                            println!(
+                                "{}  {}  {}  (decided {})",
+                                d["id"].as_str().unwrap_or("?"),
+                                if d["allow"].as_bool() == Some(true) {
+                                    "allowed"
+                                } else {
+                                    "refused"
+                                },
+                                d["path"].as_str().unwrap_or("(unknown path)"),
+                                d["decided_at"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                    Some(ExitCode::SUCCESS)
+                }
+                Some(ClientsAction::Revoke { id }) => match cis2_core::policy::revoke(&path, id) {
+                    Ok(true) => {
+                        println!("Forgot decision {id}: that program will be asked again.");
+                        Some(ExitCode::SUCCESS)
+                    }
+                    Ok(false) => {
+                        eprintln!(
+                            "cis2ctl: no remembered decision has id {id} (see `cis2ctl clients`)."
+                        );
+                        Some(ExitCode::from(1))
+                    }
+                    Err(e) => {
+                        eprintln!("cis2ctl: cannot update {}: {e}", path.display());
+                        Some(ExitCode::from(1))
+                    }
+                },
+            }
+        }
+        Command::Audit { action } => {
+            let default = data_dir(args).join("audit.jsonl");
+            match action {
+                AuditAction::Verify { file } => {
+                    let path = file.clone().unwrap_or(default);
+                    match cis2_core::audit::verify(&path) {
+                        Ok(intact) => {
+                            println!("{}: intact, {} records.", path.display(), intact.lines);
+                            Some(ExitCode::SUCCESS)
+                        }
+                        Err(broken) => {
+                            println!("{broken}");
+                            Some(ExitCode::from(1))
+                        }
+                    }
+                }
+                AuditAction::Tail { n, file } => {
+                    let path = file.clone().unwrap_or(default);
+                    match cis2_core::audit::tail(&path, *n) {
+                        Ok(lines) => {
+                            for line in lines {
+                                println!("{line}");
+                            }
+                            Some(ExitCode::SUCCESS)
+                        }
+                        Err(e) => {
+                            eprintln!("cis2ctl: cannot read {}: {e}", path.display());
+                            Some(ExitCode::from(1))
+                        }
+                    }
+                }
+            }
+        }
+        _ => None,
+    }
 }
 
 fn socket_path(args: &Args) -> PathBuf {
-    let configured = cis2_core::config::resolve_path(args.config.as_deref())
-        .filter(|p| p.exists())
-        .and_then(|p| cis2_core::config::load(&p).ok())
-        .and_then(|c| c.agent.socket);
+    let configured = agent_config(args).and_then(|c| c.agent.socket);
     cis2_core::ipc::paths::socket_path(args.socket.as_deref(), configured.as_deref())
 }
 
@@ -193,6 +325,12 @@ fn run(args: &Args) -> Result<(), ClientError> {
             let answer = client.call("logout", json!({}))?;
             print(&answer, "Signed out.\n".into());
         }
+        Command::ChangeRole => {
+            eprintln!("Choose your role in the browser…");
+            let user = client.call("change_role", json!({}))?;
+            print(&user, describe_user(&user));
+        }
+        Command::Clients { .. } | Command::Audit { .. } => {}
         Command::Watch => {
             client.call("subscribe", json!({}))?;
             loop {
@@ -206,6 +344,9 @@ fn run(args: &Args) -> Result<(), ClientError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = offline(&args) {
+        return code;
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(ClientError::NoAgent { path, source }) => {

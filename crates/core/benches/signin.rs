@@ -32,9 +32,12 @@ async fn main() {
         "jwks": {"keys": [key.public_jwk()]}, "redirect_uris": ["http://127.0.0.1/callback"],
     }))
     .unwrap();
-    let provider = cis2_mock_idp::start(Options { clients: vec![client], ..Options::default() })
-        .await
-        .unwrap();
+    let provider = cis2_mock_idp::start(Options {
+        clients: vec![client],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let clock = Arc::new(SystemClock);
     let rp = RelyingParty {
         discovery: Discovery::new(
@@ -45,10 +48,17 @@ async fn main() {
         settings: ClientSettings {
             client_id: "bench.apps.national".into(),
             auth: ClientAuth::PrivateKeyJwt(Box::new(key)),
-            scopes: ["openid", "profile", "email", "nationalrbacaccess", "associatedorgs", "selectedrole"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            scopes: [
+                "openid",
+                "profile",
+                "email",
+                "nationalrbacaccess",
+                "associatedorgs",
+                "selectedrole",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             acr_values: Some("AAL3_ANY".into()),
             prompt: Some("login".into()),
             max_age: Some(300),
@@ -78,8 +88,12 @@ async fn main() {
     }
     agent_ms.sort_by(f64::total_cmp);
     provider_ms.sort_by(f64::total_cmp);
-    println!("sign-in overhead inside the agent (callback received -> signed in, provider time excluded)");
-    println!("runs: {RUNS} (after 10 warm-up), private_key_jwt RS512, ID token RS256, provider on loopback");
+    println!(
+        "sign-in overhead inside the agent (callback received -> signed in, provider time excluded)"
+    );
+    println!(
+        "runs: {RUNS} (after 10 warm-up), private_key_jwt RS512, ID token RS256, provider on loopback"
+    );
     println!(
         "agent:    median {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
         percentile(&agent_ms, 0.5),
@@ -95,6 +109,10 @@ async fn main() {
     let target = 20.0;
     println!(
         "target: median <= {target} ms -> {}",
-        if percentile(&agent_ms, 0.5) <= target { "met" } else { "NOT met" }
+        if percentile(&agent_ms, 0.5) <= target {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
 }

@@ -2,6 +2,7 @@
 //! token, logout, and the event stream. One session object owns the state; concurrent `login` calls
 //! share one browser flow, and concurrent `token` calls share one refresh (single-flight).
 
+use crate::audit::{AuditLog, ClientInfo, Record};
 use crate::browser::Browser;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ExchangeMethod, SigningAlg};
@@ -10,9 +11,12 @@ use crate::oidc::claims::User;
 use crate::oidc::discovery::Discovery;
 use crate::oidc::exchange::ClientAuth;
 use crate::oidc::rp::{ClientSettings, RelyingParty, SignInError, SignedIn};
+use crate::peer::{Identifier, Peer};
+use crate::policy::{self, Approver, Decisions, Grant, Verdict};
 use crate::secret::Secret;
 use cis2_jose::{Alg, SigningKey};
 use serde::Serialize;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
@@ -117,6 +121,8 @@ pub struct AgentOptions {
     pub config: Config,
     pub browser: Browser,
     pub clock: SharedClock,
+    /// Who answers `client_policy = "ask"` (the desktop app's prompt); `None` refuses.
+    pub approver: Option<Arc<dyn Approver>>,
 }
 
 impl AgentOptions {
@@ -125,8 +131,15 @@ impl AgentOptions {
             config,
             browser,
             clock: Arc::new(SystemClock),
+            approver: None,
         }
     }
+}
+
+/// Per-connection memory of a person's "Allow once".
+#[derive(Debug, Default)]
+pub struct ConnectionGrant {
+    allowed_once: bool,
 }
 
 type Flight = watch::Receiver<Option<Result<Status, AgentError>>>;
@@ -141,6 +154,12 @@ struct Inner {
     login_flight: tokio::sync::Mutex<Option<Flight>>,
     refresh_lock: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Event>,
+    change_role_lock: tokio::sync::Mutex<()>,
+    identifier: Identifier,
+    decisions: Decisions,
+    audit: AuditLog,
+    approver: Option<Arc<dyn Approver>>,
+    data_dir: PathBuf,
     /// The embedded provider in sandbox mode; kept alive with the agent.
     _sandbox: Option<cis2_mock_idp::RunningProvider>,
 }
@@ -202,7 +221,25 @@ impl Agent {
             config,
             browser,
             clock,
+            approver,
         } = options;
+        let data_dir = config
+            .agent
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::config::default_data_dir);
+        create_private_dir(&data_dir).map_err(|e| {
+            StartError::Config(format!(
+                "cannot use the data folder {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let audit = AuditLog::open(&data_dir.join("audit.jsonl")).map_err(|e| {
+            StartError::Config(format!(
+                "cannot open the audit log in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
         let (issuer, client_id, settings_from, sandbox, ca_file) = if config.is_sandbox() {
             let running = cis2_mock_idp::start(cis2_mock_idp::Options::default())
                 .await
@@ -271,6 +308,12 @@ impl Agent {
                 login_flight: tokio::sync::Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 events,
+                change_role_lock: tokio::sync::Mutex::new(()),
+                identifier: Identifier::default(),
+                decisions: Decisions::new(data_dir.join("clients.json")),
+                audit,
+                approver,
+                data_dir,
                 _sandbox: sandbox,
             }),
         })
@@ -282,6 +325,146 @@ impl Agent {
 
     pub fn issuer(&self) -> &str {
         self.inner.rp.issuer()
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.data_dir
+    }
+
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+
+    /// Identifies a connected program from what the OS says of it.
+    pub fn identify(&self, uid: u32, pid: Option<i32>) -> Peer {
+        self.inner.identifier.identify(uid, pid)
+    }
+
+    /// May `peer` call `method`? Asks the approver when the policy says ask (once per connection for
+    /// "Allow once"; "Always allow" and "Deny" are remembered by the executable's hash).
+    pub async fn authorize(
+        &self,
+        peer: &Peer,
+        method: &str,
+        connection: &mut ConnectionGrant,
+    ) -> Result<Grant, AgentError> {
+        if method == "status" {
+            return Ok(Grant {
+                source: "status is answered for every program of this user".into(),
+                methods: vec!["status".into()],
+                audiences: Vec::new(),
+                scopes: Vec::new(),
+            });
+        }
+        let config = &self.inner.config;
+        let verdict = policy::decide(config, &self.inner.decisions, peer);
+        let grant = match verdict {
+            Verdict::Allowed(grant) => grant,
+            Verdict::Denied(why) => return Err(AgentError::NotAllowed(why)),
+            Verdict::Ask if connection.allowed_once => Grant::everything("allowed once"),
+            Verdict::Ask => match &self.inner.approver {
+                None => {
+                    return Err(AgentError::NotAllowed(format!(
+                        "{} is not listed in [[clients]], and cis2-agentd has no one to ask (client_policy = \"ask\").{} Or set [agent] client_policy = \"allow\" to let every program of this user in.",
+                        peer.describe(),
+                        policy::how_to_list(config, peer)
+                    )));
+                }
+                Some(approver) => match approver.ask(peer).await {
+                    policy::Answer::AllowOnce => {
+                        connection.allowed_once = true;
+                        Grant::everything("allowed once by the person signed in")
+                    }
+                    policy::Answer::AlwaysAllow => {
+                        if let Err(e) = self.inner.decisions.remember(peer, true) {
+                            tracing::warn!(error = %e, "could not remember the decision");
+                        }
+                        Grant::everything("always allowed by the person signed in")
+                    }
+                    policy::Answer::Deny => {
+                        if let Err(e) = self.inner.decisions.remember(peer, false) {
+                            tracing::warn!(error = %e, "could not remember the decision");
+                        }
+                        return Err(AgentError::NotAllowed(format!(
+                            "The person signed in refused {}.",
+                            peer.describe()
+                        )));
+                    }
+                },
+            },
+        };
+        if !grant.permits(method) {
+            return Err(AgentError::NotAllowed(format!(
+                "{} may not call {method} ({}: allows {}).",
+                peer.describe(),
+                grant.source,
+                grant.methods.join(", ")
+            )));
+        }
+        Ok(grant)
+    }
+
+    /// Records what a program asked for and how it ended (never a token).
+    pub async fn audit(
+        &self,
+        peer: &Peer,
+        method: &str,
+        audience: Option<String>,
+        scope: Option<String>,
+        outcome: String,
+    ) {
+        let (uid, role_id) = match self.session().as_ref() {
+            Some(s) => (
+                Some(s.user.uid.clone()),
+                s.user.selected_role.as_ref().map(|r| r.id.clone()),
+            ),
+            None => (None, None),
+        };
+        self.inner
+            .audit
+            .record(Record {
+                client: ClientInfo {
+                    path: peer.exe.as_ref().map(|p| p.display().to_string()),
+                    sha256: peer.sha256.clone(),
+                    pid: peer.pid,
+                },
+                method: method.into(),
+                audience,
+                scope,
+                uid,
+                role_id,
+                outcome,
+            })
+            .await;
+    }
+
+    /// Re-authenticates with role selection (`changedrole`); the same person must come back.
+    pub async fn change_role(&self) -> Result<User, AgentError> {
+        let _one_at_a_time = self.inner.change_role_lock.lock().await;
+        let Some(current) = self.session().clone() else {
+            return Err(AgentError::not_signed_in());
+        };
+        let renewed = self
+            .inner
+            .rp
+            .sign_in(
+                &self.inner.browser,
+                None,
+                &["changedrole"],
+                &["selectedrole"],
+            )
+            .await
+            .map_err(AgentError::from_sign_in)?;
+        if renewed.sub != current.sub {
+            return Err(AgentError::SignInFailed(format!(
+                "The role change was completed by another person ({}); the session of {} is kept. Sign out first to switch clinician.",
+                renewed.user.uid, current.user.uid
+            )));
+        }
+        let user = renewed.user.clone();
+        *self.session() = Some(renewed);
+        self.emit(Event::RoleChanged { user: user.clone() });
+        Ok(user)
     }
 
     pub fn is_sandbox(&self) -> bool {
@@ -428,9 +611,14 @@ impl Agent {
             return if current.expires_at > now + min_valid {
                 Ok(answer_from(&current))
             } else {
-                Err(AgentError::NotSignedIn(
-                    "The session's access token has expired and the provider gave no refresh token: sign in again.".into(),
-                ))
+                Err(AgentError::NotSignedIn(if current.expires_at > now {
+                    format!(
+                        "The access token has only {} s left, fewer than the {min_valid} s asked, and the provider gave no refresh token to renew it: sign in again (cis2ctl login).",
+                        current.expires_at - now
+                    )
+                } else {
+                    "The session's access token has expired and the provider gave no refresh token: sign in again (cis2ctl login).".into()
+                }))
             };
         };
         match self.inner.rp.refresh(&refresh_token, &current).await {
@@ -439,6 +627,12 @@ impl Agent {
                 let expires_at = renewed.expires_at;
                 *self.session() = Some(renewed);
                 self.emit(Event::TokenRefreshed { expires_at });
+                if expires_at <= now + min_valid {
+                    return Err(AgentError::BadParams(format!(
+                        "min_valid_secs = {min_valid} is longer than the provider's tokens last ({} s); ask for less.",
+                        expires_at.saturating_sub(now)
+                    )));
+                }
                 Ok(answer)
             }
             Err(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged)) => {
@@ -482,25 +676,39 @@ impl Agent {
         ended
     }
 
-    /// Signs out here, then (best effort) at the provider.
+    /// Signs out here at once, then ends the session at the provider in the background (best effort:
+    /// the clinician is signed out locally whatever the provider does).
     pub async fn logout(&self) -> Result<(), AgentError> {
         let Some(ended) = self.end_session("signed out".into()) else {
             return Ok(());
         };
-        let problems = self
-            .inner
-            .rp
-            .end_at_provider(
-                ended.refresh_token.as_ref(),
-                &ended.id_token,
-                self.inner.config.session.end_session_at_provider,
-            )
-            .await;
-        for problem in problems {
-            tracing::warn!(%problem, "signed out locally; the provider side did not complete");
-        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let problems = agent
+                .inner
+                .rp
+                .end_at_provider(
+                    ended.refresh_token.as_ref(),
+                    &ended.id_token,
+                    agent.inner.config.session.end_session_at_provider,
+                )
+                .await;
+            for problem in problems {
+                tracing::warn!(%problem, "signed out locally; the provider side did not complete");
+            }
+        });
         Ok(())
     }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn answer_from(session: &SignedIn) -> TokenAnswer {

@@ -4,10 +4,13 @@
 //! over [`agent::Agent`] and [`ipc::serve`]; nothing here knows about windows.
 
 pub mod agent;
+pub mod audit;
 pub mod browser;
 pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ipc;
 pub mod oidc;
+pub mod peer;
+pub mod policy;
 pub mod secret;

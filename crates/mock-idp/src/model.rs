@@ -159,7 +159,7 @@ impl Role {
     /// The readable last part of `role_name`: `"A":"B":"Nurse Access Role"` → `Nurse Access Role`.
     pub fn short_name(&self) -> String {
         self.role_name
-            .rsplit(':')
+            .rsplit("\":\"")
             .next()
             .unwrap_or(&self.role_name)
             .trim_matches('"')

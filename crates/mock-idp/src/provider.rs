@@ -106,6 +106,7 @@ pub enum FaultTarget {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FaultRequest {
     pub endpoint: FaultTarget,
     pub mode: FaultMode,
@@ -377,7 +378,6 @@ impl Provider {
             "jwks_uri": e("/connect/jwk_uri"),
             "end_session_endpoint": e("/connect/endSession"),
             "revocation_endpoint": e("/token/revoke"),
-            "introspection_endpoint": e("/introspect"),
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
@@ -394,7 +394,7 @@ impl Provider {
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_post", "none"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "RS512", "PS256"],
-            "id_token_signing_alg_values_supported": ["RS256", "RS512"],
+            "id_token_signing_alg_values_supported": ["RS256", "RS512", "PS256"],
             "userinfo_signing_alg_values_supported": [],
             "request_parameter_supported": false,
             "claims_parameter_supported": false,
@@ -493,6 +493,17 @@ impl Provider {
         inner.codes.retain(|_, c| c.grant.uid != uid);
         inner.sessions.retain(|_, s| s.uid != uid);
         Ok(before - inner.refresh_tokens.len() - inner.access_tokens.len())
+    }
+
+    /// How many access and refresh tokens the user holds (tests check that logout revoked them).
+    pub fn live_tokens(&self, uid: &str) -> usize {
+        let inner = self.lock();
+        inner
+            .access_tokens
+            .values()
+            .chain(inner.refresh_tokens.values())
+            .filter(|g| g.grant.uid == uid)
+            .count()
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {

@@ -1,7 +1,8 @@
 //! JSON-RPC 2.0 over lines: turning a line into a request, a request into a call on the agent, and the
 //! outcome into a response. Every malformed input gets its JSON-RPC error; none ends the connection.
 
-use crate::agent::{Agent, AgentError, TokenRequest};
+use crate::agent::{Agent, AgentError, ConnectionGrant, TokenRequest};
+use crate::peer::Peer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -11,7 +12,15 @@ pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 
-pub const METHODS: [&str; 6] = ["status", "login", "whoami", "token", "logout", "subscribe"];
+pub const METHODS: [&str; 7] = [
+    "status",
+    "login",
+    "whoami",
+    "token",
+    "change_role",
+    "logout",
+    "subscribe",
+];
 
 /// A request that passed the JSON-RPC checks.
 #[derive(Debug, Clone)]
@@ -111,59 +120,126 @@ fn params<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, AgentError> {
     serde_json::from_value(value).map_err(|e| AgentError::BadParams(format!("Bad params: {e}.")))
 }
 
-/// Runs a request's method on the agent: the result, or the error to answer with.
-pub async fn call(agent: &Agent, request: &Request) -> Result<Value, (i64, String)> {
-    let outcome = match request.method.as_str() {
-        "status" => params::<NoParams>(request.params.clone()).map(|_| json!(agent.status())),
-        "whoami" => match params::<NoParams>(request.params.clone()) {
-            Ok(_) => agent.whoami().map(|u| json!(u)),
-            Err(e) => Err(e),
-        },
-        "login" => match params::<LoginParams>(request.params.clone()) {
-            Ok(LoginParams {
-                timeout_secs: Some(t),
-            }) if t == 0 || t > 3600 => Err(AgentError::BadParams(
-                "timeout_secs must be between 1 and 3600.".into(),
-            )),
-            Ok(p) => agent
-                .login(p.timeout_secs.map(Duration::from_secs))
-                .await
-                .map(|s| json!(s)),
-            Err(e) => Err(e),
-        },
-        "token" => match params::<TokenParams>(request.params.clone()) {
-            Ok(TokenParams {
-                min_valid_secs: Some(m),
-                ..
-            }) if m > 86_400 => Err(AgentError::BadParams(
-                "min_valid_secs must be at most 86400.".into(),
-            )),
-            Ok(p) => agent
+/// Runs a request for `peer`: checks the params and the client policy, calls the agent, and records
+/// the outcome in the audit log (all but `status`). The result, or the error to answer with.
+pub async fn call(
+    agent: &Agent,
+    peer: &Peer,
+    connection: &tokio::sync::Mutex<ConnectionGrant>,
+    request: &Request,
+) -> Result<Value, (i64, String)> {
+    let method = request.method.as_str();
+    if !METHODS.contains(&method) {
+        return Err((
+            METHOD_NOT_FOUND,
+            format!(
+                "There is no method {method:?}; the methods are {}.",
+                METHODS.join(", ")
+            ),
+        ));
+    }
+    let (audience, scope) = match method {
+        "token" => (
+            request
+                .params
+                .get("audience")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            request
+                .params
+                .get("scope")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ),
+        _ => (None, None),
+    };
+    let outcome = run(agent, peer, connection, request).await;
+    if method != "status" {
+        let result = match &outcome {
+            Ok(_) => "ok".to_string(),
+            Err(AgentError::NotAllowed(_)) => "denied".to_string(),
+            Err(e) => format!("error {}", e.code()),
+        };
+        agent.audit(peer, method, audience, scope, result).await;
+    }
+    outcome.map_err(|e| (e.code(), e.to_string()))
+}
+
+async fn run(
+    agent: &Agent,
+    peer: &Peer,
+    connection: &tokio::sync::Mutex<ConnectionGrant>,
+    request: &Request,
+) -> Result<Value, AgentError> {
+    let method = request.method.as_str();
+    // Params are checked first: a malformed request is -32602 whoever sends it.
+    let mut token_params = None;
+    let mut login_timeout = None;
+    match method {
+        "token" => token_params = Some(params::<TokenParams>(request.params.clone())?),
+        "login" => {
+            let p = params::<LoginParams>(request.params.clone())?;
+            if p.timeout_secs.is_some_and(|t| t == 0 || t > 3600) {
+                return Err(AgentError::BadParams(
+                    "timeout_secs must be between 1 and 3600.".into(),
+                ));
+            }
+            login_timeout = p.timeout_secs.map(Duration::from_secs);
+        }
+        _ => {
+            params::<NoParams>(request.params.clone())?;
+        }
+    }
+    let grant = agent
+        .authorize(peer, method, &mut *connection.lock().await)
+        .await?;
+    match method {
+        "status" => Ok(json!(agent.status())),
+        "whoami" => agent.whoami().map(|u| json!(u)),
+        "login" => agent.login(login_timeout).await.map(|s| json!(s)),
+        "token" => {
+            let Some(p) = token_params else {
+                return Err(AgentError::BadParams("token params are missing.".into()));
+            };
+            if p.min_valid_secs.is_some_and(|m| m > 86_400) {
+                return Err(AgentError::BadParams(
+                    "min_valid_secs must be at most 86400.".into(),
+                ));
+            }
+            if let Some(audience) = &p.audience
+                && !grant.audiences.contains(audience)
+            {
+                return Err(AgentError::NotAllowed(format!(
+                    "{} may not ask for tokens for audience {audience:?} ({}).",
+                    peer.describe(),
+                    grant.source
+                )));
+            }
+            if let Some(scope) = &p.scope
+                && !grant.scopes.iter().any(|s| s == scope)
+            {
+                return Err(AgentError::NotAllowed(format!(
+                    "{} may not ask for scope {scope:?} ({}).",
+                    peer.describe(),
+                    grant.source
+                )));
+            }
+            agent
                 .token(TokenRequest {
                     min_valid_secs: p.min_valid_secs,
                     audience: p.audience,
                     scope: p.scope,
                 })
                 .await
-                .map(|t| json!(t)),
-            Err(e) => Err(e),
-        },
-        "logout" => match params::<NoParams>(request.params.clone()) {
-            Ok(_) => agent.logout().await.map(|()| json!({})),
-            Err(e) => Err(e),
-        },
-        "subscribe" => params::<NoParams>(request.params.clone()).map(|_| json!({})),
-        other => {
-            return Err((
-                METHOD_NOT_FOUND,
-                format!(
-                    "There is no method {other:?}; the methods are {}.",
-                    METHODS.join(", ")
-                ),
-            ));
+                .map(|t| json!(t))
         }
-    };
-    outcome.map_err(|e| (e.code(), e.to_string()))
+        "change_role" => agent.change_role().await.map(|u| json!(u)),
+        "logout" => agent.logout().await.map(|()| json!({})),
+        "subscribe" => Ok(json!({})),
+        other => Err(AgentError::BadParams(format!(
+            "There is no method {other:?}."
+        ))),
+    }
 }
 
 #[cfg(test)]

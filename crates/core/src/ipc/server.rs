@@ -6,7 +6,8 @@
 use super::MAX_LINE_BYTES;
 use super::paths::{current_uid, prepare_dir};
 use super::protocol::{self, INVALID_REQUEST};
-use crate::agent::Agent;
+use crate::agent::{Agent, ConnectionGrant};
+use crate::peer::Peer;
 use serde_json::{Value, json};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -91,8 +92,8 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
             continue;
         };
         // Refused before it can send anything: another user's process.
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == uid => {}
+        let pid = match stream.peer_cred() {
+            Ok(cred) if cred.uid() == uid => cred.pid(),
             Ok(cred) => {
                 tracing::warn!(
                     peer_uid = cred.uid(),
@@ -101,7 +102,7 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
                 continue;
             }
             Err(_) => continue,
-        }
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tokio::spawn(refuse_busy(stream));
             continue;
@@ -109,7 +110,11 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
         let agent = agent.clone();
         let options = options.clone();
         tokio::spawn(async move {
-            connection(stream, agent, options).await;
+            let identify = agent.clone();
+            let peer = tokio::task::spawn_blocking(move || identify.identify(uid, pid))
+                .await
+                .unwrap_or_default();
+            connection(stream, agent, Arc::new(peer), options).await;
             drop(permit);
         });
     }
@@ -172,7 +177,7 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> io::Result<Lin
     }
 }
 
-async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>) {
+async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
     let (tx, mut rx) = mpsc::channel::<String>(options.queue);
@@ -185,7 +190,8 @@ async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>
     });
     let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
     let subscribed = Arc::new(AtomicBool::new(false));
-    let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
+    let subscription: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
+    let grant = Arc::new(tokio::sync::Mutex::new(ConnectionGrant::default()));
     loop {
         let idle = !subscribed.load(Ordering::Relaxed)
             && in_flight.available_permits() == options.max_in_flight;
@@ -227,32 +233,39 @@ async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>
                 continue;
             }
         };
-        if request.method == "subscribe"
-            && subscription.is_none()
-            && request.params.as_object().is_some_and(|p| p.is_empty())
-        {
-            subscribed.store(true, Ordering::Relaxed);
-            subscription = Some(tokio::spawn(forward_events(agent.subscribe(), tx.clone())));
-        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
         let agent = agent.clone();
         let tx = tx.clone();
-        let timeout = if request.method == "login" {
+        let (peer, grant, subscription, subscribed) = (
+            peer.clone(),
+            grant.clone(),
+            subscription.clone(),
+            subscribed.clone(),
+        );
+        // Sign-in and role change wait for a person in a browser; everything else must be quick.
+        let timeout = if matches!(request.method.as_str(), "login" | "change_role") {
             Duration::from_secs(3700)
         } else {
             options.request_timeout
         };
         tokio::spawn(async move {
-            let outcome =
-                match tokio::time::timeout(timeout, protocol::call(&agent, &request)).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => Err((
-                        -32000,
-                        "The request took too long and was abandoned.".to_string(),
-                    )),
-                };
+            let call = protocol::call(&agent, &peer, &grant, &request);
+            let outcome = match tokio::time::timeout(timeout, call).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err((
+                    -32000,
+                    "The request took too long and was abandoned.".to_string(),
+                )),
+            };
+            if request.method == "subscribe" && outcome.is_ok() {
+                let mut slot = subscription.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    subscribed.store(true, Ordering::Relaxed);
+                    *slot = Some(tokio::spawn(forward_events(agent.subscribe(), tx.clone())));
+                }
+            }
             if let Some(id) = request.id {
                 let response = match outcome {
                     Ok(result) => protocol::result_response(id, result),
@@ -263,8 +276,12 @@ async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>
             drop(permit);
         });
     }
-    if let Some(subscription) = subscription {
-        subscription.abort();
+    if let Some(task) = subscription
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        task.abort();
     }
     drop(tx);
     // Let queued answers go out, then stop.
@@ -272,36 +289,33 @@ async fn connection(stream: UnixStream, agent: Agent, options: Arc<ServeOptions>
 }
 
 /// Forwards events into the client's queue without ever waiting on the client: when the queue is full
-/// an event is dropped and the client is owed a `resync` event, sent as soon as there is room.
+/// an event is dropped and the client is owed a `resync` event, sent as soon as the queue has room.
 async fn forward_events(
     mut events: broadcast::Receiver<crate::agent::Event>,
     tx: mpsc::Sender<String>,
 ) {
+    let resync = json!({"jsonrpc": "2.0", "method": "event", "params": {"type": "resync", "reason": "events were dropped because this client read too slowly; ask for status"}});
     let mut owe_resync = false;
     loop {
-        let event = match events.recv().await {
-            Ok(event) => Some(event),
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                owe_resync = true;
-                None
+        tokio::select! {
+            permit = tx.reserve(), if owe_resync => {
+                let Ok(permit) = permit else { return };
+                permit.send(format!("{resync}\n"));
+                owe_resync = false;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if owe_resync {
-            let line = json!({"jsonrpc": "2.0", "method": "event", "params": {"type": "resync", "reason": "events were dropped because this client read too slowly; ask for status"}});
-            match tx.try_send(format!("{line}\n")) {
-                Ok(()) => owe_resync = false,
-                Err(mpsc::error::TrySendError::Full(_)) => continue,
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
-        }
-        if let Some(event) = event {
-            let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
-            match tx.try_send(format!("{line}\n")) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => owe_resync = true,
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
+            received = events.recv() => match received {
+                Ok(event) if !owe_resync => {
+                    let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                    match tx.try_send(format!("{line}\n")) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => owe_resync = true,
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    }
+                }
+                // While a resync is owed, the events it covers are not sent: status tells all.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => owe_resync = true,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
         }
     }
 }
@@ -320,6 +334,40 @@ mod tests {
                 Line::Eof => return out,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_gets_a_resync_once_its_queue_drains() {
+        use crate::agent::Event;
+        let (events, _) = broadcast::channel(64);
+        let (tx, mut rx) = mpsc::channel(2);
+        let forwarder = tokio::spawn(forward_events(events.subscribe(), tx));
+        tokio::task::yield_now().await;
+        for expires_at in 0..5 {
+            events.send(Event::TokenRefreshed { expires_at }).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Two fitted; the rest were dropped. Reading makes room, and the resync follows unprompted.
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let value: Value = serde_json::from_str(&line).unwrap();
+            seen.push(value["params"]["type"].as_str().unwrap().to_string());
+        }
+        assert_eq!(seen, vec!["token_refreshed", "token_refreshed", "resync"]);
+        events.send(Event::Unlocked).unwrap();
+        let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            line.contains("unlocked"),
+            "events flow again after the resync: {line}"
+        );
+        forwarder.abort();
     }
 
     #[tokio::test]

@@ -33,10 +33,12 @@ async fn main() -> ExitCode {
     let mut browser = ScriptedBrowser::new(ca.as_deref());
     match browser.sign_in(&url, &script).await {
         Ok(outcome) => {
-            eprintln!(
-                "cis2-scripted-browser: redirected; callback answered {:?}",
-                outcome.callback_status
-            );
+            match outcome.callback_status {
+                Some(status) => eprintln!(
+                    "cis2-scripted-browser: redirected; the callback answered HTTP {status}"
+                ),
+                None => eprintln!("cis2-scripted-browser: redirected to {}", outcome.redirect),
+            }
             ExitCode::SUCCESS
         }
         Err(why) => {

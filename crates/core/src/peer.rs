@@ -1,0 +1,135 @@
+//! Who is on the other end of a connection, as the OS says — never as the client says. On Linux the
+//! executable comes from `/proc/<pid>/exe` and is hashed by reading that same link, so the hash is of the
+//! program actually running even if the file on disk was since replaced. Hashes are cached by the file's
+//! identity (device, inode, size, modification time) so a busy client is hashed once.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// What the agent knows of a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// The executable's path, as the OS reports it.
+    pub exe: Option<PathBuf>,
+    /// SHA-256 (lower-case hex) of the executable's contents.
+    pub sha256: Option<String>,
+}
+
+impl Peer {
+    pub fn describe(&self) -> String {
+        match &self.exe {
+            Some(exe) => format!("{} (pid {})", exe.display(), self.pid.unwrap_or(0)),
+            None => format!("an unidentified program (pid {})", self.pid.unwrap_or(0)),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Identifier {
+    cache: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+}
+
+impl Identifier {
+    pub fn identify(&self, uid: u32, pid: Option<i32>) -> Peer {
+        let mut peer = Peer {
+            uid,
+            pid,
+            ..Peer::default()
+        };
+        if let Some(pid) = pid.filter(|p| *p > 0) {
+            let (exe, sha256) = self.executable(pid);
+            peer.exe = exe;
+            peer.sha256 = sha256;
+        }
+        peer
+    }
+
+    #[cfg(target_os = "linux")]
+    fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
+        use std::os::unix::fs::MetadataExt;
+        let link = PathBuf::from(format!("/proc/{pid}/exe"));
+        let exe = std::fs::read_link(&link).ok().map(|p| {
+            // A replaced or deleted file shows as "… (deleted)"; keep the path people will recognise.
+            let text = p.to_string_lossy();
+            PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string())
+        });
+        let Ok(mut file) = std::fs::File::open(&link) else {
+            return (exe, None);
+        };
+        let Ok(meta) = file.metadata() else {
+            return (exe, None);
+        };
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        if let Some(hash) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return (exe, Some(hash.clone()));
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(_) => return (exe, None),
+            }
+        }
+        let hash = hex::encode(hasher.finalize());
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, hash.clone());
+        (exe, Some(hash))
+    }
+
+    /// Other Unixes: no portable way without platform calls this crate does not make yet (macOS needs
+    /// `proc_pidpath`); the peer stays unidentified and only policies that allow unidentified programs
+    /// (client_policy = "allow") let it in. See docs/security.md.
+    #[cfg(not(target_os = "linux"))]
+    fn executable(&self, _pid: i32) -> (Option<PathBuf>, Option<String>) {
+        (None, None)
+    }
+}
+
+/// The SHA-256 of a file (what an admin writes into `[[clients]] sha256`).
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn identifies_this_very_process() {
+        let peer = Identifier::default().identify(0, Some(std::process::id() as i32));
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(peer.exe.as_deref(), Some(exe.as_path()));
+        assert_eq!(peer.sha256.unwrap(), file_sha256(&exe).unwrap());
+    }
+}

@@ -1,0 +1,326 @@
+//! Which programs may use the agent, and for what. Programs are identified by the OS (path and SHA-256
+//! of the executable, see [`crate::peer`]); a name a client gives itself is never trusted.
+//!
+//! Order: the first `[[clients]]` rule that matches; else a remembered decision for the executable's
+//! hash; else `[agent] client_policy` — `allow`, `deny`, or `ask` (a person decides through the
+//! desktop app's prompt; `cis2-agentd` has no one to ask and refuses, naming the setting that allows it).
+//! `status` is always answered: it is how a program learns that an agent is there at all.
+
+use crate::config::{ClientPolicy, ClientRule, Config};
+use crate::peer::Peer;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Methods a listed client may call when its rule does not say (all but logout).
+pub const DEFAULT_METHODS: [&str; 6] = [
+    "status",
+    "login",
+    "whoami",
+    "token",
+    "change_role",
+    "subscribe",
+];
+
+/// What a person decided for a program (the desktop app's prompt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    AllowOnce,
+    AlwaysAllow,
+    Deny,
+}
+
+/// Who answers `ask`. The desktop app implements it; `cis2-agentd` has none.
+#[async_trait::async_trait]
+pub trait Approver: Send + Sync {
+    async fn ask(&self, peer: &Peer) -> Answer;
+}
+
+/// A remembered decision, kept in `<data_dir>/clients.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    /// Short id for `cis2ctl clients revoke ID`: the first 12 hex digits of the hash.
+    pub id: String,
+    pub path: Option<String>,
+    pub sha256: String,
+    pub allow: bool,
+    /// RFC 3339.
+    pub decided_at: String,
+}
+
+/// The remembered decisions file. Re-read when it changes, so `cis2ctl clients revoke` takes effect
+/// at once in a running agent.
+pub struct Decisions {
+    path: PathBuf,
+    cache: Mutex<(Option<std::time::SystemTime>, Vec<Remembered>)>,
+}
+
+impl Decisions {
+    pub fn new(path: PathBuf) -> Decisions {
+        Decisions {
+            path,
+            cache: Mutex::new((None, Vec::new())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn list(&self) -> Vec<Remembered> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 != modified || modified.is_none() {
+            cache.1 = load(&self.path);
+            cache.0 = modified;
+        }
+        cache.1.clone()
+    }
+
+    pub fn remember(&self, peer: &Peer, allow: bool) -> std::io::Result<()> {
+        let Some(sha256) = &peer.sha256 else {
+            return Ok(());
+        };
+        let mut all = load(&self.path);
+        all.retain(|r| &r.sha256 != sha256);
+        all.push(Remembered {
+            id: sha256[..12].to_string(),
+            path: peer.exe.as_ref().map(|p| p.display().to_string()),
+            sha256: sha256.clone(),
+            allow,
+            decided_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        });
+        save(&self.path, &all)
+    }
+}
+
+fn load(path: &Path) -> Vec<Remembered> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Writes the decisions atomically (temp file + rename), owner-only.
+pub fn save(path: &Path, all: &[Remembered]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(all).map_err(std::io::Error::other)?,
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::rename(tmp, path)
+}
+
+/// Removes the remembered decision whose id (or full hash) is `id`; whether there was one.
+pub fn revoke(path: &Path, id: &str) -> std::io::Result<bool> {
+    let mut all = load(path);
+    let before = all.len();
+    all.retain(|r| r.id != id && r.sha256 != id);
+    if all.len() == before {
+        return Ok(false);
+    }
+    save(path, &all)?;
+    Ok(true)
+}
+
+/// What a connection may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed(Grant),
+    /// Nobody has decided; the approver (if any) must be asked.
+    Ask,
+    Denied(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Where the permission came from, for the audit log and messages.
+    pub source: String,
+    pub methods: Vec<String>,
+    pub audiences: Vec<String>,
+    pub scopes: Vec<String>,
+}
+
+impl Grant {
+    pub fn everything(source: &str) -> Grant {
+        Grant {
+            source: source.into(),
+            methods: DEFAULT_METHODS
+                .iter()
+                .map(|m| m.to_string())
+                .chain(["logout".to_string()])
+                .collect(),
+            audiences: Vec::new(),
+            scopes: Vec::new(),
+        }
+    }
+
+    pub fn permits(&self, method: &str) -> bool {
+        method == "status" || self.methods.iter().any(|m| m == method)
+    }
+}
+
+fn rule_matches(rule: &ClientRule, peer: &Peer) -> bool {
+    let path_ok = rule
+        .path
+        .as_ref()
+        .is_none_or(|p| peer.exe.as_deref() == Some(p.as_path()));
+    let hash_ok = rule
+        .sha256
+        .as_ref()
+        .is_none_or(|h| peer.sha256.as_deref() == Some(h.as_str()));
+    (rule.path.is_some() || rule.sha256.is_some()) && path_ok && hash_ok
+}
+
+/// Decides for `peer` without asking anyone.
+pub fn decide(config: &Config, decisions: &Decisions, peer: &Peer) -> Verdict {
+    if let Some(rule) = config.clients.iter().find(|r| rule_matches(r, peer)) {
+        return Verdict::Allowed(Grant {
+            source: format!("[[clients]] {}", rule.name),
+            methods: rule
+                .methods
+                .clone()
+                .unwrap_or_else(|| DEFAULT_METHODS.iter().map(|m| m.to_string()).collect()),
+            audiences: rule.audiences.clone(),
+            scopes: rule.scopes.clone(),
+        });
+    }
+    if let Some(sha256) = &peer.sha256
+        && let Some(remembered) = decisions.list().into_iter().find(|r| &r.sha256 == sha256)
+    {
+        return if remembered.allow {
+            Verdict::Allowed(Grant {
+                source: format!("remembered decision {}", remembered.id),
+                ..Grant::everything("")
+            })
+        } else {
+            Verdict::Denied(format!(
+                "{} was refused earlier by the person signed in (decision {}; `cis2ctl clients revoke {}` forgets it).",
+                peer.describe(),
+                remembered.id,
+                remembered.id
+            ))
+        };
+    }
+    match config.effective_client_policy() {
+        ClientPolicy::Allow => Verdict::Allowed(Grant::everything("client_policy = \"allow\"")),
+        ClientPolicy::Deny => Verdict::Denied(format!(
+            "{} is not listed in [[clients]] and client_policy is \"deny\".{}",
+            peer.describe(),
+            how_to_list(config, peer)
+        )),
+        ClientPolicy::Ask => Verdict::Ask,
+    }
+}
+
+/// The sentence that tells an admin exactly what to add to allow `peer`.
+pub fn how_to_list(config: &Config, peer: &Peer) -> String {
+    let file = config
+        .source
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the config file".into());
+    let mut entry = String::from("[[clients]] name = \"…\"");
+    if let Some(exe) = &peer.exe {
+        entry.push_str(&format!(" path = \"{}\"", exe.display()));
+    }
+    if let Some(sha) = &peer.sha256 {
+        entry.push_str(&format!(" sha256 = \"{sha}\""));
+    }
+    format!(" To allow it, add to {file}: {entry}.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        crate::config::parse(text, Path::new("/etc/cis2-agent/config.toml")).unwrap()
+    }
+
+    fn peer(path: &str, sha: &str) -> Peer {
+        Peer {
+            uid: 1000,
+            pid: Some(42),
+            exe: Some(PathBuf::from(path)),
+            sha256: Some(sha.into()),
+        }
+    }
+
+    const HASH_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const HASH_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn base() -> String {
+        "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example/realm\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"none\"\n".into()
+    }
+
+    #[test]
+    fn rules_match_by_hash_by_path_or_both() {
+        let c = config(&format!(
+            "{}[agent]\nclient_policy = \"deny\"\n[[clients]]\nname = \"By hash\"\nsha256 = \"{HASH_A}\"\nmethods = [\"token\"]\n\
+             [[clients]]\nname = \"By both\"\npath = \"/opt/ehr/bin/ehr\"\nsha256 = \"{HASH_B}\"\n",
+            base()
+        ));
+        let d = Decisions::new(PathBuf::from("/nonexistent/clients.json"));
+        // A copy of the same program under another name is the same program.
+        match decide(&c, &d, &peer("/tmp/renamed-copy", HASH_A)) {
+            Verdict::Allowed(g) => {
+                assert!(g.permits("token") && g.permits("status") && !g.permits("whoami"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(&c, &d, &peer("/opt/ehr/bin/ehr", HASH_B)),
+            Verdict::Allowed(_)
+        ));
+        // The listed path with modified contents is not the listed program.
+        let modified = decide(&c, &d, &peer("/opt/ehr/bin/ehr", "c".repeat(64).as_str()));
+        match modified {
+            Verdict::Denied(why) => assert!(
+                why.contains("sha256 = \"cccc") && why.contains("/etc/cis2-agent/config.toml"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn remembered_decisions_apply_by_hash_and_can_be_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(&base());
+        let d = Decisions::new(dir.path().join("clients.json"));
+        let ehr = peer("/opt/ehr", HASH_A);
+        assert_eq!(decide(&c, &d, &ehr), Verdict::Ask);
+        d.remember(&ehr, true).unwrap();
+        assert!(matches!(
+            decide(&c, &d, &peer("/elsewhere/ehr-copy", HASH_A)),
+            Verdict::Allowed(_)
+        ));
+        d.remember(&ehr, false).unwrap();
+        assert!(matches!(decide(&c, &d, &ehr), Verdict::Denied(_)));
+        assert!(revoke(d.path(), &HASH_A[..12]).unwrap());
+        assert!(!revoke(d.path(), &HASH_A[..12]).unwrap());
+        assert_eq!(decide(&c, &d, &ehr), Verdict::Ask);
+    }
+
+    #[test]
+    fn the_sandbox_allows_by_default() {
+        let d = Decisions::new(PathBuf::from("/nonexistent"));
+        assert!(matches!(
+            decide(&Config::sandbox(), &d, &peer("/x", HASH_A)),
+            Verdict::Allowed(_)
+        ));
+    }
+}
