@@ -143,7 +143,13 @@ fn main() {
                 "NOT met"
             }
         );
-        if let Some((_, pid)) = exports.iter().find(|(k, _)| k == "OIDCD_PID") {
+        if let Some((_, pgid)) = exports.iter().find(|(k, _)| k == "OIDC_BENCH_AGENT_PGID") {
+            let _ = Command::new("kill")
+                .arg("--")
+                .arg(format!("-{pgid}"))
+                .status();
+        }
+        if let Some((_, pid)) = exports.iter().find(|(k, _)| k == "OIDC_BENCH_SHIM_PID") {
             let _ = Command::new("kill").arg(pid).status();
         }
     } else {

@@ -192,7 +192,13 @@ fn offline(args: &Args) -> Option<ExitCode> {
 }
 
 fn socket_path(args: &Args) -> PathBuf {
-    let configured = agent_config(args).and_then(|c| c.agent.socket);
+    // The config is only read when nothing quicker names the socket: `cis2ctl token` stays cheap.
+    let env_named = std::env::var_os("CIS2_AGENT_SOCK").is_some_and(|v| !v.is_empty());
+    let configured = if args.socket.is_some() || env_named {
+        None
+    } else {
+        agent_config(args).and_then(|c| c.agent.socket)
+    };
     cis2_core::ipc::paths::socket_path(args.socket.as_deref(), configured.as_deref())
 }
 

@@ -335,6 +335,11 @@ impl Agent {
         &self.inner.audit
     }
 
+    /// The peer, if its executable's hash is already known (no file is read).
+    pub fn identify_cached(&self, uid: u32, pid: Option<i32>) -> Option<Peer> {
+        self.inner.identifier.identify_cached(uid, pid)
+    }
+
     /// Identifies a connected program from what the OS says of it.
     pub fn identify(&self, uid: u32, pid: Option<i32>) -> Peer {
         self.inner.identifier.identify(uid, pid)

@@ -117,6 +117,8 @@ impl AuditLog {
             head: head_path(path),
             lines,
             last,
+            head_written_at: None,
+            head_dirty: false,
         };
         std::thread::Builder::new()
             .name("cis2-audit".into())
@@ -145,16 +147,38 @@ impl AuditLog {
     }
 }
 
+/// How often the head file is rewritten under load: a busy agent would otherwise rename a file per
+/// request. The head may lag the log by this much; it never runs ahead of it.
+const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 struct Writer {
     file: io::BufWriter<std::fs::File>,
     head: PathBuf,
     lines: u64,
     last: String,
+    head_written_at: Option<std::time::Instant>,
+    head_dirty: bool,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = match rx.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if self.head_dirty => {
+                    // Quiet: bring the head up to date once it is due.
+                    self.sync_head(false);
+                    if self.head_dirty {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(message) => message,
+                    None => break,
+                },
+            };
             let mut waiting = Vec::new();
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
@@ -173,11 +197,29 @@ impl Writer {
                     Message::Flush(done) => waiting.push(done),
                 }
             }
-            if let Err(e) = self.file.flush().and_then(|()| self.write_head()) {
+            if let Err(e) = self.file.flush() {
                 tracing::error!(error = %e, "cannot write the audit log");
             }
+            self.head_dirty = true;
+            self.sync_head(!waiting.is_empty());
             for done in waiting {
                 let _ = done.send(());
+            }
+        }
+        self.sync_head(true);
+    }
+
+    fn sync_head(&mut self, now: bool) {
+        let due = self
+            .head_written_at
+            .is_none_or(|at| at.elapsed() >= HEAD_INTERVAL);
+        if self.head_dirty && (now || due) {
+            match self.write_head() {
+                Ok(()) => {
+                    self.head_dirty = false;
+                    self.head_written_at = Some(std::time::Instant::now());
+                }
+                Err(e) => tracing::error!(error = %e, "cannot write the audit log's head"),
             }
         }
     }

@@ -49,6 +49,24 @@ impl Identifier {
         peer
     }
 
+    /// Like [`identify`](Self::identify), but only when the executable's hash is cached: no file read.
+    pub fn identify_cached(&self, uid: u32, pid: Option<i32>) -> Option<Peer> {
+        let pid_value = pid.filter(|p| *p > 0)?;
+        let (exe, key) = exe_and_key(pid_value)?;
+        let sha256 = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)?
+            .clone();
+        Some(Peer {
+            uid,
+            pid,
+            exe,
+            sha256: Some(sha256),
+        })
+    }
+
     #[cfg(target_os = "linux")]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
         use std::os::unix::fs::MetadataExt;
@@ -103,6 +121,33 @@ impl Identifier {
     fn executable(&self, _pid: i32) -> (Option<PathBuf>, Option<String>) {
         (None, None)
     }
+}
+
+/// The executable's path and its file identity (for the hash cache), from `/proc/<pid>/exe`.
+#[cfg(target_os = "linux")]
+fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, (u64, u64, u64, i64, i64))> {
+    use std::os::unix::fs::MetadataExt;
+    let link = PathBuf::from(format!("/proc/{pid}/exe"));
+    let meta = std::fs::metadata(&link).ok()?;
+    let exe = std::fs::read_link(&link).ok().map(|p| {
+        let text = p.to_string_lossy();
+        PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string())
+    });
+    Some((
+        exe,
+        (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        ),
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, (u64, u64, u64, i64, i64))> {
+    None
 }
 
 /// The SHA-256 of a file (what an admin writes into `[[clients]] sha256`).

@@ -73,7 +73,8 @@ impl Decisions {
             .and_then(|m| m.modified())
             .ok();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.0 != modified || modified.is_none() {
+        // Unchanged (or still absent): the cached list stands.
+        if cache.0 != modified {
             cache.1 = load(&self.path);
             cache.0 = modified;
         }

@@ -110,10 +110,17 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
         let agent = agent.clone();
         let options = options.clone();
         tokio::spawn(async move {
-            let identify = agent.clone();
-            let peer = tokio::task::spawn_blocking(move || identify.identify(uid, pid))
-                .await
-                .unwrap_or_default();
+            // Known executables are answered from the cache at once; a new one is hashed off the
+            // runtime's threads.
+            let peer = match agent.identify_cached(uid, pid) {
+                Some(peer) => peer,
+                None => {
+                    let identify = agent.clone();
+                    tokio::task::spawn_blocking(move || identify.identify(uid, pid))
+                        .await
+                        .unwrap_or_default()
+                }
+            };
             connection(stream, agent, Arc::new(peer), options).await;
             drop(permit);
         });

@@ -74,12 +74,14 @@ pub struct TokenEndpoint<'a> {
 }
 
 impl TokenEndpoint<'_> {
+    /// The tokens, and how long the provider took to answer (the agent's own work, such as signing the
+    /// client assertion, is not in it).
     pub async fn exchange_code(
         &self,
         code: &Secret,
         code_verifier: &Secret,
         redirect_uri: &str,
-    ) -> Result<TokenResponse, ProviderError> {
+    ) -> Result<(TokenResponse, std::time::Duration), ProviderError> {
         self.post(vec![
             ("grant_type", "authorization_code".into()),
             ("code", code.expose().into()),
@@ -89,7 +91,10 @@ impl TokenEndpoint<'_> {
         .await
     }
 
-    pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenResponse, ProviderError> {
+    pub async fn refresh(
+        &self,
+        refresh_token: &Secret,
+    ) -> Result<(TokenResponse, std::time::Duration), ProviderError> {
         self.post(vec![
             ("grant_type", "refresh_token".into()),
             ("refresh_token", refresh_token.expose().into()),
@@ -97,7 +102,10 @@ impl TokenEndpoint<'_> {
         .await
     }
 
-    async fn post(&self, mut form: Vec<(&str, String)>) -> Result<TokenResponse, ProviderError> {
+    async fn post(
+        &self,
+        mut form: Vec<(&str, String)>,
+    ) -> Result<(TokenResponse, std::time::Duration), ProviderError> {
         match self.auth {
             ClientAuth::None => form.push(("client_id", self.client_id.into())),
             ClientAuth::SecretPost(secret) => {
@@ -123,9 +131,12 @@ impl TokenEndpoint<'_> {
         drop(zeroize::Zeroizing::new(
             form.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
         ));
-        self.http
+        let sent = std::time::Instant::now();
+        let tokens = self
+            .http
             .json("the provider's token endpoint", request)
-            .await
+            .await?;
+        Ok((tokens, sent.elapsed()))
     }
 }
 

@@ -157,14 +157,11 @@ impl RelyingParty {
                 timeout.unwrap_or(self.settings.login_timeout),
             )
             .await?;
-        let mut provider_time = Duration::ZERO;
-        let started = Instant::now();
-        let tokens = self
+        let (tokens, mut provider_time) = self
             .token_endpoint(&metadata)
             .exchange_code(&callback.code, &request.code_verifier, &redirect_uri)
             .await
             .map_err(SignInError::Exchange)?;
-        provider_time += started.elapsed();
         let mut signed_in = self
             .finish(
                 &metadata,
@@ -186,7 +183,7 @@ impl RelyingParty {
         previous: &SignedIn,
     ) -> Result<SignedIn, SignInError> {
         let metadata = self.discovery.metadata().await?;
-        let tokens = self
+        let (tokens, _) = self
             .token_endpoint(&metadata)
             .refresh(refresh_token)
             .await
