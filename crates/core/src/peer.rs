@@ -29,9 +29,12 @@ impl Peer {
     }
 }
 
+/// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
+type FileKey = (u64, u64, u64, i64, i64);
+
 #[derive(Default)]
 pub struct Identifier {
-    cache: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+    cache: Mutex<HashMap<FileKey, String>>,
 }
 
 impl Identifier {
@@ -69,26 +72,9 @@ impl Identifier {
 
     #[cfg(target_os = "linux")]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
-        use std::os::unix::fs::MetadataExt;
-        let link = PathBuf::from(format!("/proc/{pid}/exe"));
-        let exe = std::fs::read_link(&link).ok().map(|p| {
-            // A replaced or deleted file shows as "… (deleted)"; keep the path people will recognise.
-            let text = p.to_string_lossy();
-            PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string())
-        });
-        let Ok(mut file) = std::fs::File::open(&link) else {
-            return (exe, None);
+        let Some((exe, key)) = exe_and_key(pid) else {
+            return (None, None);
         };
-        let Ok(meta) = file.metadata() else {
-            return (exe, None);
-        };
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        );
         if let Some(hash) = self
             .cache
             .lock()
@@ -97,21 +83,18 @@ impl Identifier {
         {
             return (exe, Some(hash.clone()));
         }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(&buf[..n]),
-                Err(_) => return (exe, None),
+        // Hashing through /proc/<pid>/exe reads the program that is running, even if the file at its
+        // path has since been replaced.
+        match file_sha256(std::path::Path::new(&format!("/proc/{pid}/exe"))) {
+            Ok(hash) => {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, hash.clone());
+                (exe, Some(hash))
             }
+            Err(_) => (exe, None),
         }
-        let hash = hex::encode(hasher.finalize());
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, hash.clone());
-        (exe, Some(hash))
     }
 
     /// Other Unixes: no portable way without platform calls this crate does not make yet (macOS needs
@@ -125,7 +108,7 @@ impl Identifier {
 
 /// The executable's path and its file identity (for the hash cache), from `/proc/<pid>/exe`.
 #[cfg(target_os = "linux")]
-fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, (u64, u64, u64, i64, i64))> {
+fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     use std::os::unix::fs::MetadataExt;
     let link = PathBuf::from(format!("/proc/{pid}/exe"));
     let meta = std::fs::metadata(&link).ok()?;
@@ -146,7 +129,7 @@ fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, (u64, u64, u64, i64, i64))>
 }
 
 #[cfg(not(target_os = "linux"))]
-fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, (u64, u64, u64, i64, i64))> {
+fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     None
 }
 
