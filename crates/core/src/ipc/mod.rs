@@ -2,6 +2,7 @@
 //! the same OS user. The server is a thin adapter over [`crate::agent::Agent`]; nothing a client sends
 //! can crash or block the agent.
 
+pub mod framing;
 pub mod paths;
 pub mod protocol;
 pub mod server;

@@ -4,6 +4,7 @@
 //! connections, idle time and request time.
 
 use super::MAX_LINE_BYTES;
+use super::framing::{Line, read_line};
 use super::paths::{current_uid, prepare_dir};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
@@ -138,50 +139,6 @@ async fn refuse_busy(mut stream: UnixStream) {
         stream.write_all(format!("{line}\n").as_bytes()),
     )
     .await;
-}
-
-enum Line {
-    Complete(Vec<u8>),
-    TooLong,
-    Eof,
-}
-
-/// Reads one `\n`-terminated line of at most `MAX_LINE_BYTES`; a longer one is skipped to its end.
-async fn read_line<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> io::Result<Line> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(if line.is_empty() && !too_long {
-                Line::Eof
-            } else if too_long {
-                Line::TooLong
-            } else {
-                Line::Complete(line)
-            });
-        }
-        let (chunk_len, found_newline) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (i, true),
-            None => (available.len(), false),
-        };
-        if !too_long {
-            if line.len() + chunk_len > MAX_LINE_BYTES {
-                too_long = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(&available[..chunk_len]);
-            }
-        }
-        reader.consume(chunk_len + usize::from(found_newline));
-        if found_newline {
-            return Ok(if too_long {
-                Line::TooLong
-            } else {
-                Line::Complete(line)
-            });
-        }
-    }
 }
 
 async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>) {
@@ -331,18 +288,6 @@ async fn forward_events(
 mod tests {
     use super::*;
 
-    async fn lines(input: &[u8]) -> Vec<String> {
-        let mut reader = BufReader::with_capacity(7, input);
-        let mut out = Vec::new();
-        loop {
-            match read_line(&mut reader).await.unwrap() {
-                Line::Complete(l) => out.push(String::from_utf8(l).unwrap()),
-                Line::TooLong => out.push("<too long>".into()),
-                Line::Eof => return out,
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_resync_once_its_queue_drains() {
         use crate::agent::Event;
@@ -375,17 +320,5 @@ mod tests {
             "events flow again after the resync: {line}"
         );
         forwarder.abort();
-    }
-
-    #[tokio::test]
-    async fn framing_splits_lines_and_skips_overlong_ones() {
-        let long = "x".repeat(MAX_LINE_BYTES + 1);
-        let input = format!("one\ntwo\n{long}\nthree\nlast-without-newline");
-        assert_eq!(
-            lines(input.as_bytes()).await,
-            vec!["one", "two", "<too long>", "three", "last-without-newline"]
-        );
-        let exact = "y".repeat(MAX_LINE_BYTES);
-        assert_eq!(lines(format!("{exact}\n").as_bytes()).await, vec![exact]);
     }
 }
