@@ -14,6 +14,7 @@ use crate::oidc::rp::{ClientSettings, RelyingParty, SignInError, SignedIn};
 use crate::peer::{Identifier, Peer};
 use crate::policy::{self, Approver, Decisions, Grant, Verdict};
 use crate::secret::Secret;
+use crate::store::{KeyringStore, MemoryStore, StoreStatus, Stored, TokenStore};
 use cis2_jose::{Alg, SigningKey};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -86,6 +87,11 @@ pub struct Status {
     pub environment: String,
     pub user: Option<User>,
     pub expires_at: Option<u64>,
+    /// Why the session is locked, while it is.
+    pub locked_reason: Option<String>,
+    /// Where the session is kept (`keyring` or `memory`) and, when that is not what the config asked
+    /// for, why.
+    pub store: StoreStatus,
 }
 
 /// The `token` result.
@@ -123,6 +129,8 @@ pub struct AgentOptions {
     pub clock: SharedClock,
     /// Who answers `client_policy = "ask"` (the desktop app's prompt); `None` refuses.
     pub approver: Option<Arc<dyn Approver>>,
+    /// The token store; `None` builds the one the config asks for.
+    pub store: Option<Arc<dyn TokenStore>>,
 }
 
 impl AgentOptions {
@@ -132,6 +140,7 @@ impl AgentOptions {
             browser,
             clock: Arc::new(SystemClock),
             approver: None,
+            store: None,
         }
     }
 }
@@ -160,8 +169,23 @@ struct Inner {
     audit: AuditLog,
     approver: Option<Arc<dyn Approver>>,
     data_dir: PathBuf,
+    store: Arc<dyn TokenStore>,
+    life: Mutex<Life>,
     /// The embedded provider in sandbox mode; kept alive with the agent.
     _sandbox: Option<cis2_mock_idp::RunningProvider>,
+}
+
+/// The session's timers and flags, beside the tokens.
+#[derive(Debug, Default)]
+struct Life {
+    signed_in_at: u64,
+    last_activity: u64,
+    expiring_announced: bool,
+    /// After a failed refresh, no new attempt before this (exponential backoff with jitter).
+    backoff_until: u64,
+    backoff_step: u32,
+    last_refresh_error: Option<String>,
+    locked: Option<String>,
 }
 
 /// The agent. Cheap to clone; every clone is the same agent.
@@ -222,6 +246,7 @@ impl Agent {
             browser,
             clock,
             approver,
+            store,
         } = options;
         let data_dir = config
             .agent
@@ -296,8 +321,9 @@ impl Agent {
             settings,
             clock: clock.clone(),
         };
+        let store = store.unwrap_or_else(|| build_store(&config, &data_dir));
         let (events, _) = broadcast::channel(256);
-        Ok(Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 environment: config.environment.as_str().to_string(),
                 rp,
@@ -314,9 +340,21 @@ impl Agent {
                 audit,
                 approver,
                 data_dir,
+                store,
+                life: Mutex::new(Life::default()),
                 _sandbox: sandbox,
             }),
-        })
+        };
+        agent.restore();
+        let weak = Arc::downgrade(&agent.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LIFECYCLE_TICK).await;
+                let Some(inner) = weak.upgrade() else { break };
+                Agent { inner }.tick().await;
+            }
+        });
+        Ok(agent)
     }
 
     pub fn config(&self) -> &Config {
@@ -361,6 +399,7 @@ impl Agent {
                 scopes: Vec::new(),
             });
         }
+        self.touch();
         let config = &self.inner.config;
         let verdict = policy::decide(config, &self.inner.decisions, peer);
         let grant = match verdict {
@@ -445,6 +484,7 @@ impl Agent {
 
     /// Re-authenticates with role selection (`changedrole`); the same person must come back.
     pub async fn change_role(&self) -> Result<User, AgentError> {
+        self.check_unlocked()?;
         let _one_at_a_time = self.inner.change_role_lock.lock().await;
         let Some(current) = self.session().clone() else {
             return Err(AgentError::not_signed_in());
@@ -467,7 +507,7 @@ impl Agent {
             )));
         }
         let user = renewed.user.clone();
-        *self.session() = Some(renewed);
+        self.install(renewed, true);
         self.emit(Event::RoleChanged { user: user.clone() });
         Ok(user)
     }
@@ -495,33 +535,177 @@ impl Agent {
 
     pub fn status(&self) -> Status {
         let session = self.session();
+        let locked = self.life().locked.clone();
         let signing_in = self
             .inner
             .login_flight
             .try_lock()
             .map(|f| f.as_ref().is_some_and(|rx| rx.borrow().is_none()))
             .unwrap_or(true);
-        match session.as_ref() {
-            Some(s) => Status {
-                state: SessionState::SignedIn,
-                environment: self.inner.environment.clone(),
-                user: Some(s.user.clone()),
-                expires_at: Some(s.expires_at),
-            },
-            None => Status {
-                state: if signing_in {
-                    SessionState::SigningIn
-                } else {
-                    SessionState::SignedOut
-                },
-                environment: self.inner.environment.clone(),
-                user: None,
-                expires_at: None,
-            },
+        let state = match (session.as_ref(), &locked) {
+            (Some(_), Some(_)) => SessionState::Locked,
+            (Some(_), None) => SessionState::SignedIn,
+            (None, _) if signing_in => SessionState::SigningIn,
+            (None, _) => SessionState::SignedOut,
+        };
+        Status {
+            state,
+            environment: self.inner.environment.clone(),
+            user: session.as_ref().map(|s| s.user.clone()),
+            expires_at: session.as_ref().map(|s| s.expires_at),
+            locked_reason: session.as_ref().and(locked),
+            store: self.inner.store.status(),
+        }
+    }
+
+    fn life(&self) -> std::sync::MutexGuard<'_, Life> {
+        self.inner.life.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_unlocked(&self) -> Result<(), AgentError> {
+        match &self.life().locked {
+            Some(reason) if self.session().is_some() => Err(AgentError::Locked(format!(
+                "The session is locked ({reason}). The clinician must sign in again to unlock it (cis2ctl login, or the agent's window)."
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A client asked for something: the inactivity clock starts again.
+    fn touch(&self) {
+        let now = self.inner.clock.now();
+        self.life().last_activity = now;
+    }
+
+    /// Locks the session (inactivity, a workstation signal): tokens and identity are withheld until the
+    /// same clinician signs in again.
+    pub fn lock(&self, reason: &str) {
+        if self.session().is_none() {
+            return;
+        }
+        let mut life = self.life();
+        if life.locked.is_none() {
+            life.locked = Some(reason.to_string());
+            drop(life);
+            tracing::info!(reason, "session locked");
+            self.emit(Event::Locked {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Makes `session` the current one: saved to the store first, then held in memory.
+    fn install(&self, session: SignedIn, fresh_authentication: bool) {
+        let now = self.inner.clock.now();
+        let signed_in_at = if fresh_authentication {
+            now
+        } else {
+            self.life().signed_in_at
+        };
+        if let Err(e) = self
+            .inner
+            .store
+            .save(&Stored::from_session(&session, signed_in_at))
+        {
+            tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
+        }
+        *self.session() = Some(session);
+        let mut life = self.life();
+        life.signed_in_at = signed_in_at;
+        life.last_activity = life.last_activity.max(now);
+        if fresh_authentication {
+            life.last_activity = now;
+            life.locked = None;
+        }
+        life.expiring_announced = false;
+        life.backoff_until = 0;
+        life.backoff_step = 0;
+        life.last_refresh_error = None;
+    }
+
+    /// At start: the saved session, if its tokens are still valid or refreshable.
+    fn restore(&self) {
+        let Some(stored) = self.inner.store.load() else {
+            return;
+        };
+        let now = self.inner.clock.now();
+        if stored.expires_at <= now && stored.refresh_token.is_none() {
+            let _ = self.inner.store.clear();
+            return;
+        }
+        let (session, signed_in_at) = stored.into_session();
+        tracing::info!(uid = %session.user.uid, "session restored from the store");
+        *self.session() = Some(session);
+        let mut life = self.life();
+        life.signed_in_at = signed_in_at;
+        life.last_activity = now;
+    }
+
+    /// The timers: absolute limit, inactivity, renewal before expiry, and the end of a session that
+    /// cannot be renewed (announced `expiring_notice_secs` ahead).
+    async fn tick(&self) {
+        let now = self.inner.clock.now();
+        let policy = self.inner.config.session.clone();
+        let Some((expires_at, renewable)) = self
+            .session()
+            .as_ref()
+            .map(|s| (s.expires_at, s.refresh_token.is_some()))
+        else {
+            return;
+        };
+        let (signed_in_at, last_activity, locked, announced) = {
+            let life = self.life();
+            (
+                life.signed_in_at,
+                life.last_activity,
+                life.locked.is_some(),
+                life.expiring_announced,
+            )
+        };
+        if now >= signed_in_at + policy.absolute_secs {
+            self.end_session(format!(
+                "the session reached its maximum length ({} minutes)",
+                policy.absolute_secs / 60
+            ));
+            return;
+        }
+        if !locked && now >= last_activity + policy.inactivity_secs {
+            let reason = format!(
+                "no program used the session for {} minutes",
+                policy.inactivity_secs / 60
+            );
+            match policy.inactivity_action {
+                crate::config::InactivityAction::Lock => self.lock(&reason),
+                crate::config::InactivityAction::SignOut => {
+                    self.end_session(reason);
+                    return;
+                }
+                crate::config::InactivityAction::None => {}
+            }
+        }
+        if renewable {
+            if !locked
+                && now + policy.refresh_margin_secs >= expires_at
+                && let Err(e) = self.renew(0).await
+            {
+                tracing::debug!(error = %e, "background renewal did not complete");
+            }
+        } else {
+            if !announced && now + policy.expiring_notice_secs >= expires_at {
+                self.life().expiring_announced = true;
+                self.emit(Event::SessionExpiring { expires_at });
+            }
+            if now >= expires_at {
+                self.end_session(
+                    "the session expired and the provider gave no refresh token; sign in again"
+                        .into(),
+                );
+            }
         }
     }
 
     pub fn whoami(&self) -> Result<User, AgentError> {
+        self.check_unlocked()?;
         self.session()
             .as_ref()
             .map(|s| s.user.clone())
@@ -530,7 +714,7 @@ impl Agent {
 
     /// Signs in through the browser, or joins the sign-in already under way. Answers when it ends.
     pub async fn login(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
-        if self.session().is_some() {
+        if !self.needs_authentication() {
             return Ok(self.status());
         }
         let mut rx = {
@@ -562,43 +746,93 @@ impl Agent {
         })
     }
 
+    /// Whether `login` must go to the browser: nobody signed in, the session locked, or a session that
+    /// cannot be renewed and is about to end.
+    fn needs_authentication(&self) -> bool {
+        let now = self.inner.clock.now();
+        let notice = self.inner.config.session.expiring_notice_secs;
+        match self.session().as_ref() {
+            None => true,
+            Some(s) => {
+                self.life().locked.is_some()
+                    || (s.refresh_token.is_none() && now + notice >= s.expires_at)
+            }
+        }
+    }
+
     async fn run_sign_in(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
         let result = self
             .inner
             .rp
             .sign_in(&self.inner.browser, timeout, &[], &[])
             .await;
-        match result {
-            Ok(signed_in) => {
-                if let Some(t) = signed_in.callback_to_done {
-                    tracing::info!(
-                        uid = %signed_in.user.uid,
-                        agent_ms = (t.saturating_sub(signed_in.provider_time)).as_secs_f64() * 1000.0,
-                        provider_ms = signed_in.provider_time.as_secs_f64() * 1000.0,
-                        "signed in"
-                    );
-                }
-                let user = signed_in.user.clone();
-                *self.session() = Some(signed_in);
-                self.emit(Event::SignedIn { user });
-                Ok(self.status())
-            }
+        let signed_in = match result {
+            Ok(signed_in) => signed_in,
             Err(err) => {
                 tracing::warn!(error = %err, "sign-in failed");
-                Err(AgentError::from_sign_in(err))
+                return Err(AgentError::from_sign_in(err));
+            }
+        };
+        if let Some(t) = signed_in.callback_to_done {
+            tracing::info!(
+                uid = %signed_in.user.uid,
+                agent_ms = (t.saturating_sub(signed_in.provider_time)).as_secs_f64() * 1000.0,
+                provider_ms = signed_in.provider_time.as_secs_f64() * 1000.0,
+                "signed in"
+            );
+        }
+        let previous = self
+            .session()
+            .as_ref()
+            .map(|s| (s.sub.clone(), s.user.uid.clone()));
+        let was_locked = self.life().locked.is_some();
+        match previous {
+            Some((sub, _)) if sub == signed_in.sub => {
+                let user = signed_in.user.clone();
+                self.install(signed_in, true);
+                self.emit(if was_locked {
+                    Event::Unlocked
+                } else {
+                    Event::SignedIn { user }
+                });
+            }
+            Some((_, uid)) if !self.inner.config.workstation.allow_user_switch => {
+                return Err(AgentError::SignInFailed(format!(
+                    "{uid} is signed in here{}. They must sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
+                    if was_locked {
+                        " (the session is locked)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            previous => {
+                if previous.is_some() {
+                    self.end_session("another clinician signed in".into());
+                }
+                let user = signed_in.user.clone();
+                self.install(signed_in, true);
+                self.emit(Event::SignedIn { user });
             }
         }
+        Ok(self.status())
     }
 
     /// The access token, renewed first when it would not last `min_valid_secs` (or is inside the
     /// refresh margin) and a refresh token is held.
     pub async fn token(&self, request: TokenRequest) -> Result<TokenAnswer, AgentError> {
+        self.check_unlocked()?;
         if request.audience.is_some() || request.scope.is_some() {
             return Err(AgentError::BadParams(
                 "This provider does not issue down-scoped tokens: ask without audience and scope for the session's token.".into(),
             ));
         }
-        let min_valid = request.min_valid_secs.unwrap_or(0);
+        self.renew(request.min_valid_secs.unwrap_or(0)).await
+    }
+
+    /// The token, renewed first when it would not last `min_valid` seconds (or is inside the refresh
+    /// margin) and a refresh token is held. Single-flight; backs off after provider failures.
+    async fn renew(&self, min_valid: u64) -> Result<TokenAnswer, AgentError> {
         let margin = self.inner.config.session.refresh_margin_secs.max(min_valid);
         if let Some(answer) = self.cached_token(margin)? {
             return Ok(answer);
@@ -626,11 +860,24 @@ impl Agent {
                 }))
             };
         };
-        match self.inner.rp.refresh(&refresh_token, &current).await {
+        let backoff_until = self.life().backoff_until;
+        let result = if now < backoff_until {
+            Err(None)
+        } else {
+            self.inner
+                .rp
+                .refresh(&refresh_token, &current)
+                .await
+                .map_err(Some)
+        };
+        match result {
             Ok(renewed) => {
+                crash_point("after_refresh_answer");
                 let answer = answer_from(&renewed);
                 let expires_at = renewed.expires_at;
-                *self.session() = Some(renewed);
+                // Saved before the old refresh token is dropped: a crash loses nothing.
+                self.install(renewed, false);
+                crash_point("after_refresh_saved");
                 self.emit(Event::TokenRefreshed { expires_at });
                 if expires_at <= now + min_valid {
                     return Err(AgentError::BadParams(format!(
@@ -640,28 +887,50 @@ impl Agent {
                 }
                 Ok(answer)
             }
-            Err(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged)) => {
+            Err(Some(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged))) => {
                 self.end_session(format!("the provider ended the session: {err}"));
                 Err(AgentError::NotSignedIn(format!(
                     "The session has ended: {err}. Sign in again."
                 )))
             }
             Err(err) => {
+                let why = match &err {
+                    Some(err) => {
+                        self.back_off(now, err.to_string());
+                        err.to_string()
+                    }
+                    None => format!(
+                        "{}; the next attempt is due in {} s",
+                        self.life().last_refresh_error.clone().unwrap_or_default(),
+                        backoff_until.saturating_sub(now)
+                    ),
+                };
                 // Anything else leaves the session as it was: serve what is still valid, else say why.
                 if current.expires_at > now + min_valid {
-                    tracing::warn!(error = %err, "refresh failed; serving the cached token");
+                    tracing::warn!(error = %why, "refresh failed; serving the cached token");
                     Ok(answer_from(&current))
-                } else if err.is_outage() {
+                } else if err.as_ref().is_none_or(SignInError::is_outage) {
                     Err(AgentError::Unreachable(format!(
-                        "The token could not be renewed because the Care Identity Service could not be reached ({err}); the session is kept — try again shortly."
+                        "The token could not be renewed because the Care Identity Service could not be reached ({why}); the session is kept — try again shortly."
                     )))
                 } else {
                     Err(AgentError::SignInFailed(format!(
-                        "The token could not be renewed: {err}. The session is kept."
+                        "The token could not be renewed: {why}. The session is kept."
                     )))
                 }
             }
         }
+    }
+
+    /// Exponential backoff with ±20% jitter, 1 s doubling to at most 60 s.
+    fn back_off(&self, now: u64, error: String) {
+        use rand::Rng;
+        let mut life = self.life();
+        life.last_refresh_error = Some(error);
+        let base = 1u64 << life.backoff_step.min(6);
+        let jittered = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)).round() as u64;
+        life.backoff_until = now + jittered.clamp(1, 60);
+        life.backoff_step += 1;
     }
 
     fn cached_token(&self, margin: u64) -> Result<Option<TokenAnswer>, AgentError> {
@@ -675,7 +944,12 @@ impl Agent {
 
     fn end_session(&self, reason: String) -> Option<SignedIn> {
         let ended = self.session().take();
+        *self.life() = Life::default();
+        if let Err(e) = self.inner.store.clear() {
+            tracing::error!(error = %e, "the saved session could not be removed");
+        }
         if ended.is_some() {
+            tracing::info!(%reason, "signed out");
             self.emit(Event::SignedOut { reason });
         }
         ended
@@ -703,6 +977,45 @@ impl Agent {
             }
         });
         Ok(())
+    }
+}
+
+/// How often the session's timers are checked.
+const LIFECYCLE_TICK: Duration = Duration::from_millis(250);
+
+/// Tests of crash safety set `CIS2_TEST_CRASH_AT` to a step name; the process then dies there, as a
+/// power cut or `kill -9` would. Nothing else reads the variable.
+fn crash_point(step: &str) {
+    if std::env::var("CIS2_TEST_CRASH_AT").is_ok_and(|v| v == step) {
+        eprintln!("CIS2_TEST_CRASH_AT={step}: aborting here for a crash-safety test");
+        std::process::abort();
+    }
+}
+
+/// The store the config asks for: the keychain, or memory (always in the sandbox, whose provider does
+/// not outlive the agent). A keychain that cannot be used means memory, said in `status`.
+fn build_store(config: &Config, data_dir: &std::path::Path) -> Arc<dyn TokenStore> {
+    if config.is_sandbox() {
+        return Arc::new(MemoryStore { warning: None });
+    }
+    match config.agent.store {
+        crate::config::StoreKind::Memory => Arc::new(MemoryStore { warning: None }),
+        crate::config::StoreKind::Keyring => {
+            let opened = crate::store::platform_credentials()
+                .and_then(|credentials| KeyringStore::open(data_dir, &credentials));
+            match opened {
+                Ok(store) => Arc::new(store),
+                Err(e) => {
+                    let warning = format!(
+                        "store = \"keyring\" was asked for, but {e}; the session is kept in memory only and will not survive a restart"
+                    );
+                    tracing::warn!(%warning);
+                    Arc::new(MemoryStore {
+                        warning: Some(warning),
+                    })
+                }
+            }
+        }
     }
 }
 

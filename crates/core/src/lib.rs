@@ -14,3 +14,4 @@ pub mod oidc;
 pub mod peer;
 pub mod policy;
 pub mod secret;
+pub mod store;

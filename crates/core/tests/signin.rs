@@ -38,6 +38,8 @@ struct Setup {
     acr_values: &'static str,
     lifetimes: Lifetimes,
     refresh_tokens: bool,
+    store: Option<Arc<dyn cis2_core::store::TokenStore>>,
+    session_toml: &'static str,
 }
 
 impl Default for Setup {
@@ -46,6 +48,8 @@ impl Default for Setup {
             acr_values: "AAL2_OR_AAL3_ANY",
             lifetimes: Lifetimes::default(),
             refresh_tokens: true,
+            store: None,
+            session_toml: "",
         }
     }
 }
@@ -73,11 +77,12 @@ async fn harness(setup: Setup) -> Harness {
     let text = format!(
         "environment = \"custom\"\n[provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nacr_values = \"{}\"\n\
          [provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"{}\"\nalg = \"RS512\"\n\
-         [agent]\ndata_dir = \"{}\"\n",
+         [agent]\ndata_dir = \"{}\"\nstore = \"memory\"\n{}",
         provider.issuer,
         setup.acr_values,
         key_path.display(),
-        dir.path().join("data").display()
+        dir.path().join("data").display(),
+        setup.session_toml,
     );
     let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
     let script = Arc::new(Mutex::new(Script::new(BEN, "smartcard")));
@@ -104,6 +109,7 @@ async fn harness(setup: Setup) -> Harness {
         browser,
         clock: Arc::new(clock.clone()),
         approver: None,
+        store: setup.store.clone(),
     })
     .await
     .unwrap();
@@ -476,6 +482,8 @@ async fn a_provider_outage_keeps_the_session_and_says_why() {
     h.provider
         .provider
         .set_fault(serde_json::from_value(json!({"endpoint": "token", "mode": "none"})).unwrap());
+    // The agent backs off after failures (1 s doubling, with jitter): step past it.
+    h.advance(5);
     let renewed = h
         .agent
         .token(TokenRequest {
@@ -573,4 +581,215 @@ async fn the_jwks_cache_is_used_between_sign_ins() {
         .expect("discovery and keys come from the cache");
     let jwks: JwkSet = h.provider.provider.jwks();
     assert_eq!(jwks.keys.len(), 1);
+}
+
+/// Waits (in real time) for the agent's lifecycle timer to act on a clock change.
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..40 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_restart_restores_the_session_without_a_browser() {
+    let credentials: Arc<keyring_core::CredentialStore> = keyring_core::mock::Store::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let store: Arc<dyn cis2_core::store::TokenStore> =
+        Arc::new(cis2_core::store::KeyringStore::open(data.path(), &credentials).unwrap());
+    let h = harness(Setup {
+        store: Some(store.clone()),
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let before = h.agent.token(TokenRequest::default()).await.unwrap();
+    let config = h.agent.config().clone();
+    drop(h.agent);
+    // A new agent over the same store: signed in, same token, no browser opened.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    let again = Agent::start(AgentOptions {
+        config,
+        browser: Browser::Callback(Arc::new(move |_: &str| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })),
+        clock: Arc::new(h.clock.clone()),
+        approver: None,
+        store: Some(Arc::new(
+            cis2_core::store::KeyringStore::open(data.path(), &credentials).unwrap(),
+        )),
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.status().state, SessionState::SignedIn);
+    assert_eq!(again.whoami().unwrap().uid, BEN);
+    assert_eq!(
+        again
+            .token(TokenRequest::default())
+            .await
+            .unwrap()
+            .access_token,
+        before.access_token
+    );
+    assert_eq!(opened.load(Ordering::SeqCst), 0);
+    again.logout().await.unwrap();
+    assert!(store.load().is_none(), "logout empties the store");
+}
+
+#[tokio::test]
+async fn without_refresh_tokens_the_end_is_announced_then_the_session_ends() {
+    let h = harness(Setup {
+        refresh_tokens: false,
+        lifetimes: Lifetimes {
+            access_token: 600,
+            ..Lifetimes::default()
+        },
+        session_toml: "[session]\nexpiring_notice_secs = 120\n",
+        ..Setup::default()
+    })
+    .await;
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedIn { .. }
+    ));
+    h.advance(490);
+    let expiring = tokio::time::timeout(Duration::from_secs(3), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(expiring, Event::SessionExpiring { .. }),
+        "{expiring:?}"
+    );
+    // cis2ctl login now re-authenticates the same clinician (the GUI's "continue" does the same).
+    h.login().await.unwrap();
+    assert_eq!(h.opened.load(Ordering::SeqCst), 2);
+    let reauthenticated = tokio::time::timeout(Duration::from_secs(3), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reauthenticated, Event::SignedIn { .. }),
+        "{reauthenticated:?}"
+    );
+    // Left alone, the new session also ends: announced first, then signed out.
+    h.advance(700);
+    let mut seen = Vec::new();
+    while !matches!(seen.last(), Some(Event::SignedOut { .. })) {
+        seen.push(
+            tokio::time::timeout(Duration::from_secs(3), events.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [Event::SessionExpiring { .. }, Event::SignedOut { .. }]
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+}
+
+#[tokio::test]
+async fn inactivity_locks_and_the_same_clinician_unlocks() {
+    let h = harness(Setup {
+        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    h.advance(901);
+    assert!(eventually(|| h.agent.status().state == SessionState::Locked).await);
+    assert!(
+        h.agent
+            .status()
+            .locked_reason
+            .unwrap()
+            .contains("no program used the session")
+    );
+    assert_eq!(
+        h.agent
+            .token(TokenRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        -32004
+    );
+    assert_eq!(h.agent.whoami().unwrap_err().code(), -32004);
+    // Another clinician cannot unlock it.
+    h.script.lock().unwrap().uid = AMELIA.into();
+    let refused = h.login().await.unwrap_err();
+    assert!(
+        refused.to_string().contains("must sign out first"),
+        "{refused}"
+    );
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+    h.script.lock().unwrap().uid = BEN.into();
+    assert_eq!(h.login().await.unwrap().state, SessionState::SignedIn);
+    let seen: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                Event::SignedIn { .. },
+                Event::Locked { .. },
+                Event::Unlocked
+            ]
+        ),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_absolute_limit_signs_out() {
+    let h = harness(Setup {
+        session_toml: "[session]\nabsolute_secs = 3600\ninactivity_action = \"none\"\n",
+        lifetimes: Lifetimes {
+            access_token: 7200,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    h.advance(3601);
+    assert!(eventually(|| h.agent.status().state == SessionState::SignedOut).await);
+}
+
+#[tokio::test]
+async fn refresh_happens_in_the_background_before_expiry() {
+    let h = harness(Setup {
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::SignedIn { .. }
+    ));
+    h.advance(250);
+    // No client asked: the agent renewed by itself inside the 60 s margin.
+    let refreshed = tokio::time::timeout(Duration::from_secs(3), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(refreshed, Event::TokenRefreshed { .. }),
+        "{refreshed:?}"
+    );
 }
