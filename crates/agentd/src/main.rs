@@ -43,6 +43,14 @@ fn load_config(args: &Args) -> Result<Config, String> {
 }
 
 async fn run(args: Args) -> Result<(), (u8, String)> {
+    // Tokens live in this process's memory: no core dumps of it, and no ptrace attach by other
+    // processes of the same user (Linux PR_SET_DUMPABLE).
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        eprintln!("cis2-agentd: could not switch off core dumps ({e}); continuing");
+    }
     let config = load_config(&args).map_err(|e| (2, e))?;
     if config.is_sandbox() {
         eprintln!(

@@ -91,11 +91,22 @@ enum AuditAction {
     },
 }
 
-/// The agent's config, when there is a file (the same search as the agent's).
+/// The agent's config, when there is a file (the same search as the agent's). A file named by
+/// `--config` or `$CIS2_AGENT_CONFIG` must load; the default one may be absent.
 fn agent_config(args: &Args) -> Option<cis2_core::config::Config> {
-    cis2_core::config::resolve_path(args.config.as_deref())
-        .filter(|p| p.exists())
-        .and_then(|p| cis2_core::config::load(&p).ok())
+    let named = args.config.is_some()
+        || std::env::var_os("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty());
+    let path = cis2_core::config::resolve_path(args.config.as_deref())?;
+    if !named && !path.exists() {
+        return None;
+    }
+    match cis2_core::config::load(&path) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            eprintln!("cis2ctl: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 fn data_dir(args: &Args) -> PathBuf {

@@ -399,7 +399,6 @@ impl Agent {
                 scopes: Vec::new(),
             });
         }
-        self.touch();
         let config = &self.inner.config;
         let verdict = policy::decide(config, &self.inner.decisions, peer);
         let grant = match verdict {
@@ -445,7 +444,17 @@ impl Agent {
                 grant.methods.join(", ")
             )));
         }
+        // Only a permitted request is activity: a refused program cannot keep the session awake.
+        self.touch();
         Ok(grant)
+    }
+
+    /// Whether `peer` may see who is signed in (`status` shows the user only to those programs).
+    pub fn may_see_user(&self, peer: &Peer) -> bool {
+        match policy::decide(&self.inner.config, &self.inner.decisions, peer) {
+            Verdict::Allowed(grant) => grant.permits("whoami"),
+            Verdict::Ask | Verdict::Denied(_) => false,
+        }
     }
 
     /// Records what a program asked for and how it ended (never a token).
@@ -551,7 +560,11 @@ impl Agent {
         Status {
             state,
             environment: self.inner.environment.clone(),
-            user: session.as_ref().map(|s| s.user.clone()),
+            // While locked the clinician's identity is withheld, as whoami's is.
+            user: session
+                .as_ref()
+                .filter(|_| locked.is_none())
+                .map(|s| s.user.clone()),
             expires_at: session.as_ref().map(|s| s.expires_at),
             locked_reason: session.as_ref().and(locked),
             store: self.inner.store.status(),
@@ -664,15 +677,15 @@ impl Agent {
         };
         if now >= signed_in_at + policy.absolute_secs {
             self.end_session(format!(
-                "the session reached its maximum length ({} minutes)",
-                policy.absolute_secs / 60
+                "the session reached its maximum length ({})",
+                human_duration(policy.absolute_secs)
             ));
             return;
         }
         if !locked && now >= last_activity + policy.inactivity_secs {
             let reason = format!(
-                "no program used the session for {} minutes",
-                policy.inactivity_secs / 60
+                "no program used the session for {}",
+                human_duration(policy.inactivity_secs)
             );
             match policy.inactivity_action {
                 crate::config::InactivityAction::Lock => self.lock(&reason),
@@ -977,6 +990,14 @@ impl Agent {
             }
         });
         Ok(())
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} seconds"),
+        s if s < 7200 => format!("{} minutes", s / 60),
+        s => format!("{} hours", s / 3600),
     }
 }
 

@@ -28,7 +28,7 @@ pub struct Record {
     pub scope: Option<String>,
     pub uid: Option<String>,
     pub role_id: Option<String>,
-    /// `ok`, `denied`, or `error: <code>`.
+    /// `ok`, `denied`, or `error <code>`.
     pub outcome: String,
 }
 
@@ -251,6 +251,11 @@ impl Writer {
         };
         let tmp = self.head.with_extension("head.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&head).map_err(io::Error::other)?)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
         std::fs::rename(tmp, &self.head)
     }
 }
@@ -262,9 +267,9 @@ pub struct Intact {
     pub last: String,
 }
 
-/// Where the chain breaks, and why.
+/// Where the chain breaks, and why (`line` 0: the file itself could not be read).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: line {line}: {why}", path.display())]
+#[error("{}{}: {why}", path.display(), if *line > 0 { format!(": line {line}") } else { String::new() })]
 pub struct Broken {
     pub path: PathBuf,
     /// 1-based; for a truncated log, the first missing line.

@@ -133,6 +133,8 @@ impl HttpClient {
         request: reqwest::RequestBuilder,
     ) -> Result<(u16, Vec<u8>), ProviderError> {
         let map_err = |e: reqwest::Error| {
+            // The URL can carry secrets in its query (id_token_hint at end session): never quote it.
+            let e = e.without_url();
             if e.is_timeout() {
                 ProviderError::Timeout {
                     what: what.into(),

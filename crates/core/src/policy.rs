@@ -197,7 +197,11 @@ pub fn decide(config: &Config, decisions: &Decisions, peer: &Peer) -> Verdict {
             scopes: rule.scopes.clone(),
         });
     }
-    if let Some(sha256) = &peer.sha256
+    // Remembered decisions answer "ask" only: under "deny" only the admin's [[clients]] let a
+    // program in, and a decisions file the user can write must not override that.
+    let policy = config.effective_client_policy();
+    if policy == ClientPolicy::Ask
+        && let Some(sha256) = &peer.sha256
         && let Some(remembered) = decisions.list().into_iter().find(|r| &r.sha256 == sha256)
     {
         return if remembered.allow {
@@ -214,7 +218,7 @@ pub fn decide(config: &Config, decisions: &Decisions, peer: &Peer) -> Verdict {
             ))
         };
     }
-    match config.effective_client_policy() {
+    match policy {
         ClientPolicy::Allow => Verdict::Allowed(Grant::everything("client_policy = \"allow\"")),
         ClientPolicy::Deny => Verdict::Denied(format!(
             "{} is not listed in [[clients]] and client_policy is \"deny\".{}",
@@ -232,14 +236,20 @@ pub fn how_to_list(config: &Config, peer: &Peer) -> String {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the config file".into());
-    let mut entry = String::from("[[clients]] name = \"…\"");
+    let name = peer
+        .exe
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "…".into());
+    let mut entry = format!("[[clients]]\nname = \"{name}\"\n");
     if let Some(exe) = &peer.exe {
-        entry.push_str(&format!(" path = \"{}\"", exe.display()));
+        entry.push_str(&format!("path = \"{}\"\n", exe.display()));
     }
     if let Some(sha) = &peer.sha256 {
-        entry.push_str(&format!(" sha256 = \"{sha}\""));
+        entry.push_str(&format!("sha256 = \"{sha}\"\n"));
     }
-    format!(" To allow it, add to {file}: {entry}.")
+    format!(" To allow it, add to {file}:\n{entry}")
 }
 
 #[cfg(test)]

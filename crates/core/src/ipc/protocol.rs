@@ -194,7 +194,13 @@ async fn run(
         .authorize(peer, method, &mut *connection.lock().await)
         .await?;
     match method {
-        "status" => Ok(json!(agent.status())),
+        "status" => {
+            let mut status = agent.status();
+            if !agent.may_see_user(peer) {
+                status.user = None;
+            }
+            Ok(json!(status))
+        }
         "whoami" => agent.whoami().map(|u| json!(u)),
         "login" => agent.login(login_timeout).await.map(|s| json!(s)),
         "token" => {

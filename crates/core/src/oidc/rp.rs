@@ -53,7 +53,7 @@ pub enum SignInError {
     Callback(#[from] CallbackError),
     #[error("{0}")]
     Browser(String),
-    #[error("the code exchange failed: {0}")]
+    #[error("the token request failed: {0}")]
     Exchange(ProviderError),
     #[error("the provider gave no ID token (is `openid` in the scopes?)")]
     NoIdToken,
