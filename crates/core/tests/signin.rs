@@ -793,3 +793,69 @@ async fn refresh_happens_in_the_background_before_expiry() {
         "{refreshed:?}"
     );
 }
+
+/// CIS2's issuer spells `:443`. Served for real on port 443 of a loopback alias (CI runs as root), the
+/// agent configured with `:443` signs in; configured without it, discovery is refused — the issuer is
+/// compared as a string, never normalised through a URL type.
+#[tokio::test]
+async fn an_issuer_with_443_works_and_one_without_it_is_refused() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.44".to_string()]).unwrap();
+    let Ok(provider) = cis2_mock_idp::start(Options {
+        bind: "127.0.0.44".parse().unwrap(),
+        port: 443,
+        tls: Some(cis2_mock_idp::TlsPem {
+            cert: cert.cert.pem(),
+            key: cert.key_pair.serialize_pem(),
+        }),
+        ..Options::default()
+    })
+    .await
+    else {
+        eprintln!("cannot bind 127.0.0.44:443 here (not root); CI runs this as root");
+        return;
+    };
+    let with_port = provider.issuer.clone();
+    assert!(
+        with_port.starts_with("https://127.0.0.44:443/openam/"),
+        "{with_port}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let agent_for = |issuer: &str| {
+        let text = format!(
+            "environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"100000000001.apps.national\"\nca_file = \"{}\"\n\
+             [provider.exchange]\nmethod = \"none\"\n[agent]\nstore = \"memory\"\ndata_dir = \"{}\"\n",
+            ca.display(),
+            dir.path().join("data").display()
+        );
+        let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
+        Agent::start(AgentOptions {
+            config,
+            browser: Browser::Callback(Arc::new({
+                let pem = cert.cert.pem();
+                move |url: &str| {
+                    let (url, pem) = (url.to_string(), pem.clone());
+                    tokio::spawn(async move {
+                        let _ = ScriptedBrowser::new(Some(&pem))
+                            .sign_in(&url, &Script::new(BEN, "smartcard"))
+                            .await;
+                    });
+                }
+            })),
+            clock: Arc::new(TestClock::default()),
+            approver: None,
+            store: None,
+        })
+    };
+    let agent = agent_for(&with_port).await.unwrap();
+    let status = agent.login(Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(status.state, SessionState::SignedIn);
+    let without_port = with_port.replace(":443", "");
+    let agent = agent_for(&without_port).await.unwrap();
+    let err = agent
+        .login(Some(Duration::from_secs(20)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must match exactly"), "{err}");
+}

@@ -1552,3 +1552,59 @@ async fn scripted_id_token_expectations_apply_once() {
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+#[tokio::test]
+async fn private_key_jwt_keys_can_come_from_a_jwks_url() {
+    // The vendor publishes its keys (as cis2-relay will); the provider fetches them per assertion.
+    let jwks = json!({"keys": [client_key().public_jwk()]});
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_uri = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut by_url = client("byurl.apps.national", ClientAuthMethod::PrivateKeyJwt);
+    by_url.jwks = None;
+    by_url.jwks_uri = Some(jwks_uri);
+    let running = provider_with(vec![by_url], Lifetimes::default()).await;
+    let rp = rp(&running.issuer, "byurl.apps.national", None).await;
+    let endpoint = format!("{}/access_token", running.issuer);
+    for (key, expected) in [
+        (client_key().clone(), 200),
+        (SigningKey::generate(Alg::RS512), 401),
+    ] {
+        let started = authorize(&rp, &[], &[]);
+        let code = browse(&started.url, BEN, "smartcard", None)
+            .await
+            .param("code")
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let jwt = key.sign(&json!({"iss": "byurl.apps.national", "sub": "byurl.apps.national", "aud": endpoint, "jti": random_token(8), "exp": now + 60}));
+        let (status, body) = post_token(
+            &running,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", started.verifier.secret()),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", &jwt),
+            ],
+        )
+        .await;
+        assert_eq!(status, expected, "{body}");
+    }
+}
