@@ -160,6 +160,9 @@ struct Inner {
     clock: SharedClock,
     config: Config,
     session: Mutex<Option<SignedIn>>,
+    /// Bumped whenever the person behind the session changes (sign-in, sign-out): answers computed for
+    /// an earlier generation are not delivered after the change is announced (see ipc::server).
+    generation: std::sync::atomic::AtomicU64,
     login_flight: tokio::sync::Mutex<Option<Flight>>,
     refresh_lock: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Event>,
@@ -331,6 +334,7 @@ impl Agent {
                 clock,
                 config,
                 session: Mutex::new(None),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 login_flight: tokio::sync::Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 events,
@@ -608,6 +612,19 @@ impl Agent {
     }
 
     /// Makes `session` the current one: saved to the store first, then held in memory.
+    /// Which session answers belong to; changes when the person signed in changes.
+    pub fn generation(&self) -> u64 {
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn next_generation(&self) {
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn install(&self, session: SignedIn, fresh_authentication: bool) {
         let now = self.inner.clock.now();
         let signed_in_at = if fresh_authentication {
@@ -623,6 +640,9 @@ impl Agent {
             tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
         }
         *self.session() = Some(session);
+        if fresh_authentication {
+            self.next_generation();
+        }
         let mut life = self.life();
         life.signed_in_at = signed_in_at;
         life.last_activity = life.last_activity.max(now);
@@ -957,6 +977,9 @@ impl Agent {
 
     fn end_session(&self, reason: String) -> Option<SignedIn> {
         let ended = self.session().take();
+        if ended.is_some() {
+            self.next_generation();
+        }
         *self.life() = Life::default();
         if let Err(e) = self.inner.store.clear() {
             tracing::error!(error = %e, "the saved session could not be removed");
@@ -1010,6 +1033,17 @@ fn crash_point(step: &str) {
     if std::env::var("CIS2_TEST_CRASH_AT").is_ok_and(|v| v == step) {
         eprintln!("CIS2_TEST_CRASH_AT={step}: aborting here for a crash-safety test");
         std::process::abort();
+    }
+}
+
+/// Tests of hand-over races set `CIS2_TEST_PAUSE_TOKEN_MS` to hold each `token` answer that long
+/// after it was read, widening the window in which a sign-out can overtake it. Nothing else reads it.
+pub async fn test_pause_token() {
+    if let Some(ms) = std::env::var("CIS2_TEST_PAUSE_TOKEN_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

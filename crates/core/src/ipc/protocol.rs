@@ -230,14 +230,16 @@ async fn run(
                     grant.source
                 )));
             }
-            agent
+            let answer = agent
                 .token(TokenRequest {
                     min_valid_secs: p.min_valid_secs,
                     audience: p.audience,
                     scope: p.scope,
                 })
                 .await
-                .map(|t| json!(t))
+                .map(|t| json!(t));
+            crate::agent::test_pause_token().await;
+            answer
         }
         "change_role" => agent.change_role().await.map(|u| json!(u)),
         "logout" => agent.logout().await.map(|()| json!({})),

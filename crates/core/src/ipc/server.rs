@@ -156,6 +156,8 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
     let subscribed = Arc::new(AtomicBool::new(false));
     let subscription: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
     let grant = Arc::new(tokio::sync::Mutex::new(ConnectionGrant::default()));
+    // Orders this connection's identity-bearing answers against its events (see `deliver`).
+    let order = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         let idle = !subscribed.load(Ordering::Relaxed)
             && in_flight.available_permits() == options.max_in_flight;
@@ -202,11 +204,12 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
         };
         let agent = agent.clone();
         let tx = tx.clone();
-        let (peer, grant, subscription, subscribed) = (
+        let (peer, grant, subscription, subscribed, order) = (
             peer.clone(),
             grant.clone(),
             subscription.clone(),
             subscribed.clone(),
+            order.clone(),
         );
         // Sign-in and role change wait for a person in a browser; everything else must be quick.
         let timeout = if matches!(request.method.as_str(), "login" | "change_role") {
@@ -215,6 +218,7 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
             options.request_timeout
         };
         tokio::spawn(async move {
+            let generation = agent.generation();
             let call = protocol::call(&agent, &peer, &grant, &request);
             let outcome = match tokio::time::timeout(timeout, call).await {
                 Ok(outcome) => outcome,
@@ -227,10 +231,28 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
                 let mut slot = subscription.lock().unwrap_or_else(|e| e.into_inner());
                 if slot.is_none() {
                     subscribed.store(true, Ordering::Relaxed);
-                    *slot = Some(tokio::spawn(forward_events(agent.subscribe(), tx.clone())));
+                    *slot = Some(tokio::spawn(forward_events(
+                        agent.subscribe(),
+                        tx.clone(),
+                        order.clone(),
+                    )));
                 }
             }
-            if let Some(id) = request.id {
+            if let Some(id) = request.id.clone() {
+                // Hand-over: an answer about the previous clinician is never delivered after this
+                // connection was told they signed out. The check and the send happen under the
+                // same lock the event forwarder takes, and the generation changes before the event.
+                let _in_order = order.lock().await;
+                let outcome = match outcome {
+                    Ok(_) if agent.generation() != generation && matches!(request.method.as_str(), "token" | "whoami") => Err((
+                        -32001,
+                        "The clinician signed in here changed while this request was answered; ask again.".to_string(),
+                    )),
+                    Ok(_) if agent.generation() != generation && request.method == "status" => {
+                        protocol::call(&agent, &peer, &grant, &request).await
+                    }
+                    outcome => outcome,
+                };
                 let response = match outcome {
                     Ok(result) => protocol::result_response(id, result),
                     Err((code, message)) => protocol::error_response(id, code, &message),
@@ -257,6 +279,7 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
 async fn forward_events(
     mut events: broadcast::Receiver<crate::agent::Event>,
     tx: mpsc::Sender<String>,
+    order: Arc<tokio::sync::Mutex<()>>,
 ) {
     let resync = json!({"jsonrpc": "2.0", "method": "event", "params": {"type": "resync", "reason": "events were dropped because this client read too slowly; ask for status"}});
     let mut owe_resync = false;
@@ -270,6 +293,7 @@ async fn forward_events(
             received = events.recv() => match received {
                 Ok(event) if !owe_resync => {
                     let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                    let _in_order = order.lock().await;
                     match tx.try_send(format!("{line}\n")) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => owe_resync = true,
@@ -293,7 +317,7 @@ mod tests {
         use crate::agent::Event;
         let (events, _) = broadcast::channel(64);
         let (tx, mut rx) = mpsc::channel(2);
-        let forwarder = tokio::spawn(forward_events(events.subscribe(), tx));
+        let forwarder = tokio::spawn(forward_events(events.subscribe(), tx, Arc::default()));
         tokio::task::yield_now().await;
         for expires_at in 0..5 {
             events.send(Event::TokenRefreshed { expires_at }).unwrap();
