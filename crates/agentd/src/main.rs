@@ -67,6 +67,9 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     if let Some(sandbox) = agent.sandbox_provider() {
         eprintln!("sandbox provider: {}", sandbox.issuer);
     }
+    if let Err(why) = cis2_core::workstation::watch(agent.clone()) {
+        tracing::warn!(%why, "running without workstation lock signals");
+    }
     let bound = ipc::server::bind(&socket)
         .await
         .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;

@@ -991,12 +991,14 @@ impl Agent {
         ended
     }
 
-    /// Signs out here at once, then ends the session at the provider in the background (best effort:
-    /// the clinician is signed out locally whatever the provider does).
-    pub async fn logout(&self) -> Result<(), AgentError> {
-        let Some(ended) = self.end_session("signed out".into()) else {
-            return Ok(());
-        };
+    /// Signs out because of a workstation signal or policy (`reason` goes to every client).
+    pub async fn sign_out_for(&self, reason: &str) {
+        if let Some(ended) = self.end_session(reason.to_string()) {
+            self.end_at_provider_later(ended);
+        }
+    }
+
+    fn end_at_provider_later(&self, ended: SignedIn) {
         let agent = self.clone();
         tokio::spawn(async move {
             let problems = agent
@@ -1012,6 +1014,14 @@ impl Agent {
                 tracing::warn!(%problem, "signed out locally; the provider side did not complete");
             }
         });
+    }
+
+    /// Signs out here at once, then ends the session at the provider in the background (best effort:
+    /// the clinician is signed out locally whatever the provider does).
+    pub async fn logout(&self) -> Result<(), AgentError> {
+        if let Some(ended) = self.end_session("signed out".into()) {
+            self.end_at_provider_later(ended);
+        }
         Ok(())
     }
 }

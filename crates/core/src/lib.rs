@@ -15,3 +15,4 @@ pub mod peer;
 pub mod policy;
 pub mod secret;
 pub mod store;
+pub mod workstation;

@@ -1,0 +1,147 @@
+//! Workstation lock through a real D-Bus: a private bus with a stand-in logind (tests/standins/logind.py)
+//! that emits the session's Lock and Unlock signals; the agent listens with the code that listens to
+//! the real logind, only the bus address differs.
+
+use cis2_system_tests::{Agent, Process, json, stderr};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Bus {
+    daemon: Child,
+    address: String,
+    _logind: Process,
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn bus_with_logind() -> Bus {
+    let mut daemon = Command::new("dbus-daemon")
+        .args(["--session", "--nofork", "--print-address=1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("dbus-daemon");
+    let mut address = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut address)
+        .unwrap();
+    let address = address.trim().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins/logind.py");
+    let mut command = Command::new("/usr/bin/python3");
+    command.arg(script).arg(&address);
+    let mut logind = Process::start(command);
+    logind.wait_for("ready", Duration::from_secs(20));
+    Bus {
+        daemon,
+        address,
+        _logind: logind,
+    }
+}
+
+fn emit(bus: &Bus, member: &str) {
+    let out = Command::new("dbus-send")
+        .args([
+            &format!("--bus={}", bus.address),
+            "--print-reply",
+            "--dest=org.freedesktop.login1",
+            "/org/freedesktop/login1/session/_31",
+            &format!("test.Control.{member}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn state(agent: &Agent) -> String {
+    json(&agent.ctl(&["status", "--json"]))["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn within(limit: Duration, agent: &Agent, wanted: &str) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if state(agent) == wanted {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_it() {
+    let bus = bus_with_logind();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "environment = \"sandbox\"\n[workstation]\non_os_lock = \"lock\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())],
+    );
+    assert!(agent.ctl(&["login"]).status.success());
+    let mut watcher = {
+        let mut command = Command::new(cis2_system_tests::bin("cis2ctl"));
+        command.arg("--socket").arg(&agent.socket).arg("watch");
+        Process::start(command)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    emit(&bus, "EmitLock");
+    let took = within(Duration::from_secs(1), &agent, "locked").expect("locked within 1 second");
+    eprintln!("OS lock to agent locked: {took:?}");
+    let status = json(&agent.ctl(&["status", "--json"]));
+    assert!(
+        status["locked_reason"]
+            .as_str()
+            .unwrap()
+            .contains("workstation was locked")
+    );
+    assert!(status["user"].is_null(), "no identity while locked");
+    let token = agent.ctl(&["token"]);
+    assert_eq!(token.status.code(), Some(1));
+    assert!(stderr(&token).contains("locked"), "{}", stderr(&token));
+    watcher.wait_for(
+        "{\"reason\":\"the workstation was locked\",\"type\":\"locked\"}",
+        Duration::from_secs(5),
+    );
+    // The OS unlock alone does not unlock the agent.
+    emit(&bus, "EmitUnlock");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&agent), "locked");
+    // The same clinician signing in again does.
+    assert!(agent.ctl(&["login"]).status.success());
+    assert_eq!(state(&agent), "signed_in");
+    watcher.wait_for("{\"type\":\"unlocked\"}", Duration::from_secs(5));
+}
+
+#[test]
+fn with_sign_out_configured_an_os_lock_ends_the_session() {
+    let bus = bus_with_logind();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "environment = \"sandbox\"\n[workstation]\non_os_lock = \"sign_out\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())],
+    );
+    assert!(agent.ctl(&["login"]).status.success());
+    emit(&bus, "EmitLock");
+    within(Duration::from_secs(1), &agent, "signed_out").expect("signed out within 1 second");
+}
