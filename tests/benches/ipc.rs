@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p cis2-system-tests --bench ipc`
 
-use cis2_system_tests::{Agent, Process, bin};
+use cis2_system_tests::{Agent, OidcAgent, Process, bin};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -215,32 +215,8 @@ fn main() {
     );
     let rate = persistent.calls as f64 / persistent.seconds;
 
-    let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/oidc-agent-setup.sh");
-    if setup.exists() && Command::new("oidc-agent").arg("--version").output().is_ok() {
-        let work = dir.path().join("oidc-agent");
-        let out = Command::new("bash")
-            .arg(&setup)
-            .arg(&issuer)
-            .arg(&work)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "oidc-agent setup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let exports: std::collections::HashMap<String, String> =
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.strip_prefix("export "))
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.trim_matches(['"', '\'', ';']).to_string()))
-                .collect();
-        let oidc_socket = PathBuf::from(&exports["OIDC_SOCK"]);
-        let account = exports
-            .get("OIDC_BENCH_ACCOUNT")
-            .cloned()
-            .unwrap_or_else(|| "cis2bench".into());
+    if let Some(oidc) = OidcAgent::start(&issuer, &dir.path().join("oidc-agent")) {
+        let (oidc_socket, account) = (oidc.socket.clone(), oidc.account.clone());
         load(CLIENTS, 20, || {
             let (s, a) = (oidc_socket.clone(), account.clone());
             Box::new(move || oidc_agent_call(&s, &a))
@@ -267,15 +243,6 @@ fn main() {
             "ratio (each at its best: cis2 persistent vs oidc-agent): {:.2}",
             rate / theirs_rate
         );
-        if let Some(pgid) = exports.get("OIDC_BENCH_AGENT_PGID") {
-            let _ = Command::new("kill")
-                .arg("--")
-                .arg(format!("-{pgid}"))
-                .status();
-        }
-        if let Some(pid) = exports.get("OIDC_BENCH_SHIM_PID") {
-            let _ = Command::new("kill").arg(pid).status();
-        }
     } else {
         println!("oidc-agent: not measured (needs oidc-agent-cli and bench/oidc-agent-setup.sh)");
     }

@@ -238,3 +238,64 @@ impl Drop for SecretService {
         let _ = self.bus.wait();
     }
 }
+
+/// oidc-agent (Debian `oidc-agent-cli`) with an account at `issuer`, set up by
+/// bench/oidc-agent-setup.sh, for side-by-side benchmarks. `None` where oidc-agent is not installed.
+/// Stopped (its process group and the setup's token-auth shim) on drop.
+pub struct OidcAgent {
+    pub env: Vec<(String, String)>,
+    pub socket: PathBuf,
+    pub account: String,
+}
+
+impl OidcAgent {
+    pub fn start(issuer: &str, work: &Path) -> Option<OidcAgent> {
+        let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/oidc-agent-setup.sh");
+        if !setup.exists()
+            || Command::new("oidc-agent")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            return None;
+        }
+        std::fs::create_dir_all(work).unwrap();
+        let out = Command::new("bash")
+            .arg(&setup)
+            .arg(issuer)
+            .arg(work)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "oidc-agent setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches(['"', '\'', ';']).to_string()))
+            .collect();
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        Some(OidcAgent {
+            socket: PathBuf::from(get("OIDC_SOCK").expect("OIDC_SOCK")),
+            account: get("OIDC_BENCH_ACCOUNT").unwrap_or_else(|| "cis2bench".into()),
+            env,
+        })
+    }
+}
+
+impl Drop for OidcAgent {
+    fn drop(&mut self) {
+        for (name, arg) in [
+            ("OIDC_BENCH_AGENT_PGID", true),
+            ("OIDC_BENCH_SHIM_PID", false),
+        ] {
+            if let Some((_, id)) = self.env.iter().find(|(k, _)| k == name) {
+                let target = if arg { format!("-{id}") } else { id.clone() };
+                let _ = Command::new("kill").arg("--").arg(target).status();
+            }
+        }
+    }
+}

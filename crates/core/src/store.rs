@@ -175,32 +175,13 @@ impl KeyringStore {
         let entry = keyring_core::Entry::new_in_store(credentials, KEYCHAIN_SERVICE, &account)
             .map_err(|e| StoreError(format!("the keychain cannot be used: {e}")))?;
         let key = match entry.get_secret() {
-            Ok(stored) => decode_key(&stored)
-                .ok_or_else(|| StoreError("the keychain holds a damaged session key".into())),
-            Err(keyring_core::Error::NoEntry) => {
-                let mut fresh = Zeroizing::new([0u8; 32]);
-                rand_fill(&mut fresh[..]);
-                let text = Zeroizing::new(hex::encode(&fresh[..]));
-                entry
-                    .set_secret(text.as_bytes())
-                    .map_err(|e| StoreError(format!("the keychain refused a new key: {e}")))?;
-                Ok(fresh)
-            }
-            Err(e) => Err(StoreError(format!("the keychain cannot be used: {e}"))),
-        };
-        let key = match key {
-            Ok(key) => key,
-            Err(e) if e.0.contains("damaged") => {
-                // Replace it; the old session file cannot be opened any more and will be set aside.
-                let mut fresh = Zeroizing::new([0u8; 32]);
-                rand_fill(&mut fresh[..]);
-                let text = Zeroizing::new(hex::encode(&fresh[..]));
-                entry
-                    .set_secret(text.as_bytes())
-                    .map_err(|e| StoreError(format!("the keychain refused a new key: {e}")))?;
-                fresh
-            }
-            Err(e) => return Err(e),
+            Ok(stored) => match decode_key(&stored) {
+                Some(key) => key,
+                // A damaged key is replaced; the old session file no longer opens and is set aside.
+                None => new_key(&entry)?,
+            },
+            Err(keyring_core::Error::NoEntry) => new_key(&entry)?,
+            Err(e) => return Err(StoreError(format!("the keychain cannot be used: {e}"))),
         };
         Ok(KeyringStore {
             key,
@@ -227,6 +208,17 @@ impl KeyringStore {
         tracing::warn!(file = %self.file.display(), aside = %aside.display(), why, "the saved session cannot be used; set aside, a fresh sign-in is needed");
         let _ = std::fs::rename(&self.file, aside);
     }
+}
+
+/// A fresh random data key, stored in the keychain entry.
+fn new_key(entry: &keyring_core::Entry) -> Result<Zeroizing<[u8; 32]>, StoreError> {
+    let mut fresh = Zeroizing::new([0u8; 32]);
+    rand_fill(&mut fresh[..]);
+    let text = Zeroizing::new(hex::encode(&fresh[..]));
+    entry
+        .set_secret(text.as_bytes())
+        .map_err(|e| StoreError(format!("the keychain refused a new key: {e}")))?;
+    Ok(fresh)
 }
 
 fn decode_key(stored: &[u8]) -> Option<Zeroizing<[u8; 32]>> {

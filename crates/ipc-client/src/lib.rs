@@ -5,7 +5,9 @@
 //! ```no_run
 //! let mut agent = cis2_ipc_client::Client::connect(&cis2_ipc_client::default_socket_path())?;
 //! let token = agent.call("token", serde_json::json!({"min_valid_secs": 60}))?;
-//! println!("Bearer {}", token["access_token"].as_str().unwrap_or_default());
+//! // Hand it to your HTTP client; never log it.
+//! let authorization = format!("Bearer {}", token["access_token"].as_str().unwrap_or_default());
+//! # let _ = authorization;
 //! # Ok::<(), cis2_ipc_client::ClientError>(())
 //! ```
 
