@@ -238,10 +238,10 @@ impl RelyingParty {
             Some(sub) => sub.to_string(),
             None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
         };
-        let started = Instant::now();
-        let user = match &metadata.userinfo_endpoint {
+        let info = match &metadata.userinfo_endpoint {
             Some(endpoint) => {
                 let http = self.discovery.http();
+                let started = Instant::now();
                 let info: Map<String, Value> = http
                     .json(
                         "the provider's userinfo endpoint",
@@ -255,49 +255,30 @@ impl RelyingParty {
                 if info.get("sub").and_then(Value::as_str) != Some(sub.as_str()) {
                     return Err(SignInError::UserinfoSubjectMismatch);
                 }
-                let id_claims = if claims.is_empty() {
-                    // Refresh without an ID token: keep the assurance of the original sign-in.
-                    return Ok(SignedIn {
-                        user: {
-                            let mut user = User::from_claims(&Map::new(), &info);
-                            if let Some(previous) = previous {
-                                user.assurance = previous.user.assurance.clone();
-                                user.selected_role = user
-                                    .roles
-                                    .iter()
-                                    .find(|r| {
-                                        previous
-                                            .user
-                                            .selected_role
-                                            .as_ref()
-                                            .is_some_and(|s| s.id == r.id)
-                                    })
-                                    .cloned();
-                            }
-                            user
-                        },
-                        sub,
-                        sid: previous.and_then(|p| p.sid.clone()),
-                        access_token: tokens.access_token,
-                        expires_at: now + tokens.expires_in.unwrap_or(300),
-                        refresh_token: tokens.refresh_token,
-                        id_token,
-                        callback_to_done: None,
-                        provider_time: *provider_time,
-                    });
-                } else {
-                    claims.clone()
-                };
-                User::from_claims(&id_claims, &info)
+                info
             }
-            None => User::from_claims(&claims, &Map::new()),
+            None => Map::new(),
         };
+        let mut user = User::from_claims(&claims, &info);
+        if claims.is_empty()
+            && let Some(previous) = previous
+        {
+            // A refresh without a new ID token: assurance and role choice are the sign-in's.
+            user.assurance = previous.user.assurance.clone();
+            let chosen = previous.user.selected_role.as_ref().map(|r| r.id.as_str());
+            user.selected_role = user
+                .roles
+                .iter()
+                .find(|r| Some(r.id.as_str()) == chosen)
+                .cloned();
+        }
         Ok(SignedIn {
             user,
             sid: claims
                 .get("sid")
                 .and_then(Value::as_str)
-                .map(str::to_string),
+                .map(str::to_string)
+                .or_else(|| previous.and_then(|p| p.sid.clone())),
             sub,
             access_token: tokens.access_token,
             expires_at: now + tokens.expires_in.unwrap_or(300),
