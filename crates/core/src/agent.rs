@@ -94,12 +94,21 @@ pub struct Status {
     pub store: StoreStatus,
 }
 
-/// The `token` result.
-#[derive(Debug, Clone, Serialize)]
+/// The `token` result. Its `Debug` does not show the token.
+#[derive(Clone, Serialize)]
 pub struct TokenAnswer {
     pub access_token: String,
     pub token_type: &'static str,
     pub expires_at: u64,
+}
+
+impl std::fmt::Debug for TokenAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenAnswer")
+            .field("access_token", &"[redacted]")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -499,6 +508,7 @@ impl Agent {
     pub async fn change_role(&self) -> Result<User, AgentError> {
         self.check_unlocked()?;
         let _one_at_a_time = self.inner.change_role_lock.lock().await;
+        let generation = self.generation();
         let Some(current) = self.session().clone() else {
             return Err(AgentError::not_signed_in());
         };
@@ -514,13 +524,16 @@ impl Agent {
             .await
             .map_err(AgentError::from_sign_in)?;
         if renewed.sub != current.sub {
-            return Err(AgentError::SignInFailed(format!(
-                "The role change was completed by another person ({}); the session of {} is kept. Sign out first to switch clinician.",
-                renewed.user.uid, current.user.uid
-            )));
+            return Err(AgentError::SignInFailed(
+                "The role change was completed by another person; the current session is kept. Sign out first to switch clinician.".into(),
+            ));
         }
         let user = renewed.user.clone();
-        self.install(renewed, true);
+        if !self.install_if(renewed, true, Some(generation)) {
+            return Err(AgentError::NotSignedIn(
+                "The session ended while the role was being changed; sign in again.".into(),
+            ));
+        }
         self.emit(Event::RoleChanged { user: user.clone() });
         Ok(user)
     }
@@ -580,7 +593,9 @@ impl Agent {
     }
 
     fn check_unlocked(&self) -> Result<(), AgentError> {
-        match &self.life().locked {
+        // One lock at a time: status() takes session then life, so never hold life while taking session.
+        let locked = self.life().locked.clone();
+        match &locked {
             Some(reason) if self.session().is_some() => Err(AgentError::Locked(format!(
                 "The session is locked ({reason}). The clinician must sign in again to unlock it (cis2ctl login, or the agent's window)."
             ))),
@@ -626,22 +641,40 @@ impl Agent {
     }
 
     fn install(&self, session: SignedIn, fresh_authentication: bool) {
+        self.install_if(session, fresh_authentication, None);
+    }
+
+    /// Installs `session` unless the person behind the session changed since `expected` (a refresh
+    /// that finished after a sign-out or another clinician's sign-in is dropped). Saving and swapping
+    /// happen under the session lock, so two saves never interleave and the file matches memory.
+    fn install_if(
+        &self,
+        session: SignedIn,
+        fresh_authentication: bool,
+        expected: Option<u64>,
+    ) -> bool {
         let now = self.inner.clock.now();
         let signed_in_at = if fresh_authentication {
             now
         } else {
             self.life().signed_in_at
         };
-        if let Err(e) = self
-            .inner
-            .store
-            .save(&Stored::from_session(&session, signed_in_at))
         {
-            tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
-        }
-        *self.session() = Some(session);
-        if fresh_authentication {
-            self.next_generation();
+            let mut current = self.session();
+            if expected.is_some_and(|g| g != self.generation()) {
+                return false;
+            }
+            if let Err(e) = self
+                .inner
+                .store
+                .save(&Stored::from_session(&session, signed_in_at))
+            {
+                tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
+            }
+            *current = Some(session);
+            if fresh_authentication {
+                self.next_generation();
+            }
         }
         let mut life = self.life();
         life.signed_in_at = signed_in_at;
@@ -654,6 +687,7 @@ impl Agent {
         life.backoff_until = 0;
         life.backoff_step = 0;
         life.last_refresh_error = None;
+        true
     }
 
     /// At start: the saved session, if its tokens are still valid or refreshable.
@@ -875,6 +909,7 @@ impl Agent {
         if let Some(answer) = self.cached_token(margin)? {
             return Ok(answer);
         }
+        let generation = self.generation();
         let Some(current) = self.session().clone() else {
             return Err(AgentError::not_signed_in());
         };
@@ -908,8 +943,13 @@ impl Agent {
                 crash_point("after_refresh_answer");
                 let answer = answer_from(&renewed);
                 let expires_at = renewed.expires_at;
-                // Saved before the old refresh token is dropped: a crash loses nothing.
-                self.install(renewed, false);
+                // Saved before the old refresh token is dropped: a crash loses nothing. Dropped if
+                // the clinician changed while the provider answered.
+                if !self.install_if(renewed, false, Some(generation)) {
+                    return Err(AgentError::NotSignedIn(
+                        "The clinician signed in here changed while the token was being renewed; ask again.".into(),
+                    ));
+                }
                 crash_point("after_refresh_saved");
                 self.emit(Event::TokenRefreshed { expires_at });
                 if expires_at <= now + min_valid {
@@ -921,7 +961,10 @@ impl Agent {
                 Ok(answer)
             }
             Err(Some(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged))) => {
-                self.end_session(format!("the provider ended the session: {err}"));
+                self.end_session_if(
+                    format!("the provider ended the session: {err}"),
+                    Some(generation),
+                );
                 Err(AgentError::NotSignedIn(format!(
                     "The session has ended: {err}. Sign in again."
                 )))
@@ -976,14 +1019,26 @@ impl Agent {
     }
 
     fn end_session(&self, reason: String) -> Option<SignedIn> {
-        let ended = self.session().take();
-        if ended.is_some() {
-            self.next_generation();
-        }
+        self.end_session_if(reason, None)
+    }
+
+    /// Ends the session unless the person behind it changed since `expected`.
+    fn end_session_if(&self, reason: String, expected: Option<u64>) -> Option<SignedIn> {
+        let ended = {
+            let mut current = self.session();
+            if expected.is_some_and(|g| g != self.generation()) {
+                return None;
+            }
+            let ended = current.take();
+            if ended.is_some() {
+                self.next_generation();
+            }
+            if let Err(e) = self.inner.store.clear() {
+                tracing::error!(error = %e, "the saved session could not be removed");
+            }
+            ended
+        };
         *self.life() = Life::default();
-        if let Err(e) = self.inner.store.clear() {
-            tracing::error!(error = %e, "the saved session could not be removed");
-        }
         if ended.is_some() {
             tracing::info!(%reason, "signed out");
             self.emit(Event::SignedOut { reason });

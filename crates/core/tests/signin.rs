@@ -859,3 +859,47 @@ async fn an_issuer_with_443_works_and_one_without_it_is_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("must match exactly"), "{err}");
 }
+
+#[tokio::test]
+async fn a_refresh_that_finishes_after_logout_does_not_bring_the_session_back() {
+    let credentials: Arc<keyring_core::CredentialStore> = keyring_core::mock::Store::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let store: Arc<dyn cis2_core::store::TokenStore> =
+        Arc::new(cis2_core::store::KeyringStore::open(data.path(), &credentials).unwrap());
+    let h = harness(Setup {
+        store: Some(store.clone()),
+        lifetimes: Lifetimes {
+            access_token: 3600,
+            ..Lifetimes::default()
+        },
+        // The provider session stays, so the late answer is a good one: only the agent can drop it.
+        session_toml: "[session]\nend_session_at_provider = false\n",
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    // The provider answers the refresh, but slowly; the clinician signs out meanwhile.
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "delay", "delay_ms": 800}))
+            .unwrap(),
+    );
+    let agent = h.agent.clone();
+    let renewing = tokio::spawn(async move {
+        agent
+            .token(TokenRequest {
+                min_valid_secs: Some(3600),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.agent.logout().await.unwrap();
+    let answer = renewing.await.unwrap();
+    assert_eq!(
+        answer.unwrap_err().code(),
+        -32001,
+        "the late refresh is dropped"
+    );
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    assert!(store.load().is_none(), "and not written back to the store");
+}

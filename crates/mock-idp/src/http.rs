@@ -94,30 +94,36 @@ fn no_store() -> [(header::HeaderName, &'static str); 2] {
     ]
 }
 
-/// Applies the fault injected for `target`, if any; `None` means serve normally.
-async fn fault(provider: &Provider, target: FaultTarget) -> Option<Response> {
+/// Applies the fault injected for `target`: `Err` is the answer to give instead; `Ok(Some(d))` means
+/// serve normally but hold the answer `d` (a slow provider: the work is done, the reply is late).
+async fn fault(provider: &Provider, target: FaultTarget) -> Result<Option<Duration>, Response> {
     match provider.take_fault(target) {
-        FaultMode::None => None,
-        FaultMode::Error500 => Some(
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                axum::Json(json!({"error": "server_error", "error_description": "injected fault"})),
-            )
-                .into_response(),
-        ),
-        FaultMode::Hang => {
+        (FaultMode::None, _) => Ok(None),
+        (FaultMode::Delay, ms) => Ok(Some(Duration::from_millis(ms))),
+        (FaultMode::Error500, _) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": "server_error", "error_description": "injected fault"})),
+        )
+            .into_response()),
+        (FaultMode::Hang, _) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+            Err(StatusCode::GATEWAY_TIMEOUT.into_response())
         }
-        FaultMode::Malformed => Some(
-            (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                "{\"access_token\": \"abc\", \"token_type\": ",
-            )
-                .into_response(),
-        ),
+        (FaultMode::Malformed, _) => Err((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"access_token\": \"abc\", \"token_type\": ",
+        )
+            .into_response()),
     }
+}
+
+/// Holds an answer as long as a `delay` fault asks.
+async fn late(delay: Option<Duration>, response: Response) -> Response {
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    response
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
@@ -186,17 +192,17 @@ fn flow_response(step: FlowStep) -> Response {
 }
 
 async fn discovery(State(provider): Shared) -> Response {
-    if let Some(response) = fault(&provider, FaultTarget::Discovery).await {
-        return response;
+    match fault(&provider, FaultTarget::Discovery).await {
+        Ok(delay) => late(delay, axum::Json(provider.discovery()).into_response()).await,
+        Err(response) => response,
     }
-    axum::Json(provider.discovery()).into_response()
 }
 
 async fn jwks(State(provider): Shared) -> Response {
-    if let Some(response) = fault(&provider, FaultTarget::Jwks).await {
-        return response;
+    match fault(&provider, FaultTarget::Jwks).await {
+        Ok(delay) => late(delay, axum::Json(provider.jwks()).into_response()).await,
+        Err(response) => response,
     }
-    axum::Json(provider.jwks()).into_response()
 }
 
 async fn authorize(
@@ -244,17 +250,21 @@ fn is_form(headers: &HeaderMap) -> bool {
 }
 
 async fn token(State(provider): Shared, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(response) = fault(&provider, FaultTarget::Token).await {
-        return response;
+    match fault(&provider, FaultTarget::Token).await {
+        Ok(delay) => late(delay, token_answer(&provider, &headers, &body).await).await,
+        Err(response) => response,
     }
-    if !is_form(&headers) {
+}
+
+async fn token_answer(provider: &Provider, headers: &HeaderMap, body: &Bytes) -> Response {
+    if !is_form(headers) {
         return oauth_error(OAuthError::new(
             400,
             "invalid_request",
             "the token request must be application/x-www-form-urlencoded",
         ));
     }
-    let form = match single_valued(&body) {
+    let form = match single_valued(body) {
         Ok(form) => form,
         Err(message) => return oauth_error(OAuthError::new(400, "invalid_request", message)),
     };
@@ -265,9 +275,13 @@ async fn token(State(provider): Shared, headers: HeaderMap, body: Bytes) -> Resp
 }
 
 async fn userinfo(State(provider): Shared, headers: HeaderMap) -> Response {
-    if let Some(response) = fault(&provider, FaultTarget::Userinfo).await {
-        return response;
+    match fault(&provider, FaultTarget::Userinfo).await {
+        Ok(delay) => late(delay, userinfo_answer(&provider, &headers)).await,
+        Err(response) => response,
     }
+}
+
+fn userinfo_answer(provider: &Provider, headers: &HeaderMap) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

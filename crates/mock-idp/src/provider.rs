@@ -94,6 +94,8 @@ pub enum FaultMode {
     Hang,
     /// 200 with a body that is not JSON.
     Malformed,
+    /// Answers normally, after `delay_ms` (a slow provider, for race tests).
+    Delay,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -113,6 +115,9 @@ pub struct FaultRequest {
     /// How many requests it applies to; absent: until changed.
     #[serde(default)]
     pub count: Option<u32>,
+    /// For `delay`: how long, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
 }
 
 /// How the next ID token is to be spoiled: the per-test expectation that drives a relying party's
@@ -264,7 +269,7 @@ struct Inner {
     access_tokens: HashMap<String, TokenGrant>,
     refresh_tokens: HashMap<String, TokenGrant>,
     used_jtis: HashMap<String, u64>,
-    faults: HashMap<FaultTarget, (FaultMode, Option<u32>)>,
+    faults: HashMap<FaultTarget, (FaultMode, Option<u32>, u64)>,
     next_token: Option<TokenExpectation>,
     clock_offset_secs: i64,
     deliveries: Vec<Delivery>,
@@ -417,23 +422,28 @@ impl Provider {
         if request.mode == FaultMode::None {
             inner.faults.remove(&request.endpoint);
         } else {
-            inner
-                .faults
-                .insert(request.endpoint, (request.mode, request.count));
+            inner.faults.insert(
+                request.endpoint,
+                (
+                    request.mode,
+                    request.count,
+                    request.delay_ms.unwrap_or(1000),
+                ),
+            );
         }
     }
 
     /// The fault for one request to `target`, counting it down.
-    pub fn take_fault(&self, target: FaultTarget) -> FaultMode {
+    pub fn take_fault(&self, target: FaultTarget) -> (FaultMode, u64) {
         let mut inner = self.lock();
-        let Some((mode, count)) = inner.faults.get_mut(&target) else {
-            return FaultMode::None;
+        let Some((mode, count, delay_ms)) = inner.faults.get_mut(&target) else {
+            return (FaultMode::None, 0);
         };
-        let mode = *mode;
+        let (mode, delay_ms) = (*mode, *delay_ms);
         match count {
             Some(0) => {
                 inner.faults.remove(&target);
-                return FaultMode::None;
+                return (FaultMode::None, 0);
             }
             Some(n) => {
                 *n -= 1;
@@ -443,7 +453,7 @@ impl Provider {
             }
             None => {}
         }
-        mode
+        (mode, delay_ms)
     }
 
     pub fn expect_next_token(&self, expectation: TokenExpectation) {

@@ -138,18 +138,20 @@ pub async fn call(
             ),
         ));
     }
+    // What a client asked for is recorded, but never more than a line's worth of it.
+    let short = |v: &str| v.chars().take(256).collect::<String>();
     let (audience, scope) = match method {
         "token" => (
             request
                 .params
                 .get("audience")
                 .and_then(Value::as_str)
-                .map(str::to_string),
+                .map(short),
             request
                 .params
                 .get("scope")
                 .and_then(Value::as_str)
-                .map(str::to_string),
+                .map(short),
         ),
         _ => (None, None),
     };

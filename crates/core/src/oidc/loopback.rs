@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const CALLBACK_PATH: &str = "/callback";
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections read at once (a browser opens a few; anything more is noise).
+const MAX_CONNECTIONS: usize = 8;
 
 /// Why no code came back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,14 +123,25 @@ impl LoopbackListener {
         timeout: Duration,
     ) -> Result<Callback, CallbackError> {
         let (tx, mut rx) = mpsc::channel::<Incoming>(16);
+        let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        tokio::spawn(read_request(stream, tx.clone()));
-                    }
-                }
+                accepted = self.listener.accept() => match accepted {
+                    // At most a few connections are read at once; the rest wait in the backlog.
+                    Ok((stream, _)) => match connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                read_request(stream, tx).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => drop(stream),
+                    },
+                    // Out of file descriptors or the like: do not spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
                 Some(incoming) = rx.recv() => {
                     let received_at = Instant::now();
                     match judge(&incoming, expected_state, issuer) {
@@ -206,12 +219,17 @@ async fn read_request(mut stream: TcpStream, tx: mpsc::Sender<Incoming>) {
     let head = tokio::time::timeout(REQUEST_READ_TIMEOUT, async {
         let mut head = Vec::with_capacity(1024);
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+        loop {
             let n = stream.read(&mut buf).await.ok()?;
             if n == 0 {
                 break;
             }
+            // Only the new bytes (and the three before them) can complete the end of the head.
+            let from = head.len().saturating_sub(3);
             head.extend_from_slice(&buf[..n]);
+            if head[from..].windows(4).any(|w| w == b"\r\n\r\n") || head.len() >= MAX_REQUEST_HEAD {
+                break;
+            }
         }
         Some(head)
     })

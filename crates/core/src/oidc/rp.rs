@@ -80,6 +80,9 @@ impl SignInError {
     }
 }
 
+/// A provider's `expires_in` beyond this is treated as this (a garbage value must not overflow).
+const MAX_TOKEN_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+
 pub struct RelyingParty {
     pub discovery: Discovery,
     pub settings: ClientSettings,
@@ -281,7 +284,12 @@ impl RelyingParty {
                 .or_else(|| previous.and_then(|p| p.sid.clone())),
             sub,
             access_token: tokens.access_token,
-            expires_at: now + tokens.expires_in.unwrap_or(300),
+            expires_at: now.saturating_add(
+                tokens
+                    .expires_in
+                    .unwrap_or(300)
+                    .clamp(1, MAX_TOKEN_LIFETIME_SECS),
+            ),
             refresh_token: tokens.refresh_token,
             id_token,
             callback_to_done: None,

@@ -64,6 +64,8 @@ pub enum IdTokenError {
     WrongNonce,
     #[error("the authentication is older than max_age ({max_age} seconds) allows")]
     AuthTooOld { max_age: u64 },
+    #[error("the authentication time (auth_time) is in the future; check this computer's clock")]
+    AuthInFuture,
     #[error("the sign-in used assurance {got:?}, weaker than the {asked:?} this service requires")]
     AcrTooWeak { asked: String, got: String },
     #[error("the ID token's at_hash does not match the access token")]
@@ -156,11 +158,11 @@ pub fn check_claims(
         _ => {}
     }
     let exp = number("exp").ok_or(IdTokenError::MissingClaim("exp"))?;
-    if expected.now >= exp + CLOCK_SKEW_SECS {
+    if expected.now >= exp.saturating_add(CLOCK_SKEW_SECS) {
         return Err(IdTokenError::Expired);
     }
     let iat = number("iat").ok_or(IdTokenError::MissingClaim("iat"))?;
-    if iat > expected.now + CLOCK_SKEW_SECS {
+    if iat > expected.now.saturating_add(CLOCK_SKEW_SECS) {
         return Err(IdTokenError::IssuedInFuture);
     }
     if let Some(nonce) = expected.nonce {
@@ -172,13 +174,26 @@ pub fn check_claims(
     }
     if let Some(max_age) = expected.max_age {
         let auth_time = number("auth_time").ok_or(IdTokenError::MissingClaim("auth_time"))?;
-        if expected.now > auth_time + max_age + CLOCK_SKEW_SECS {
+        if auth_time > expected.now.saturating_add(CLOCK_SKEW_SECS) {
+            return Err(IdTokenError::AuthInFuture);
+        }
+        if expected.now
+            > auth_time
+                .saturating_add(max_age)
+                .saturating_add(CLOCK_SKEW_SECS)
+        {
             return Err(IdTokenError::AuthTooOld { max_age });
         }
     }
     if let Some(asked) = expected.acr_values.filter(|a| !a.trim().is_empty()) {
         // The weakest value asked is the floor (the provider may satisfy any of them).
-        let floor = asked.split_whitespace().map(acr_level).min().unwrap_or(0);
+        // Values the agent does not know are not a floor of 0: they are left out.
+        let floor = asked
+            .split_whitespace()
+            .map(acr_level)
+            .filter(|level| *level > 0)
+            .min()
+            .unwrap_or(0);
         let got = text("acr").ok_or(IdTokenError::MissingClaim("acr"))?;
         if acr_level(got) < floor {
             return Err(IdTokenError::AcrTooWeak {
@@ -271,6 +286,33 @@ mod tests {
                 "{change}: got {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_auth_time_in_the_future_and_huge_numbers_are_refused_without_overflow() {
+        assert_eq!(
+            check_claims(
+                &with(json!({"auth_time": NOW + 600})),
+                Alg::RS256,
+                &expected()
+            ),
+            Err(IdTokenError::AuthInFuture)
+        );
+        let huge = with(json!({"exp": u64::MAX, "auth_time": 0u64}));
+        assert_eq!(
+            check_claims(&huge, Alg::RS256, &expected()),
+            Err(IdTokenError::AuthTooOld { max_age: 300 })
+        );
+    }
+
+    #[test]
+    fn an_unknown_acr_value_does_not_lower_the_floor() {
+        let mut exp = expected();
+        exp.acr_values = Some("SOMETHING_NEW AAL3_ANY");
+        assert!(matches!(
+            check_claims(&with(json!({"acr": "AAL2_ANY"})), Alg::RS256, &exp),
+            Err(IdTokenError::AcrTooWeak { .. })
+        ));
     }
 
     #[test]
