@@ -1074,9 +1074,7 @@ impl Agent {
     /// Signs out here at once, then ends the session at the provider in the background (best effort:
     /// the clinician is signed out locally whatever the provider does).
     pub async fn logout(&self) -> Result<(), AgentError> {
-        if let Some(ended) = self.end_session("signed out".into()) {
-            self.end_at_provider_later(ended);
-        }
+        self.sign_out_for("signed out").await;
         Ok(())
     }
 }

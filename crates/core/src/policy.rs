@@ -157,10 +157,9 @@ impl Grant {
     pub fn everything(source: &str) -> Grant {
         Grant {
             source: source.into(),
-            methods: DEFAULT_METHODS
+            methods: crate::config::CLIENT_METHODS
                 .iter()
                 .map(|m| m.to_string())
-                .chain(["logout".to_string()])
                 .collect(),
             audiences: Vec::new(),
             scopes: Vec::new(),

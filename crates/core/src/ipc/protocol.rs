@@ -12,15 +12,8 @@ pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 
-pub const METHODS: [&str; 7] = [
-    "status",
-    "login",
-    "whoami",
-    "token",
-    "change_role",
-    "logout",
-    "subscribe",
-];
+/// The methods of the protocol: the same list `[[clients]] methods` is checked against.
+pub const METHODS: [&str; 7] = crate::config::CLIENT_METHODS;
 
 /// A request that passed the JSON-RPC checks.
 #[derive(Debug, Clone)]
