@@ -157,25 +157,49 @@ pub fn json(output: &Output) -> serde_json::Value {
 /// A private D-Bus session bus with an unlocked GNOME Keyring on it: the real Secret Service, as CI
 /// has it (packages `dbus-daemon`, `gnome-keyring`). Stopped on drop.
 pub struct SecretService {
-    bus: Child,
     keyring: Child,
+    /// Kept for its Drop: the bus stops after the keyring.
+    _bus: PrivateBus,
     pub address: String,
     _home: tempfile::TempDir,
 }
 
-impl SecretService {
-    pub fn start() -> SecretService {
-        let home = tempfile::tempdir().unwrap();
-        let mut bus = Command::new("dbus-daemon")
+/// A private D-Bus daemon of the tests' own (Debian package dbus-daemon); stopped on drop.
+pub struct PrivateBus {
+    daemon: Child,
+    pub address: String,
+}
+
+impl PrivateBus {
+    pub fn start() -> PrivateBus {
+        let mut daemon = Command::new("dbus-daemon")
             .args(["--session", "--nofork", "--print-address=1"])
             .stdout(Stdio::piped())
             .spawn()
             .expect("dbus-daemon (Debian package dbus-daemon) starts");
         let mut address = String::new();
-        BufReader::new(bus.stdout.take().unwrap())
+        BufReader::new(daemon.stdout.take().unwrap())
             .read_line(&mut address)
             .unwrap();
-        let address = address.trim().to_string();
+        PrivateBus {
+            daemon,
+            address: address.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+impl SecretService {
+    pub fn start() -> SecretService {
+        let home = tempfile::tempdir().unwrap();
+        let bus = PrivateBus::start();
+        let address = bus.address.clone();
         let runtime = home.path().join("run");
         std::fs::create_dir_all(&runtime).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -222,7 +246,7 @@ impl SecretService {
             std::thread::sleep(Duration::from_millis(100));
         }
         SecretService {
-            bus,
+            _bus: bus,
             keyring,
             address,
             _home: home,
@@ -232,10 +256,9 @@ impl SecretService {
 
 impl Drop for SecretService {
     fn drop(&mut self) {
+        // The keyring goes first; the bus, a field, is stopped when the fields drop after this.
         let _ = self.keyring.kill();
         let _ = self.keyring.wait();
-        let _ = self.bus.kill();
-        let _ = self.bus.wait();
     }
 }
 

@@ -2,52 +2,33 @@
 //! that emits the session's Lock and Unlock signals; the agent listens with the code that listens to
 //! the real logind, only the bus address differs.
 
-use cis2_system_tests::{Agent, Process, json, stderr};
-use std::io::{BufRead, BufReader};
+use cis2_system_tests::{Agent, PrivateBus, Process, json, stderr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 struct Bus {
-    daemon: Child,
-    address: String,
     _logind: Process,
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-    }
+    bus: PrivateBus,
 }
 
 fn bus_with_logind() -> Bus {
-    let mut daemon = Command::new("dbus-daemon")
-        .args(["--session", "--nofork", "--print-address=1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("dbus-daemon");
-    let mut address = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut address)
-        .unwrap();
-    let address = address.trim().to_string();
+    let bus = PrivateBus::start();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins/logind.py");
     let mut command = Command::new("/usr/bin/python3");
-    command.arg(script).arg(&address);
+    command.arg(script).arg(&bus.address);
     let mut logind = Process::start(command);
     logind.wait_for("ready", Duration::from_secs(20));
     Bus {
-        daemon,
-        address,
         _logind: logind,
+        bus,
     }
 }
 
 fn emit(bus: &Bus, member: &str) {
     let out = Command::new("dbus-send")
         .args([
-            &format!("--bus={}", bus.address),
+            &format!("--bus={}", bus.bus.address),
             "--print-reply",
             "--dest=org.freedesktop.login1",
             "/org/freedesktop/login1/session/_31",
@@ -89,7 +70,7 @@ fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_i
     let agent = Agent::start(
         dir.path(),
         &["--config", config.to_str().unwrap()],
-        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())],
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.bus.address.as_str())],
     );
     assert!(agent.ctl(&["login"]).status.success());
     let mut watcher = {
@@ -139,7 +120,7 @@ fn with_sign_out_configured_an_os_lock_ends_the_session() {
     let agent = Agent::start(
         dir.path(),
         &["--config", config.to_str().unwrap()],
-        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())],
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.bus.address.as_str())],
     );
     assert!(agent.ctl(&["login"]).status.success());
     emit(&bus, "EmitLock");
