@@ -10,7 +10,7 @@ use cis2_core::clock::SystemClock;
 use cis2_core::http::HttpClient;
 use cis2_core::oidc::discovery::Discovery;
 use cis2_core::oidc::exchange::ClientAuth;
-use cis2_core::oidc::rp::{ClientSettings, RelyingParty};
+use cis2_core::oidc::rp::{ClientSettings, Exchange, RelyingParty};
 use cis2_jose::{Alg, SigningKey};
 use cis2_mock_idp::browser::{Script, ScriptedBrowser};
 use cis2_mock_idp::{Client, Options};
@@ -47,7 +47,7 @@ async fn main() {
         ),
         settings: ClientSettings {
             client_id: "bench.apps.national".into(),
-            auth: ClientAuth::PrivateKeyJwt(Box::new(key)),
+            exchange: Exchange::Direct(ClientAuth::PrivateKeyJwt(Box::new(key))),
             scopes: [
                 "openid",
                 "profile",

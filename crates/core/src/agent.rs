@@ -10,7 +10,8 @@ use crate::http::HttpClient;
 use crate::oidc::claims::User;
 use crate::oidc::discovery::Discovery;
 use crate::oidc::exchange::ClientAuth;
-use crate::oidc::rp::{ClientSettings, RelyingParty, SignInError, SignedIn};
+use crate::oidc::relay::RelayClient;
+use crate::oidc::rp::{ClientSettings, Exchange, RelyingParty, SignInError, SignedIn};
 use crate::peer::{Identifier, Peer};
 use crate::policy::{self, Approver, Decisions, Grant, Verdict};
 use crate::secret::Secret;
@@ -214,10 +215,25 @@ pub enum StartError {
     Sandbox(String),
 }
 
-fn client_auth(config: &Config) -> Result<ClientAuth, StartError> {
+/// How long the agent waits for the relay, which itself waits for the provider.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn exchange(config: &Config) -> Result<Exchange, StartError> {
     let Some(provider) = &config.provider else {
-        return Ok(ClientAuth::None);
+        return Ok(Exchange::Direct(ClientAuth::None));
     };
+    if provider.exchange.method == ExchangeMethod::Relay {
+        let url = provider.exchange.relay_url.clone().unwrap_or_default();
+        let ca = cis2_oidc::http::read_ca_file(provider.ca_file.as_deref())
+            .map_err(StartError::Config)?;
+        return RelayClient::new(&url, ca.as_deref(), RELAY_TIMEOUT)
+            .map(Exchange::Relay)
+            .map_err(StartError::Config);
+    }
+    client_auth(provider).map(Exchange::Direct)
+}
+
+fn client_auth(provider: &crate::config::ProviderConfig) -> Result<ClientAuth, StartError> {
     let exchange = &provider.exchange;
     match exchange.method {
         ExchangeMethod::None => Ok(ClientAuth::None),
@@ -232,8 +248,9 @@ fn client_auth(config: &Config) -> Result<ClientAuth, StartError> {
         }
         ExchangeMethod::PrivateKeyJwt => {
             let path = exchange.key_file.clone().unwrap_or_default();
-            let pem = std::fs::read_to_string(&path)
-                .map_err(|e| StartError::Config(format!("cannot read key_file {}: {e}", path.display())))?;
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                StartError::Config(format!("cannot read key_file {}: {e}", path.display()))
+            })?;
             let alg = match exchange.alg {
                 SigningAlg::RS256 => Alg::RS256,
                 SigningAlg::RS512 => Alg::RS512,
@@ -243,9 +260,7 @@ fn client_auth(config: &Config) -> Result<ClientAuth, StartError> {
             Ok(ClientAuth::PrivateKeyJwt(Box::new(key)))
         }
         ExchangeMethod::Relay => Err(StartError::Config(
-            "[provider.exchange] method = \"relay\" is not available in this build yet (cis2-relay is still to come); \
-             use private_key_jwt, client_secret_post or none for now"
-                .into(),
+            "the relay is not a client authentication method".into(),
         )),
     }
 }
@@ -304,7 +319,7 @@ impl Agent {
         let settings = match &settings_from {
             Some(p) => ClientSettings {
                 client_id,
-                auth: client_auth(&config)?,
+                exchange: exchange(&config)?,
                 scopes: p.scopes.clone(),
                 acr_values: p.acr_values.clone(),
                 prompt: p.prompt.clone(),
@@ -314,7 +329,7 @@ impl Agent {
             },
             None => ClientSettings {
                 client_id,
-                auth: ClientAuth::None,
+                exchange: Exchange::Direct(ClientAuth::None),
                 scopes: crate::config::DEFAULT_SCOPES
                     .iter()
                     .map(|s| s.to_string())
@@ -359,6 +374,12 @@ impl Agent {
             }),
         };
         agent.restore();
+        if let Exchange::Relay(relay) = &agent.inner.rp.settings.exchange {
+            tokio::spawn(watch_relay_logout(
+                Arc::downgrade(&agent.inner),
+                relay.clone(),
+            ));
+        }
         let weak = Arc::downgrade(&agent.inner);
         tokio::spawn(async move {
             loop {
@@ -1076,6 +1097,68 @@ impl Agent {
     pub async fn logout(&self) -> Result<(), AgentError> {
         self.sign_out_for("signed out").await;
         Ok(())
+    }
+}
+
+/// The reason every client is given when CIS2's back-channel logout reaches the agent.
+pub const ENDED_AT_CIS2: &str =
+    "the Care Identity session was ended centrally (signed out elsewhere or by an administrator)";
+/// The longest wait between attempts to reopen the relay's event stream.
+const RELAY_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// While someone is signed in, keeps the relay's event stream for their CIS2 session (`sid`) open and
+/// signs them out when the relay reports the session ended. Reconnects with backoff; follows hand-overs.
+async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let watched = {
+            let Some(inner) = weak.upgrade() else { return };
+            let agent = Agent { inner };
+            let session = agent.session();
+            let ids = session
+                .as_ref()
+                .and_then(|s| Some((s.sid.clone()?, s.sub.clone())));
+            drop(session);
+            ids.map(|(sid, sub)| (sid, sub, agent.generation()))
+        };
+        let Some((sid, sub, generation)) = watched else {
+            tokio::time::sleep(LIFECYCLE_TICK).await;
+            continue;
+        };
+        let session_changed = {
+            let weak = weak.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(LIFECYCLE_TICK).await;
+                    let current = weak.upgrade().map(|inner| Agent { inner }.generation());
+                    if current != Some(generation) {
+                        return;
+                    }
+                }
+            }
+        };
+        let opened = std::sync::atomic::AtomicBool::new(false);
+        tokio::select! {
+            ended = relay.wait_for_logout(&sid, &sub, || opened.store(true, std::sync::atomic::Ordering::Relaxed)) => {
+                if opened.load(std::sync::atomic::Ordering::Relaxed) {
+                    retry = Duration::from_secs(1);
+                }
+                match ended {
+                    Ok(()) => {
+                        let Some(inner) = weak.upgrade() else { return };
+                        // CIS2 has already ended the session there: nothing to revoke or end remotely.
+                        Agent { inner }.end_session_if(ENDED_AT_CIS2.into(), Some(generation));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_secs = retry.as_secs(), "the relay's logout events are not reaching the agent; retrying");
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+                        tokio::time::sleep(retry + jitter).await;
+                        retry = (retry * 2).min(RELAY_RETRY_MAX);
+                    }
+                }
+            }
+            () = session_changed => {}
+        }
     }
 }
 

@@ -5,14 +5,15 @@
 
 pub mod agent;
 pub mod audit;
-pub mod browser;
-pub mod clock;
 pub mod config;
-pub mod http;
 pub mod ipc;
-pub mod oidc;
 pub mod peer;
 pub mod policy;
-pub mod secret;
 pub mod store;
 pub mod workstation;
+
+// The relying party is its own crate so the relay shares it; these keep the agent's paths.
+pub use cis2_oidc::{browser, clock, http, secret};
+pub mod oidc {
+    pub use cis2_oidc::{authorize, claims, discovery, exchange, loopback, relay, rp, validate};
+}

@@ -16,7 +16,7 @@ pub mod keys;
 pub mod model;
 pub mod pages;
 pub mod provider;
-pub mod tls;
+pub use cis2_tls as tls;
 
 pub use model::{Authenticator, Client, ClientAuthMethod, User};
 pub use provider::{Lifetimes, Provider, REALM_PATH};

@@ -53,38 +53,30 @@ pub struct HttpClient {
 impl HttpClient {
     /// `extra_ca_pem`: PEM certificates to trust beside the system's roots.
     pub fn new(extra_ca_pem: Option<&str>, timeout: Duration) -> Result<HttpClient, String> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .min_tls_version(reqwest::tls::Version::TLS_1_2)
-            .redirect(reqwest::redirect::Policy::none())
+        let client = builder(extra_ca_pem)?
             .connect_timeout(Duration::from_secs(5).min(timeout))
             .timeout(timeout)
-            .user_agent(concat!("cis2-agent/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| format!("the extra CA file is not PEM certificates: {e}"))?;
-            if certs.is_empty() {
-                return Err("the extra CA file holds no certificate".into());
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder
             .build()
             .map_err(|e| format!("cannot set up HTTPS: {e}"))?;
         Ok(HttpClient { client, timeout })
     }
 
+    /// For a long-lived answer (server-sent events): no total timeout, but a connection that stays
+    /// silent for `idle` counts as dead.
+    pub fn streaming(extra_ca_pem: Option<&str>, idle: Duration) -> Result<HttpClient, String> {
+        let client = builder(extra_ca_pem)?
+            .connect_timeout(Duration::from_secs(5).min(idle))
+            .read_timeout(idle)
+            .build()
+            .map_err(|e| format!("cannot set up HTTPS: {e}"))?;
+        Ok(HttpClient {
+            client,
+            timeout: idle,
+        })
+    }
+
     pub fn with_ca_file(path: Option<&Path>, timeout: Duration) -> Result<HttpClient, String> {
-        let pem = match path {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?,
-            ),
-            None => None,
-        };
-        HttpClient::new(pem.as_deref(), timeout)
+        HttpClient::new(read_ca_file(path)?.as_deref(), timeout)
     }
 
     pub fn inner(&self) -> &reqwest::Client {
@@ -164,6 +156,35 @@ impl HttpClient {
         }
         Ok((status, body))
     }
+}
+
+/// The text of the extra CA file, if one is configured.
+pub fn read_ca_file(path: Option<&Path>) -> Result<Option<String>, String> {
+    match path {
+        Some(path) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display())),
+        None => Ok(None),
+    }
+}
+
+fn builder(extra_ca_pem: Option<&str>) -> Result<reqwest::ClientBuilder, String> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("cis2-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = extra_ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+            .map_err(|e| format!("the extra CA file is not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("the extra CA file holds no certificate".into());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
 }
 
 /// The error and its causes in one line (reqwest hides the useful part, e.g. a certificate problem).

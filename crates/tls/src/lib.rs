@@ -1,4 +1,5 @@
-//! HTTPS for the provider: a rustls acceptor (TLS 1.2 and 1.3, ring) behind axum's `Listener`.
+//! HTTPS for the sandbox provider and the relay: a rustls acceptor (TLS 1.2 and 1.3, ring) behind axum's
+//! `Listener`, so either serves HTTPS from a PEM certificate and key with the same code.
 
 use axum::serve::Listener;
 use std::io;

@@ -7,6 +7,7 @@ use super::claims::User;
 use super::discovery::{Discovery, DiscoveryError, ProviderMetadata};
 use super::exchange::{ClientAuth, TokenEndpoint, TokenResponse};
 use super::loopback::{CallbackError, LoopbackListener};
+use super::relay::{RelayClient, RelayTokens};
 use super::validate::{self, Expected, IdTokenError};
 use crate::browser::Browser;
 use crate::clock::SharedClock;
@@ -16,11 +17,20 @@ use cis2_jose::Alg;
 use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
 
+/// How a code (or a refresh token) becomes tokens.
+#[derive(Debug, Clone)]
+pub enum Exchange {
+    /// This program calls the token endpoint itself, authenticating as the client.
+    Direct(ClientAuth),
+    /// The vendor's `cis2-relay` holds the client key and calls the token endpoint (CIS2 production).
+    Relay(RelayClient),
+}
+
 /// The client registration and what to ask for.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     pub client_id: String,
-    pub auth: ClientAuth,
+    pub exchange: Exchange,
     pub scopes: Vec<String>,
     pub acr_values: Option<String>,
     pub prompt: Option<String>,
@@ -65,6 +75,8 @@ pub enum SignInError {
     UserinfoSubjectMismatch,
     #[error("the refreshed tokens are for another person (sub changed)")]
     SubjectChanged,
+    #[error("the relay's answer is about another person than its ID token")]
+    RelaySubjectMismatch,
     #[error("the provider refused the refresh token: the session has ended there ({0})")]
     RefreshRefused(String),
 }
@@ -89,7 +101,19 @@ pub struct RelyingParty {
     pub clock: SharedClock,
 }
 
-fn accepted_algs(metadata: &ProviderMetadata) -> Vec<Alg> {
+/// A refresh without a new ID token: assurance and role choice stay the sign-in's.
+fn keep_sign_in_choices(user: &mut User, previous: Option<&SignedIn>) {
+    let Some(previous) = previous else { return };
+    user.assurance = previous.user.assurance.clone();
+    let chosen = previous.user.selected_role.as_ref().map(|r| r.id.as_str());
+    user.selected_role = user
+        .roles
+        .iter()
+        .find(|r| Some(r.id.as_str()) == chosen)
+        .cloned();
+}
+
+pub fn accepted_algs(metadata: &ProviderMetadata) -> Vec<Alg> {
     match &metadata.id_token_signing_alg_values_supported {
         Some(list) => {
             let algs: Vec<Alg> = list.iter().filter_map(|a| Alg::parse(a)).collect();
@@ -108,12 +132,16 @@ impl RelyingParty {
         self.discovery.issuer()
     }
 
-    fn token_endpoint<'a>(&'a self, metadata: &'a ProviderMetadata) -> TokenEndpoint<'a> {
+    fn token_endpoint<'a>(
+        &'a self,
+        metadata: &'a ProviderMetadata,
+        auth: &'a ClientAuth,
+    ) -> TokenEndpoint<'a> {
         TokenEndpoint {
             http: self.discovery.http(),
             url: &metadata.token_endpoint,
             client_id: &self.settings.client_id,
-            auth: &self.settings.auth,
+            auth,
             now: self.clock.now(),
         }
     }
@@ -160,23 +188,48 @@ impl RelyingParty {
                 timeout.unwrap_or(self.settings.login_timeout),
             )
             .await?;
-        let (tokens, mut provider_time) = self
-            .token_endpoint(&metadata)
-            .exchange_code(&callback.code, &request.code_verifier, &redirect_uri)
-            .await
-            .map_err(SignInError::Exchange)?;
         let mut signed_in = self
-            .finish(
+            .redeem_code(
                 &metadata,
-                tokens,
+                &callback.code,
+                &request.code_verifier,
+                &redirect_uri,
                 Some(&request.nonce),
-                None,
-                &mut provider_time,
             )
             .await?;
         signed_in.callback_to_done = Some(callback.received_at.elapsed());
-        signed_in.provider_time = provider_time;
         Ok(signed_in)
+    }
+
+    /// A code from the provider's redirect → validated tokens and the user. `nonce` is `None` only in the
+    /// relay, which never sees the authorization request (the agent checks the nonce on its side).
+    pub async fn redeem_code(
+        &self,
+        metadata: &ProviderMetadata,
+        code: &Secret,
+        code_verifier: &Secret,
+        redirect_uri: &str,
+        nonce: Option<&str>,
+    ) -> Result<SignedIn, SignInError> {
+        match &self.settings.exchange {
+            Exchange::Direct(auth) => {
+                let (tokens, mut provider_time) = self
+                    .token_endpoint(metadata, auth)
+                    .exchange_code(code, code_verifier, redirect_uri)
+                    .await
+                    .map_err(SignInError::Exchange)?;
+                self.finish(metadata, tokens, nonce, None, false, &mut provider_time)
+                    .await
+            }
+            Exchange::Relay(relay) => {
+                let (answer, relay_time) = relay
+                    .token(code, code_verifier, redirect_uri)
+                    .await
+                    .map_err(SignInError::Exchange)?;
+                self.from_relay(metadata, answer, nonce, None, relay_time)
+                    .await
+            }
+        }
     }
 
     /// Renews with the refresh token. The person must stay the same.
@@ -185,22 +238,7 @@ impl RelyingParty {
         refresh_token: &Secret,
         previous: &SignedIn,
     ) -> Result<SignedIn, SignInError> {
-        let metadata = self.discovery.metadata().await?;
-        let (tokens, _) = self
-            .token_endpoint(&metadata)
-            .refresh(refresh_token)
-            .await
-            .map_err(|e| match &e {
-                ProviderError::Status {
-                    oauth_error: Some(code),
-                    ..
-                } if code == "invalid_grant" => SignInError::RefreshRefused(e.to_string()),
-                _ => SignInError::Exchange(e),
-            })?;
-        let mut provider_time = Duration::ZERO;
-        let mut renewed = self
-            .finish(&metadata, tokens, None, Some(previous), &mut provider_time)
-            .await?;
+        let mut renewed = self.redeem_refresh(refresh_token, Some(previous)).await?;
         if renewed.sub != previous.sub {
             return Err(SignInError::SubjectChanged);
         }
@@ -211,12 +249,110 @@ impl RelyingParty {
         Ok(renewed)
     }
 
+    /// A refresh token → validated tokens and the user. `previous` is the session being renewed; the
+    /// relay, which keeps no sessions, passes `None` and takes the person from the new ID token or
+    /// from userinfo.
+    pub async fn redeem_refresh(
+        &self,
+        refresh_token: &Secret,
+        previous: Option<&SignedIn>,
+    ) -> Result<SignedIn, SignInError> {
+        let metadata = self.discovery.metadata().await?;
+        let refused = |e: ProviderError| match &e {
+            ProviderError::Status {
+                oauth_error: Some(code),
+                ..
+            } if code == "invalid_grant" => SignInError::RefreshRefused(e.to_string()),
+            _ => SignInError::Exchange(e),
+        };
+        match &self.settings.exchange {
+            Exchange::Direct(auth) => {
+                let (tokens, _) = self
+                    .token_endpoint(&metadata, auth)
+                    .refresh(refresh_token)
+                    .await
+                    .map_err(refused)?;
+                let mut provider_time = Duration::ZERO;
+                self.finish(&metadata, tokens, None, previous, true, &mut provider_time)
+                    .await
+            }
+            Exchange::Relay(relay) => {
+                let (answer, relay_time) = relay.refresh(refresh_token).await.map_err(refused)?;
+                self.from_relay(&metadata, answer, None, previous, relay_time)
+                    .await
+            }
+        }
+    }
+
+    /// The relay's answer, checked here too: the ID token is validated by the agent's own rules (the
+    /// nonce only the agent knows included) and must be about the person the relay fetched.
+    async fn from_relay(
+        &self,
+        metadata: &ProviderMetadata,
+        answer: RelayTokens,
+        nonce: Option<&str>,
+        previous: Option<&SignedIn>,
+        relay_time: Duration,
+    ) -> Result<SignedIn, SignInError> {
+        let now = self.clock.now();
+        let (id_token, claims) = match (&answer.id_token, previous) {
+            (Some(id_token), _) => {
+                let claims = self
+                    .validate_id_token(
+                        metadata,
+                        id_token.expose(),
+                        nonce,
+                        previous.is_none(),
+                        answer.access_token.expose(),
+                    )
+                    .await?;
+                (id_token.clone(), claims)
+            }
+            (None, Some(previous)) => (previous.id_token.clone(), Map::new()),
+            (None, None) => return Err(SignInError::NoIdToken),
+        };
+        let sub = match claims.get("sub").and_then(Value::as_str) {
+            Some(sub) => sub.to_string(),
+            None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
+        };
+        if answer.sub != sub {
+            return Err(SignInError::RelaySubjectMismatch);
+        }
+        let mut user = answer.user;
+        if claims.is_empty() {
+            keep_sign_in_choices(&mut user, previous);
+        } else {
+            user.assurance = User::from_claims(&claims, &Map::new()).assurance;
+        }
+        Ok(SignedIn {
+            user,
+            sid: claims
+                .get("sid")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or_else(|| previous.and_then(|p| p.sid.clone())),
+            sub,
+            access_token: answer.access_token,
+            expires_at: now.saturating_add(
+                answer
+                    .expires_in
+                    .unwrap_or_else(|| answer.expires_at.saturating_sub(now))
+                    .clamp(1, MAX_TOKEN_LIFETIME_SECS),
+            ),
+            refresh_token: answer.refresh_token,
+            id_token,
+            callback_to_done: None,
+            provider_time: relay_time,
+        })
+    }
+
     async fn finish(
         &self,
         metadata: &ProviderMetadata,
         tokens: TokenResponse,
         nonce: Option<&str>,
         previous: Option<&SignedIn>,
+        refreshing: bool,
         provider_time: &mut Duration,
     ) -> Result<SignedIn, SignInError> {
         let now = self.clock.now();
@@ -227,7 +363,7 @@ impl RelyingParty {
                         metadata,
                         id_token.expose(),
                         nonce,
-                        previous.is_none(),
+                        !refreshing,
                         tokens.access_token.expose(),
                     )
                     .await?;
@@ -235,9 +371,13 @@ impl RelyingParty {
             }
             // A refresh without a new ID token keeps the claims of the sign-in.
             (None, Some(previous)) => (previous.id_token.clone(), Map::new()),
+            // The relay's refresh without one: the person is who userinfo says the token is for.
+            (None, None) if refreshing && metadata.userinfo_endpoint.is_some() => {
+                (Secret::new(""), Map::new())
+            }
             (None, None) => return Err(SignInError::NoIdToken),
         };
-        let sub = match claims.get("sub").and_then(Value::as_str) {
+        let mut sub = match claims.get("sub").and_then(Value::as_str) {
             Some(sub) => sub.to_string(),
             None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
         };
@@ -255,25 +395,22 @@ impl RelyingParty {
                     .await
                     .map_err(SignInError::Userinfo)?;
                 *provider_time += started.elapsed();
-                if info.get("sub").and_then(Value::as_str) != Some(sub.as_str()) {
+                let info_sub = info.get("sub").and_then(Value::as_str);
+                if sub.is_empty() {
+                    sub = info_sub.unwrap_or_default().to_string();
+                } else if info_sub != Some(sub.as_str()) {
                     return Err(SignInError::UserinfoSubjectMismatch);
                 }
                 info
             }
             None => Map::new(),
         };
+        if sub.is_empty() {
+            return Err(SignInError::NoIdToken);
+        }
         let mut user = User::from_claims(&claims, &info);
-        if claims.is_empty()
-            && let Some(previous) = previous
-        {
-            // A refresh without a new ID token: assurance and role choice are the sign-in's.
-            user.assurance = previous.user.assurance.clone();
-            let chosen = previous.user.selected_role.as_ref().map(|r| r.id.as_str());
-            user.selected_role = user
-                .roles
-                .iter()
-                .find(|r| Some(r.id.as_str()) == chosen)
-                .cloned();
+        if claims.is_empty() {
+            keep_sign_in_choices(&mut user, previous);
         }
         Ok(SignedIn {
             user,
@@ -357,11 +494,13 @@ impl RelyingParty {
                 ("token_type_hint", "refresh_token".into()),
                 ("client_id", self.settings.client_id.clone()),
             ];
-            match &self.settings.auth {
-                ClientAuth::SecretPost(secret) => {
+            match &self.settings.exchange {
+                // The relay holds the credentials; the refresh token lapses there on its own.
+                Exchange::Relay(_) => {}
+                Exchange::Direct(ClientAuth::SecretPost(secret)) => {
                     form.push(("client_secret", secret.expose().into()))
                 }
-                ClientAuth::PrivateKeyJwt(key) => {
+                Exchange::Direct(ClientAuth::PrivateKeyJwt(key)) => {
                     form.push((
                         "client_assertion_type",
                         super::exchange::CLIENT_ASSERTION_TYPE.into(),
@@ -376,7 +515,7 @@ impl RelyingParty {
                         ),
                     ));
                 }
-                ClientAuth::None => {}
+                Exchange::Direct(ClientAuth::None) => {}
             }
             if let Err(e) = http
                 .send(

@@ -1,0 +1,486 @@
+//! The relay's TOML (interfaces.md "cis2-relay"). Every mistake is reported with the file, the line and
+//! what to write instead; relative paths are read from the config file's folder.
+
+use cis2_jose::{Alg, SigningKey};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub allowed_redirect_uris: Vec<String>,
+    pub redis_url: Option<String>,
+    pub issuer: String,
+    pub client_id: String,
+    pub ca_file: Option<PathBuf>,
+    pub alg: Alg,
+    /// All published in the JWKS; `active` is the one that signs.
+    pub keys: Vec<PathBuf>,
+    pub active: PathBuf,
+    pub limits: Limits,
+}
+
+/// `[limits]`: what one address may ask and how long anything may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests a minute from one address to the token, refresh, logout and events endpoints.
+    pub requests_per_minute: u32,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// The longest a token or refresh request may take, the provider's time included.
+    pub request_timeout_secs: u64,
+    /// Open event streams at once (each is one signed-in agent).
+    pub max_subscribers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            // A trust's whole site may reach the relay from one NAT address at the start of a shift.
+            requests_per_minute: 6000,
+            max_body_bytes: 16 * 1024,
+            request_timeout_secs: 30,
+            max_subscribers: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    relay: RelaySection,
+    provider: ProviderSection,
+    signing: SigningSection,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    #[serde(default = "default_listen")]
+    listen: String,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    allowed_redirect_uris: Vec<String>,
+    redis_url: Option<String>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderSection {
+    issuer: String,
+    client_id: String,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SigningSection {
+    #[serde(default = "default_alg")]
+    alg: String,
+    keys: Vec<PathBuf>,
+    active: Option<PathBuf>,
+}
+
+fn default_alg() -> String {
+    "RS512".into()
+}
+
+/// A config mistake: `file:line: what — fix`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+/// The 1-based line of `needle` as a key (`needle =`) in `text`, or 1.
+fn line_of_key(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(needle)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Reads and checks the file; key files are read to check they are usable RSA keys.
+pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: shown.clone(),
+        line: 0,
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, &shown, base)
+}
+
+/// Checks the text; `base` resolves relative paths. Key files are read.
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigError> {
+    let error = |line: usize, message: String| ConfigError {
+        file: file.into(),
+        line,
+        message,
+    };
+    let at = |key: &str, message: String| error(line_of_key(text, key), message);
+    let parsed: File = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of_offset(text, s.start)).unwrap_or(1);
+        let message = e.message().trim().to_string();
+        let hint = if message.contains("missing field") {
+            " — see the example in docs/deployment.md: [relay] needs allowed_redirect_uris, \
+             [provider] needs issuer and client_id, [signing] needs keys"
+        } else if message.contains("unknown field") {
+            " — check the spelling against docs/deployment.md"
+        } else {
+            ""
+        };
+        error(line, format!("{message}{hint}"))
+    })?;
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let listen: SocketAddr = parsed.relay.listen.parse().map_err(|_| {
+        at(
+            "listen",
+            format!(
+                "listen = {:?} is not an address and port; write e.g. listen = \"127.0.0.1:8443\"",
+                parsed.relay.listen
+            ),
+        )
+    })?;
+    let tls = match (&parsed.relay.tls_cert, &parsed.relay.tls_key) {
+        (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
+        (None, None) => None,
+        _ => {
+            return Err(at(
+                if parsed.relay.tls_cert.is_some() {
+                    "tls_cert"
+                } else {
+                    "tls_key"
+                },
+                "tls_cert and tls_key go together: give both for HTTPS, or neither for plain HTTP \
+                 behind a reverse proxy"
+                    .into(),
+            ));
+        }
+    };
+    if parsed.relay.allowed_redirect_uris.is_empty() {
+        return Err(at(
+            "allowed_redirect_uris",
+            "allowed_redirect_uris is empty, so no sign-in could ever be redeemed; add the agent's \
+             redirect URI, e.g. [\"http://127.0.0.1/callback\"]"
+                .into(),
+        ));
+    }
+    for uri in &parsed.relay.allowed_redirect_uris {
+        if url::Url::parse(uri).is_err() {
+            return Err(at(
+                "allowed_redirect_uris",
+                format!("{uri:?} is not a URL; write e.g. \"http://127.0.0.1/callback\""),
+            ));
+        }
+    }
+    if let Some(redis) = &parsed.relay.redis_url
+        && !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
+    {
+        return Err(at(
+            "redis_url",
+            format!("redis_url = {redis:?} must start with redis:// or rediss://"),
+        ));
+    }
+
+    let issuer = parsed.provider.issuer.clone();
+    match url::Url::parse(&issuer) {
+        Ok(u)
+            if u.scheme() == "https"
+                || (u.scheme() == "http"
+                    && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))) => {}
+        _ => {
+            return Err(at(
+                "issuer",
+                format!(
+                    "issuer = {issuer:?} must be an https:// URL (http:// only on loopback, for the \
+                     sandbox), written exactly as CIS2 publishes it, :443 included"
+                ),
+            ));
+        }
+    }
+    if parsed.provider.client_id.trim().is_empty() {
+        return Err(at(
+            "client_id",
+            "client_id is empty; write the client ID from CIS2's Connection Manager".into(),
+        ));
+    }
+
+    let alg = match parsed.signing.alg.as_str() {
+        "RS512" => Alg::RS512,
+        "RS256" => Alg::RS256,
+        other => {
+            return Err(at(
+                "alg",
+                format!("alg = {other:?} is not supported; write alg = \"RS512\" or \"RS256\""),
+            ));
+        }
+    };
+    if parsed.signing.keys.is_empty() {
+        return Err(at(
+            "keys",
+            "keys is empty; list the PEM files of the signing keys, e.g. keys = [\"keys/2026-11.pem\"]"
+                .into(),
+        ));
+    }
+    let keys: Vec<PathBuf> = parsed.signing.keys.iter().map(|k| resolve(k)).collect();
+    for key in &keys {
+        let pem = std::fs::read_to_string(key).map_err(|e| {
+            at(
+                "keys",
+                format!("cannot read the key file {}: {e}", key.display()),
+            )
+        })?;
+        SigningKey::from_pem(&pem, alg).map_err(|e| {
+            at(
+                "keys",
+                format!(
+                    "{} is not a usable RSA private key ({e}); create one with \
+                     `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072`",
+                    key.display()
+                ),
+            )
+        })?;
+    }
+    let active = match &parsed.signing.active {
+        Some(active) => {
+            let active = resolve(active);
+            if !keys.contains(&active) {
+                return Err(at(
+                    "active",
+                    format!(
+                        "active = {:?} is not one of keys; the active key must also be published, \
+                         so add it to keys",
+                        parsed
+                            .signing
+                            .active
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            active
+        }
+        None if keys.len() == 1 => keys[0].clone(),
+        None => {
+            return Err(at(
+                "keys",
+                "several keys are listed but none is active; add active = \"<one of keys>\" under \
+                 [signing]"
+                    .into(),
+            ));
+        }
+    };
+    let limits = parsed.limits;
+    for (key, bad, fix) in [
+        (
+            "requests_per_minute",
+            limits.requests_per_minute == 0,
+            "requests_per_minute ≥ 1",
+        ),
+        (
+            "max_body_bytes",
+            limits.max_body_bytes < 256,
+            "max_body_bytes ≥ 256",
+        ),
+        (
+            "request_timeout_secs",
+            limits.request_timeout_secs == 0,
+            "request_timeout_secs ≥ 1",
+        ),
+        (
+            "max_subscribers",
+            limits.max_subscribers == 0,
+            "max_subscribers ≥ 1",
+        ),
+    ] {
+        if bad {
+            return Err(at(key, format!("[limits] needs {fix}")));
+        }
+    }
+
+    Ok(RelayConfig {
+        listen,
+        tls,
+        allowed_redirect_uris: parsed.relay.allowed_redirect_uris,
+        redis_url: parsed.relay.redis_url,
+        issuer,
+        client_id: parsed.provider.client_id,
+        ca_file: parsed.provider.ca_file.map(|p| resolve(&p)),
+        alg,
+        keys,
+        active,
+        limits,
+    })
+}
+
+/// Whether `uri` is one of the allowed redirect URIs. Loopback entries (`http://127.0.0.1`,
+/// `http://[::1]`, `http://localhost`) match any port, as RFC 8252 §7.3 asks; others match exactly.
+pub fn redirect_allowed(allowed: &[String], uri: &str) -> bool {
+    let Ok(asked) = url::Url::parse(uri) else {
+        return false;
+    };
+    allowed.iter().any(|entry| {
+        let Ok(entry) = url::Url::parse(entry) else {
+            return false;
+        };
+        let loopback = entry.scheme() == "http"
+            && matches!(entry.host_str(), Some("127.0.0.1" | "[::1]" | "localhost"));
+        if loopback {
+            asked.scheme() == "http"
+                && asked.host_str() == entry.host_str()
+                && asked.path() == entry.path()
+                && asked.query() == entry.query()
+                && asked.fragment().is_none()
+                && asked.username().is_empty()
+                && asked.password().is_none()
+        } else {
+            asked == entry
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_key(dir: &Path, name: &str) {
+        std::fs::write(
+            dir.join(name),
+            SigningKey::generate(Alg::RS512).to_pkcs8_pem(),
+        )
+        .unwrap();
+    }
+
+    fn good(extra: &str) -> String {
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nallowed_redirect_uris = [\"http://127.0.0.1/callback\"]\n\
+             [provider]\nissuer = \"https://cis2.example:443/realms/Healthcare\"\nclient_id = \"1.apps.national\"\n\
+             [signing]\nkeys = [\"a.pem\", \"b.pem\"]\nactive = \"b.pem\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn a_good_file_loads_with_paths_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        let config = parse(&good(""), "relay.toml", dir.path()).unwrap();
+        assert_eq!(config.active, dir.path().join("b.pem"));
+        assert_eq!(config.keys.len(), 2);
+        assert_eq!(config.alg, Alg::RS512);
+        assert_eq!(config.limits.max_body_bytes, 16 * 1024);
+    }
+
+    #[test]
+    fn mistakes_name_the_line_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        let cases = [
+            (good("").replace("listen", "listn"), 2, "unknown field"),
+            (
+                good("").replace("active = \"b.pem\"", "active = \"c.pem\""),
+                9,
+                "add it to keys",
+            ),
+            (
+                good("").replace("active = \"b.pem\"", ""),
+                8,
+                "none is active",
+            ),
+            (
+                good("").replace("\"b.pem\"]", "\"missing.pem\"]"),
+                8,
+                "cannot read the key file",
+            ),
+            (
+                good("").replace("https://cis2", "http://cis2"),
+                5,
+                "must be an https:// URL",
+            ),
+            (
+                good("").replace("127.0.0.1:0", "localhost"),
+                2,
+                "not an address and port",
+            ),
+            (good("alg = \"HS256\"\n"), 10, "RS512"),
+            (
+                good("").replace("[\"http://127.0.0.1/callback\"]", "[]"),
+                3,
+                "no sign-in could ever",
+            ),
+            (
+                good("").replace("[relay]\n", "[relay]\ntls_cert = \"c.pem\"\n"),
+                2,
+                "go together",
+            ),
+            (
+                good("[limits]\nrequests_per_minute = 0\n"),
+                11,
+                "requests_per_minute ≥ 1",
+            ),
+        ];
+        for (text, line, words) in cases {
+            let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
+            assert_eq!(err.file, "relay.toml");
+            assert_eq!(err.line, line, "{err}");
+            assert!(err.message.contains(words), "{err}");
+        }
+    }
+
+    #[test]
+    fn loopback_redirects_match_any_port_and_nothing_else() {
+        let allowed = vec![
+            "http://127.0.0.1/callback".to_string(),
+            "https://app.example/cb".to_string(),
+        ];
+        assert!(redirect_allowed(
+            &allowed,
+            "http://127.0.0.1:49152/callback"
+        ));
+        assert!(redirect_allowed(&allowed, "http://127.0.0.1/callback"));
+        assert!(redirect_allowed(&allowed, "https://app.example/cb"));
+        for refused in [
+            "http://127.0.0.1:49152/other",
+            "http://127.0.0.2:49152/callback",
+            "https://127.0.0.1:49152/callback",
+            "http://127.0.0.1:49152/callback?x=1",
+            "http://user@127.0.0.1:49152/callback",
+            "http://evil.example/callback",
+            "https://app.example:444/cb",
+            "https://app.example/cb/",
+            "not a url",
+        ] {
+            assert!(!redirect_allowed(&allowed, refused), "{refused}");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Ended sessions, from the back-channel endpoint to every agent's event stream. One process fans out in
+//! memory; with `redis_url` every instance publishes to one Redis channel and delivers what comes back
+//! from it, so a logout received by one instance reaches an agent subscribed to another. A short memory
+//! of recently ended sessions covers an agent that was reconnecting when its logout arrived.
+
+use cis2_oidc::logout::EndedSession;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// The Redis channel all instances share.
+pub const CHANNEL: &str = "cis2-relay:logout";
+/// How long an ended session is remembered for agents that subscribe late.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
+const REMEMBER_AT_MOST: usize = 50_000;
+
+#[derive(Clone)]
+pub struct Fanout {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: broadcast::Sender<EndedSession>,
+    recent: Mutex<VecDeque<(Instant, EndedSession)>>,
+    redis: Option<redis::Client>,
+    redis_up: AtomicBool,
+}
+
+impl Fanout {
+    /// In memory only.
+    pub fn memory() -> Fanout {
+        Fanout::build(None)
+    }
+
+    /// Shared through Redis; starts the subscriber that feeds this instance (it reconnects on its own).
+    pub fn redis(url: &str) -> Result<Fanout, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
+        let fanout = Fanout::build(Some(client));
+        let weak = Arc::downgrade(&fanout.inner);
+        tokio::spawn(async move { subscribe_loop(weak).await });
+        Ok(fanout)
+    }
+
+    fn build(redis: Option<redis::Client>) -> Fanout {
+        let (local, _) = broadcast::channel(1024);
+        Fanout {
+            inner: Arc::new(Inner {
+                local,
+                recent: Mutex::new(VecDeque::new()),
+                redis,
+                redis_up: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn uses_redis(&self) -> bool {
+        self.inner.redis.is_some()
+    }
+
+    /// Whether the Redis subscription is live (always true without Redis).
+    pub fn redis_up(&self) -> bool {
+        self.inner.redis.is_none() || self.inner.redis_up.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<EndedSession> {
+        self.inner.local.subscribe()
+    }
+
+    /// Whether `sid`/`sub` ended within [`REMEMBER_FOR`].
+    pub fn recently_ended(&self, sid: &str, sub: Option<&str>) -> bool {
+        let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().any(|(_, ended)| matches(ended, sid, sub))
+    }
+
+    /// Announces an ended session to every instance. Without Redis, or when Redis cannot take it, the
+    /// agents connected here are told directly (a duplicate later is harmless: signing out is idempotent).
+    pub async fn publish(&self, ended: EndedSession) {
+        if let Some(client) = &self.inner.redis {
+            let payload = serde_json::to_string(&ended).unwrap_or_default();
+            let published = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PUBLISH")
+                    .arg(CHANNEL)
+                    .arg(payload)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(Duration::from_secs(3), published).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "Redis refused the logout event; telling this instance's agents only")
+                }
+                Err(_) => tracing::error!(
+                    "Redis did not take the logout event within 3 s; telling this instance's agents only"
+                ),
+            }
+        }
+        self.inner.deliver(ended);
+    }
+}
+
+impl Inner {
+    fn deliver(&self, ended: EndedSession) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            while recent
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > REMEMBER_FOR)
+                || recent.len() >= REMEMBER_AT_MOST
+            {
+                recent.pop_front();
+            }
+            recent.push_back((now, ended.clone()));
+        }
+        let _ = self.local.send(ended);
+    }
+}
+
+/// Whether `ended` is the session `sid` of `sub` (a logout by `sub` alone ends all of that person's).
+pub fn matches(ended: &EndedSession, sid: &str, sub: Option<&str>) -> bool {
+    match (&ended.sid, &ended.sub) {
+        (Some(ended_sid), _) => ended_sid == sid,
+        (None, Some(ended_sub)) => sub == Some(ended_sub.as_str()),
+        (None, None) => false,
+    }
+}
+
+async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
+    let mut retry = Duration::from_millis(200);
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let Some(client) = inner.redis.clone() else {
+            return;
+        };
+        drop(inner);
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if let Err(e) = pubsub.subscribe(CHANNEL).await {
+                    tracing::error!(error = %e, "cannot subscribe to the Redis logout channel");
+                } else {
+                    retry = Duration::from_millis(200);
+                    if let Some(inner) = weak.upgrade() {
+                        inner.redis_up.store(true, Ordering::Relaxed);
+                    }
+                    tracing::info!("sharing logout events through Redis");
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                        let Some(inner) = weak.upgrade() else { return };
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        match serde_json::from_str::<EndedSession>(&payload) {
+                            Ok(ended) => inner.deliver(ended),
+                            Err(_) => tracing::warn!(
+                                "ignored a malformed message on the Redis logout channel"
+                            ),
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reach Redis for logout events"),
+        }
+        if let Some(inner) = weak.upgrade() {
+            inner.redis_up.store(false, Ordering::Relaxed);
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(sid: Option<&str>, sub: Option<&str>) -> EndedSession {
+        EndedSession {
+            sid: sid.map(str::to_string),
+            sub: sub.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_sid_ends_that_session_and_a_bare_sub_ends_all_of_the_person() {
+        assert!(matches(&ended(Some("s1"), Some("u1")), "s1", Some("u1")));
+        assert!(!matches(&ended(Some("s2"), Some("u1")), "s1", Some("u1")));
+        assert!(matches(&ended(None, Some("u1")), "s1", Some("u1")));
+        assert!(!matches(&ended(None, Some("u2")), "s1", Some("u1")));
+        assert!(!matches(&ended(None, Some("u1")), "s1", None));
+    }
+
+    #[tokio::test]
+    async fn in_memory_subscribers_hear_it_and_late_ones_are_told_from_memory() {
+        let fanout = Fanout::memory();
+        let mut early = fanout.subscribe();
+        fanout.publish(ended(Some("s1"), None)).await;
+        assert_eq!(early.recv().await.unwrap(), ended(Some("s1"), None));
+        assert!(fanout.recently_ended("s1", None));
+        assert!(!fanout.recently_ended("s2", None));
+    }
+}

@@ -1,0 +1,694 @@
+//! The HTTP API (interfaces.md "cis2-relay"): token and refresh exchanges through the shared relying
+//! party, the public keys, back-channel logout in and logout events out, health and metrics. Every
+//! refusal is a JSON `{error, error_description}`; nothing here logs or echoes a token or a code.
+
+use crate::config::{RelayConfig, redirect_allowed};
+use crate::fanout::{Fanout, matches};
+use crate::limiter::RateLimiter;
+use crate::metrics::Metrics;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cis2_jose::{JwkSet, SigningKey};
+use cis2_oidc::clock::SharedClock;
+use cis2_oidc::http::ProviderError;
+use cis2_oidc::logout::{EndedSession, LogoutExpected, LogoutTokenError, validate_logout_token};
+use cis2_oidc::rp::{RelyingParty, SignInError, SignedIn, accepted_algs};
+use cis2_oidc::secret::Secret;
+use cis2_oidc::validate::IdTokenError;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// How often an idle event stream carries a comment, so proxies and the agent see it is alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub struct Relay {
+    pub config: RelayConfig,
+    pub rp: RelyingParty,
+    pub public_keys: JwkSet,
+    pub fanout: Fanout,
+    pub limiter: RateLimiter,
+    pub metrics: Metrics,
+    pub clock: SharedClock,
+    /// Logout token `jti`s already acted on, with when they may be forgotten.
+    seen_logout_ids: Mutex<HashMap<String, u64>>,
+}
+
+impl Relay {
+    pub fn new(
+        config: RelayConfig,
+        rp: RelyingParty,
+        keys: &[SigningKey],
+        fanout: Fanout,
+        clock: SharedClock,
+    ) -> Relay {
+        Relay {
+            limiter: RateLimiter::new(config.limits.requests_per_minute),
+            public_keys: JwkSet {
+                keys: keys.iter().map(SigningKey::public_jwk).collect(),
+            },
+            config,
+            rp,
+            fanout,
+            metrics: Metrics::default(),
+            clock,
+            seen_logout_ids: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+type Shared = Arc<Relay>;
+
+pub fn router(relay: Shared) -> Router {
+    let body_limit = relay.config.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/token", post(token))
+        .route("/v1/refresh", post(refresh))
+        .route("/v1/events", get(events))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/backchannel-logout", post(backchannel_logout))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            refuse(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see interfaces.md for the relay's API",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            relay.clone(),
+            limit_and_count,
+        ))
+        .with_state(relay)
+}
+
+/// `{"error", "error_description"}` with `status`; never cached.
+fn refuse(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut response = (
+        status,
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response();
+    no_store(response.headers_mut());
+    response
+}
+
+fn no_store(headers: &mut HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+fn endpoint_name(path: Option<&str>) -> &'static str {
+    match path {
+        Some("/v1/token") => "token",
+        Some("/v1/refresh") => "refresh",
+        Some("/v1/events") => "events",
+        Some("/.well-known/jwks.json") => "jwks",
+        Some("/backchannel-logout") => "backchannel_logout",
+        Some("/healthz") => "healthz",
+        Some("/metrics") => "metrics",
+        _ => "other",
+    }
+}
+
+/// Rate limiting for the endpoints that cost something, and a count and time for every answer.
+async fn limit_and_count(
+    State(relay): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<cis2_tls::Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let endpoint = endpoint_name(
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
+    let limited = matches!(
+        endpoint,
+        "token" | "refresh" | "events" | "backchannel_logout"
+    );
+    let response = match relay.limiter.check(peer.0.ip(), started) {
+        Err(wait) if limited => {
+            relay.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let mut response = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!("too many requests from this address; try again in {wait} s"),
+            );
+            if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        _ => next.run(request).await,
+    };
+    if endpoint != "events" {
+        relay
+            .metrics
+            .request(endpoint, response.status().as_u16(), started.elapsed());
+    } else {
+        relay
+            .metrics
+            .request(endpoint, response.status().as_u16(), Duration::ZERO);
+    }
+    response
+}
+
+/// The body as JSON of type `T`, or the refusal to send. Nothing of the body is quoted back.
+fn json_body<T: for<'de> Deserialize<'de>>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, Response> {
+    let body = body.map_err(|_| {
+        refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            &format!("the request body is larger than {limit} bytes"),
+        )
+    })?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        // serde's message names fields and positions, never values.
+        let why = e.to_string();
+        let why = why.split(" at line").next().unwrap_or("malformed JSON");
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("the body is not the expected JSON object: {why}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    code: Secret,
+    code_verifier: Secret,
+    redirect_uri: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: Secret,
+}
+
+fn bad(description: &str) -> Response {
+    refuse(StatusCode::BAD_REQUEST, "invalid_request", description)
+}
+
+/// RFC 7636 §4.1: 43 to 128 characters of `[A-Za-z0-9-._~]`.
+fn is_code_verifier(value: &str) -> bool {
+    (43..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
+/// A credential as a provider issues it: visible ASCII, not absurdly long.
+fn is_token_text(value: &str) -> bool {
+    (1..=4096).contains(&value.len()) && value.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+async fn token(
+    State(relay): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request: TokenRequest = match json_body(&headers, body, relay.config.limits.max_body_bytes)
+    {
+        Ok(request) => request,
+        Err(refusal) => return refusal,
+    };
+    if !is_token_text(request.code.expose()) {
+        return bad("code must be 1 to 4096 visible ASCII characters");
+    }
+    if !is_code_verifier(request.code_verifier.expose()) {
+        return bad("code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~ (RFC 7636)");
+    }
+    if !redirect_allowed(&relay.config.allowed_redirect_uris, &request.redirect_uri) {
+        return bad("redirect_uri is not one this relay accepts (allowed_redirect_uris)");
+    }
+    let work = async {
+        let metadata = relay.rp.discovery.metadata().await?;
+        relay
+            .rp
+            .redeem_code(
+                &metadata,
+                &request.code,
+                &request.code_verifier,
+                &request.redirect_uri,
+                None,
+            )
+            .await
+    };
+    answer(&relay, work).await
+}
+
+async fn refresh(
+    State(relay): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request: RefreshRequest =
+        match json_body(&headers, body, relay.config.limits.max_body_bytes) {
+            Ok(request) => request,
+            Err(refusal) => return refusal,
+        };
+    if !is_token_text(request.refresh_token.expose()) {
+        return bad("refresh_token must be 1 to 4096 visible ASCII characters");
+    }
+    answer(
+        &relay,
+        relay.rp.redeem_refresh(&request.refresh_token, None),
+    )
+    .await
+}
+
+/// Runs an exchange within the time limit and turns its outcome into the answer.
+async fn answer(
+    relay: &Relay,
+    work: impl std::future::Future<Output = Result<SignedIn, SignInError>>,
+) -> Response {
+    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
+    let outcome = match tokio::time::timeout(limit, work).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::warn!(secs = limit.as_secs(), "an exchange ran out of time");
+            return refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "temporarily_unavailable",
+                &format!("CIS2 did not answer within {} seconds", limit.as_secs()),
+            );
+        }
+    };
+    match outcome {
+        Ok(signed_in) => {
+            relay.metrics.provider(signed_in.provider_time);
+            let now = relay.clock.now();
+            let mut body = serde_json::Map::new();
+            body.insert(
+                "access_token".into(),
+                signed_in.access_token.expose().into(),
+            );
+            body.insert("expires_at".into(), signed_in.expires_at.into());
+            body.insert(
+                "expires_in".into(),
+                signed_in.expires_at.saturating_sub(now).into(),
+            );
+            if let Some(refresh_token) = &signed_in.refresh_token {
+                body.insert("refresh_token".into(), refresh_token.expose().into());
+            }
+            if !signed_in.id_token.expose().is_empty() {
+                body.insert("id_token".into(), signed_in.id_token.expose().into());
+            }
+            body.insert("sub".into(), signed_in.sub.clone().into());
+            body.insert(
+                "user".into(),
+                serde_json::to_value(&signed_in.user).unwrap_or_default(),
+            );
+            let mut response = axum::Json(serde_json::Value::Object(body)).into_response();
+            no_store(response.headers_mut());
+            response
+        }
+        Err(error) => {
+            let (status, code) = classify(&error);
+            tracing::info!(%error, status = status.as_u16(), "exchange refused");
+            refuse(status, code, &error.to_string())
+        }
+    }
+}
+
+/// The HTTP status and OAuth-style code for a failed exchange: the agent's fault is 400, CIS2's is 502.
+fn classify(error: &SignInError) -> (StatusCode, &'static str) {
+    match error {
+        SignInError::Exchange(ProviderError::Status {
+            status,
+            oauth_error,
+            ..
+        }) if (400..500).contains(status) => (
+            StatusCode::BAD_REQUEST,
+            match oauth_error.as_deref() {
+                Some("invalid_grant") => "invalid_grant",
+                Some("invalid_client") | Some("unauthorized_client") => {
+                    // The relay's own registration is wrong: not something the agent can fix.
+                    return (StatusCode::BAD_GATEWAY, "relay_misconfigured");
+                }
+                _ => "invalid_request",
+            },
+        ),
+        SignInError::RefreshRefused(_) => (StatusCode::BAD_REQUEST, "invalid_grant"),
+        e if e.is_outage() => (StatusCode::BAD_GATEWAY, "temporarily_unavailable"),
+        _ => (StatusCode::BAD_GATEWAY, "invalid_provider_answer"),
+    }
+}
+
+async fn jwks(State(relay): State<Shared>) -> Response {
+    let mut response = axum::Json(&relay.public_keys).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    response
+}
+
+async fn healthz(State(relay): State<Shared>) -> Response {
+    let mut body = json!({"status": "ok"});
+    if relay.fanout.uses_redis() {
+        body["redis"] = relay.fanout.redis_up().into();
+    }
+    axum::Json(body).into_response()
+}
+
+async fn metrics(State(relay): State<Shared>) -> Response {
+    let redis = relay.fanout.uses_redis().then(|| relay.fanout.redis_up());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        relay.metrics.render(redis),
+    )
+        .into_response()
+}
+
+async fn backchannel_logout(
+    State(relay): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let outcome = check_logout(&relay, &headers, body).await;
+    match outcome {
+        Ok(ended) => {
+            relay
+                .metrics
+                .logout_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!("back-channel logout accepted");
+            relay.fanout.publish(ended).await;
+            let mut response = StatusCode::OK.into_response();
+            no_store(response.headers_mut());
+            response
+        }
+        Err(refusal) => {
+            if refusal.status() == StatusCode::BAD_REQUEST {
+                relay.metrics.logout_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            refusal
+        }
+    }
+}
+
+async fn check_logout(
+    relay: &Relay,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<EndedSession, Response> {
+    let body = body.map_err(|_| bad("the request body is too large"))?;
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(bad(
+            "send logout_token as an application/x-www-form-urlencoded form",
+        ));
+    }
+    let mut tokens = url::form_urlencoded::parse(&body)
+        .filter(|(name, _)| name == "logout_token")
+        .map(|(_, value)| value.into_owned());
+    let token = match (tokens.next(), tokens.next()) {
+        (Some(token), None) if !token.is_empty() => Secret::new(token),
+        (Some(_), Some(_)) => return Err(bad("logout_token appears more than once")),
+        _ => return Err(bad("the form has no logout_token")),
+    };
+    let unavailable = |what: String| {
+        tracing::warn!(%what, "cannot check a logout token: the provider's keys are unavailable");
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the provider's keys could not be fetched to check the logout token; try again",
+        )
+    };
+    let metadata = relay
+        .rp
+        .discovery
+        .metadata()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let algs = accepted_algs(&metadata);
+    let expected = LogoutExpected {
+        issuer: relay.rp.discovery.issuer(),
+        client_id: &relay.rp.settings.client_id,
+        algs: &algs,
+        now: relay.clock.now(),
+    };
+    let (keys, _) = relay
+        .rp
+        .discovery
+        .jwks(false)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let checked = match validate_logout_token(token.expose(), &keys, &expected) {
+        Err(LogoutTokenError::Signature(IdTokenError::UnknownKey(_))) => {
+            let (keys, _) = relay
+                .rp
+                .discovery
+                .jwks(true)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            validate_logout_token(token.expose(), &keys, &expected)
+        }
+        other => other,
+    };
+    let ended = checked.map_err(|e| {
+        tracing::info!(reason = %e, "back-channel logout refused");
+        bad(&e.to_string())
+    })?;
+    if let Some(jti) = cis2_jose::UnverifiedJwt::parse(token.expose())
+        .ok()
+        .and_then(|t| {
+            t.claims
+                .get("jti")
+                .and_then(|j| j.as_str())
+                .map(str::to_string)
+        })
+    {
+        let now = relay.clock.now();
+        let mut seen = relay
+            .seen_logout_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, forget_at| *forget_at > now);
+        if seen.contains_key(&jti) {
+            return Err(bad("this logout token was already used (jti replayed)"));
+        }
+        seen.insert(jti, now + cis2_oidc::logout::MAX_LOGOUT_TOKEN_AGE_SECS + 60);
+    }
+    Ok(ended)
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    sid: Option<String>,
+    sub: Option<String>,
+}
+
+/// Releases a subscriber slot when the stream ends, however it ends.
+struct SubscriberSlot(Shared);
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        self.0.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Phase {
+    Hello,
+    EndNow,
+    Listening,
+    Done,
+}
+
+struct Stream {
+    relay: Shared,
+    sid: String,
+    sub: Option<String>,
+    updates: broadcast::Receiver<EndedSession>,
+    phase: Phase,
+    _slot: SubscriberSlot,
+}
+
+fn logout_event(sid: &str) -> Event {
+    Event::default()
+        .event("logout")
+        .data(json!({"sid": sid}).to_string())
+}
+
+async fn events(
+    State(relay): State<Shared>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return bad("the query must be ?sid=…[&sub=…]");
+    };
+    let printable =
+        |v: &str| (1..=256).contains(&v.len()) && v.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    let Some(sid) = query.sid.filter(|s| printable(s)) else {
+        return bad(
+            "sid is required: the CIS2 session id from the ID token (1 to 256 visible characters)",
+        );
+    };
+    if query.sub.as_deref().is_some_and(|s| !printable(s)) {
+        return bad("sub must be 1 to 256 visible characters");
+    }
+    let open = relay.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
+    let slot = SubscriberSlot(relay.clone());
+    if open as usize >= relay.config.limits.max_subscribers {
+        drop(slot);
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "this relay holds as many event streams as it may; reconnect to another instance or later",
+        );
+    }
+    let updates = relay.fanout.subscribe();
+    let already_ended = relay.fanout.recently_ended(&sid, query.sub.as_deref());
+    let stream = Stream {
+        relay: relay.clone(),
+        sid,
+        sub: query.sub,
+        updates,
+        phase: if already_ended {
+            Phase::EndNow
+        } else {
+            Phase::Hello
+        },
+        _slot: slot,
+    };
+    let events = futures_util::stream::unfold(stream, |mut stream| async move {
+        let event = match stream.phase {
+            Phase::Hello => {
+                stream.phase = Phase::Listening;
+                Event::default().event("subscribed").data("{}")
+            }
+            Phase::EndNow => {
+                stream.phase = Phase::Done;
+                stream
+                    .relay
+                    .metrics
+                    .logout_delivered
+                    .fetch_add(1, Ordering::Relaxed);
+                logout_event(&stream.sid)
+            }
+            Phase::Listening => loop {
+                match stream.updates.recv().await {
+                    Ok(ended) if matches(&ended, &stream.sid, stream.sub.as_deref()) => {
+                        stream.phase = Phase::Done;
+                        stream
+                            .relay
+                            .metrics
+                            .logout_delivered
+                            .fetch_add(1, Ordering::Relaxed);
+                        break logout_event(&stream.sid);
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if stream
+                            .relay
+                            .fanout
+                            .recently_ended(&stream.sid, stream.sub.as_deref())
+                        {
+                            stream.phase = Phase::EndNow;
+                            break Event::default().comment("caught up");
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            },
+            Phase::Done => return None,
+        };
+        Some((Ok::<Event, Infallible>(event), stream))
+    });
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
+        .into_response();
+    no_store(response.headers_mut());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_verifiers_follow_rfc_7636() {
+        assert!(is_code_verifier(&"a".repeat(43)));
+        assert!(is_code_verifier(&"A-._~9".repeat(20)));
+        assert!(!is_code_verifier(&"a".repeat(42)));
+        assert!(!is_code_verifier(&"a".repeat(129)));
+        assert!(!is_code_verifier(&format!("{}+", "a".repeat(43))));
+        assert!(!is_code_verifier(&format!("{} ", "a".repeat(43))));
+    }
+
+    #[test]
+    fn the_agents_fault_is_400_and_the_providers_is_502() {
+        let status = |status: u16, oauth: Option<&str>| {
+            classify(&SignInError::Exchange(ProviderError::Status {
+                what: "the provider's token endpoint".into(),
+                status,
+                description: None,
+                oauth_error: oauth.map(str::to_string),
+            }))
+        };
+        assert_eq!(
+            status(400, Some("invalid_grant")),
+            (StatusCode::BAD_REQUEST, "invalid_grant")
+        );
+        assert_eq!(
+            status(401, Some("invalid_client")),
+            (StatusCode::BAD_GATEWAY, "relay_misconfigured")
+        );
+        assert_eq!(
+            status(500, None),
+            (StatusCode::BAD_GATEWAY, "temporarily_unavailable")
+        );
+        assert_eq!(
+            classify(&SignInError::IdToken(IdTokenError::BadSignature)),
+            (StatusCode::BAD_GATEWAY, "invalid_provider_answer")
+        );
+    }
+}
