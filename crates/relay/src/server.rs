@@ -144,8 +144,13 @@ async fn limit_and_count(
         endpoint,
         "token" | "refresh" | "events" | "backchannel_logout"
     );
-    let response = match relay.limiter.check(peer.0.ip(), started) {
-        Err(wait) if limited => {
+    let allowed = if limited {
+        relay.limiter.check(peer.0.ip(), started)
+    } else {
+        Ok(())
+    };
+    let response = match allowed {
+        Err(wait) => {
             relay.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
             let mut response = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -157,7 +162,7 @@ async fn limit_and_count(
             }
             response
         }
-        _ => next.run(request).await,
+        Ok(()) => next.run(request).await,
     };
     if endpoint != "events" {
         relay
