@@ -183,10 +183,13 @@ impl JwkSet {
     }
 }
 
-/// An RSA private key that signs JWTs. Its `Debug` shows the key id only.
+/// An RSA private key that signs JWTs. Its `Debug` shows the key id only. Signing goes through ring
+/// (constant-time, blinded, and several times faster than the pure-Rust `rsa` crate's private-key
+/// operation); `rsa` keeps the key for encoding and the public parts.
 #[derive(Clone)]
 pub struct SigningKey {
     key: RsaPrivateKey,
+    signer: std::sync::Arc<ring::signature::RsaKeyPair>,
     kid: String,
     alg: Alg,
 }
@@ -204,7 +207,7 @@ impl SigningKey {
     /// A fresh 2048-bit key.
     pub fn generate(alg: Alg) -> SigningKey {
         let key = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("RSA key generation");
-        SigningKey::from_key(key, alg)
+        SigningKey::from_key(key, alg).expect("a generated 2048-bit key is usable")
     }
 
     /// A key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`).
@@ -214,16 +217,25 @@ impl SigningKey {
             .map_err(|_| {
                 JoseError::BadKey("not a PEM RSA private key (PKCS#8 or PKCS#1)".into())
             })?;
-        Ok(SigningKey::from_key(key, alg))
+        SigningKey::from_key(key, alg)
     }
 
-    fn from_key(key: RsaPrivateKey, alg: Alg) -> SigningKey {
+    fn from_key(key: RsaPrivateKey, alg: Alg) -> Result<SigningKey, JoseError> {
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|_| JoseError::BadKey("the key cannot be encoded as PKCS#8".into()))?;
+        let signer = ring::signature::RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(|e| {
+            JoseError::BadKey(format!(
+                "the RSA key is not usable for signing ({e}); keys must be 2048 to 8192 bits"
+            ))
+        })?;
         let jwk = Jwk::from_public_key(&key.to_public_key(), None);
-        SigningKey {
+        Ok(SigningKey {
             kid: jwk.kid.expect("a thumbprint"),
             key,
+            signer: std::sync::Arc::new(signer),
             alg,
-        }
+        })
     }
 
     /// The same key, signing with another algorithm.
@@ -283,20 +295,21 @@ impl SigningKey {
     }
 
     fn sign_bytes(&self, input: &[u8]) -> Vec<u8> {
-        let result = match self.alg {
-            Alg::RS256 => self
-                .key
-                .sign(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(input)),
-            Alg::RS512 => self
-                .key
-                .sign(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(input)),
-            Alg::PS256 => self.key.sign_with_rng(
-                &mut rand::rngs::OsRng,
-                Pss::new::<Sha256>(),
-                &Sha256::digest(input),
-            ),
+        let padding: &'static dyn ring::signature::RsaEncoding = match self.alg {
+            Alg::RS256 => &ring::signature::RSA_PKCS1_SHA256,
+            Alg::RS512 => &ring::signature::RSA_PKCS1_SHA512,
+            Alg::PS256 => &ring::signature::RSA_PSS_SHA256,
         };
-        result.expect("RSA signing with a valid key")
+        let mut signature = vec![0; self.signer.public().modulus_len()];
+        self.signer
+            .sign(
+                padding,
+                &ring::rand::SystemRandom::new(),
+                input,
+                &mut signature,
+            )
+            .expect("RSA signing with a checked key");
+        signature
     }
 }
 

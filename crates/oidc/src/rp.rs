@@ -226,7 +226,7 @@ impl RelyingParty {
                     .token(code, code_verifier, redirect_uri)
                     .await
                     .map_err(SignInError::Exchange)?;
-                self.from_relay(metadata, answer, nonce, None, relay_time)
+                self.check_relay_answer(metadata, answer, nonce, None, relay_time)
                     .await
             }
         }
@@ -278,7 +278,7 @@ impl RelyingParty {
             }
             Exchange::Relay(relay) => {
                 let (answer, relay_time) = relay.refresh(refresh_token).await.map_err(refused)?;
-                self.from_relay(&metadata, answer, None, previous, relay_time)
+                self.check_relay_answer(&metadata, answer, None, previous, relay_time)
                     .await
             }
         }
@@ -286,7 +286,7 @@ impl RelyingParty {
 
     /// The relay's answer, checked here too: the ID token is validated by the agent's own rules (the
     /// nonce only the agent knows included) and must be about the person the relay fetched.
-    async fn from_relay(
+    async fn check_relay_answer(
         &self,
         metadata: &ProviderMetadata,
         answer: RelayTokens,

@@ -181,13 +181,13 @@ fn json_body<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
-) -> Result<T, Response> {
+) -> Result<T, Box<Response>> {
     let body = body.map_err(|_| {
-        refuse(
+        Box::new(refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request",
             &format!("the request body is larger than {limit} bytes"),
-        )
+        ))
     })?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -195,21 +195,21 @@ fn json_body<T: for<'de> Deserialize<'de>>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(refuse(
+        return Err(Box::new(refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "invalid_request",
             "send the body as Content-Type: application/json",
-        ));
+        )));
     }
     serde_json::from_slice(&body).map_err(|e| {
         // serde's message names fields and positions, never values.
         let why = e.to_string();
         let why = why.split(" at line").next().unwrap_or("malformed JSON");
-        refuse(
+        Box::new(refuse(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             &format!("the body is not the expected JSON object: {why}"),
-        )
+        ))
     })
 }
 
@@ -252,7 +252,7 @@ async fn token(
     let request: TokenRequest = match json_body(&headers, body, relay.config.limits.max_body_bytes)
     {
         Ok(request) => request,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     if !is_token_text(request.code.expose()) {
         return bad("code must be 1 to 4096 visible ASCII characters");
@@ -287,7 +287,7 @@ async fn refresh(
     let request: RefreshRequest =
         match json_body(&headers, body, relay.config.limits.max_body_bytes) {
             Ok(request) => request,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         };
     if !is_token_text(request.refresh_token.expose()) {
         return bad("refresh_token must be 1 to 4096 visible ASCII characters");

@@ -1,0 +1,203 @@
+//! The agent with `method = "relay"`, in process: the sandbox provider, a real `cis2-relay`, and in front of
+//! it a proxy that can lie — so the agent's own checks of the relay's answer are seen to hold: the nonce
+//! only the agent knows, and the relay's `sub` against the ID token's.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use cis2_core::agent::{Agent, AgentError, AgentOptions, TokenRequest};
+use cis2_core::browser::Browser;
+use cis2_core::clock::TestClock;
+use cis2_core::config;
+use cis2_jose::{Alg, SigningKey};
+use cis2_mock_idp::browser::{Script, ScriptedBrowser};
+use cis2_mock_idp::{Client, Options, RunningProvider};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CLIENT_ID: &str = "relayed.apps.national";
+const BEN: &str = "555021935108";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lie {
+    None,
+    /// Answers with the ID token of an earlier sign-in (another nonce).
+    OldIdToken,
+    /// Says the tokens are someone else's.
+    OtherSub,
+}
+
+#[derive(Clone)]
+struct Proxy {
+    relay: String,
+    lie: Arc<Mutex<Lie>>,
+    kept_id_token: Arc<Mutex<Option<Value>>>,
+    http: reqwest::Client,
+}
+
+async fn forward(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Response {
+    let response = proxy
+        .http
+        .post(format!("{}v1/token", proxy.relay))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let mut answer: Value = response.json().await.unwrap();
+    if status == 200 {
+        let lie = *proxy.lie.lock().unwrap();
+        let mut kept = proxy.kept_id_token.lock().unwrap();
+        match lie {
+            Lie::None => {}
+            Lie::OldIdToken => {
+                if let Some(old) = kept.clone() {
+                    answer["id_token"] = old;
+                }
+            }
+            Lie::OtherSub => {
+                answer["sub"] = json!("555021935107");
+                answer["user"]["uid"] = json!("555021935107");
+            }
+        }
+        if kept.is_none() {
+            *kept = Some(answer["id_token"].clone());
+        }
+    }
+    (StatusCode::from_u16(status).unwrap(), axum::Json(answer)).into_response()
+}
+
+struct Setup {
+    _provider: RunningProvider,
+    _relay: cis2_relay::RunningRelay,
+    lie: Arc<Mutex<Lie>>,
+    agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let provider = cis2_mock_idp::start(Options::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("relay-key.pem"),
+        SigningKey::generate(Alg::RS512).to_pkcs8_pem(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nallowed_redirect_uris = [\"http://127.0.0.1/callback\"]\n\
+             [provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\n[signing]\nkeys = [\"relay-key.pem\"]\n",
+            provider.issuer
+        ),
+    )
+    .unwrap();
+    let relay =
+        cis2_relay::start(cis2_relay::config::load(&dir.path().join("relay.toml")).unwrap())
+            .await
+            .unwrap();
+    let client: Client = serde_json::from_value(json!({
+        "client_id": CLIENT_ID,
+        "auth_method": "private_key_jwt",
+        "jwks_uri": format!("{}.well-known/jwks.json", relay.url),
+        "redirect_uris": ["http://127.0.0.1/callback"],
+        "id_token_signed_response_alg": "RS512",
+    }))
+    .unwrap();
+    provider.provider.register_client(client).unwrap();
+
+    let lie = Arc::new(Mutex::new(Lie::None));
+    let proxy = Proxy {
+        relay: relay.url.clone(),
+        lie: lie.clone(),
+        kept_id_token: Arc::new(Mutex::new(None)),
+        http: reqwest::Client::new(),
+    };
+    let app = axum::Router::new()
+        .route("/v1/token", axum::routing::post(forward))
+        .with_state(proxy);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let text = format!(
+        "environment = \"custom\"\n[provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nprompt = \"login\"\n\
+         [provider.exchange]\nmethod = \"relay\"\nrelay_url = \"{proxy_url}\"\n\
+         [agent]\ndata_dir = \"{}\"\nstore = \"memory\"\nclient_policy = \"allow\"\n",
+        provider.issuer,
+        dir.path().join("data").display(),
+    );
+    let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
+    let browser = Browser::Callback(Arc::new(move |url: &str| {
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let _ = ScriptedBrowser::default()
+                .sign_in(&url, &Script::new(BEN, "smartcard"))
+                .await;
+        });
+    }));
+    let agent = Agent::start(AgentOptions {
+        config,
+        browser,
+        clock: Arc::new(TestClock::default()),
+        approver: None,
+        store: None,
+    })
+    .await
+    .unwrap();
+    Setup {
+        _provider: provider,
+        _relay: relay,
+        lie,
+        agent,
+        _dir: dir,
+    }
+}
+
+async fn login_error(setup: &Setup) -> String {
+    match setup.agent.login(Some(Duration::from_secs(20))).await {
+        Ok(status) => panic!("the sign-in should have been refused, got {status:?}"),
+        Err(AgentError::SignInFailed(message)) => message,
+        Err(other) => panic!("expected a refused sign-in, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_relay_signs_in_and_a_lying_one_is_caught_by_the_agent() {
+    let setup = setup().await;
+    let status = setup
+        .agent
+        .login(Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(status.user.as_ref().unwrap().uid, BEN);
+    assert!(setup.agent.token(TokenRequest::default()).await.is_ok());
+    setup.agent.logout().await.unwrap();
+
+    // A replayed ID token (an earlier sign-in's) fails the nonce the relay never saw.
+    *setup.lie.lock().unwrap() = Lie::OldIdToken;
+    let message = login_error(&setup).await;
+    assert!(message.contains("nonce"), "{message}");
+    assert!(setup.agent.whoami().is_err(), "nobody is signed in");
+
+    // Tokens said to be another person's than the ID token's are refused.
+    *setup.lie.lock().unwrap() = Lie::OtherSub;
+    let message = login_error(&setup).await;
+    assert!(message.contains("another person"), "{message}");
+    assert!(setup.agent.whoami().is_err());
+
+    // Honest again: a sign-in works.
+    *setup.lie.lock().unwrap() = Lie::None;
+    assert!(
+        setup
+            .agent
+            .login(Some(Duration::from_secs(20)))
+            .await
+            .is_ok()
+    );
+}
