@@ -70,6 +70,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     if let Err(why) = cis2_core::workstation::watch(agent.clone()) {
         tracing::warn!(%why, "running without workstation lock signals");
     }
+    cis2_core::smartcard::watch(agent.clone());
     let bound = ipc::server::bind(&socket)
         .await
         .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;

@@ -5,7 +5,7 @@
 use crate::audit::{AuditLog, ClientInfo, Record};
 use crate::browser::Browser;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, ExchangeMethod, SigningAlg};
+use crate::config::{Config, ExchangeMethod, SignalAction, SigningAlg};
 use crate::http::HttpClient;
 use crate::oidc::claims::User;
 use crate::oidc::discovery::Discovery;
@@ -15,6 +15,7 @@ use crate::oidc::rp::{ClientSettings, Exchange, RelyingParty, SignInError, Signe
 use crate::peer::{Identifier, Peer};
 use crate::policy::{self, Approver, Decisions, Grant, Verdict};
 use crate::secret::Secret;
+use crate::smartcard::Card;
 use crate::store::{KeyringStore, MemoryStore, StoreStatus, Stored, TokenStore};
 use cis2_jose::{Alg, SigningKey};
 use serde::Serialize;
@@ -93,6 +94,9 @@ pub struct Status {
     /// Where the session is kept (`keyring` or `memory`) and, when that is not what the config asked
     /// for, why.
     pub store: StoreStatus,
+    /// Whether a smartcard is in a reader (`true`), none is (`false`), as far as the PC/SC watcher has
+    /// seen; `null` before it has seen any card.
+    pub smartcard_present: Option<bool>,
 }
 
 /// The `token` result. Its `Debug` does not show the token.
@@ -184,6 +188,10 @@ struct Inner {
     data_dir: PathBuf,
     store: Arc<dyn TokenStore>,
     life: Mutex<Life>,
+    /// The card in a reader now, as the PC/SC watcher last said.
+    present_card: Mutex<Option<Card>>,
+    /// For `status`: `None` until the watcher has reported a card, then whether one is in.
+    card_seen: Mutex<Option<bool>>,
     /// The embedded provider in sandbox mode; kept alive with the agent.
     _sandbox: Option<cis2_mock_idp::RunningProvider>,
 }
@@ -199,6 +207,11 @@ struct Life {
     backoff_step: u32,
     last_refresh_error: Option<String>,
     locked: Option<String>,
+    /// The smartcard that was in a reader when this person signed in: its removal is the
+    /// `on_card_removal` signal, and only it can unlock a card lock.
+    card: Option<Card>,
+    /// The lock came from taking that card out (so putting it back may lift it).
+    locked_by_card: bool,
 }
 
 /// The agent. Cheap to clone; every clone is the same agent.
@@ -370,6 +383,8 @@ impl Agent {
                 data_dir,
                 store,
                 life: Mutex::new(Life::default()),
+                present_card: Mutex::new(None),
+                card_seen: Mutex::new(None),
                 _sandbox: sandbox,
             }),
         };
@@ -606,6 +621,11 @@ impl Agent {
             expires_at: session.as_ref().map(|s| s.expires_at),
             locked_reason: session.as_ref().and(locked),
             store: self.inner.store.status(),
+            smartcard_present: *self
+                .inner
+                .card_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
         }
     }
 
@@ -615,12 +635,120 @@ impl Agent {
 
     fn check_unlocked(&self) -> Result<(), AgentError> {
         // One lock at a time: status() takes session then life, so never hold life while taking session.
-        let locked = self.life().locked.clone();
+        let (locked, by_card) = {
+            let life = self.life();
+            (life.locked.clone(), life.locked_by_card)
+        };
+        let card_back = if by_card && self.inner.config.workstation.same_card_unlocks {
+            "put the same smartcard back, or "
+        } else {
+            ""
+        };
         match &locked {
             Some(reason) if self.session().is_some() => Err(AgentError::Locked(format!(
-                "The session is locked ({reason}). The clinician must sign in again to unlock it (cis2ctl login, or the agent's window)."
+                "The session is locked ({reason}). To unlock it the clinician must {card_back}sign in again (cis2ctl login, or the agent's window)."
             ))),
             _ => Ok(()),
+        }
+    }
+
+    fn present_card(&self) -> std::sync::MutexGuard<'_, Option<Card>> {
+        self.inner
+            .present_card
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A smartcard went into a reader. The card the session was locked for, back while the session is
+    /// still valid, unlocks it (`same_card_unlocks`); a different card ends the locked session.
+    pub async fn card_inserted(&self, card: Card) {
+        *self.present_card() = Some(card.clone());
+        *self
+            .inner
+            .card_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(true);
+        let session_valid = {
+            let now = self.inner.clock.now();
+            match self.session().as_ref() {
+                None => return,
+                Some(s) => s.expires_at > now || s.refresh_token.is_some(),
+            }
+        };
+        let (bound, locked_by_card) = {
+            let life = self.life();
+            (life.card.clone(), life.locked_by_card)
+        };
+        if !locked_by_card {
+            return;
+        }
+        match (&bound, &card) {
+            (Some(Card::Known(bound)), Card::Known(inserted)) if bound == inserted => {
+                if self.inner.config.workstation.same_card_unlocks && session_valid {
+                    let unlocked = {
+                        let mut life = self.life();
+                        let was = life.locked.take().is_some();
+                        life.locked_by_card = false;
+                        life.last_activity = self.inner.clock.now();
+                        was
+                    };
+                    if unlocked {
+                        tracing::info!("the same smartcard is back: session unlocked");
+                        self.emit(Event::Unlocked);
+                    }
+                }
+            }
+            (Some(Card::Known(_)), Card::Known(_)) => {
+                self.sign_out_for("another smartcard was inserted").await;
+            }
+            // Either card cannot be told apart from others: the lock stays until someone signs in.
+            _ => {}
+        }
+    }
+
+    /// A smartcard left its reader. If it is the card this session was signed in with, apply
+    /// `on_card_removal`.
+    pub async fn card_removed(&self, card: Card) {
+        {
+            let mut present = self.present_card();
+            if present.as_ref() == Some(&card) {
+                *present = None;
+            }
+            *self
+                .inner
+                .card_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(present.is_some());
+        }
+        if self.session().is_none() {
+            return;
+        }
+        let bound = self.life().card.clone();
+        if bound.as_ref() != Some(&card) {
+            return;
+        }
+        const REASON: &str = "the smartcard was removed";
+        match self.inner.config.workstation.on_card_removal {
+            SignalAction::Lock => {
+                let newly = {
+                    let mut life = self.life();
+                    if life.locked.is_none() {
+                        life.locked = Some(REASON.into());
+                        life.locked_by_card = true;
+                        true
+                    } else {
+                        false
+                    }
+                };
+                if newly {
+                    tracing::info!(reason = REASON, "session locked");
+                    self.emit(Event::Locked {
+                        reason: REASON.into(),
+                    });
+                }
+            }
+            SignalAction::SignOut => self.sign_out_for(REASON).await,
+            SignalAction::Ignore => {}
         }
     }
 
@@ -697,12 +825,15 @@ impl Agent {
                 self.next_generation();
             }
         }
+        let present_card = self.present_card().clone();
         let mut life = self.life();
         life.signed_in_at = signed_in_at;
         life.last_activity = life.last_activity.max(now);
         if fresh_authentication {
             life.last_activity = now;
             life.locked = None;
+            life.locked_by_card = false;
+            life.card = present_card;
         }
         life.expiring_announced = false;
         life.backoff_until = 0;

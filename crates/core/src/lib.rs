@@ -9,6 +9,7 @@ pub mod config;
 pub mod ipc;
 pub mod peer;
 pub mod policy;
+pub mod smartcard;
 pub mod store;
 pub mod workstation;
 

@@ -6,6 +6,7 @@ use cis2_core::agent::{Agent, AgentError, AgentOptions, Event, SessionState, Tok
 use cis2_core::browser::Browser;
 use cis2_core::clock::TestClock;
 use cis2_core::config;
+use cis2_core::smartcard::Card;
 use cis2_jose::{Alg, JwkSet, SigningKey};
 use cis2_mock_idp::browser::{Outcome, Script, ScriptedBrowser};
 use cis2_mock_idp::{Client, ClientAuthMethod, Lifetimes, Options, RunningProvider};
@@ -902,4 +903,119 @@ async fn a_refresh_that_finishes_after_logout_does_not_bring_the_session_back() 
     );
     assert_eq!(h.agent.status().state, SessionState::SignedOut);
     assert!(store.load().is_none(), "and not written back to the store");
+}
+
+fn card(serial: &str) -> Card {
+    Card::Known(serial.into())
+}
+
+#[tokio::test]
+async fn a_card_removal_locks_only_for_the_card_of_the_sign_in_and_the_same_card_unlocks() {
+    let h = harness(Setup::default()).await;
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    // A card that is not the session's comes and goes: nothing happens.
+    h.agent.card_removed(card("other")).await;
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    h.agent.card_removed(card("A")).await;
+    let status = h.agent.status();
+    assert_eq!(status.state, SessionState::Locked);
+    assert_eq!(status.smartcard_present, Some(false));
+    assert_eq!(h.agent.whoami().unwrap_err().code(), -32004);
+    h.agent.card_inserted(card("A")).await;
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    assert!(h.agent.token(TokenRequest::default()).await.is_ok());
+    assert_eq!(h.opened.load(Ordering::SeqCst), 1, "no new sign-in");
+}
+
+#[tokio::test]
+async fn a_card_back_after_the_session_expired_does_not_unlock_it() {
+    let h = harness(Setup {
+        refresh_tokens: false,
+        session_toml: "[session]\ninactivity_action = \"none\"\n",
+        lifetimes: Lifetimes {
+            access_token: 3600,
+            ..Lifetimes::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    h.agent.card_removed(card("A")).await;
+    let mut events = h.agent.subscribe();
+    h.advance(3601);
+    h.agent.card_inserted(card("A")).await;
+    assert_ne!(h.agent.status().state, SessionState::SignedIn);
+    let seen: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(!seen.contains(&Event::Unlocked), "{seen:?}");
+}
+
+#[tokio::test]
+async fn same_card_unlocks_off_keeps_the_lock_until_a_sign_in() {
+    let h = harness(Setup {
+        session_toml: "[workstation]\nsame_card_unlocks = false\n",
+        ..Setup::default()
+    })
+    .await;
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    h.agent.card_removed(card("A")).await;
+    h.agent.card_inserted(card("A")).await;
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+    let message = h.agent.whoami().unwrap_err().to_string();
+    assert!(!message.contains("smartcard back"), "{message}");
+    assert_eq!(h.login().await.unwrap().state, SessionState::SignedIn);
+}
+
+#[tokio::test]
+async fn on_card_removal_sign_out_ends_the_session_and_another_card_ends_a_locked_one() {
+    let h = harness(Setup {
+        session_toml: "[workstation]\non_card_removal = \"sign_out\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let mut events = h.agent.subscribe();
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    h.agent.card_removed(card("A")).await;
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    let seen: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(
+        matches!(seen.as_slice(), [Event::SignedIn { .. }, Event::SignedOut { reason }] if reason == "the smartcard was removed"),
+        "{seen:?}"
+    );
+
+    let h = harness(Setup::default()).await;
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    h.agent.card_removed(card("A")).await;
+    h.agent.card_inserted(card("B")).await;
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+}
+
+#[tokio::test]
+async fn a_card_that_cannot_be_identified_locks_but_never_unlocks() {
+    let h = harness(Setup::default()).await;
+    h.agent.card_inserted(Card::Unidentified).await;
+    h.login().await.unwrap();
+    h.agent.card_removed(Card::Unidentified).await;
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+    h.agent.card_inserted(Card::Unidentified).await;
+    assert_eq!(
+        h.agent.status().state,
+        SessionState::Locked,
+        "it may be anyone's card"
+    );
+    h.agent.card_inserted(card("B")).await;
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+}
+
+#[tokio::test]
+async fn a_session_signed_in_without_a_card_ignores_cards() {
+    let h = harness(Setup::default()).await;
+    h.login().await.unwrap();
+    h.agent.card_inserted(card("A")).await;
+    h.agent.card_removed(card("A")).await;
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }

@@ -1,0 +1,211 @@
+//! Smartcard presence through PC/SC (pcsc-lite's `pcscd` on Linux, WinSCard on Windows, CryptoTokenKit's
+//! PC/SC layer on macOS — the same `pcsc` crate on all three). The legacy Identity Agent tied the session
+//! to the card; NHS Smartcard Connect no longer does, so this is the agent's "the clinician walked away"
+//! signal. A card is told apart from another by its GlobalPlatform Card Production Life Cycle data (the
+//! chip's serial number, `GET DATA 9F7F`) with its ATR; a card that does not answer that is
+//! `Unidentified`: its removal still counts, but it can never prove it is "the same card back".
+//!
+//! What removal and insertion do is in [`crate::agent::Agent::card_removed`] and `card_inserted`,
+//! per `[workstation] on_card_removal` and `same_card_unlocks`.
+
+use sha2::{Digest, Sha256};
+
+/// Which card is in a reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Card {
+    /// A stable identity: SHA-256 (hex, 32 characters) of the ATR and the CPLC data.
+    Known(String),
+    /// The card did not give its CPLC: it cannot be told apart from another of the same model.
+    Unidentified,
+}
+
+/// GlobalPlatform GET DATA for the Card Production Life Cycle data.
+pub const GET_CPLC: [u8; 5] = [0x80, 0xCA, 0x9F, 0x7F, 0x00];
+
+/// The identity from the ATR and the answer to [`GET_CPLC`] (with its status word), if any.
+pub fn identify(atr: &[u8], cplc_answer: Option<&[u8]>) -> Card {
+    let Some(answer) = cplc_answer else {
+        return Card::Unidentified;
+    };
+    // A good answer is data followed by 90 00, and the data is tag 9F7F, length, ≥ 18 bytes.
+    let ok = answer.len() >= 2 && answer[answer.len() - 2..] == [0x90, 0x00];
+    let data = &answer[..answer.len().saturating_sub(2)];
+    if !ok || data.len() < 3 + 18 || data[..2] != [0x9F, 0x7F] {
+        return Card::Unidentified;
+    }
+    let mut hash = Sha256::new();
+    hash.update((atr.len() as u32).to_be_bytes());
+    hash.update(atr);
+    hash.update(data);
+    Card::Known(hex::encode(&hash.finalize()[..16]))
+}
+
+/// A change in a reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardEvent {
+    Inserted(Card),
+    Removed(Card),
+}
+
+/// Watches every PC/SC reader in a thread of its own and hands each insertion and removal to the agent.
+/// When the smartcard service is missing or goes away, it keeps trying every few seconds (Debian starts
+/// `pcscd` on demand; a reader may be plugged in later).
+pub fn watch(agent: crate::agent::Agent) {
+    if agent.config().workstation.on_card_removal == crate::config::SignalAction::Ignore {
+        return;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CardEvent>();
+    let spawned = std::thread::Builder::new()
+        .name("cis2-pcsc".into())
+        .spawn(move || pcsc_loop(tx));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch smartcard readers");
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            match event {
+                CardEvent::Inserted(card) => agent.card_inserted(card).await,
+                CardEvent::Removed(card) => agent.card_removed(card).await,
+            }
+        }
+    });
+}
+
+fn pcsc_loop(tx: tokio::sync::mpsc::UnboundedSender<CardEvent>) {
+    use pcsc::{Context, Error, PNP_NOTIFICATION, ReaderState, Scope, State};
+    use std::collections::HashMap;
+    use std::ffi::CString;
+    use std::time::Duration;
+
+    let mut told_missing = false;
+    loop {
+        let ctx = match Context::establish(Scope::User) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                if !told_missing {
+                    tracing::info!(error = %e, "no smartcard service (pcscd) yet; card removal is not watched until there is one");
+                    told_missing = true;
+                }
+                std::thread::sleep(Duration::from_secs(3));
+                continue;
+            }
+        };
+        told_missing = false;
+        tracing::info!("watching smartcard readers");
+        let mut states = vec![ReaderState::new(PNP_NOTIFICATION(), State::UNAWARE)];
+        let mut cards: HashMap<CString, Card> = HashMap::new();
+        let mut names = vec![0u8; 4096];
+        'session: loop {
+            // Readers that went away: a card in them is gone too.
+            states.retain(|rs| {
+                let dead = rs.name() != PNP_NOTIFICATION()
+                    && rs.event_state().intersects(State::UNKNOWN | State::IGNORE);
+                if dead && let Some(card) = cards.remove(rs.name()) {
+                    let _ = tx.send(CardEvent::Removed(card));
+                }
+                !dead
+            });
+            match ctx.list_readers(&mut names) {
+                Ok(list) => {
+                    for name in list {
+                        if !states.iter().any(|rs| rs.name() == name) {
+                            states.push(ReaderState::new(name.to_owned(), State::UNAWARE));
+                        }
+                    }
+                }
+                Err(Error::NoReadersAvailable) => {}
+                Err(Error::NoService | Error::ServiceStopped | Error::InvalidHandle) => {
+                    break 'session;
+                }
+                Err(e) => tracing::debug!(error = %e, "listing smartcard readers failed"),
+            }
+            for rs in &mut states {
+                rs.sync_current_state();
+            }
+            match ctx.get_status_change(Duration::from_secs(2), &mut states) {
+                Ok(()) | Err(Error::Timeout) => {}
+                Err(Error::NoService | Error::ServiceStopped | Error::InvalidHandle) => {
+                    break 'session;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "waiting for smartcard events failed");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            for rs in &states {
+                if rs.name() == PNP_NOTIFICATION() {
+                    continue;
+                }
+                let present = rs.event_state().contains(State::PRESENT)
+                    && !rs.event_state().contains(State::MUTE);
+                let known = cards.contains_key(rs.name());
+                if present && !known {
+                    let card = read_identity(&ctx, rs.name(), rs.atr());
+                    cards.insert(rs.name().to_owned(), card.clone());
+                    tracing::info!(reader = ?rs.name(), identified = matches!(card, Card::Known(_)), "smartcard inserted");
+                    let _ = tx.send(CardEvent::Inserted(card));
+                } else if !present
+                    && known
+                    && let Some(card) = cards.remove(rs.name())
+                {
+                    tracing::info!(reader = ?rs.name(), "smartcard removed");
+                    let _ = tx.send(CardEvent::Removed(card));
+                }
+            }
+        }
+        for (_, card) in cards.drain() {
+            let _ = tx.send(CardEvent::Removed(card));
+        }
+        tracing::warn!("the smartcard service stopped; waiting for it to come back");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn read_identity(ctx: &pcsc::Context, reader: &std::ffi::CStr, atr: &[u8]) -> Card {
+    let Ok(card) = ctx.connect(reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY) else {
+        return Card::Unidentified;
+    };
+    let mut buffer = [0u8; pcsc::MAX_BUFFER_SIZE];
+    let answer = card.transmit(&GET_CPLC, &mut buffer).ok();
+    let identity = identify(atr, answer);
+    let _ = card.disconnect(pcsc::Disposition::LeaveCard);
+    identity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cplc(serial: u8) -> Vec<u8> {
+        let mut answer = vec![0x9F, 0x7F, 0x2A];
+        let mut data = vec![0u8; 42];
+        data[15] = serial;
+        answer.extend(data);
+        answer.extend([0x90, 0x00]);
+        answer
+    }
+
+    #[test]
+    fn cards_are_told_apart_by_their_cplc_and_unknown_without_it() {
+        let atr = [0x3B, 0xDC, 0x18];
+        let a = identify(&atr, Some(&cplc(1)));
+        assert_eq!(
+            a,
+            identify(&atr, Some(&cplc(1))),
+            "the same card, the same identity"
+        );
+        assert_ne!(a, identify(&atr, Some(&cplc(2))));
+        assert!(matches!(a, Card::Known(ref id) if id.len() == 32));
+        assert_eq!(identify(&atr, None), Card::Unidentified);
+        assert_eq!(identify(&atr, Some(&[0x6D, 0x00])), Card::Unidentified);
+        assert_eq!(
+            identify(&atr, Some(&[0x9F, 0x7F, 0x01, 0x00, 0x90, 0x00])),
+            Card::Unidentified
+        );
+        let mut wrong_status = cplc(1);
+        let n = wrong_status.len();
+        wrong_status[n - 2] = 0x62;
+        assert_eq!(identify(&atr, Some(&wrong_status)), Card::Unidentified);
+    }
+}
