@@ -322,3 +322,42 @@ impl Drop for OidcAgent {
         }
     }
 }
+
+/// For each needle, whether it occurs anywhere in the readable memory of process `pid` (its heap,
+/// stacks and mappings, from /proc/PID/maps and /proc/PID/mem). Reading another process's memory needs
+/// root (CAP_SYS_PTRACE) here because the agent makes itself non-dumpable; `None` when it cannot.
+pub fn memory_contains(pid: u32, needles: &[&[u8]]) -> Option<Vec<bool>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut found = vec![false; needles.len()];
+    let mut read_any = false;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        if !perms.starts_with('r') || path == "[vvar]" || path == "[vsyscall]" {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let mut region = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        read_any = true;
+        for (i, needle) in needles.iter().enumerate() {
+            if !found[i] && region.windows(needle.len()).any(|w| w == *needle) {
+                found[i] = true;
+            }
+        }
+    }
+    read_any.then_some(found)
+}

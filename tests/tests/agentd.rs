@@ -48,8 +48,17 @@ fn sandbox_sign_in_whoami_token_logout_through_cis2ctl() {
     assert_eq!(token_json["token_type"], "Bearer");
     assert!(token_json["expires_at"].as_u64().unwrap() > 0);
 
-    // A second login while signed in opens no browser.
-    assert_eq!(agent.ctl(&["login"]).status.code(), Some(0));
+    // `cis2ctl login` while someone is signed in is a switch of clinician: refused (sign out
+    // first), with no browser opened.
+    let again = agent.ctl(&["login"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains(
+            "is already signed in here. To sign in as someone else, sign out first (cis2ctl logout)"
+        ),
+        "{}",
+        stderr(&again)
+    );
     assert_eq!(agent.browser_opened(), 1);
 
     let logout = agent.ctl(&["logout"]);

@@ -105,9 +105,11 @@ fn no_client_gets_anything_of_a_after_a_signed_out() {
         attempt
     };
     let refused = refused.join().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
     assert!(
-        refused.status.success(),
-        "login while A is signed in answers A's status without a browser"
+        stderr(&refused).contains("sign out first"),
+        "login while A is signed in is refused: {}",
+        stderr(&refused)
     );
     // …so A signs out, and B signs in, all under load.
     assert!(agent.ctl(&["logout"]).status.success());
@@ -151,4 +153,116 @@ fn no_client_gets_anything_of_a_after_a_signed_out() {
         total_answers += seen.iter().filter(|v| v.get("id").is_some()).count();
     }
     eprintln!("{total_answers} answers checked across 50 clients");
+}
+
+#[test]
+fn with_allow_user_switch_b_signing_in_hands_over_from_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "environment = \"sandbox\"\n[workstation]\nallow_user_switch = true\n",
+    )
+    .unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "--no-browser"],
+        &[],
+    );
+    sign_in(&mut agent, A);
+    let mut watcher = {
+        let mut command = Command::new(bin("cis2ctl"));
+        command.arg("--socket").arg(&agent.socket).arg("watch");
+        cis2_system_tests::Process::start(command)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    sign_in(&mut agent, B);
+    watcher.wait_for(
+        "{\"reason\":\"another clinician signed in\",\"type\":\"signed_out\"}",
+        Duration::from_secs(5),
+    );
+    let signed_in = watcher.wait_for("{", Duration::from_secs(5));
+    let event: Value = serde_json::from_str(&format!("{{{signed_in}")).unwrap();
+    assert_eq!(event["type"], "signed_in");
+    assert_eq!(event["user"]["uid"], B);
+    let whoami: Value = serde_json::from_str(&stdout(&agent.ctl(&["whoami", "--json"]))).unwrap();
+    assert_eq!(whoami["uid"], B);
+}
+
+#[test]
+fn with_store_memory_nothing_of_a_remains_in_the_agent_or_on_disk_after_sign_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(
+        &clients,
+        "[[clients]]\nclient_id = \"ward.apps.national\"\nauth_method = \"none\"\n\
+         redirect_uris = [\"http://127.0.0.1/callback\"]\nrefresh_tokens = true\nrotate_refresh_tokens = true\n",
+    )
+    .unwrap();
+    // The provider in its own process: its memory rightly holds what it issued.
+    let mut idp = cis2_system_tests::Process::start({
+        let mut command = Command::new(bin("cis2-mock-idp"));
+        command.args(["--port", "0", "--clients"]).arg(&clients);
+        command
+    });
+    let issuer = format!(
+        "http://{}",
+        idp.wait_for("http://", Duration::from_secs(30))
+    );
+    let data = dir.path().join("data");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"ward.apps.national\"\n\
+             [provider.exchange]\nmethod = \"none\"\n[agent]\nstore = \"memory\"\nclient_policy = \"allow\"\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[("CIS2_TEST_USER", A)],
+    );
+    assert!(agent.ctl(&["login"]).status.success());
+    let token = stdout(&agent.ctl(&["token"])).trim().to_string();
+    let whoami: Value = serde_json::from_str(&stdout(&agent.ctl(&["whoami", "--json"]))).unwrap();
+    let name = whoami["name"].as_str().unwrap().to_string();
+    let pid = agent.process.child.id();
+    let needles: [&[u8]; 2] = [token.as_bytes(), name.as_bytes()];
+
+    let Some(before) = cis2_system_tests::memory_contains(pid, &needles) else {
+        eprintln!(
+            "SKIPPED: this user cannot read the agent's memory (needs root / CAP_SYS_PTRACE)"
+        );
+        return;
+    };
+    assert_eq!(
+        before,
+        vec![true, true],
+        "the scan finds A while A is signed in"
+    );
+
+    assert!(agent.ctl(&["logout"]).status.success());
+    // The provider-side end of the session runs in the background; let it finish.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = cis2_system_tests::memory_contains(pid, &needles).unwrap();
+    assert_eq!(
+        after,
+        vec![false, false],
+        "A's access token and name are gone from the agent's memory"
+    );
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+                "{} holds A's token",
+                path.display()
+            );
+        }
+    }
+    drop(idp.child.kill());
 }

@@ -152,6 +152,7 @@ fn killed_at_each_step_of_a_refresh_rotation_the_session_is_usable_or_cleanly_si
             }
         }
         // Either way the agent can sign in again: nothing was left corrupted.
+        assert!(again.ctl(&["logout"]).status.success());
         assert!(again.ctl(&["login"]).status.success());
         assert_eq!(again.ctl(&["whoami"]).status.code(), Some(0));
     }

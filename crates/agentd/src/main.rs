@@ -89,6 +89,12 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     Ok(())
 }
 
+/// Every heap block is zeroed when freed: after a sign-out nothing of that clinician's tokens or claims
+/// stays behind in memory the allocator hands out again (docs/security.md).
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
+    zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -302,9 +302,11 @@ fn run(args: &Args) -> Result<(), ClientError> {
             print(&status, describe_status(&status));
         }
         Command::Login { timeout } => {
+            // A person typing `login` while someone is signed in wants to switch: the agent refuses
+            // that (sign out first) unless the config allows switching.
             let params = match timeout {
-                Some(t) => json!({"timeout_secs": t}),
-                None => json!({}),
+                Some(t) => json!({"timeout_secs": t, "switch_user": true}),
+                None => json!({"switch_user": true}),
             };
             eprintln!("Complete the sign-in in your browser…");
             let status = client.call("login", params)?;

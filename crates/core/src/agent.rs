@@ -354,7 +354,8 @@ impl Agent {
                 login_timeout: Duration::from_secs(crate::config::DEFAULT_LOGIN_TIMEOUT_SECS),
             },
         };
-        let http = HttpClient::with_ca_file(ca_file.as_deref(), Duration::from_secs(15))
+        let ca = cis2_oidc::http::read_ca_file(ca_file.as_deref()).map_err(StartError::Config)?;
+        let http = HttpClient::unpooled(ca.as_deref(), Duration::from_secs(15))
             .map_err(StartError::Config)?;
         let rp = RelyingParty {
             discovery: Discovery::new(issuer, http, clock.clone()),
@@ -684,18 +685,19 @@ impl Agent {
         }
         match (&bound, &card) {
             (Some(Card::Known(bound)), Card::Known(inserted)) if bound == inserted => {
-                if self.inner.config.workstation.same_card_unlocks && session_valid {
-                    let unlocked = {
-                        let mut life = self.life();
-                        let was = life.locked.take().is_some();
-                        life.locked_by_card = false;
-                        life.last_activity = self.inner.clock.now();
-                        was
-                    };
-                    if unlocked {
-                        tracing::info!("the same smartcard is back: session unlocked");
-                        self.emit(Event::Unlocked);
-                    }
+                if !self.inner.config.workstation.same_card_unlocks || !session_valid {
+                    return;
+                }
+                let unlocked = {
+                    let mut life = self.life();
+                    let was = life.locked.take().is_some();
+                    life.locked_by_card = false;
+                    life.last_activity = self.inner.clock.now();
+                    was
+                };
+                if unlocked {
+                    tracing::info!("the same smartcard is back: session unlocked");
+                    self.emit(Event::Unlocked);
                 }
             }
             (Some(Card::Known(_)), Card::Known(_)) => {
@@ -936,6 +938,42 @@ impl Agent {
         if !self.needs_authentication() {
             return Ok(self.status());
         }
+        self.sign_in_flight(timeout).await
+    }
+
+    /// A person at the keyboard asked to sign in (cis2ctl login, the window's button). While someone
+    /// is signed in that is a request to switch clinician: refused with what to do, unless
+    /// `[workstation] allow_user_switch`, when a new sign-in runs and hands over if it is someone else.
+    pub async fn login_at_the_keyboard(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Status, AgentError> {
+        let signed_in = {
+            let session = self.session();
+            session.as_ref().map(|s| {
+                let user = &s.user;
+                match &user.name {
+                    Some(name) => format!("{name} ({})", user.uid),
+                    None => user.uid.clone(),
+                }
+            })
+        };
+        match signed_in {
+            // Locked or expiring sessions are not a switch: signing in is how the same clinician gets
+            // back in, and someone else is refused after the browser step (run_sign_in).
+            Some(who)
+                if !self.needs_authentication()
+                    && !self.inner.config.workstation.allow_user_switch =>
+            {
+                Err(AgentError::SignInFailed(format!(
+                    "{who} is already signed in here. To sign in as someone else, sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true."
+                )))
+            }
+            _ => self.sign_in_flight(timeout).await,
+        }
+    }
+
+    async fn sign_in_flight(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
         let mut rx = {
             let mut flight = self.inner.login_flight.lock().await;
             match flight.as_ref() {
@@ -1191,6 +1229,13 @@ impl Agent {
             ended
         };
         *self.life() = Life::default();
+        // A finished sign-in's answer (the person's status) is kept for late joiners of that flight;
+        // once they are signed out it must not linger.
+        if let Ok(mut flight) = self.inner.login_flight.try_lock()
+            && flight.as_ref().is_some_and(|rx| rx.borrow().is_some())
+        {
+            *flight = None;
+        }
         if ended.is_some() {
             tracing::info!(%reason, "signed out");
             self.emit(Event::SignedOut { reason });

@@ -61,6 +61,19 @@ impl HttpClient {
         Ok(HttpClient { client, timeout })
     }
 
+    /// Like [`HttpClient::new`], but every request uses a fresh connection that is closed after it: no
+    /// idle connection keeps a buffer that held a token (the agent's choice; its provider calls are a
+    /// sign-in and a refresh now and then, so the extra handshake costs nothing that matters).
+    pub fn unpooled(extra_ca_pem: Option<&str>, timeout: Duration) -> Result<HttpClient, String> {
+        let client = builder(extra_ca_pem)?
+            .pool_max_idle_per_host(0)
+            .connect_timeout(Duration::from_secs(5).min(timeout))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("cannot set up HTTPS: {e}"))?;
+        Ok(HttpClient { client, timeout })
+    }
+
     /// For a long-lived answer (server-sent events): no total timeout, but a connection that stays
     /// silent for `idle` counts as dead.
     pub fn streaming(extra_ca_pem: Option<&str>, idle: Duration) -> Result<HttpClient, String> {

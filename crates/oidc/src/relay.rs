@@ -52,7 +52,7 @@ impl RelayClient {
         }
         Ok(RelayClient {
             base,
-            http: HttpClient::new(extra_ca_pem, timeout)?,
+            http: HttpClient::unpooled(extra_ca_pem, timeout)?,
             stream: HttpClient::streaming(extra_ca_pem, EVENTS_IDLE_LIMIT)?,
         })
     }

@@ -99,6 +99,10 @@ struct NoParams {}
 #[serde(deny_unknown_fields)]
 struct LoginParams {
     timeout_secs: Option<u64>,
+    /// A person at the keyboard asking to sign in whoever is signed in now (cis2ctl, the GUI's button):
+    /// refused while someone is signed in unless `[workstation] allow_user_switch`.
+    #[serde(default)]
+    switch_user: bool,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +174,7 @@ async fn run(
     // Params are checked first: a malformed request is -32602 whoever sends it.
     let mut token_params = None;
     let mut login_timeout = None;
+    let mut switch_user = false;
     match method {
         "token" => token_params = Some(params::<TokenParams>(request.params.clone())?),
         "login" => {
@@ -180,6 +185,7 @@ async fn run(
                 ));
             }
             login_timeout = p.timeout_secs.map(Duration::from_secs);
+            switch_user = p.switch_user;
         }
         _ => {
             params::<NoParams>(request.params.clone())?;
@@ -197,6 +203,10 @@ async fn run(
             Ok(json!(status))
         }
         "whoami" => agent.whoami().map(|u| json!(u)),
+        "login" if switch_user => agent
+            .login_at_the_keyboard(login_timeout)
+            .await
+            .map(|s| json!(s)),
         "login" => agent.login(login_timeout).await.map(|s| json!(s)),
         "token" => {
             let Some(p) = token_params else {
