@@ -2,7 +2,7 @@
 //! remembered decisions, the audit trail and its tamper detection, single-flight sign-in across
 //! processes, and load.
 
-use cis2_system_tests::{Agent, bin, ctl, json, stderr, stdout};
+use cis2_system_tests::{Agent, bin, ctl, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

@@ -1,10 +1,7 @@
 //! `cis2-agentd`: the CIS2 sign-in agent without a GUI. It loads the config (or runs the sandbox),
 //! listens on the local socket, prints `listening on PATH` when ready, and serves until stopped.
 
-use cis2_core::agent::{Agent, AgentOptions};
-use cis2_core::browser::Browser;
-use cis2_core::config::{self, Config};
-use cis2_core::ipc;
+use cis2_core::service::{self, Launch};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,64 +25,23 @@ struct Args {
     no_browser: bool,
 }
 
-fn load_config(args: &Args) -> Result<Config, String> {
-    if args.sandbox {
-        return Ok(Config::sandbox());
-    }
-    let named = args.config.is_some()
-        || std::env::var_os("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty());
-    match config::resolve_path(args.config.as_deref()) {
-        // A file named by --config or $CIS2_AGENT_CONFIG must exist; the default one may be absent
-        // (then: sandbox).
-        Some(path) if named || path.exists() => config::load(&path).map_err(|e| e.to_string()),
-        _ => Ok(Config::sandbox()),
-    }
-}
-
 async fn run(args: Args) -> Result<(), (u8, String)> {
-    // Tokens live in this process's memory: no core dumps of it, and no ptrace attach by other
-    // processes of the same user (Linux PR_SET_DUMPABLE).
-    #[cfg(target_os = "linux")]
-    if let Err(e) =
-        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
-    {
-        eprintln!("cis2-agentd: could not switch off core dumps ({e}); continuing");
-    }
-    let config = load_config(&args).map_err(|e| (2, e))?;
-    if config.is_sandbox() {
-        eprintln!(
-            "SANDBOX MODE: signing in against the embedded test provider, NOT NHS CIS2. Test users only."
-        );
-    }
-    let socket = ipc::paths::socket_path(args.socket.as_deref(), config.agent.socket.as_deref());
-    let agent = Agent::start(AgentOptions::new(
-        config,
-        Browser::from_env(args.no_browser),
-    ))
-    .await
-    .map_err(|e| (2, e.to_string()))?;
-    if let Some(sandbox) = agent.sandbox_provider() {
-        eprintln!("sandbox provider: {}", sandbox.issuer);
-    }
-    if let Err(why) = cis2_core::workstation::watch(agent.clone()) {
-        tracing::warn!(%why, "running without workstation lock signals");
-    }
-    cis2_core::smartcard::watch(agent.clone());
-    let bound = ipc::server::bind(&socket)
-        .await
-        .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;
-    println!("listening on {}", bound.path().display());
+    let launch = Launch {
+        config: args.config,
+        socket: args.socket,
+        sandbox: args.sandbox,
+        no_browser: args.no_browser,
+    };
+    let running = service::start(&launch, None).await?;
+    println!("listening on {}", running.socket().display());
     let _ = std::io::stdout().flush();
-    let path = bound.path().to_path_buf();
-    let server = tokio::spawn(ipc::serve(bound, agent, ipc::ServeOptions::default()));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| (1, e.to_string()))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    server.abort();
-    let _ = std::fs::remove_file(&path);
+    drop(running);
     Ok(())
 }
 

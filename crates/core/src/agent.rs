@@ -178,6 +178,8 @@ struct Inner {
     /// an earlier generation are not delivered after the change is announced (see ipc::server).
     generation: std::sync::atomic::AtomicU64,
     login_flight: tokio::sync::Mutex<Option<Flight>>,
+    /// The task running the current browser sign-in, so that it can be cancelled.
+    flight_task: Mutex<Option<tokio::task::AbortHandle>>,
     refresh_lock: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Event>,
     change_role_lock: tokio::sync::Mutex<()>,
@@ -374,6 +376,7 @@ impl Agent {
                 session: Mutex::new(None),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 login_flight: tokio::sync::Mutex::new(None),
+                flight_task: Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 events,
                 change_role_lock: tokio::sync::Mutex::new(()),
@@ -603,7 +606,10 @@ impl Agent {
             .inner
             .login_flight
             .try_lock()
-            .map(|f| f.as_ref().is_some_and(|rx| rx.borrow().is_none()))
+            .map(|f| {
+                f.as_ref()
+                    .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
+            })
             .unwrap_or(true);
         let state = match (session.as_ref(), &locked) {
             (Some(_), Some(_)) => SessionState::Locked,
@@ -977,15 +983,20 @@ impl Agent {
         let mut rx = {
             let mut flight = self.inner.login_flight.lock().await;
             match flight.as_ref() {
-                Some(rx) if rx.borrow().is_none() => rx.clone(),
+                Some(rx) if rx.borrow().is_none() && rx.has_changed().is_ok() => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     *flight = Some(rx.clone());
                     let agent = self.clone();
-                    tokio::spawn(async move {
+                    let task = tokio::spawn(async move {
                         let result = agent.run_sign_in(timeout).await;
                         let _ = tx.send(Some(result));
                     });
+                    *self
+                        .inner
+                        .flight_task
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
                     rx
                 }
             }
@@ -998,9 +1009,75 @@ impl Agent {
             .flatten();
         answer.unwrap_or_else(|| {
             Err(AgentError::SignInFailed(
-                "The sign-in was interrupted.".into(),
+                "The sign-in was cancelled or interrupted; start it again.".into(),
             ))
         })
+    }
+
+    /// Stops a browser sign-in under way (the window's Cancel): the loopback listener closes and
+    /// every caller waiting on it is told the sign-in was cancelled. Whoever is signed in stays.
+    pub fn cancel_sign_in(&self) -> bool {
+        let task = self
+            .inner
+            .flight_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match task {
+            Some(task) if !task.is_finished() => {
+                task.abort();
+                tracing::info!("sign-in cancelled");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The agent's clock.
+    pub fn now(&self) -> u64 {
+        self.inner.clock.now()
+    }
+
+    /// Whether someone is signed in (locked or not).
+    pub fn current_user(&self) -> Option<User> {
+        self.session().as_ref().map(|s| s.user.clone())
+    }
+
+    /// Whether the session holds a refresh token (it can be renewed without the browser).
+    pub fn renewable(&self) -> bool {
+        self.session()
+            .as_ref()
+            .is_some_and(|s| s.refresh_token.is_some())
+    }
+
+    /// When the session ends at the latest (`absolute_secs` after the browser sign-in), if there is one.
+    pub fn session_ends_at(&self) -> Option<u64> {
+        self.session().as_ref()?;
+        let life = self.life();
+        Some(
+            life.signed_in_at
+                .saturating_add(self.inner.config.session.absolute_secs),
+        )
+    }
+
+    /// Whether the clients were told the session is about to end (`session_expiring`).
+    pub fn expiring(&self) -> bool {
+        self.life().expiring_announced
+    }
+
+    /// Whether putting the same smartcard back would unlock the current lock.
+    pub fn card_would_unlock(&self) -> bool {
+        self.life().locked_by_card && self.inner.config.workstation.same_card_unlocks
+    }
+
+    /// The programs the clinician chose "Always allow" or "Deny" for.
+    pub fn remembered_programs(&self) -> Vec<crate::policy::Remembered> {
+        self.inner.decisions.list()
+    }
+
+    /// Forgets a remembered decision (by its short id or hash); the next request asks again.
+    pub fn forget_program(&self, id: &str) -> std::io::Result<bool> {
+        crate::policy::revoke(&self.data_dir().join("clients.json"), id)
     }
 
     /// Whether `login` must go to the browser: nobody signed in, the session locked, or a session that

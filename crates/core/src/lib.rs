@@ -6,9 +6,11 @@
 pub mod agent;
 pub mod audit;
 pub mod config;
+pub mod desktop;
 pub mod ipc;
 pub mod peer;
 pub mod policy;
+pub mod service;
 pub mod smartcard;
 pub mod store;
 pub mod workstation;

@@ -1,0 +1,359 @@
+//! What the desktop app shows and does, as plain data and one call per action, so that the Tauri shell
+//! is glue only: the window's [`View`], the client-approval prompts ([`Approvals`], the agent's
+//! [`Approver`] for `client_policy = "ask"`), and the actions behind its buttons. Everything here runs
+//! without a window and is tested without one.
+
+use crate::agent::{Agent, AgentError, SessionState};
+use crate::peer::Peer;
+use crate::policy::{Answer, Approver, Remembered};
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot};
+
+/// How long a prompt waits for the clinician before the program is refused.
+pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything the window draws.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct View {
+    pub state: SessionState,
+    /// Not NHS CIS2: the window shows the sandbox banner.
+    pub sandbox: bool,
+    pub environment: String,
+    pub uid: Option<String>,
+    pub name: Option<String>,
+    pub role: Option<RoleView>,
+    pub roles: Vec<RoleView>,
+    /// "Smartcard", "Passkey", "Windows Hello"… from the sign-in's `amr`.
+    pub authenticated_with: Option<String>,
+    /// "AAL3", "AAL2"… from the sign-in's `acr`.
+    pub assurance: Option<String>,
+    /// Until the session ends at the latest (the absolute limit, or an unrenewable token's expiry).
+    pub seconds_left: Option<u64>,
+    /// The session cannot be renewed and ends soon.
+    pub expiring: bool,
+    pub locked_reason: Option<String>,
+    /// Putting the same smartcard back would unlock it.
+    pub card_unlocks: bool,
+    pub approvals: Vec<ApprovalView>,
+    /// Set by the window after a failed action; the core leaves it empty.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RoleView {
+    pub id: String,
+    pub name: String,
+    pub org_code: String,
+    pub org_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ApprovalView {
+    pub id: u64,
+    /// The executable's file name: what a person recognises. Never a name the client sent.
+    pub program: String,
+    pub path: String,
+}
+
+/// `amr` values as a person would name them.
+pub fn authenticator_name(amr: &[String]) -> Option<String> {
+    let names: Vec<&str> = amr
+        .iter()
+        .filter_map(|m| match m.to_ascii_lowercase().as_str() {
+            "sc" | "smartcard" | "hwk" => Some("Smartcard"),
+            "fido" | "passkey" | "webauthn" => Some("Passkey"),
+            "whfb" | "windows_hello" => Some("Windows Hello"),
+            "otp" | "mfa" | "authenticator" => Some("Authenticator app"),
+            "face" | "fpt" => Some("Biometrics"),
+            "pwd" => Some("Password"),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then(|| {
+        let mut names = names;
+        names.dedup();
+        names.join(" and ")
+    })
+}
+
+/// `AAL3_ANY` → `AAL3`.
+fn assurance_level(acr: &str) -> String {
+    acr.split('_').next().unwrap_or(acr).to_string()
+}
+
+struct Pending {
+    view: ApprovalView,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// The prompts waiting for the clinician. The agent asks through [`Approver`]; the window lists them
+/// and answers. Unanswered prompts are refused after [`APPROVAL_TIMEOUT`].
+#[derive(Default)]
+pub struct Approvals {
+    pending: Mutex<Vec<Pending>>,
+    next_id: Mutex<u64>,
+    changed: Notify,
+}
+
+impl Approvals {
+    pub fn list(&self) -> Vec<ApprovalView> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| p.view.clone())
+            .collect()
+    }
+
+    /// Answers prompt `id`; false if it is no longer waiting.
+    pub fn answer(&self, id: u64, answer: Answer) -> bool {
+        let found = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let at = pending.iter().position(|p| p.view.id == id);
+            at.map(|i| pending.remove(i))
+        };
+        self.changed.notify_waiters();
+        match found {
+            Some(p) => p.answer.send(answer).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Resolves when a prompt is added or answered.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+}
+
+#[async_trait::async_trait]
+impl Approver for Approvals {
+    async fn ask(&self, peer: &Peer) -> Answer {
+        let path = peer
+            .exe
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "an unidentified program".into());
+        let program = peer
+            .exe
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "A program".into());
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            *next
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Pending {
+                view: ApprovalView { id, program, path },
+                answer: tx,
+            });
+        self.changed.notify_waiters();
+        let answer = tokio::time::timeout(APPROVAL_TIMEOUT, rx).await;
+        // Answered, timed out or abandoned: the prompt goes either way.
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p.view.id != id);
+        self.changed.notify_waiters();
+        match answer {
+            Ok(Ok(answer)) => answer,
+            _ => Answer::Deny,
+        }
+    }
+}
+
+/// The agent as the window uses it.
+#[derive(Clone)]
+pub struct Desktop {
+    pub agent: Agent,
+    pub approvals: Arc<Approvals>,
+}
+
+fn message(e: AgentError) -> String {
+    e.to_string()
+}
+
+impl Desktop {
+    pub fn view(&self) -> View {
+        let status = self.agent.status();
+        let now = self.agent.now();
+        let session = self.agent.current_user();
+        let user = status.user.as_ref();
+        let role_view = |r: &crate::oidc::claims::Role| RoleView {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            org_code: r.org_code.clone(),
+            org_name: r.org_name.clone(),
+        };
+        let ends_at = match (self.agent.session_ends_at(), status.expires_at) {
+            (Some(limit), Some(expires)) if !self.agent.renewable() => Some(limit.min(expires)),
+            (limit, _) => limit,
+        };
+        View {
+            state: status.state,
+            sandbox: self.agent.is_sandbox(),
+            environment: status.environment.clone(),
+            uid: user.map(|u| u.uid.clone()),
+            name: user.and_then(|u| u.name.clone()),
+            role: user.and_then(|u| u.selected_role.as_ref()).map(role_view),
+            roles: user
+                .map(|u| u.roles.iter().map(role_view).collect())
+                .unwrap_or_default(),
+            authenticated_with: user.and_then(|u| authenticator_name(&u.assurance.amr)),
+            assurance: user
+                .and_then(|u| u.assurance.acr.as_deref())
+                .map(assurance_level),
+            seconds_left: session
+                .is_some()
+                .then(|| ends_at.map(|e| e.saturating_sub(now)))
+                .flatten(),
+            expiring: self.agent.expiring(),
+            locked_reason: status.locked_reason.clone(),
+            card_unlocks: self.agent.card_would_unlock(),
+            approvals: self.approvals.list(),
+            error: None,
+        }
+    }
+
+    /// The window's sign-in button: a person at the keyboard (so a switch of clinician is refused
+    /// unless the config allows it).
+    pub async fn login(&self) -> Result<View, String> {
+        self.agent
+            .login_at_the_keyboard(None)
+            .await
+            .map_err(message)?;
+        Ok(self.view())
+    }
+
+    pub fn cancel_login(&self) -> View {
+        self.agent.cancel_sign_in();
+        self.view()
+    }
+
+    pub async fn change_role(&self) -> Result<View, String> {
+        self.agent.change_role().await.map_err(message)?;
+        Ok(self.view())
+    }
+
+    pub async fn logout(&self) -> Result<View, String> {
+        self.agent.logout().await.map_err(message)?;
+        Ok(self.view())
+    }
+
+    /// `answer`: `allow-once`, `always-allow` or `deny` (the window's button ids).
+    pub fn answer_approval(&self, id: u64, answer: &str) -> Result<View, String> {
+        let answer = match answer {
+            "allow-once" => Answer::AllowOnce,
+            "always-allow" => Answer::AlwaysAllow,
+            "deny" => Answer::Deny,
+            other => return Err(format!("unknown answer {other:?}")),
+        };
+        if !self.approvals.answer(id, answer) {
+            return Err(
+                "That request is no longer waiting (the program gave up or it timed out).".into(),
+            );
+        }
+        Ok(self.view())
+    }
+
+    pub fn remembered_programs(&self) -> Vec<Remembered> {
+        self.agent.remembered_programs()
+    }
+
+    pub fn forget_program(&self, id: &str) -> Result<Vec<Remembered>, String> {
+        match self.agent.forget_program(id) {
+            Ok(true) => Ok(self.remembered_programs()),
+            Ok(false) => Err(format!("No remembered program has the id {id}.")),
+            Err(e) => Err(format!(
+                "The list of remembered programs could not be changed: {e}"
+            )),
+        }
+    }
+
+    /// Calls `on_change` with a fresh view whenever the session or the prompts change (the shell
+    /// repaints the window and the tray from it). Runs until the agent is gone.
+    pub fn watch(&self, on_change: impl Fn(View) + Send + Sync + 'static) {
+        let desktop = self.clone();
+        let mut events = self.agent.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        if matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                    () = desktop.approvals.changed() => {}
+                }
+                on_change(desktop.view());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authenticators_are_named_as_people_say_them() {
+        let names =
+            |v: &[&str]| authenticator_name(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(names(&["sc"]).as_deref(), Some("Smartcard"));
+        assert_eq!(names(&["fido"]).as_deref(), Some("Passkey"));
+        assert_eq!(
+            names(&["pwd", "otp"]).as_deref(),
+            Some("Password and Authenticator app")
+        );
+        assert_eq!(names(&["unknown"]), None);
+        assert_eq!(assurance_level("AAL3_ANY"), "AAL3");
+    }
+
+    #[tokio::test]
+    async fn a_prompt_waits_for_its_answer_and_goes_away() {
+        let approvals = Arc::new(Approvals::default());
+        let peer = Peer {
+            uid: 1000,
+            pid: Some(42),
+            exe: Some("/opt/ward-ehr/bin/ward-ehr".into()),
+            sha256: Some("ab".repeat(32)),
+        };
+        let asking = {
+            let approvals = approvals.clone();
+            tokio::spawn(async move { approvals.ask(&peer).await })
+        };
+        while approvals.list().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let listed = approvals.list();
+        assert_eq!(listed[0].program, "ward-ehr");
+        assert_eq!(listed[0].path, "/opt/ward-ehr/bin/ward-ehr");
+        assert!(
+            !approvals.answer(listed[0].id + 1, Answer::AllowOnce),
+            "no such prompt"
+        );
+        assert!(approvals.answer(listed[0].id, Answer::AlwaysAllow));
+        assert_eq!(asking.await.unwrap(), Answer::AlwaysAllow);
+        assert!(approvals.list().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_prompt_is_a_refusal() {
+        let approvals = Approvals::default();
+        let peer = Peer {
+            uid: 1000,
+            pid: None,
+            exe: None,
+            sha256: None,
+        };
+        assert_eq!(approvals.ask(&peer).await, Answer::Deny);
+        assert!(approvals.list().is_empty());
+    }
+}
