@@ -4,35 +4,18 @@
 use cis2_core::service::{self, Launch};
 use clap::Parser;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The NHS CIS2 sign-in agent, without a GUI.
 #[derive(Parser, Debug)]
 #[command(name = "cis2-agentd", version)]
 struct Args {
-    /// Config file (default: $CIS2_AGENT_CONFIG, else the OS config folder's cis2-agent/config.toml).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Socket path (default: $CIS2_AGENT_SOCK, else [agent] socket, else the per-user runtime folder).
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Sign in against the embedded sandbox provider (not NHS CIS2), whatever the config says.
-    #[arg(long)]
-    sandbox: bool,
-    /// Print the sign-in address instead of opening a browser.
-    #[arg(long)]
-    no_browser: bool,
+    #[command(flatten)]
+    launch: Launch,
 }
 
 async fn run(args: Args) -> Result<(), (u8, String)> {
-    let launch = Launch {
-        config: args.config,
-        socket: args.socket,
-        sandbox: args.sandbox,
-        no_browser: args.no_browser,
-    };
-    let running = service::start(&launch, None).await?;
+    let running = service::start(&args.launch, None).await?;
     println!("listening on {}", running.socket().display());
     let _ = std::io::stdout().flush();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

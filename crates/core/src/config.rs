@@ -470,7 +470,32 @@ pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
 /// The contract's full order (interfaces.md, "Starting an agent") is: explicit `--config`, else
 /// this; see [`resolve_path`]. With no config file at all the agent runs in sandbox mode.
 pub fn default_path() -> Option<PathBuf> {
-    default_path_with(&env_var, Os::CURRENT)
+    let personal = default_path_with(&env_var, Os::CURRENT);
+    if env_var("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty())
+        || personal.as_ref().is_some_and(|p| p.exists())
+    {
+        return personal;
+    }
+    // A trust's machine-wide file, when the user has none of their own.
+    match system_path(Os::CURRENT) {
+        Some(system) if system.exists() => Some(system),
+        _ => personal,
+    }
+}
+
+/// The machine-wide config a desktop admin installs: `/etc/cis2-agent/config.toml` on Linux and
+/// other Unixes, `/Library/Application Support/cis2-agent/config.toml` on macOS,
+/// `%ProgramData%\cis2-agent\config.toml` on Windows. Used when the user has no file of their own.
+fn system_path(os: Os) -> Option<PathBuf> {
+    match os {
+        Os::Unix => Some(PathBuf::from("/etc/cis2-agent/config.toml")),
+        Os::Mac => Some(PathBuf::from(
+            "/Library/Application Support/cis2-agent/config.toml",
+        )),
+        Os::Windows => {
+            env_path(&env_var, "ProgramData").map(|d| d.join("cis2-agent").join("config.toml"))
+        }
+    }
 }
 
 /// The config path per the contract: `explicit` (`--config FILE`) if given, else

@@ -62,10 +62,13 @@ pub fn authenticator_name(amr: &[String]) -> Option<String> {
     let names: Vec<&str> = amr
         .iter()
         .filter_map(|m| match m.to_ascii_lowercase().as_str() {
-            "sc" | "smartcard" | "hwk" => Some("Smartcard"),
-            "fido" | "passkey" | "webauthn" => Some("Passkey"),
+            // CIS2's own name for a smartcard, and the RFC 8176 ones.
+            "n3_smartcard" | "sc" | "smartcard" | "hwk" => Some("Smartcard"),
             "whfb" | "windows_hello" => Some("Windows Hello"),
-            "otp" | "mfa" | "authenticator" => Some("Authenticator app"),
+            "fido2" | "fido" | "security_key" => Some("Security key"),
+            "passkey" | "webauthn" => Some("Passkey"),
+            "totp" | "otp" | "authenticator_app" => Some("Authenticator app"),
+            "nhsmail" => Some("NHSmail"),
             "face" | "fpt" => Some("Biometrics"),
             "pwd" => Some("Password"),
             _ => None,
@@ -78,9 +81,18 @@ pub fn authenticator_name(amr: &[String]) -> Option<String> {
     })
 }
 
-/// `AAL3_ANY` → `AAL3`.
-fn assurance_level(acr: &str) -> String {
-    acr.split('_').next().unwrap_or(acr).to_string()
+/// The authentication assurance level as NHS staff know it: from CIS2's
+/// `authentication_assurance_level` ("3" → AAL3), else from `acr` (`AAL3_ANY` → AAL3).
+fn assurance_level(assurance: &crate::oidc::claims::Assurance) -> Option<String> {
+    if let Some(level) = &assurance.authentication_assurance_level {
+        return Some(format!("AAL{level}"));
+    }
+    let acr = assurance.acr.as_deref()?;
+    Some(if acr.starts_with("AAL2_OR_AAL3") {
+        "AAL2 or AAL3".to_string()
+    } else {
+        acr.split('_').next().unwrap_or(acr).to_string()
+    })
 }
 
 struct Pending {
@@ -207,14 +219,17 @@ impl Desktop {
                 .map(|u| u.roles.iter().map(role_view).collect())
                 .unwrap_or_default(),
             authenticated_with: user.and_then(|u| authenticator_name(&u.assurance.amr)),
-            assurance: user
-                .and_then(|u| u.assurance.acr.as_deref())
-                .map(assurance_level),
+            assurance: user.and_then(|u| assurance_level(&u.assurance)),
             seconds_left: session
                 .is_some()
                 .then(|| ends_at.map(|e| e.saturating_sub(now)))
                 .flatten(),
-            expiring: self.agent.expiring(),
+            // Announced for an unrenewable token, or the absolute limit is near.
+            expiring: self.agent.expiring()
+                || (session.is_some()
+                    && ends_at.is_some_and(|e| {
+                        e.saturating_sub(now) <= self.agent.config().session.expiring_notice_secs
+                    })),
             locked_reason: status.locked_reason.clone(),
             card_unlocks: self.agent.card_would_unlock(),
             approvals: self.approvals.list(),
@@ -306,14 +321,34 @@ mod tests {
     fn authenticators_are_named_as_people_say_them() {
         let names =
             |v: &[&str]| authenticator_name(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert_eq!(names(&["sc"]).as_deref(), Some("Smartcard"));
-        assert_eq!(names(&["fido"]).as_deref(), Some("Passkey"));
+        assert_eq!(names(&["N3_SMARTCARD"]).as_deref(), Some("Smartcard"));
+        assert_eq!(names(&["PASSKEY"]).as_deref(), Some("Passkey"));
+        assert_eq!(names(&["FIDO2"]).as_deref(), Some("Security key"));
+        assert_eq!(names(&["WHFB"]).as_deref(), Some("Windows Hello"));
         assert_eq!(
-            names(&["pwd", "otp"]).as_deref(),
+            names(&["pwd", "TOTP"]).as_deref(),
             Some("Password and Authenticator app")
         );
         assert_eq!(names(&["unknown"]), None);
-        assert_eq!(assurance_level("AAL3_ANY"), "AAL3");
+        let level = |aal: Option<&str>, acr: Option<&str>| {
+            assurance_level(&crate::oidc::claims::Assurance {
+                acr: acr.map(str::to_string),
+                amr: Vec::new(),
+                id_assurance_level: None,
+                authentication_assurance_level: aal.map(str::to_string),
+                auth_time: None,
+            })
+        };
+        assert_eq!(
+            level(Some("3"), Some("AAL2_OR_AAL3_ANY")).as_deref(),
+            Some("AAL3")
+        );
+        assert_eq!(level(None, Some("AAL3_ANY")).as_deref(), Some("AAL3"));
+        assert_eq!(
+            level(None, Some("AAL2_OR_AAL3_ANY")).as_deref(),
+            Some("AAL2 or AAL3")
+        );
+        assert_eq!(level(None, None), None);
     }
 
     #[tokio::test]

@@ -10,16 +10,21 @@ use crate::policy::Approver;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// What the command line (or the app's launcher) chose.
-#[derive(Debug, Clone, Default)]
+/// What the command line chose; both programs take these options (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Launch {
-    /// `--config`; else `$CIS2_AGENT_CONFIG`, else the OS config folder's file.
+    /// Config file (default: $CIS2_AGENT_CONFIG, else the OS config folder's cis2-agent/config.toml,
+    /// else the machine-wide one).
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// `--socket`; else `$CIS2_AGENT_SOCK`, else `[agent] socket`, else the per-user runtime folder.
+    /// Socket path (default: $CIS2_AGENT_SOCK, else [agent] socket, else the per-user runtime folder).
+    #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// The embedded sandbox provider, whatever the config says.
+    /// Sign in against the embedded sandbox provider (not NHS CIS2), whatever the config says.
+    #[arg(long)]
     pub sandbox: bool,
     /// Print the sign-in address instead of opening a browser.
+    #[arg(long)]
     pub no_browser: bool,
 }
 

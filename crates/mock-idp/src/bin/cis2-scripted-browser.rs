@@ -1,7 +1,8 @@
 //! `cis2-scripted-browser URL`: a stand-in for `$BROWSER` that signs in at the sandbox provider without a
 //! person. Who signs in comes from the environment:
 //! `CIS2_TEST_USER` (uid, default 555021935107), `CIS2_TEST_AUTHENTICATOR` (default smartcard),
-//! `CIS2_TEST_ROLE` (person_roleid; default: the first offered), `CIS2_TEST_CANCEL=1` (press Cancel),
+//! `CIS2_TEST_ROLE` (person_roleid; default: the first offered) or `CIS2_TEST_ROLE_FILE` (a file holding
+//! one, read at each run, so a test can pick the role of the next sign-in), `CIS2_TEST_CANCEL=1` (press Cancel),
 //! `CIS2_TEST_CA` (a PEM file to trust), `CIS2_TEST_BROWSER_LOG` (a file to append each URL opened to).
 
 use cis2_mock_idp::browser::{Script, ScriptedBrowser};
@@ -27,7 +28,12 @@ async fn main() -> ExitCode {
         &env("CIS2_TEST_USER").unwrap_or_else(|| "555021935107".into()),
         &env("CIS2_TEST_AUTHENTICATOR").unwrap_or_else(|| "smartcard".into()),
     );
-    script.role = env("CIS2_TEST_ROLE");
+    script.role = env("CIS2_TEST_ROLE").or_else(|| {
+        env("CIS2_TEST_ROLE_FILE")
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|role| role.trim().to_string())
+            .filter(|role| !role.is_empty())
+    });
     script.cancel = env("CIS2_TEST_CANCEL").is_some_and(|v| v == "1");
     let ca = env("CIS2_TEST_CA").and_then(|path| std::fs::read_to_string(path).ok());
     let mut browser = ScriptedBrowser::new(ca.as_deref());

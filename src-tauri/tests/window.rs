@@ -1,0 +1,485 @@
+//! The real window, end to end: the app built as it ships, run under Xvfb and driven through
+//! `tauri-driver` and WebKitWebDriver (Debian `xvfb webkit2gtk-driver`, `cargo install tauri-driver
+//! --locked`), with `cis2-scripted-browser` as `$BROWSER` completing the sandbox sign-in. Screenshots of
+//! each screen go to `ci-artifacts/screenshots/` (kept by CI).
+//!
+//! It also prints two figures (not asserted): start-up time to a drawn window, and the resident
+//! memory of the app signed in and idle, WebKit's processes included.
+
+use base64::Engine;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn target_bin(name: &str) -> PathBuf {
+    // tests run from target/<profile>/deps; the workspace's programs sit one folder up.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+fn find_program(name: &str, hint: &str) -> PathBuf {
+    let home_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin").join(name));
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .chain(home_bin)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} is needed for the window test: {hint}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listened on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An X server and a session bus of the test's own.
+struct Desktop {
+    display: String,
+    bus: String,
+    _x: Kill,
+    _dbus: Kill,
+}
+
+fn start_desktop() -> Desktop {
+    let xvfb = find_program("Xvfb", "install the Debian package xvfb");
+    let (display, x) = (90..120)
+        .find_map(|n| {
+            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
+                return None;
+            }
+            let child = Command::new(&xvfb)
+                .args([
+                    format!(":{n}").as_str(),
+                    "-screen",
+                    "0",
+                    "1280x900x24",
+                    "-nolisten",
+                    "tcp",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some((format!(":{n}"), Kill(child)))
+        })
+        .expect("an X display for Xvfb");
+    let mut dbus = Command::new(find_program("dbus-daemon", "install dbus-daemon"))
+        .args(["--session", "--nofork", "--print-address=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut address = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(dbus.stdout.take().unwrap()),
+        &mut address,
+    )
+    .unwrap();
+    Desktop {
+        display,
+        bus: address.trim().to_string(),
+        _x: x,
+        _dbus: Kill(dbus),
+    }
+}
+
+struct Driver {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    _driver: Kill,
+}
+
+impl Driver {
+    /// Starts tauri-driver with `env` (the app inherits it) and opens the app with `args`.
+    async fn launch(
+        desktop: &Desktop,
+        env: &[(&str, String)],
+        args: &[String],
+    ) -> (Driver, Duration) {
+        let port = free_port();
+        let native = free_port();
+        let mut command = Command::new(find_program(
+            "tauri-driver",
+            "run `cargo install tauri-driver --locked`",
+        ));
+        command
+            .args([
+                "--port",
+                &port.to_string(),
+                "--native-port",
+                &native.to_string(),
+            ])
+            .arg("--native-driver")
+            .arg(find_program(
+                "WebKitWebDriver",
+                "install the Debian package webkit2gtk-driver",
+            ))
+            .env("DISPLAY", &desktop.display)
+            .env("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)
+            .env("GDK_BACKEND", "x11")
+            .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let driver = Kill(command.spawn().unwrap());
+        wait_port(port);
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        let answer: Value = http
+            .post(format!("{base}/session"))
+            .json(&json!({"capabilities": {"alwaysMatch": {"tauri:options": {
+                "application": target_bin("cis2-agent"),
+                "args": args,
+            }}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = answer["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {answer}"))
+            .to_string();
+        let driver = Driver {
+            http,
+            base,
+            session,
+            _driver: driver,
+        };
+        driver.wait_for("#screen h1", "").await;
+        let drawn = started.elapsed();
+        (driver, drawn)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/session/{}{path}", self.base, self.session)
+    }
+
+    /// A WebDriver command of this session: its `value`, or Null if the driver could not be asked.
+    async fn command(&self, path: &str, body: Option<Value>) -> Value {
+        let request = match body {
+            Some(body) => self.http.post(self.url(path)).json(&body),
+            None => self.http.get(self.url(path)),
+        };
+        match request.send().await {
+            Ok(response) => response
+                .json::<Value>()
+                .await
+                .map(|v| v["value"].clone())
+                .unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    async fn find(&self, css: &str) -> Option<String> {
+        let found = self
+            .command(
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        found[ELEMENT].as_str().map(str::to_string)
+    }
+
+    async fn text(&self, element: &str) -> String {
+        let text = self
+            .command(&format!("/element/{element}/text"), None)
+            .await;
+        text.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until `css` is on screen and its text contains `words`; returns the element's text.
+    async fn wait_for(&self, css: &str, words: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(element) = self.find(css).await {
+                let text = self.text(&element).await;
+                if text.contains(words) {
+                    return text;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} with {words:?} did not appear within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.wait_for(css, "").await;
+        let element = self.find(css).await.unwrap();
+        let answer = self
+            .command(&format!("/element/{element}/click"), Some(json!({})))
+            .await;
+        assert!(answer.is_null(), "click on {css}: {answer}");
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let encoded = self.command("/screenshot", None).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().expect("a screenshot"))
+            .unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci-artifacts/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn quit(self) {
+        let _ = self.http.delete(self.url("")).send().await;
+    }
+}
+
+/// Resident memory of `pid` and every process below it, in KiB.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            stack.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
+}
+
+fn app_pid(socket_dir: &Path) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("cis2-agent.*{}", socket_dir.display())])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.ends_with("cis2-agent"))
+        })
+}
+
+fn write_config(dir: &Path, extra: &str) -> String {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "environment = \"sandbox\"\n[agent]\nclient_policy = \"ask\"\ndata_dir = \"{}\"\nsocket = \"{}\"\n{extra}",
+            dir.join("data").display(),
+            dir.join("run/agent.sock").display()
+        ),
+    )
+    .unwrap();
+    config.display().to_string()
+}
+
+fn base_env(dir: &Path, user: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "BROWSER",
+            target_bin("cis2-scripted-browser").display().to_string(),
+        ),
+        ("CIS2_TEST_USER", user.to_string()),
+        (
+            "CIS2_TEST_ROLE_FILE",
+            dir.join("role").display().to_string(),
+        ),
+        ("XDG_DATA_HOME", dir.join("xdg-data").display().to_string()),
+        (
+            "XDG_CONFIG_HOME",
+            dir.join("xdg-config").display().to_string(),
+        ),
+        ("XDG_RUNTIME_DIR", dir.join("xdg-run").display().to_string()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
+    let desktop = start_desktop();
+    let config = write_config(dir.path(), "");
+    let (driver, drawn) = Driver::launch(
+        &desktop,
+        &base_env(dir.path(), "555021935107"),
+        &["--config".into(), config],
+    )
+    .await;
+    println!(
+        "FIGURE start-up to a drawn window under Xvfb: {} ms",
+        drawn.as_millis()
+    );
+
+    driver
+        .wait_for("#login", "Log in with my Care Identity")
+        .await;
+    driver.wait_for("#sandbox-banner", "SANDBOX").await;
+    driver.screenshot("01-signed-out").await;
+
+    driver.click("#login").await;
+    let name = driver.wait_for("#name", "Amelia").await;
+    let first_role = driver.wait_for("#role", "").await;
+    driver.wait_for("#method", "Smartcard").await;
+    driver.screenshot("02-signed-in").await;
+
+    // Idle, signed in: the app and WebKit's processes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(pid) = app_pid(&dir.path().join("run")).or_else(|| app_pid(dir.path())) {
+        println!(
+            "FIGURE resident memory signed in and idle (app + WebKit processes): {:.1} MB",
+            tree_rss_kib(pid) as f64 / 1024.0
+        );
+    }
+
+    // Change role: the browser's role picker chooses another of Amelia's three roles.
+    std::fs::write(dir.path().join("role"), "555021935107003").unwrap();
+    driver.click("#change-role").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let second_role = loop {
+        let role = driver.wait_for("#role", "").await;
+        if role != first_role {
+            break role;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the role did not change from {first_role}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!second_role.is_empty());
+    driver.screenshot("03-role-changed").await;
+
+    // A program the clinician has not met asks for a token: the window asks; Deny, then Allow once.
+    let program = dir.path().join("ward-ehr");
+    std::fs::copy(target_bin("cis2ctl"), &program).unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let ask = |program: PathBuf, socket: PathBuf| {
+        std::thread::spawn(move || {
+            Command::new(program)
+                .arg("--socket")
+                .arg(socket)
+                .arg("token")
+                .output()
+                .unwrap()
+        })
+    };
+    let first = ask(program.clone(), socket.clone());
+    driver
+        .wait_for(
+            ".app-approval h2",
+            "ward-ehr wants to use your Care Identity sign-in",
+        )
+        .await;
+    driver.screenshot("04-approval").await;
+    driver.click("[id^='deny-']").await;
+    let refused = first.join().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("The person signed in refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // Deny is remembered: the settings page lists it, and forgetting it means the next request asks.
+    driver.click("#settings-link").await;
+    driver.wait_for("#screen h1", "Programs allowed").await;
+    driver.wait_for("#screen li", "Denied").await;
+    driver.screenshot("05-settings").await;
+    driver.click("[id^='forget-']").await;
+    driver.wait_for("#no-programs", "No programs").await;
+    driver.click("#back").await;
+    let second = ask(program, socket);
+    driver.click("[id^='allow-once-']").await;
+    let allowed = second.join().unwrap();
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&allowed.stdout).trim().len() > 20,
+        "a token"
+    );
+
+    driver.click("#logout").await;
+    driver.wait_for("#login", "Log in").await;
+    driver.screenshot("06-signed-out-again").await;
+    assert!(!name.is_empty());
+    driver.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_no_roles_expiring_and_locked_screens() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
+    let desktop = start_desktop();
+    // Chris has no roles; the session may last 100 s (inside the 120 s warning); 4 s idle locks it.
+    let config = write_config(
+        dir.path(),
+        "[session]\nabsolute_secs = 100\ninactivity_secs = 4\ninactivity_action = \"lock\"\n",
+    );
+    let (driver, _) = Driver::launch(
+        &desktop,
+        &base_env(dir.path(), "555021935109"),
+        &["--config".into(), config],
+    )
+    .await;
+    driver.click("#login").await;
+    driver.wait_for("#no-roles", "You have no roles").await;
+    driver.wait_for("#expiring", "Your session ends in").await;
+    driver.screenshot("07-no-roles-and-expiring").await;
+    driver
+        .wait_for("#locked-reason", "no program used the session")
+        .await;
+    driver.screenshot("08-locked").await;
+    driver.quit().await;
+}
