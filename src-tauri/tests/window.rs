@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// One window at a time: two WebKit instances and two debug apps at once are more than a 2-core
+/// machine answers within the test's time limits.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
 struct Kill(Child);
 
 impl Drop for Kill {
@@ -234,10 +243,16 @@ impl Driver {
                     return text;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{css} with {words:?} did not appear within 30 s"
-            );
+            if Instant::now() >= deadline {
+                self.screenshot("failure").await;
+                let body = self
+                    .command(
+                        "/execute/sync",
+                        Some(json!({"script": "return document.getElementById('main').innerText", "args": []})),
+                    )
+                    .await;
+                panic!("{css} with {words:?} did not appear within 30 s; the window shows: {body}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -345,6 +360,7 @@ fn base_env(dir: &Path, user: &str) -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window() {
+    let _turn = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
     let desktop = start_desktop();
@@ -368,7 +384,7 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
 
     driver.click("#login").await;
     let name = driver.wait_for("#name", "Amelia").await;
-    let first_role = driver.wait_for("#role", "").await;
+    let first_role = driver.wait_for("#role", "Access Role").await;
     driver.wait_for("#method", "Smartcard").await;
     driver.screenshot("02-signed-in").await;
 
@@ -385,18 +401,18 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
     std::fs::write(dir.path().join("role"), "555021935107003").unwrap();
     driver.click("#change-role").await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let second_role = loop {
+    // (While the window redraws, the role may read empty for a moment.)
+    loop {
         let role = driver.wait_for("#role", "").await;
-        if role != first_role {
-            break role;
+        if !role.is_empty() && role != first_role {
+            break;
         }
         assert!(
             Instant::now() < deadline,
             "the role did not change from {first_role}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(!second_role.is_empty());
+    }
     driver.screenshot("03-role-changed").await;
 
     // A program the clinician has not met asks for a token: the window asks; Deny, then Allow once.
@@ -459,6 +475,7 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_no_roles_expiring_and_locked_screens() {
+    let _turn = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
     let desktop = start_desktop();

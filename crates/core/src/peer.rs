@@ -1,7 +1,9 @@
 //! Who is on the other end of a connection, as the OS says — never as the client says. On Linux the
 //! executable comes from `/proc/<pid>/exe` and is hashed by reading that same link, so the hash is of the
-//! program actually running even if the file on disk was since replaced. Hashes are cached by the file's
-//! identity (device, inode, size, modification time) so a busy client is hashed once.
+//! program actually running even if the file on disk was since replaced. On macOS it comes from
+//! `proc_pidpath` (libproc) and the file at that path is hashed (a replaced file would be hashed as
+//! replaced: see docs/security.md). Hashes are cached by the file's identity (device, inode, size,
+//! modification time) so a busy client is hashed once.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -70,7 +72,7 @@ impl Identifier {
         })
     }
 
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
         let Some((exe, key)) = exe_and_key(pid) else {
             return (None, None);
@@ -83,9 +85,10 @@ impl Identifier {
         {
             return (exe, Some(hash.clone()));
         }
-        // Hashing through /proc/<pid>/exe reads the program that is running, even if the file at its
-        // path has since been replaced.
-        match file_sha256(std::path::Path::new(&format!("/proc/{pid}/exe"))) {
+        let Some(image) = running_image(pid, exe.as_deref()) else {
+            return (exe, None);
+        };
+        match file_sha256(&image) {
             Ok(hash) => {
                 self.cache
                     .lock()
@@ -97,10 +100,9 @@ impl Identifier {
         }
     }
 
-    /// Other Unixes: no portable way without platform calls this crate does not make yet (macOS needs
-    /// `proc_pidpath`); the peer stays unidentified and only policies that allow unidentified programs
-    /// (client_policy = "allow") let it in. See docs/security.md.
-    #[cfg(not(target_os = "linux"))]
+    /// Other systems: no way this crate knows yet; the peer stays unidentified and only policies that
+    /// allow unidentified programs (client_policy = "allow") let it in. See docs/security.md.
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
     fn executable(&self, _pid: i32) -> (Option<PathBuf>, Option<String>) {
         (None, None)
     }
@@ -128,7 +130,38 @@ fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     ))
 }
 
-#[cfg(not(target_os = "linux"))]
+/// What to hash: on Linux `/proc/<pid>/exe`, which reads the program that is running even if the file
+/// at its path has since been replaced.
+#[cfg(target_os = "linux")]
+fn running_image(pid: i32, _exe: Option<&std::path::Path>) -> Option<PathBuf> {
+    Some(PathBuf::from(format!("/proc/{pid}/exe")))
+}
+
+/// On macOS, the file at the path `proc_pidpath` gave.
+#[cfg(target_os = "macos")]
+fn running_image(_pid: i32, exe: Option<&std::path::Path>) -> Option<PathBuf> {
+    exe.map(std::path::Path::to_path_buf)
+}
+
+/// The executable's path (`proc_pidpath`) and its file identity (for the hash cache).
+#[cfg(target_os = "macos")]
+fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = PathBuf::from(libproc::proc_pid::pidpath(pid).ok()?);
+    let meta = std::fs::metadata(&path).ok()?;
+    Some((
+        Some(path),
+        (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        ),
+    ))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     None
 }
