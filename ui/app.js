@@ -35,8 +35,12 @@ function summaryRow(key, value, id) {
     `<dd class="nhsuk-summary-list__value" id="${id}">${escapeHtml(value)}</dd></div>`;
 }
 
+// One prompt at a time, so that a prompt going away never moves another program's buttons under the
+// pointer; the rest wait their turn.
 function approvalsHtml(view) {
-  return view.approvals.map((a) => `
+  const more = view.approvals.length > 1
+    ? `<p class="nhsuk-body-s">${view.approvals.length - 1} more waiting.</p>` : "";
+  return view.approvals.slice(0, 1).map((a) => `
     <section class="app-approval" role="alertdialog" aria-labelledby="approval-${a.id}-title" id="approval-${a.id}">
       <h2 class="nhsuk-heading-s" id="approval-${a.id}-title">${escapeHtml(a.program)} wants to use your Care Identity sign-in</h2>
       <p>Program: <code>${escapeHtml(a.path)}</code></p>
@@ -46,6 +50,7 @@ function approvalsHtml(view) {
         ${button(`always-allow-${a.id}`, "Always allow", "secondary")}
         ${button(`deny-${a.id}`, "Deny", "warning")}
       </div>
+      ${more}
     </section>`).join("");
 }
 

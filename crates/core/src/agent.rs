@@ -702,6 +702,7 @@ impl Agent {
                     was
                 };
                 if unlocked {
+                    self.save_lock_state();
                     tracing::info!("the same smartcard is back: session unlocked");
                     self.emit(Event::Unlocked);
                 }
@@ -749,6 +750,7 @@ impl Agent {
                     }
                 };
                 if newly {
+                    self.save_lock_state();
                     tracing::info!(reason = REASON, "session locked");
                     self.emit(Event::Locked {
                         reason: REASON.into(),
@@ -776,6 +778,7 @@ impl Agent {
         if life.locked.is_none() {
             life.locked = Some(reason.to_string());
             drop(life);
+            self.save_lock_state();
             tracing::info!(reason, "session locked");
             self.emit(Event::Locked {
                 reason: reason.to_string(),
@@ -816,16 +819,22 @@ impl Agent {
         } else {
             self.life().signed_in_at
         };
+        let present_card = self.present_card().clone();
         {
             let mut current = self.session();
             if expected.is_some_and(|g| g != self.generation()) {
                 return false;
             }
-            if let Err(e) = self
-                .inner
-                .store
-                .save(&Stored::from_session(&session, signed_in_at))
-            {
+            let mut stored = Stored::from_session(&session, signed_in_at);
+            if fresh_authentication {
+                stored.card = present_card.clone();
+            } else {
+                let life = self.life();
+                stored.locked = life.locked.clone();
+                stored.locked_by_card = life.locked_by_card;
+                stored.card = life.card.clone();
+            }
+            if let Err(e) = self.inner.store.save(&stored) {
                 tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
             }
             *current = Some(session);
@@ -833,7 +842,6 @@ impl Agent {
                 self.next_generation();
             }
         }
-        let present_card = self.present_card().clone();
         let mut life = self.life();
         life.signed_in_at = signed_in_at;
         life.last_activity = life.last_activity.max(now);
@@ -860,12 +868,49 @@ impl Agent {
             let _ = self.inner.store.clear();
             return;
         }
+        let (locked, locked_by_card, card) = (
+            stored.locked.clone(),
+            stored.locked_by_card,
+            stored.card.clone(),
+        );
         let (session, signed_in_at) = stored.into_session();
-        tracing::info!(uid = %session.user.uid, "session restored from the store");
+        tracing::info!(uid = %session.user.uid, locked = locked.is_some(), "session restored from the store");
         *self.session() = Some(session);
         let mut life = self.life();
         life.signed_in_at = signed_in_at;
         life.last_activity = now;
+        life.locked = locked;
+        life.locked_by_card = locked_by_card;
+        // Signed in with a smartcard: after a restart the agent cannot know the card stayed in, so the
+        // session waits, locked, until the card reader reports that same card (or a sign-in).
+        if card.is_some()
+            && life.locked.is_none()
+            && self.inner.config.workstation.on_card_removal != SignalAction::Ignore
+        {
+            life.locked = Some(
+                "the agent restarted; the smartcard the clinician signed in with must be in the reader"
+                    .into(),
+            );
+            life.locked_by_card = true;
+        }
+        life.card = card;
+    }
+
+    /// Saves the current session with its lock state (after a lock or an unlock).
+    fn save_lock_state(&self) {
+        let session = self.session();
+        let Some(current) = session.as_ref() else {
+            return;
+        };
+        let life = self.life();
+        let mut stored = Stored::from_session(current, life.signed_in_at);
+        stored.locked = life.locked.clone();
+        stored.locked_by_card = life.locked_by_card;
+        stored.card = life.card.clone();
+        drop(life);
+        if let Err(e) = self.inner.store.save(&stored) {
+            tracing::error!(error = %e, "the lock could not be saved; a restart would not keep it");
+        }
     }
 
     /// The timers: absolute limit, inactivity, renewal before expiry, and the end of a session that
@@ -1367,12 +1412,15 @@ async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
         let watched = {
             let Some(inner) = weak.upgrade() else { return };
             let agent = Agent { inner };
+            // The generation changes only under the session lock: read both under it, so a
+            // hand-over cannot pair one clinician's sid with the next one's generation.
             let session = agent.session();
+            let generation = agent.generation();
             let ids = session
                 .as_ref()
                 .and_then(|s| Some((s.sid.clone()?, s.sub.clone())));
             drop(session);
-            ids.map(|(sid, sub)| (sid, sub, agent.generation()))
+            ids.map(|(sid, sub)| (sid, sub, generation))
         };
         let Some((sid, sub, generation)) = watched else {
             tokio::time::sleep(LIFECYCLE_TICK).await;

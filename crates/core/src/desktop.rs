@@ -13,6 +13,8 @@ use tokio::sync::{Notify, oneshot};
 
 /// How long a prompt waits for the clinician before the program is refused.
 pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Prompts waiting at once; more are refused without asking (a program cannot bury the window).
+pub const MAX_PENDING_APPROVALS: usize = 5;
 
 /// Everything the window draws.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -159,25 +161,45 @@ impl Approver for Approvals {
             *next += 1;
             *next
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Pending {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.len() >= MAX_PENDING_APPROVALS {
+                tracing::warn!(%path, "too many programs waiting for approval; refused without asking");
+                return Answer::Deny;
+            }
+            pending.push(Pending {
                 view: ApprovalView { id, program, path },
                 answer: tx,
             });
+        }
         self.changed.notify_waiters();
+        // Answered, timed out, or abandoned (the request's own time limit dropped this future): the
+        // prompt goes in every case.
+        let _remove = RemoveOnDrop {
+            approvals: self,
+            id,
+        };
         let answer = tokio::time::timeout(APPROVAL_TIMEOUT, rx).await;
-        // Answered, timed out or abandoned: the prompt goes either way.
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|p| p.view.id != id);
-        self.changed.notify_waiters();
         match answer {
             Ok(Ok(answer)) => answer,
             _ => Answer::Deny,
         }
+    }
+}
+
+struct RemoveOnDrop<'a> {
+    approvals: &'a Approvals,
+    id: u64,
+}
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.approvals
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p.view.id != self.id);
+        self.approvals.changed.notify_waiters();
     }
 }
 
@@ -377,6 +399,43 @@ mod tests {
         assert!(approvals.answer(listed[0].id, Answer::AlwaysAllow));
         assert_eq!(asking.await.unwrap(), Answer::AlwaysAllow);
         assert!(approvals.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_prompt_goes_and_a_flood_is_refused_without_asking() {
+        let approvals = Arc::new(Approvals::default());
+        let peer = Peer {
+            uid: 1000,
+            pid: Some(7),
+            exe: Some("/tmp/pest".into()),
+            sha256: Some("aa".repeat(32)),
+        };
+        // A request that gives up (its task is cancelled) takes its prompt with it.
+        let abandoned = {
+            let (approvals, peer) = (approvals.clone(), peer.clone());
+            tokio::spawn(async move { approvals.ask(&peer).await })
+        };
+        while approvals.list().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        let _ = abandoned.await;
+        assert!(approvals.list().is_empty());
+        // Only MAX_PENDING_APPROVALS wait; the next is refused at once.
+        let waiting: Vec<_> = (0..MAX_PENDING_APPROVALS)
+            .map(|_| {
+                let (approvals, peer) = (approvals.clone(), peer.clone());
+                tokio::spawn(async move { approvals.ask(&peer).await })
+            })
+            .collect();
+        while approvals.list().len() < MAX_PENDING_APPROVALS {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(approvals.ask(&peer).await, Answer::Deny);
+        assert_eq!(approvals.list().len(), MAX_PENDING_APPROVALS);
+        for task in waiting {
+            task.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]

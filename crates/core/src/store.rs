@@ -39,6 +39,15 @@ pub struct Stored {
     #[serde(with = "zeroizing")]
     pub id_token: Zeroizing<String>,
     pub signed_in_at: u64,
+    /// Why the session is locked, if it is: a restart must not lift a lock.
+    #[serde(default)]
+    pub locked: Option<String>,
+    /// The lock came from taking the session's smartcard out.
+    #[serde(default)]
+    pub locked_by_card: bool,
+    /// The smartcard the clinician signed in with.
+    #[serde(default)]
+    pub card: Option<crate::smartcard::Card>,
 }
 
 /// Secrets in the sealed file: plain JSON strings inside the encryption, wiped from memory after use.
@@ -90,6 +99,9 @@ impl Stored {
                 .map(|t| Zeroizing::new(t.expose().to_string())),
             id_token: Zeroizing::new(session.id_token.expose().to_string()),
             signed_in_at,
+            locked: None,
+            locked_by_card: false,
+            card: None,
         }
     }
 
@@ -403,6 +415,9 @@ mod tests {
             refresh_token: Some(Zeroizing::new("refresh-secret-value".into())),
             id_token: Zeroizing::new("id.token.value".into()),
             signed_in_at: 7,
+            locked: None,
+            locked_by_card: false,
+            card: None,
         }
     }
 

@@ -1019,3 +1019,67 @@ async fn a_session_signed_in_without_a_card_ignores_cards() {
     h.agent.card_removed(card("A")).await;
     assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }
+
+#[tokio::test]
+async fn a_restart_keeps_a_lock_and_a_card_bound_session_waits_for_its_card() {
+    let credentials: Arc<keyring_core::CredentialStore> = keyring_core::mock::Store::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let open_store = || -> Arc<dyn cis2_core::store::TokenStore> {
+        Arc::new(cis2_core::store::KeyringStore::open(data.path(), &credentials).unwrap())
+    };
+    let h = harness(Setup {
+        store: Some(open_store()),
+        ..Setup::default()
+    })
+    .await;
+    let restart = |config: cis2_core::config::Config| {
+        Agent::start(AgentOptions {
+            config,
+            browser: Browser::Callback(Arc::new(|_: &str| {})),
+            clock: Arc::new(h.clock.clone()),
+            approver: None,
+            store: Some(open_store()),
+        })
+    };
+    // Locked, then restarted: still locked, for the same reason.
+    h.login().await.unwrap();
+    h.agent.lock("the workstation was locked");
+    let config = h.agent.config().clone();
+    let again = restart(config.clone()).await.unwrap();
+    assert_eq!(again.status().state, SessionState::Locked);
+    assert_eq!(
+        again.status().locked_reason.as_deref(),
+        Some("the workstation was locked")
+    );
+    assert_eq!(again.whoami().unwrap_err().code(), -32004);
+    drop(again);
+
+    // Signed in with a card: after a restart the session waits, locked, for that card.
+    h.agent.logout().await.unwrap();
+    h.agent.card_inserted(card("A")).await;
+    h.login().await.unwrap();
+    let again = restart(config.clone()).await.unwrap();
+    assert_eq!(again.status().state, SessionState::Locked);
+    again.card_inserted(card("A")).await;
+    assert_eq!(
+        again.status().state,
+        SessionState::SignedIn,
+        "the same card lets it go on"
+    );
+    drop(again);
+    let again = restart(config).await.unwrap();
+    assert_eq!(again.status().state, SessionState::Locked);
+    again.card_inserted(card("B")).await;
+    assert_eq!(
+        again.status().state,
+        SessionState::SignedOut,
+        "another card ends it"
+    );
+    drop(again);
+    let again = restart(h.agent.config().clone()).await.unwrap();
+    assert_eq!(
+        again.status().state,
+        SessionState::SignedOut,
+        "and it stays ended"
+    );
+}

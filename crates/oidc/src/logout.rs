@@ -116,6 +116,10 @@ pub fn check_logout_claims(
     if claims.contains_key("nonce") {
         return Err(LogoutTokenError::HasNonce);
     }
+    // REQUIRED by §2.4: without it a replay cannot be told from a new logout.
+    if text("jti").is_none() {
+        return Err(LogoutTokenError::MissingClaim("jti"));
+    }
     let ended = EndedSession {
         sid: text("sid"),
         sub: text("sub"),
@@ -201,6 +205,7 @@ mod tests {
                 LogoutTokenError::NoSubject,
             ),
             (json!({"sid": "", "sub": ""}), LogoutTokenError::NoSubject),
+            (json!({"jti": null}), LogoutTokenError::MissingClaim("jti")),
         ];
         for (change, why) in cases {
             let mut claims = good();

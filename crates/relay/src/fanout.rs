@@ -68,15 +68,21 @@ impl Fanout {
         self.inner.local.subscribe()
     }
 
-    /// Whether `sid`/`sub` ended within [`REMEMBER_FOR`].
-    pub fn recently_ended(&self, sid: &str, sub: Option<&str>) -> bool {
+    /// Whether the session `sid` ended within [`REMEMBER_FOR`]. Only logouts naming that `sid`
+    /// count: one naming only the person (`sub`) would otherwise end every new session they start in
+    /// the next ten minutes.
+    pub fn recently_ended(&self, sid: &str) -> bool {
         let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.iter().any(|(_, ended)| matches(ended, sid, sub))
+        recent
+            .iter()
+            .any(|(_, ended)| ended.sid.as_deref() == Some(sid))
     }
 
     /// Announces an ended session to every instance. Without Redis, or when Redis cannot take it, the
     /// agents connected here are told directly (a duplicate later is harmless: signing out is idempotent).
     pub async fn publish(&self, ended: EndedSession) {
+        // While the Redis subscription is down, this instance would not hear its own message back.
+        let redis_up = self.redis_up();
         if let Some(client) = &self.inner.redis {
             let payload = serde_json::to_string(&ended).unwrap_or_default();
             let published = async {
@@ -88,7 +94,8 @@ impl Fanout {
                     .await
             };
             match tokio::time::timeout(Duration::from_secs(3), published).await {
-                Ok(Ok(_)) => return,
+                Ok(Ok(_)) if redis_up => return,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "Redis refused the logout event; telling this instance's agents only")
                 }
@@ -195,7 +202,12 @@ mod tests {
         let mut early = fanout.subscribe();
         fanout.publish(ended(Some("s1"), None)).await;
         assert_eq!(early.recv().await.unwrap(), ended(Some("s1"), None));
-        assert!(fanout.recently_ended("s1", None));
-        assert!(!fanout.recently_ended("s2", None));
+        assert!(fanout.recently_ended("s1"));
+        assert!(!fanout.recently_ended("s2"));
+        fanout.publish(ended(None, Some("u1"))).await;
+        assert!(
+            !fanout.recently_ended("s3"),
+            "a logout naming only the person is not held against their later sessions"
+        );
     }
 }

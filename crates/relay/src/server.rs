@@ -140,10 +140,9 @@ async fn limit_and_count(
             .get::<MatchedPath>()
             .map(MatchedPath::as_str),
     );
-    let limited = matches!(
-        endpoint,
-        "token" | "refresh" | "events" | "backchannel_logout"
-    );
+    // Back-channel logout is not limited: its tokens are signature-checked, and CIS2's own calls must
+    // never be refused because someone else flooded the token endpoint from the same address.
+    let limited = matches!(endpoint, "token" | "refresh" | "events");
     let allowed = if limited {
         relay.limiter.check(peer.0.ip(), started)
     } else {
@@ -591,7 +590,7 @@ async fn events(
         );
     }
     let updates = relay.fanout.subscribe();
-    let already_ended = relay.fanout.recently_ended(&sid, query.sub.as_deref());
+    let already_ended = relay.fanout.recently_ended(&sid);
     let stream = Stream {
         relay: relay.clone(),
         sid,
@@ -632,11 +631,7 @@ async fn events(
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if stream
-                            .relay
-                            .fanout
-                            .recently_ended(&stream.sid, stream.sub.as_deref())
-                        {
+                        if stream.relay.fanout.recently_ended(&stream.sid) {
                             stream.phase = Phase::EndNow;
                             break Event::default().comment("caught up");
                         }

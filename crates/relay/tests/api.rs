@@ -411,6 +411,7 @@ async fn each_malformed_logout_token_is_refused_with_400_and_ends_nothing() {
             "neither sid nor sub",
             form(&sign(json!({"sid": null, "sub": null}))),
         ),
+        ("no jti", form(&sign(json!({"jti": null})))),
         ("no logout_token", "token=abc".into()),
         ("an empty logout_token", "logout_token=".into()),
         (
