@@ -190,10 +190,8 @@ struct Inner {
     data_dir: PathBuf,
     store: Arc<dyn TokenStore>,
     life: Mutex<Life>,
-    /// The card in a reader now, as the PC/SC watcher last said.
-    present_card: Mutex<Option<Card>>,
-    /// For `status`: `None` until the watcher has reported a card, then whether one is in.
-    card_seen: Mutex<Option<bool>>,
+    /// What the PC/SC watcher last said.
+    readers: Mutex<Readers>,
     /// The embedded provider in sandbox mode; kept alive with the agent.
     _sandbox: Option<cis2_mock_idp::RunningProvider>,
 }
@@ -216,6 +214,15 @@ struct Life {
     locked_by_card: bool,
 }
 
+/// The smartcard readers, as the PC/SC watcher reports them.
+#[derive(Debug, Default)]
+struct Readers {
+    /// The card in a reader now.
+    present: Option<Card>,
+    /// Whether the watcher has reported any card yet (`status.smartcard_present` is null until then).
+    seen_any: bool,
+}
+
 /// The agent. Cheap to clone; every clone is the same agent.
 #[derive(Clone)]
 pub struct Agent {
@@ -233,15 +240,14 @@ pub enum StartError {
 /// How long the agent waits for the relay, which itself waits for the provider.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn exchange(config: &Config) -> Result<Exchange, StartError> {
+/// `extra_ca_pem`: the `[provider] ca_file`, already read (it is trusted for the relay too).
+fn exchange(config: &Config, extra_ca_pem: Option<&str>) -> Result<Exchange, StartError> {
     let Some(provider) = &config.provider else {
         return Ok(Exchange::Direct(ClientAuth::None));
     };
     if provider.exchange.method == ExchangeMethod::Relay {
         let url = provider.exchange.relay_url.clone().unwrap_or_default();
-        let ca = cis2_oidc::http::read_ca_file(provider.ca_file.as_deref())
-            .map_err(StartError::Config)?;
-        return RelayClient::new(&url, ca.as_deref(), RELAY_TIMEOUT)
+        return RelayClient::new(&url, extra_ca_pem, RELAY_TIMEOUT)
             .map(Exchange::Relay)
             .map_err(StartError::Config);
     }
@@ -331,10 +337,11 @@ impl Agent {
                 provider.ca_file.clone(),
             )
         };
+        let ca = cis2_oidc::http::read_ca_file(ca_file.as_deref()).map_err(StartError::Config)?;
         let settings = match &settings_from {
             Some(p) => ClientSettings {
                 client_id,
-                exchange: exchange(&config)?,
+                exchange: exchange(&config, ca.as_deref())?,
                 scopes: p.scopes.clone(),
                 acr_values: p.acr_values.clone(),
                 prompt: p.prompt.clone(),
@@ -356,7 +363,6 @@ impl Agent {
                 login_timeout: Duration::from_secs(crate::config::DEFAULT_LOGIN_TIMEOUT_SECS),
             },
         };
-        let ca = cis2_oidc::http::read_ca_file(ca_file.as_deref()).map_err(StartError::Config)?;
         let http = HttpClient::unpooled(ca.as_deref(), Duration::from_secs(15))
             .map_err(StartError::Config)?;
         let rp = RelyingParty {
@@ -387,8 +393,7 @@ impl Agent {
                 data_dir,
                 store,
                 life: Mutex::new(Life::default()),
-                present_card: Mutex::new(None),
-                card_seen: Mutex::new(None),
+                readers: Mutex::new(Readers::default()),
                 _sandbox: sandbox,
             }),
         };
@@ -628,11 +633,10 @@ impl Agent {
             expires_at: session.as_ref().map(|s| s.expires_at),
             locked_reason: session.as_ref().and(locked),
             store: self.inner.store.status(),
-            smartcard_present: *self
-                .inner
-                .card_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
+            smartcard_present: {
+                let readers = self.readers();
+                readers.seen_any.then_some(readers.present.is_some())
+            },
         }
     }
 
@@ -659,22 +663,18 @@ impl Agent {
         }
     }
 
-    fn present_card(&self) -> std::sync::MutexGuard<'_, Option<Card>> {
-        self.inner
-            .present_card
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn readers(&self) -> std::sync::MutexGuard<'_, Readers> {
+        self.inner.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A smartcard went into a reader. The card the session was locked for, back while the session is
     /// still valid, unlocks it (`same_card_unlocks`); a different card ends the locked session.
     pub async fn card_inserted(&self, card: Card) {
-        *self.present_card() = Some(card.clone());
-        *self
-            .inner
-            .card_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(true);
+        {
+            let mut readers = self.readers();
+            readers.present = Some(card.clone());
+            readers.seen_any = true;
+        }
         let session_valid = {
             let now = self.inner.clock.now();
             match self.session().as_ref() {
@@ -719,15 +719,11 @@ impl Agent {
     /// `on_card_removal`.
     pub async fn card_removed(&self, card: Card) {
         {
-            let mut present = self.present_card();
-            if present.as_ref() == Some(&card) {
-                *present = None;
+            let mut readers = self.readers();
+            readers.seen_any = true;
+            if readers.present.as_ref() == Some(&card) {
+                readers.present = None;
             }
-            *self
-                .inner
-                .card_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(present.is_some());
         }
         if self.session().is_none() {
             return;
@@ -819,7 +815,7 @@ impl Agent {
         } else {
             self.life().signed_in_at
         };
-        let present_card = self.present_card().clone();
+        let present_card = self.readers().present.clone();
         {
             let mut current = self.session();
             if expected.is_some_and(|g| g != self.generation()) {
@@ -1081,11 +1077,6 @@ impl Agent {
     /// The agent's clock.
     pub fn now(&self) -> u64 {
         self.inner.clock.now()
-    }
-
-    /// Whether someone is signed in (locked or not).
-    pub fn current_user(&self) -> Option<User> {
-        self.session().as_ref().map(|s| s.user.clone())
     }
 
     /// Whether the session holds a refresh token (it can be renewed without the browser).

@@ -218,7 +218,6 @@ impl Desktop {
     pub fn view(&self) -> View {
         let status = self.agent.status();
         let now = self.agent.now();
-        let session = self.agent.current_user();
         let user = status.user.as_ref();
         let role_view = |r: &crate::oidc::claims::Role| RoleView {
             id: r.id.clone(),
@@ -226,6 +225,7 @@ impl Desktop {
             org_code: r.org_code.clone(),
             org_name: r.org_name.clone(),
         };
+        // None when nobody is signed in.
         let ends_at = match (self.agent.session_ends_at(), status.expires_at) {
             (Some(limit), Some(expires)) if !self.agent.renewable() => Some(limit.min(expires)),
             (limit, _) => limit,
@@ -242,16 +242,12 @@ impl Desktop {
                 .unwrap_or_default(),
             authenticated_with: user.and_then(|u| authenticator_name(&u.assurance.amr)),
             assurance: user.and_then(|u| assurance_level(&u.assurance)),
-            seconds_left: session
-                .is_some()
-                .then(|| ends_at.map(|e| e.saturating_sub(now)))
-                .flatten(),
+            seconds_left: ends_at.map(|e| e.saturating_sub(now)),
             // Announced for an unrenewable token, or the absolute limit is near.
             expiring: self.agent.expiring()
-                || (session.is_some()
-                    && ends_at.is_some_and(|e| {
-                        e.saturating_sub(now) <= self.agent.config().session.expiring_notice_secs
-                    })),
+                || ends_at.is_some_and(|e| {
+                    e.saturating_sub(now) <= self.agent.config().session.expiring_notice_secs
+                }),
             locked_reason: status.locked_reason.clone(),
             card_unlocks: self.agent.card_would_unlock(),
             approvals: self.approvals.list(),

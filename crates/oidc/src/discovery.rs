@@ -168,6 +168,26 @@ impl Discovery {
     }
 }
 
+impl Discovery {
+    /// Runs `check` against the provider's keys. When it fails because a token names a key the
+    /// cache lacks (`unknown_key`), the keys are fetched again — once, rate-limited: the provider may
+    /// have rotated — and `check` runs again. ID tokens and logout tokens both go through here.
+    pub async fn check_with_keys<T, E>(
+        &self,
+        check: impl Fn(&JwkSet) -> Result<T, E>,
+        unknown_key: impl Fn(&E) -> bool,
+    ) -> Result<Result<T, E>, DiscoveryError> {
+        let (keys, _) = self.jwks(false).await?;
+        match check(&keys) {
+            Err(e) if unknown_key(&e) => {
+                let (keys, _) = self.jwks(true).await?;
+                Ok(check(&keys))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -101,6 +101,23 @@ pub struct RelyingParty {
     pub clock: SharedClock,
 }
 
+/// The person: the ID token's `sub`, else the session being renewed's (empty when neither).
+fn subject(claims: &Map<String, Value>, previous: Option<&SignedIn>) -> String {
+    match claims.get("sub").and_then(Value::as_str) {
+        Some(sub) => sub.to_string(),
+        None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
+    }
+}
+
+/// The CIS2 session: the ID token's `sid`, else the session being renewed's.
+fn session_id(claims: &Map<String, Value>, previous: Option<&SignedIn>) -> Option<String> {
+    claims
+        .get("sid")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| previous.and_then(|p| p.sid.clone()))
+}
+
 /// A refresh without a new ID token: assurance and role choice stay the sign-in's.
 fn keep_sign_in_choices(user: &mut User, previous: Option<&SignedIn>) {
     let Some(previous) = previous else { return };
@@ -295,26 +312,18 @@ impl RelyingParty {
         relay_time: Duration,
     ) -> Result<SignedIn, SignInError> {
         let now = self.clock.now();
-        let (id_token, claims) = match (&answer.id_token, previous) {
-            (Some(id_token), _) => {
-                let claims = self
-                    .validate_id_token(
-                        metadata,
-                        id_token.expose(),
-                        nonce,
-                        previous.is_none(),
-                        answer.access_token.expose(),
-                    )
-                    .await?;
-                (id_token.clone(), claims)
-            }
-            (None, Some(previous)) => (previous.id_token.clone(), Map::new()),
-            (None, None) => return Err(SignInError::NoIdToken),
-        };
-        let sub = match claims.get("sub").and_then(Value::as_str) {
-            Some(sub) => sub.to_string(),
-            None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
-        };
+        let (id_token, claims) = self
+            .id_token_claims(
+                metadata,
+                answer.id_token.as_ref(),
+                &answer.access_token,
+                nonce,
+                previous.is_none(),
+                previous,
+            )
+            .await?
+            .ok_or(SignInError::NoIdToken)?;
+        let sub = subject(&claims, previous);
         if answer.sub != sub {
             return Err(SignInError::RelaySubjectMismatch);
         }
@@ -326,11 +335,7 @@ impl RelyingParty {
         }
         Ok(SignedIn {
             user,
-            sid: claims
-                .get("sid")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .or_else(|| previous.and_then(|p| p.sid.clone())),
+            sid: session_id(&claims, previous),
             sub,
             access_token: answer.access_token,
             expires_at: now.saturating_add(
@@ -356,31 +361,25 @@ impl RelyingParty {
         provider_time: &mut Duration,
     ) -> Result<SignedIn, SignInError> {
         let now = self.clock.now();
-        let (id_token, claims) = match (&tokens.id_token, previous) {
-            (Some(id_token), _) => {
-                let claims = self
-                    .validate_id_token(
-                        metadata,
-                        id_token.expose(),
-                        nonce,
-                        !refreshing,
-                        tokens.access_token.expose(),
-                    )
-                    .await?;
-                (id_token.clone(), claims)
-            }
-            // A refresh without a new ID token keeps the claims of the sign-in.
-            (None, Some(previous)) => (previous.id_token.clone(), Map::new()),
+        let found = self
+            .id_token_claims(
+                metadata,
+                tokens.id_token.as_ref(),
+                &tokens.access_token,
+                nonce,
+                !refreshing,
+                previous,
+            )
+            .await?;
+        let (id_token, claims) = match found {
+            Some(found) => found,
             // The relay's refresh without one: the person is who userinfo says the token is for.
-            (None, None) if refreshing && metadata.userinfo_endpoint.is_some() => {
+            None if refreshing && metadata.userinfo_endpoint.is_some() => {
                 (Secret::new(""), Map::new())
             }
-            (None, None) => return Err(SignInError::NoIdToken),
+            None => return Err(SignInError::NoIdToken),
         };
-        let mut sub = match claims.get("sub").and_then(Value::as_str) {
-            Some(sub) => sub.to_string(),
-            None => previous.map(|p| p.sub.clone()).unwrap_or_default(),
-        };
+        let mut sub = subject(&claims, previous);
         let info = match &metadata.userinfo_endpoint {
             Some(endpoint) => {
                 let http = self.discovery.http();
@@ -414,11 +413,7 @@ impl RelyingParty {
         }
         Ok(SignedIn {
             user,
-            sid: claims
-                .get("sid")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .or_else(|| previous.and_then(|p| p.sid.clone())),
+            sid: session_id(&claims, previous),
             sub,
             access_token: tokens.access_token,
             expires_at: now.saturating_add(
@@ -434,6 +429,35 @@ impl RelyingParty {
         })
     }
 
+    /// The ID token that came with new tokens, validated, and its claims; on a refresh without one,
+    /// the sign-in's ID token and no claims (the sign-in's stand). `None`: no ID token at all.
+    async fn id_token_claims(
+        &self,
+        metadata: &ProviderMetadata,
+        id_token: Option<&Secret>,
+        access_token: &Secret,
+        nonce: Option<&str>,
+        fresh_sign_in: bool,
+        previous: Option<&SignedIn>,
+    ) -> Result<Option<(Secret, Map<String, Value>)>, SignInError> {
+        match (id_token, previous) {
+            (Some(id_token), _) => {
+                let claims = self
+                    .validate_id_token(
+                        metadata,
+                        id_token.expose(),
+                        nonce,
+                        fresh_sign_in,
+                        access_token.expose(),
+                    )
+                    .await?;
+                Ok(Some((id_token.clone(), claims)))
+            }
+            (None, Some(previous)) => Ok(Some((previous.id_token.clone(), Map::new()))),
+            (None, None) => Ok(None),
+        }
+    }
+
     async fn validate_id_token(
         &self,
         metadata: &ProviderMetadata,
@@ -443,15 +467,13 @@ impl RelyingParty {
         access_token: &str,
     ) -> Result<Map<String, Value>, SignInError> {
         let algs = accepted_algs(metadata);
-        let (keys, _) = self.discovery.jwks(false).await?;
-        let verified = match validate::verify_signature(token, &algs, &keys) {
-            Err(IdTokenError::UnknownKey(_)) => {
-                // Rotation: the provider may have a key we have not seen; fetch once (rate-limited).
-                let (keys, _) = self.discovery.jwks(true).await?;
-                validate::verify_signature(token, &algs, &keys)?
-            }
-            other => other?,
-        };
+        let verified = self
+            .discovery
+            .check_with_keys(
+                |keys| validate::verify_signature(token, &algs, keys),
+                |e| matches!(e, IdTokenError::UnknownKey(_)),
+            )
+            .await??;
         let expected = Expected {
             issuer: self.issuer(),
             client_id: &self.settings.client_id,

@@ -106,7 +106,7 @@ impl Metrics {
                 "cis2_relay_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
             );
         }
-        out.push_str("# HELP cis2_relay_request_seconds Time to answer, by endpoint (event streams: until closed).\n");
+        out.push_str("# HELP cis2_relay_request_seconds Time to answer, by endpoint (event streams count as 0: they stay open).\n");
         out.push_str("# TYPE cis2_relay_request_seconds histogram\n");
         for (endpoint, histogram) in self
             .latency

@@ -163,15 +163,15 @@ async fn limit_and_count(
         }
         Ok(()) => next.run(request).await,
     };
-    if endpoint != "events" {
-        relay
-            .metrics
-            .request(endpoint, response.status().as_u16(), started.elapsed());
+    // An event stream's answer is its opening; the time it then stays open is not a latency.
+    let took = if endpoint == "events" {
+        Duration::ZERO
     } else {
-        relay
-            .metrics
-            .request(endpoint, response.status().as_u16(), Duration::ZERO);
-    }
+        started.elapsed()
+    };
+    relay
+        .metrics
+        .request(endpoint, response.status().as_u16(), took);
     response
 }
 
@@ -480,24 +480,15 @@ async fn check_logout(
         algs: &algs,
         now: relay.clock.now(),
     };
-    let (keys, _) = relay
+    let checked = relay
         .rp
         .discovery
-        .jwks(false)
+        .check_with_keys(
+            |keys| validate_logout_token(token.expose(), keys, &expected),
+            |e| matches!(e, LogoutTokenError::Signature(IdTokenError::UnknownKey(_))),
+        )
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let checked = match validate_logout_token(token.expose(), &keys, &expected) {
-        Err(LogoutTokenError::Signature(IdTokenError::UnknownKey(_))) => {
-            let (keys, _) = relay
-                .rp
-                .discovery
-                .jwks(true)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            validate_logout_token(token.expose(), &keys, &expected)
-        }
-        other => other,
-    };
     let ended = checked.map_err(|e| {
         tracing::info!(reason = %e, "back-channel logout refused");
         bad(&e.to_string())

@@ -340,6 +340,18 @@ async fn post_logout(setup: &Setup, body: &str, content_type: &str) -> (u16, Val
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+async fn metrics(setup: &Setup) -> String {
+    setup
+        .http
+        .get(format!("{}metrics", setup.relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn form(token: &str) -> String {
     url::form_urlencoded::Serializer::new(String::new())
         .append_pair("logout_token", token)
@@ -444,15 +456,7 @@ async fn each_malformed_logout_token_is_refused_with_400_and_ends_nothing() {
             .contains("replayed")
     );
 
-    let metrics = setup
-        .http
-        .get(format!("{}metrics", setup.relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&setup).await;
     assert!(
         metrics.contains("cis2_relay_logout_tokens_accepted_total 1\n"),
         "{metrics}"
@@ -623,15 +627,7 @@ async fn jwks_health_metrics_and_the_rate_limit() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let metrics = setup
-        .http
-        .get(format!("{}metrics", setup.relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&setup).await;
     assert!(
         metrics.contains("cis2_relay_requests_total{endpoint=\"refresh\",status=\"400\"} 3\n"),
         "{metrics}"
