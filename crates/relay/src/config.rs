@@ -32,6 +32,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The longest a token or refresh request may take, the provider's time included.
     pub request_timeout_secs: u64,
+    /// How long a client has to send a request's headers, and then its body: slower ones are cut off.
+    pub read_timeout_secs: u64,
     /// Open event streams at once (each is one signed-in agent).
     pub max_subscribers: usize,
 }
@@ -43,6 +45,7 @@ impl Default for Limits {
             requests_per_minute: 6000,
             max_body_bytes: 16 * 1024,
             request_timeout_secs: 30,
+            read_timeout_secs: 10,
             max_subscribers: 20_000,
         }
     }
@@ -315,6 +318,11 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
             "request_timeout_secs",
             limits.request_timeout_secs == 0,
             "request_timeout_secs ≥ 1",
+        ),
+        (
+            "read_timeout_secs",
+            limits.read_timeout_secs == 0,
+            "read_timeout_secs ≥ 1",
         ),
         (
             "max_subscribers",

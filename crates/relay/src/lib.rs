@@ -39,7 +39,8 @@ pub struct RunningRelay {
 }
 
 impl RunningRelay {
-    /// Stops accepting and waits for the server task to end.
+    /// Stops accepting, ends the event streams, lets exchanges under way finish (within their time limit)
+    /// and waits for the server task to end.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -116,25 +117,27 @@ pub async fn start_with_clock(
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let url = format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" });
     let relay = Arc::new(server::Relay::new(config, rp, &keys, fanout, clock));
-    let app = server::router(relay.clone()).into_make_service_with_connect_info::<cis2_tls::Peer>();
+    let app = server::router(relay.clone());
+    let limits = cis2_tls::ServeLimits {
+        header_read_timeout: Duration::from_secs(relay.config.limits.read_timeout_secs),
+        // An exchange under way may take its whole time limit to finish.
+        drain: Duration::from_secs(
+            relay.config.limits.request_timeout_secs + relay.config.limits.read_timeout_secs,
+        ),
+    };
     let (tx, rx) = oneshot::channel::<()>();
-    let stop = async {
+    let closing = relay.clone();
+    let stop = async move {
         let _ = rx.await;
+        // Event streams never finish by themselves: end them so their agents reconnect elsewhere.
+        closing.close_event_streams();
     };
     let task = match tls {
         Some(tls) => {
             let listener = cis2_tls::TlsListener::new(listener, tls);
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await;
-            })
+            tokio::spawn(cis2_tls::serve(listener, app, limits, stop))
         }
-        None => tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await;
-        }),
+        None => tokio::spawn(cis2_tls::serve(listener, app, limits, stop)),
     };
     Ok(RunningRelay {
         url,

@@ -8,8 +8,9 @@ use crate::limiter::RateLimiter;
 use crate::metrics::Metrics;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, MatchedPath, Query, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// How often an idle event stream carries a comment, so proxies and the agent see it is alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -45,6 +46,8 @@ pub struct Relay {
     pub clock: SharedClock,
     /// Logout token `jti`s already acted on, with when they may be forgotten.
     seen_logout_ids: Mutex<HashMap<String, u64>>,
+    /// Becomes true when the relay stops: every event stream then ends.
+    closing: watch::Sender<bool>,
 }
 
 impl Relay {
@@ -66,7 +69,14 @@ impl Relay {
             metrics: Metrics::default(),
             clock,
             seen_logout_ids: Mutex::new(HashMap::new()),
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// Ends every event stream now and refuses new ones, as when the relay stops: agents reconnect,
+    /// through the load balancer, to another instance.
+    pub fn close_event_streams(&self) {
+        self.closing.send_replace(true);
     }
 }
 
@@ -175,17 +185,68 @@ async fn limit_and_count(
     response
 }
 
+/// Why a request body could not be had.
+enum BodyProblem {
+    TooLarge(usize),
+    TooSlow(u64),
+    Unreadable,
+}
+
+impl BodyProblem {
+    fn describe(&self) -> String {
+        match self {
+            BodyProblem::TooLarge(limit) => {
+                format!("the request body is larger than {limit} bytes")
+            }
+            BodyProblem::TooSlow(secs) => {
+                format!("the request body did not arrive within {secs} seconds")
+            }
+            BodyProblem::Unreadable => "the request body could not be read".into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            BodyProblem::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyProblem::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyProblem::Unreadable => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The request body, read whole within `[limits] read_timeout_secs` — so a client that sends its body a
+/// byte at a time cannot hold a connection and a task for long — and no longer than `max_body_bytes`.
+struct ReadBody(Result<Bytes, BodyProblem>);
+
+impl FromRequest<Shared> for ReadBody {
+    type Rejection = Infallible;
+
+    async fn from_request(request: Request, relay: &Shared) -> Result<ReadBody, Infallible> {
+        let limits = &relay.config.limits;
+        let read = Bytes::from_request(request, relay);
+        Ok(ReadBody(
+            match tokio::time::timeout(Duration::from_secs(limits.read_timeout_secs), read).await {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    Err(BodyProblem::TooLarge(limits.max_body_bytes))
+                }
+                Ok(Err(_)) => Err(BodyProblem::Unreadable),
+                Err(_) => Err(BodyProblem::TooSlow(limits.read_timeout_secs)),
+            },
+        ))
+    }
+}
+
 /// The body as JSON of type `T`, or the refusal to send. Nothing of the body is quoted back.
 fn json_body<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
+    body: ReadBody,
 ) -> Result<T, Box<Response>> {
-    let body = body.map_err(|_| {
+    let body = body.0.map_err(|problem| {
         Box::new(refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            problem.status(),
             "invalid_request",
-            &format!("the request body is larger than {limit} bytes"),
+            &problem.describe(),
         ))
     })?;
     let is_json = headers
@@ -243,13 +304,8 @@ fn is_token_text(value: &str) -> bool {
     (1..=4096).contains(&value.len()) && value.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
-async fn token(
-    State(relay): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let request: TokenRequest = match json_body(&headers, body, relay.config.limits.max_body_bytes)
-    {
+async fn token(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
+    let request: TokenRequest = match json_body(&headers, body) {
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
@@ -278,16 +334,11 @@ async fn token(
     answer(&relay, work).await
 }
 
-async fn refresh(
-    State(relay): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let request: RefreshRequest =
-        match json_body(&headers, body, relay.config.limits.max_body_bytes) {
-            Ok(request) => request,
-            Err(refusal) => return *refusal,
-        };
+async fn refresh(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
+    let request: RefreshRequest = match json_body(&headers, body) {
+        Ok(request) => request,
+        Err(refusal) => return *refusal,
+    };
     if !is_token_text(request.refresh_token.expose()) {
         return bad("refresh_token must be 1 to 4096 visible ASCII characters");
     }
@@ -408,7 +459,7 @@ async fn metrics(State(relay): State<Shared>) -> Response {
 async fn backchannel_logout(
     State(relay): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: ReadBody,
 ) -> Response {
     let outcome = check_logout(&relay, &headers, body).await;
     match outcome {
@@ -435,9 +486,9 @@ async fn backchannel_logout(
 async fn check_logout(
     relay: &Relay,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: ReadBody,
 ) -> Result<EndedSession, Response> {
-    let body = body.map_err(|_| bad("the request body is too large"))?;
+    let body = body.0.map_err(|problem| bad(&problem.describe()))?;
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -543,6 +594,7 @@ struct Stream {
     sid: String,
     sub: Option<String>,
     updates: broadcast::Receiver<EndedSession>,
+    closing: watch::Receiver<bool>,
     phase: Phase,
     _slot: SubscriberSlot,
 }
@@ -580,6 +632,14 @@ async fn events(
             "this relay holds as many event streams as it may; reconnect to another instance or later",
         );
     }
+    let closing = relay.closing.subscribe();
+    if *closing.borrow() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "this relay is stopping; reconnect to another instance",
+        );
+    }
     let updates = relay.fanout.subscribe();
     let already_ended = relay.fanout.recently_ended(&sid);
     let stream = Stream {
@@ -587,6 +647,7 @@ async fn events(
         sid,
         sub: query.sub,
         updates,
+        closing,
         phase: if already_ended {
             Phase::EndNow
         } else {
@@ -610,7 +671,11 @@ async fn events(
                 logout_event(&stream.sid)
             }
             Phase::Listening => loop {
-                match stream.updates.recv().await {
+                let update = tokio::select! {
+                    update = stream.updates.recv() => update,
+                    _ = stream.closing.wait_for(|closing| *closing) => return None,
+                };
+                match update {
                     Ok(ended) if matches(&ended, &stream.sid, stream.sub.as_deref()) => {
                         stream.phase = Phase::Done;
                         stream

@@ -200,17 +200,20 @@ fn counting_provider() -> (String, Arc<AtomicUsize>) {
     (format!("http://127.0.0.1:{port}/realms/Healthcare"), count)
 }
 
-#[tokio::test]
-async fn malformed_token_and_refresh_bodies_get_400_and_no_call_to_the_provider() {
+/// A relay whose provider only counts connections, with `extra` config; the folder holds its files.
+async fn relay_before_counting_provider(
+    extra: &str,
+) -> (RunningRelay, Arc<AtomicUsize>, tempfile::TempDir) {
     let (issuer, calls) = counting_provider();
     let dir = tempfile::tempdir().unwrap();
-    let config = cis2_relay::config::load(&write_relay_config(
-        dir.path(),
-        &issuer,
-        "[limits]\nrequest_timeout_secs = 2\n",
-    ))
-    .unwrap();
-    let relay = cis2_relay::start(config).await.unwrap();
+    let config = cis2_relay::config::load(&write_relay_config(dir.path(), &issuer, extra)).unwrap();
+    (cis2_relay::start(config).await.unwrap(), calls, dir)
+}
+
+#[tokio::test]
+async fn malformed_token_and_refresh_bodies_get_400_and_no_call_to_the_provider() {
+    let (relay, calls, _dir) =
+        relay_before_counting_provider("[limits]\nrequest_timeout_secs = 2\n").await;
     let http = reqwest::Client::new();
     let verifier = "v".repeat(43);
     let good = |field: &str, value: Value| {
@@ -649,4 +652,78 @@ async fn jwks_health_metrics_and_the_rate_limit() {
     assert_eq!(not_found.status(), 404);
     let body: Value = not_found.json().await.unwrap();
     assert_eq!(body["error"], "not_found");
+}
+
+/// Reads from a raw connection until it closes or `within` passes; what arrived, and whether it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&received).into(), false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&received).into(), true),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_a_stop_ends_the_event_streams() {
+    use tokio::io::AsyncWriteExt;
+    let (relay, calls, _dir) =
+        relay_before_counting_provider("[limits]\nread_timeout_secs = 1\n").await;
+
+    // Headers that never finish: the connection is closed once the client's time is up.
+    let mut slow_headers = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    slow_headers
+        .write_all(b"POST /v1/token HTTP/1.1\r\nHost: relay\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (_, closed) = read_until_closed(&mut slow_headers, Duration::from_secs(5)).await;
+    assert!(
+        closed,
+        "a half-sent request head still holds its connection after 5 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+
+    // A body that stops short: 408 once the client's time is up, and CIS2 is not called.
+    let mut slow_body = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/token HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
+              Content-Length: 200\r\n\r\n{\"code\": \"abc\"",
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("did not arrive within 1 seconds"),
+        "{answer}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // Meanwhile an ordinary request is answered.
+    let health = reqwest::get(format!("{}healthz", relay.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // Stopping with an agent subscribed: its stream ends (so it reconnects elsewhere) and the
+    // stop is prompt rather than waiting on a stream that would never finish.
+    let mut stream = reqwest::Client::new()
+        .get(format!("{}v1/events", relay.url))
+        .query(&[("sid", "a-session"), ("sub", BEN)])
+        .send()
+        .await
+        .unwrap();
+    next_event(&mut stream, "subscribed", &mut String::new()).await;
+    tokio::time::timeout(Duration::from_secs(5), relay.stop())
+        .await
+        .expect("the relay stops within 5 s with an event stream open");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .expect("the event stream ends with the relay");
+    assert!(matches!(end, Ok(None)), "{end:?}");
 }

@@ -1,7 +1,14 @@
-//! HTTPS for the sandbox provider and the relay: a rustls acceptor (TLS 1.2 and 1.3, ring) behind axum's
-//! `Listener`, so either serves HTTPS from a PEM certificate and key with the same code.
+//! Serving HTTP for the sandbox provider and the relay: a rustls acceptor (TLS 1.2 and 1.3, ring) behind
+//! axum's `Listener`, so either serves HTTPS from a PEM certificate and key with the same code, and
+//! [`serve`], a server loop that — unlike `axum::serve` — gives up on clients that are slow to send their
+//! request headers and ends in bounded time when asked to stop.
 
+use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::serve::Listener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,6 +124,61 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpL
     }
 }
 
+impl axum::extract::connect_info::Connected<SocketAddr> for Peer {
+    fn connect_info(addr: SocketAddr) -> Peer {
+        Peer(addr)
+    }
+}
+
+/// How [`serve`] treats slow clients and a stop.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// How long a client has to send a request's headers, from connecting or from the end of its last
+    /// answer. A connection that runs out of it is closed: idle keep-alive connections go the same way.
+    pub header_read_timeout: Duration,
+    /// How long, once told to stop, requests under way may take to finish before the loop returns anyway.
+    pub drain: Duration,
+}
+
+/// Serves `app` over HTTP/1.1 on `listener` until `stop` completes, then stops accepting, lets the
+/// requests under way finish for at most `limits.drain`, and returns. Handlers may extract
+/// `ConnectInfo<Peer>`.
+pub async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    limits: ServeLimits,
+    stop: impl Future<Output = ()>,
+) where
+    L: Listener<Addr = SocketAddr>,
+{
+    let connections = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(Peer(addr)));
+                tower::ServiceExt::oneshot(app.clone(), request)
+            },
+        );
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(TokioIo::new(io), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away or is too slow ends only its own connection.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(limits.drain, connections.shutdown()).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +217,116 @@ mod tests {
         .unwrap();
         assert_eq!(answer.text().await.unwrap(), "ok");
         drop(silent);
+    }
+
+    /// Serves `app` on a loopback port with the given limits; the sender stops it, the handle is the loop.
+    async fn serving(
+        app: Router,
+        limits: ServeLimits,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(tcp, app, limits, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    const LIMITS: ServeLimits = ServeLimits {
+        header_read_timeout: Duration::from_millis(500),
+        drain: Duration::from_secs(2),
+    };
+
+    #[tokio::test]
+    async fn a_client_slow_to_send_its_headers_loses_the_connection_and_others_are_served() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<Peer>| async move {
+                peer.0.ip().to_string()
+            }),
+        );
+        let (addr, _stop, _task) = serving(app, LIMITS).await;
+
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        let answer = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        assert_eq!(answer.text().await.unwrap(), "127.0.0.1");
+
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the half-sent request still holds its connection after 5 s"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "closed before the client had its time: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_lets_a_request_under_way_finish() {
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                "finished"
+            }),
+        );
+        let (addr, stop, task) = serving(app, LIMITS).await;
+        let request = tokio::spawn(reqwest::get(format!("http://{addr}/")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        let answer = request.await.unwrap().unwrap();
+        assert_eq!(answer.text().await.unwrap(), "finished");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop returns once the request is answered")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the port is still accepting after the stop"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_in_bounded_time_while_an_answer_streams_forever() {
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                let forever = futures_stream_forever();
+                axum::body::Body::from_stream(forever)
+            }),
+        );
+        let (addr, stop, task) = serving(app, LIMITS).await;
+        let mut answer = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        assert!(answer.chunk().await.unwrap().is_some());
+        let started = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop returns while the stream is still open")
+            .unwrap();
+        assert!(started.elapsed() >= LIMITS.drain - Duration::from_millis(100));
+    }
+
+    /// A body that sends a line every 100 ms and never ends.
+    fn futures_stream_forever()
+    -> impl futures_util::Stream<Item = Result<&'static str, std::convert::Infallible>> {
+        futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((Ok("tick\n"), ()))
+        })
     }
 }
