@@ -1409,11 +1409,11 @@ async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
             let generation = agent.generation();
             let ids = session
                 .as_ref()
-                .and_then(|s| Some((s.sid.clone()?, s.sub.clone())));
+                .and_then(|s| Some((s.sid.clone()?, s.sub.clone(), s.events_ticket.clone()?)));
             drop(session);
-            ids.map(|(sid, sub)| (sid, sub, generation))
+            ids.map(|(sid, sub, ticket)| (sid, sub, ticket, generation))
         };
-        let Some((sid, sub, generation)) = watched else {
+        let Some((sid, sub, ticket, generation)) = watched else {
             tokio::time::sleep(LIFECYCLE_TICK).await;
             continue;
         };
@@ -1431,7 +1431,7 @@ async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
         };
         let opened = std::sync::atomic::AtomicBool::new(false);
         tokio::select! {
-            ended = relay.wait_for_logout(&sid, &sub, || opened.store(true, std::sync::atomic::Ordering::Relaxed)) => {
+            ended = relay.wait_for_logout(&sid, &sub, &ticket, || opened.store(true, std::sync::atomic::Ordering::Relaxed)) => {
                 if opened.load(std::sync::atomic::Ordering::Relaxed) {
                     retry = Duration::from_secs(1);
                 }

@@ -48,6 +48,9 @@ pub struct Stored {
     /// The smartcard the clinician signed in with.
     #[serde(default)]
     pub card: Option<crate::smartcard::Card>,
+    /// Opens the relay's logout event stream (with `method = "relay"`).
+    #[serde(default, with = "zeroizing_option")]
+    pub events_ticket: Option<Zeroizing<String>>,
 }
 
 /// Secrets in the sealed file: plain JSON strings inside the encryption, wiped from memory after use.
@@ -98,6 +101,10 @@ impl Stored {
                 .as_ref()
                 .map(|t| Zeroizing::new(t.expose().to_string())),
             id_token: Zeroizing::new(session.id_token.expose().to_string()),
+            events_ticket: session
+                .events_ticket
+                .as_ref()
+                .map(|t| Zeroizing::new(t.expose().to_string())),
             signed_in_at,
             locked: None,
             locked_by_card: false,
@@ -115,6 +122,7 @@ impl Stored {
                 expires_at: self.expires_at,
                 refresh_token: self.refresh_token.map(|t| Secret::new(t.as_str())),
                 id_token: Secret::new(self.id_token.as_str()),
+                events_ticket: self.events_ticket.map(|t| Secret::new(t.as_str())),
                 callback_to_done: None,
                 provider_time: std::time::Duration::ZERO,
             },
@@ -414,6 +422,7 @@ mod tests {
             expires_at: 42,
             refresh_token: Some(Zeroizing::new("refresh-secret-value".into())),
             id_token: Zeroizing::new("id.token.value".into()),
+            events_ticket: Some(Zeroizing::new("v1.events.ticket".into())),
             signed_in_at: 7,
             locked: None,
             locked_by_card: false,
@@ -436,6 +445,7 @@ mod tests {
             "access-secret-value",
             "refresh-secret-value",
             "id.token.value",
+            "v1.events.ticket",
             "Amelia",
         ] {
             assert!(
@@ -447,6 +457,12 @@ mod tests {
         let loaded = again.load().unwrap();
         assert_eq!(loaded.access_token.as_str(), "access-secret-value");
         assert_eq!(loaded.user.uid, "555021935107");
+        let (session, _) = loaded.into_session();
+        assert_eq!(
+            session.events_ticket.as_ref().map(|t| t.expose()),
+            Some("v1.events.ticket"),
+            "the relay's event-stream ticket outlives a restart"
+        );
         again.clear().unwrap();
         assert!(again.load().is_none());
     }

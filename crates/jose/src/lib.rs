@@ -266,6 +266,20 @@ impl SigningKey {
         &self.kid
     }
 
+    /// A 256-bit secret for `purpose`, derived from the private key (HMAC-SHA-256 keyed by the purpose
+    /// over the PKCS#8 encoding): every holder of the key derives the same one, nobody else can, and
+    /// it reveals nothing of the key. Lets servers that share a signing key share a MAC key too.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        let der = self.key.to_pkcs8_der().expect("PKCS#8 encoding");
+        let mac = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, purpose.as_bytes()),
+            der.as_bytes(),
+        );
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(mac.as_ref());
+        secret
+    }
+
     pub fn alg(&self) -> Alg {
         self.alg
     }
@@ -576,5 +590,14 @@ mod tests {
                 Err(JoseError::Malformed(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_derived_secret_is_the_same_for_every_holder_of_the_key_and_differs_by_purpose_and_key() {
+        let reloaded = SigningKey::from_pem(&key().to_pkcs1_pem(), Alg::RS512).unwrap();
+        assert_eq!(key().derive_secret("a"), reloaded.derive_secret("a"));
+        assert_ne!(key().derive_secret("a"), key().derive_secret("b"));
+        let other = SigningKey::generate(Alg::RS256);
+        assert_ne!(key().derive_secret("a"), other.derive_secret("a"));
     }
 }

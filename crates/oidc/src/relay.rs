@@ -24,6 +24,9 @@ pub struct RelayTokens {
     /// The subject the relay fetched userinfo for; the agent checks it against the ID token.
     pub sub: String,
     pub user: User,
+    /// Opens the relay's event stream for this session (absent when the answer names no session).
+    #[serde(default)]
+    pub events_ticket: Option<Secret>,
 }
 
 /// How long the event stream may stay silent before the agent treats it as dead (the relay sends a
@@ -122,12 +125,14 @@ impl RelayClient {
     }
 
     /// Waits on the relay's event stream for the CIS2 session `sid` of the person `sub`, and returns when
-    /// the relay reports that CIS2 ended it (by `sid`, or all of `sub`'s sessions). An error means the stream broke (the caller reconnects with backoff); `on_open`
-    /// runs once the relay has accepted the subscription.
+    /// the relay reports that CIS2 ended it (by `sid`, or all of `sub`'s sessions). `ticket` is the
+    /// `events_ticket` that came with the session's tokens. An error means the stream broke or was
+    /// refused (the caller reconnects with backoff); `on_open` runs once the relay has accepted it.
     pub async fn wait_for_logout(
         &self,
         sid: &str,
         sub: &str,
+        ticket: &Secret,
         on_open: impl FnOnce(),
     ) -> Result<(), ProviderError> {
         let what = "the relay's event stream";
@@ -136,7 +141,7 @@ impl RelayClient {
             .stream
             .inner()
             .get(url)
-            .query(&[("sid", sid), ("sub", sub)])
+            .query(&[("sid", sid), ("sub", sub), ("ticket", ticket.expose())])
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()
             .await

@@ -49,6 +49,8 @@ pub struct SignedIn {
     pub expires_at: u64,
     pub refresh_token: Option<Secret>,
     pub id_token: Secret,
+    /// With the relay: what opens its logout event stream for this session.
+    pub events_ticket: Option<Secret>,
     /// From the callback's arrival to here: the agent's own share of a sign-in (benchmarks report it).
     pub callback_to_done: Option<Duration>,
     /// Of that, how long the provider took to answer the token and userinfo calls.
@@ -346,6 +348,9 @@ impl RelyingParty {
             ),
             refresh_token: answer.refresh_token,
             id_token,
+            events_ticket: answer
+                .events_ticket
+                .or_else(|| previous.and_then(|p| p.events_ticket.clone())),
             callback_to_done: None,
             provider_time: relay_time,
         })
@@ -424,6 +429,7 @@ impl RelyingParty {
             ),
             refresh_token: tokens.refresh_token,
             id_token,
+            events_ticket: None,
             callback_to_done: None,
             provider_time: *provider_time,
         })

@@ -11,6 +11,7 @@ pub mod fanout;
 pub mod limiter;
 pub mod metrics;
 pub mod server;
+pub mod ticket;
 
 use cis2_jose::SigningKey;
 use cis2_oidc::clock::{SharedClock, SystemClock};
@@ -81,6 +82,7 @@ pub async fn start_with_clock(
         keys.push(key);
     }
     let active = active.ok_or("the active key is not among the keys")?;
+    let tickets = ticket::Tickets::new(&keys, &active);
     let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)?;
     let rp = RelyingParty {
         discovery: Discovery::new(config.issuer.clone(), http, clock.clone()),
@@ -116,7 +118,9 @@ pub async fn start_with_clock(
         .local_addr()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let url = format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" });
-    let relay = Arc::new(server::Relay::new(config, rp, &keys, fanout, clock));
+    let relay = Arc::new(server::Relay::new(
+        config, rp, &keys, tickets, fanout, clock,
+    ));
     let app = server::router(relay.clone());
     let limits = cis2_tls::ServeLimits {
         header_read_timeout: Duration::from_secs(relay.config.limits.read_timeout_secs),

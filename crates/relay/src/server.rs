@@ -6,6 +6,7 @@ use crate::config::{RelayConfig, redirect_allowed};
 use crate::fanout::{Fanout, matches};
 use crate::limiter::RateLimiter;
 use crate::metrics::Metrics;
+use crate::ticket::Tickets;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{
@@ -40,6 +41,7 @@ pub struct Relay {
     pub config: RelayConfig,
     pub rp: RelyingParty,
     pub public_keys: JwkSet,
+    pub tickets: Tickets,
     pub fanout: Fanout,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
@@ -55,10 +57,12 @@ impl Relay {
         config: RelayConfig,
         rp: RelyingParty,
         keys: &[SigningKey],
+        tickets: Tickets,
         fanout: Fanout,
         clock: SharedClock,
     ) -> Relay {
         Relay {
+            tickets,
             limiter: RateLimiter::new(config.limits.requests_per_minute),
             public_keys: JwkSet {
                 keys: keys.iter().map(SigningKey::public_jwk).collect(),
@@ -387,6 +391,13 @@ async fn answer(
                 body.insert("id_token".into(), signed_in.id_token.expose().into());
             }
             body.insert("sub".into(), signed_in.sub.clone().into());
+            // A refresh without an ID token names no session: the agent keeps the ticket it has.
+            if let Some(sid) = &signed_in.sid {
+                body.insert(
+                    "events_ticket".into(),
+                    relay.tickets.issue(sid, &signed_in.sub, now).into(),
+                );
+            }
             body.insert(
                 "user".into(),
                 serde_json::to_value(&signed_in.user).unwrap_or_default(),
@@ -571,6 +582,7 @@ async fn check_logout(
 struct EventsQuery {
     sid: Option<String>,
     sub: Option<String>,
+    ticket: Option<String>,
 }
 
 /// Releases a subscriber slot when the stream ends, however it ends.
@@ -610,7 +622,7 @@ async fn events(
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(query)) = query else {
-        return bad("the query must be ?sid=…[&sub=…]");
+        return bad("the query must be ?sid=…&ticket=…[&sub=…]");
     };
     let printable =
         |v: &str| (1..=256).contains(&v.len()) && v.bytes().all(|b| (0x21..=0x7e).contains(&b));
@@ -621,6 +633,19 @@ async fn events(
     };
     if query.sub.as_deref().is_some_and(|s| !printable(s)) {
         return bad("sub must be 1 to 256 visible characters");
+    }
+    let forbidden = |why: &str| refuse(StatusCode::FORBIDDEN, "invalid_ticket", why);
+    let Some(ticket) = query.ticket.filter(|t| (1..=2048).contains(&t.len())) else {
+        return forbidden(
+            "ticket is required: the events_ticket that came with this session's tokens",
+        );
+    };
+    let ticketed = match relay.tickets.check(&ticket, relay.clock.now()) {
+        Ok(ticketed) => ticketed,
+        Err(why) => return forbidden(&why.to_string()),
+    };
+    if ticketed.sid != sid || query.sub.is_some_and(|sub| sub != ticketed.sub) {
+        return forbidden("the ticket is for another session");
     }
     let open = relay.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
     let slot = SubscriberSlot(relay.clone());
@@ -645,7 +670,7 @@ async fn events(
     let stream = Stream {
         relay: relay.clone(),
         sid,
-        sub: query.sub,
+        sub: Some(ticketed.sub),
         updates,
         closing,
         phase: if already_ended {

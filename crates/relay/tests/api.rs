@@ -501,35 +501,70 @@ async fn next_event(response: &mut reqwest::Response, name: &str, buffer: &mut S
     }
 }
 
-#[tokio::test]
-async fn a_logout_from_the_provider_reaches_the_subscriber_of_that_session_only() {
-    let setup = setup("").await;
-    let (code, verifier, redirect_uri, _) = code_for(&setup).await;
+/// Signs Ben in through the relay: the session id and the event-stream ticket that came with the tokens.
+async fn session_and_ticket(setup: &Setup) -> (String, String) {
+    let (code, verifier, redirect_uri, _) = code_for(setup).await;
     let (status, answer) = post_json(
-        &setup,
+        setup,
         "v1/token",
         &json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect_uri}).to_string(),
     )
     .await;
     assert_eq!(status, 200);
     let id_token = cis2_jose::UnverifiedJwt::parse(answer["id_token"].as_str().unwrap()).unwrap();
-    let sid = id_token.claims["sid"].as_str().unwrap().to_string();
+    (
+        id_token.claims["sid"].as_str().unwrap().to_string(),
+        answer["events_ticket"]
+            .as_str()
+            .expect("a ticket")
+            .to_string(),
+    )
+}
 
-    let subscribe = |sid: String| {
+#[tokio::test]
+async fn a_logout_from_the_provider_reaches_the_subscriber_of_that_session_only() {
+    let setup = setup("").await;
+    let (sid, ticket) = session_and_ticket(&setup).await;
+    let (other_sid, other_ticket) = session_and_ticket(&setup).await;
+    assert_ne!(sid, other_sid);
+
+    let subscribe = |sid: &str, ticket: &str| {
         let http = setup.http.clone();
         let url = format!("{}v1/events", setup.relay.url);
-        async move {
-            http.get(url)
-                .query(&[("sid", sid.as_str()), ("sub", BEN)])
-                .send()
-                .await
-                .unwrap()
-        }
+        let query = [("sid", sid.to_string()), ("ticket", ticket.to_string())];
+        async move { http.get(url).query(&query).send().await.unwrap() }
     };
-    let mut mine = subscribe(sid.clone()).await;
+    // Without this session's ticket there is no stream, and no slot is taken.
+    for (sid, ticket, why) in [
+        (sid.as_str(), "", "required"),
+        (sid.as_str(), other_ticket.as_str(), "another session"),
+        (sid.as_str(), &ticket[..ticket.len() - 2], "altered"),
+        (sid.as_str(), "v1.a.b.c.d.e", "malformed"),
+    ] {
+        let refused = subscribe(sid, ticket).await;
+        assert_eq!(refused.status(), 403, "{why}");
+        let refused: Value = refused.json().await.unwrap();
+        assert_eq!(refused["error"], "invalid_ticket", "{why}");
+        assert!(ticket.is_empty() || !refused.to_string().contains(ticket));
+    }
+    let other_sub = setup
+        .http
+        .get(format!("{}v1/events", setup.relay.url))
+        .query(&[
+            ("sid", sid.as_str()),
+            ("sub", "555000000000"),
+            ("ticket", &ticket),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_sub.status(), 403, "a ticket is for one person too");
+    assert!(metrics(&setup).await.contains("cis2_relay_subscribers 0"));
+
+    let mut mine = subscribe(&sid, &ticket).await;
     assert_eq!(mine.status(), 200);
     assert_eq!(mine.headers()["content-type"], "text/event-stream");
-    let mut other = subscribe("another-session".into()).await;
+    let mut other = subscribe(&other_sid, &other_ticket).await;
     let (mut mine_buffer, mut other_buffer) = (String::new(), String::new());
     next_event(&mut mine, "subscribed", &mut mine_buffer).await;
     next_event(&mut other, "subscribed", &mut other_buffer).await;
@@ -555,7 +590,7 @@ async fn a_logout_from_the_provider_reaches_the_subscriber_of_that_session_only(
     );
 
     // An agent that reconnects just after is told at once.
-    let mut late = subscribe(sid.clone()).await;
+    let mut late = subscribe(&sid, &ticket).await;
     next_event(&mut late, "logout", &mut String::new()).await;
 
     // Missing or silly subscriptions are refused.
@@ -712,9 +747,14 @@ async fn slow_clients_are_cut_off_and_a_stop_ends_the_event_streams() {
 
     // Stopping with an agent subscribed: its stream ends (so it reconnects elsewhere) and the
     // stop is prompt rather than waiting on a stream that would never finish.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ticket = relay.relay.tickets.issue("a-session", BEN, now);
     let mut stream = reqwest::Client::new()
         .get(format!("{}v1/events", relay.url))
-        .query(&[("sid", "a-session"), ("sub", BEN)])
+        .query(&[("sid", "a-session"), ("ticket", &ticket)])
         .send()
         .await
         .unwrap();
