@@ -37,6 +37,20 @@ struct Proxy {
     http: reqwest::Client,
 }
 
+async fn pass_on_revoke(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Response {
+    let response = proxy
+        .http
+        .post(format!("{}v1/revoke", proxy.relay))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let body = response.bytes().await.unwrap();
+    (status, [("content-type", "application/json")], body).into_response()
+}
+
 async fn forward(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Response {
     let response = proxy
         .http
@@ -71,7 +85,7 @@ async fn forward(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Res
 }
 
 struct Setup {
-    _provider: RunningProvider,
+    provider: RunningProvider,
     _relay: cis2_relay::RunningRelay,
     lie: Arc<Mutex<Lie>>,
     agent: Agent,
@@ -105,6 +119,7 @@ async fn setup() -> Setup {
         "jwks_uri": format!("{}.well-known/jwks.json", relay.url),
         "redirect_uris": ["http://127.0.0.1/callback"],
         "id_token_signed_response_alg": "RS512",
+        "refresh_tokens": true,
     }))
     .unwrap();
     provider.provider.register_client(client).unwrap();
@@ -118,6 +133,7 @@ async fn setup() -> Setup {
     };
     let app = axum::Router::new()
         .route("/v1/token", axum::routing::post(forward))
+        .route("/v1/revoke", axum::routing::post(pass_on_revoke))
         .with_state(proxy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!("http://{}/", listener.local_addr().unwrap());
@@ -128,7 +144,8 @@ async fn setup() -> Setup {
     let text = format!(
         "environment = \"custom\"\n[provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nprompt = \"login\"\n\
          [provider.exchange]\nmethod = \"relay\"\nrelay_url = \"{proxy_url}\"\n\
-         [agent]\ndata_dir = \"{}\"\nstore = \"memory\"\nclient_policy = \"allow\"\n",
+         [agent]\ndata_dir = \"{}\"\nstore = \"memory\"\nclient_policy = \"allow\"\n\
+         [session]\nend_session_at_provider = false\n",
         provider.issuer,
         dir.path().join("data").display(),
     );
@@ -151,7 +168,7 @@ async fn setup() -> Setup {
     .await
     .unwrap();
     Setup {
-        _provider: provider,
+        provider,
         _relay: relay,
         lie,
         agent,
@@ -177,7 +194,18 @@ async fn an_honest_relay_signs_in_and_a_lying_one_is_caught_by_the_agent() {
         .unwrap();
     assert_eq!(status.user.as_ref().unwrap().uid, BEN);
     assert!(setup.agent.token(TokenRequest::default()).await.is_ok());
+    assert_eq!(setup.provider.provider.live_refresh_tokens(BEN), 1);
     setup.agent.logout().await.unwrap();
+    // Sign-out revokes the refresh token at CIS2, through the relay, which holds the credentials
+    // (the provider session is left alone here: ending it would end the token too).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while setup.provider.provider.live_refresh_tokens(BEN) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh token is still live at the provider 10 s after sign-out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A replayed ID token (an earlier sign-in's) fails the nonce the relay never saw.
     *setup.lie.lock().unwrap() = Lie::OldIdToken;

@@ -516,6 +516,16 @@ impl Provider {
             .count()
     }
 
+    /// How many refresh tokens the user holds.
+    pub fn live_refresh_tokens(&self, uid: &str) -> usize {
+        let inner = self.lock();
+        inner
+            .refresh_tokens
+            .values()
+            .filter(|g| g.grant.uid == uid)
+            .count()
+    }
+
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.lock().deliveries.clone()
     }

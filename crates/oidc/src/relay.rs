@@ -105,6 +105,28 @@ impl RelayClient {
         .await
     }
 
+    /// Asks the relay to revoke a refresh token at CIS2 with the client's credentials (the agent has
+    /// none). `Ok(false)`: CIS2 offers no revocation endpoint.
+    pub async fn revoke(&self, refresh_token: &Secret) -> Result<bool, ProviderError> {
+        #[derive(Deserialize)]
+        struct Revoked {
+            revoked: bool,
+        }
+        let body = zeroize::Zeroizing::new(
+            serde_json::to_vec(&serde_json::json!({"refresh_token": refresh_token.expose()}))
+                .unwrap_or_default(),
+        );
+        let request = self
+            .http
+            .inner()
+            .post(format!("{}v1/revoke", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_vec());
+        let answer: Revoked = self.http.json("the relay", request).await?;
+        Ok(answer.revoked)
+    }
+
     async fn post(
         &self,
         path: &str,

@@ -503,6 +503,77 @@ impl RelyingParty {
         Ok(verified.claims)
     }
 
+    /// Revokes a refresh token (RFC 7009) with this client's credentials — through the relay when it
+    /// holds them. `Ok(false)`: the provider offers no revocation endpoint.
+    pub async fn revoke_refresh_token(
+        &self,
+        refresh_token: &Secret,
+    ) -> Result<bool, ProviderError> {
+        let metadata = self
+            .discovery
+            .metadata()
+            .await
+            .map_err(|e| ProviderError::Unreachable {
+                what: "the provider's discovery document".into(),
+                detail: e.to_string(),
+            })?;
+        self.revoke_with(&metadata, refresh_token).await
+    }
+
+    async fn revoke_with(
+        &self,
+        metadata: &ProviderMetadata,
+        refresh_token: &Secret,
+    ) -> Result<bool, ProviderError> {
+        let auth = match &self.settings.exchange {
+            Exchange::Relay(relay) => return relay.revoke(refresh_token).await,
+            Exchange::Direct(auth) => auth,
+        };
+        let Some(endpoint) = &metadata.revocation_endpoint else {
+            return Ok(false);
+        };
+        let mut form = vec![
+            ("token", refresh_token.expose().to_string()),
+            ("token_type_hint", "refresh_token".into()),
+            ("client_id", self.settings.client_id.clone()),
+        ];
+        match auth {
+            ClientAuth::SecretPost(secret) => form.push(("client_secret", secret.expose().into())),
+            ClientAuth::PrivateKeyJwt(key) => {
+                form.push((
+                    "client_assertion_type",
+                    super::exchange::CLIENT_ASSERTION_TYPE.into(),
+                ));
+                form.push((
+                    "client_assertion",
+                    super::exchange::client_assertion(
+                        key,
+                        &self.settings.client_id,
+                        &metadata.token_endpoint,
+                        self.clock.now(),
+                    ),
+                ));
+            }
+            ClientAuth::None => {}
+        }
+        let http = self.discovery.http();
+        let (status, _) = http
+            .send(
+                "the revocation endpoint",
+                http.inner().post(endpoint).form(&form),
+            )
+            .await?;
+        if status >= 400 {
+            return Err(ProviderError::Status {
+                what: "the revocation endpoint".into(),
+                status,
+                description: None,
+                oauth_error: None,
+            });
+        }
+        Ok(true)
+    }
+
     /// Best effort at logout: revoke the refresh token and end the provider session. Errors are
     /// returned for the log, never for the person (they are signed out locally whatever happens).
     pub async fn end_at_provider(
@@ -516,44 +587,10 @@ impl RelyingParty {
             return vec!["the provider could not be reached to end the session there".into()];
         };
         let http = self.discovery.http();
-        if let (Some(rt), Some(endpoint)) = (refresh_token, &metadata.revocation_endpoint) {
-            let mut form = vec![
-                ("token", rt.expose().to_string()),
-                ("token_type_hint", "refresh_token".into()),
-                ("client_id", self.settings.client_id.clone()),
-            ];
-            match &self.settings.exchange {
-                // The relay holds the credentials; the refresh token lapses there on its own.
-                Exchange::Relay(_) => {}
-                Exchange::Direct(ClientAuth::SecretPost(secret)) => {
-                    form.push(("client_secret", secret.expose().into()))
-                }
-                Exchange::Direct(ClientAuth::PrivateKeyJwt(key)) => {
-                    form.push((
-                        "client_assertion_type",
-                        super::exchange::CLIENT_ASSERTION_TYPE.into(),
-                    ));
-                    form.push((
-                        "client_assertion",
-                        super::exchange::client_assertion(
-                            key,
-                            &self.settings.client_id,
-                            &metadata.token_endpoint,
-                            self.clock.now(),
-                        ),
-                    ));
-                }
-                Exchange::Direct(ClientAuth::None) => {}
-            }
-            if let Err(e) = http
-                .send(
-                    "the revocation endpoint",
-                    http.inner().post(endpoint).form(&form),
-                )
-                .await
-            {
-                problems.push(e.to_string());
-            }
+        if let Some(rt) = refresh_token
+            && let Err(e) = self.revoke_with(&metadata, rt).await
+        {
+            problems.push(e.to_string());
         }
         if end_session && let Some(endpoint) = &metadata.end_session_endpoint {
             let query: String = url::form_urlencoded::Serializer::new(String::new())

@@ -91,6 +91,7 @@ pub fn router(relay: Shared) -> Router {
     Router::new()
         .route("/v1/token", post(token))
         .route("/v1/refresh", post(refresh))
+        .route("/v1/revoke", post(revoke))
         .route("/v1/events", get(events))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/backchannel-logout", post(backchannel_logout))
@@ -131,6 +132,7 @@ fn endpoint_name(path: Option<&str>) -> &'static str {
     match path {
         Some("/v1/token") => "token",
         Some("/v1/refresh") => "refresh",
+        Some("/v1/revoke") => "revoke",
         Some("/v1/events") => "events",
         Some("/.well-known/jwks.json") => "jwks",
         Some("/backchannel-logout") => "backchannel_logout",
@@ -156,7 +158,7 @@ async fn limit_and_count(
     );
     // Back-channel logout is not limited: its tokens are signature-checked, and CIS2's own calls must
     // never be refused because someone else flooded the token endpoint from the same address.
-    let limited = matches!(endpoint, "token" | "refresh" | "events");
+    let limited = matches!(endpoint, "token" | "refresh" | "revoke" | "events");
     let allowed = if limited {
         relay.limiter.check(peer.0.ip(), started)
     } else {
@@ -351,6 +353,38 @@ async fn refresh(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody
         relay.rp.redeem_refresh(&request.refresh_token, None),
     )
     .await
+}
+
+/// RFC 7009 on the agent's behalf: it holds no client credential, so its sign-out revokes through here.
+async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
+    let request: RefreshRequest = match json_body(&headers, body) {
+        Ok(request) => request,
+        Err(refusal) => return *refusal,
+    };
+    if !is_token_text(request.refresh_token.expose()) {
+        return bad("refresh_token must be 1 to 4096 visible ASCII characters");
+    }
+    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
+    let outcome =
+        tokio::time::timeout(limit, relay.rp.revoke_refresh_token(&request.refresh_token)).await;
+    let mut response = match outcome {
+        Ok(Ok(revoked)) => axum::Json(json!({"revoked": revoked})).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "revocation at CIS2 failed");
+            refuse(
+                StatusCode::BAD_GATEWAY,
+                "temporarily_unavailable",
+                &format!("CIS2 did not revoke the token: {e}"),
+            )
+        }
+        Err(_) => refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            "temporarily_unavailable",
+            &format!("CIS2 did not answer within {} seconds", limit.as_secs()),
+        ),
+    };
+    no_store(response.headers_mut());
+    response
 }
 
 /// Runs an exchange within the time limit and turns its outcome into the answer.

@@ -168,6 +168,23 @@ async fn a_code_becomes_validated_tokens_and_the_user_and_a_refresh_renews_them(
     .await;
     assert_eq!(status, 400);
     assert_eq!(refused["error"], "invalid_grant");
+    // Sign-out revokes the live one through the relay (the agent holds no client credential);
+    // CIS2 then refuses it.
+    let renewed_token = renewed["refresh_token"].as_str().unwrap();
+    let (status, revoked) = post_json(
+        &setup,
+        "v1/revoke",
+        &json!({"refresh_token": renewed_token}).to_string(),
+    )
+    .await;
+    assert_eq!((status, revoked), (200, json!({"revoked": true})));
+    let (status, refused) = post_json(
+        &setup,
+        "v1/refresh",
+        &json!({"refresh_token": renewed_token}).to_string(),
+    )
+    .await;
+    assert_eq!((status, &refused["error"]), (400, &json!("invalid_grant")));
     // The same code again: the provider refuses it and the relay says it is the agent's problem.
     let (status, replay) = post_json(
         &setup,
@@ -280,21 +297,24 @@ async fn malformed_token_and_refresh_bodies_get_400_and_no_call_to_the_provider(
             "{what}: {description}"
         );
     }
-    for body in [
-        "{}",
-        "{\"refresh_token\": \"\"}",
-        "{\"refresh_token\": 1}",
-        "{\"refresh_token\": \"a\", \"x\": 1}",
-        "nope",
-    ] {
+    for (path, body) in ["v1/refresh", "v1/revoke"].into_iter().flat_map(|path| {
+        [
+            "{}",
+            "{\"refresh_token\": \"\"}",
+            "{\"refresh_token\": 1}",
+            "{\"refresh_token\": \"a\", \"x\": 1}",
+            "nope",
+        ]
+        .map(|body| (path, body))
+    }) {
         let response = http
-            .post(format!("{}v1/refresh", relay.url))
+            .post(format!("{}{path}", relay.url))
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(response.status(), 400, "{path} {body}");
     }
     let wrong_type = http
         .post(format!("{}v1/token", relay.url))
