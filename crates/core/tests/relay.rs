@@ -37,29 +37,28 @@ struct Proxy {
     http: reqwest::Client,
 }
 
+impl Proxy {
+    /// POSTs the JSON `body` to the real relay's `path`.
+    async fn to_relay(&self, path: &str, body: Bytes) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.relay))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
 async fn pass_on_revoke(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Response {
-    let response = proxy
-        .http
-        .post(format!("{}v1/revoke", proxy.relay))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = proxy.to_relay("v1/revoke", body).await;
     let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
     let body = response.bytes().await.unwrap();
     (status, [("content-type", "application/json")], body).into_response()
 }
 
 async fn forward(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Response {
-    let response = proxy
-        .http
-        .post(format!("{}v1/token", proxy.relay))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = proxy.to_relay("v1/token", body).await;
     let status = response.status().as_u16();
     let mut answer: Value = response.json().await.unwrap();
     if status == 200 {

@@ -108,30 +108,30 @@ impl RelayClient {
     /// Asks the relay to revoke a refresh token at CIS2 with the client's credentials (the agent has
     /// none). `Ok(false)`: CIS2 offers no revocation endpoint.
     pub async fn revoke(&self, refresh_token: &Secret) -> Result<bool, ProviderError> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            refresh_token: &'a str,
+        }
         #[derive(Deserialize)]
         struct Revoked {
             revoked: bool,
         }
-        let body = zeroize::Zeroizing::new(
-            serde_json::to_vec(&serde_json::json!({"refresh_token": refresh_token.expose()}))
-                .unwrap_or_default(),
-        );
-        let request = self
-            .http
-            .inner()
-            .post(format!("{}v1/revoke", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_vec());
-        let answer: Revoked = self.http.json("the relay", request).await?;
+        let (answer, _): (Revoked, _) = self
+            .post(
+                "v1/revoke",
+                &Body {
+                    refresh_token: refresh_token.expose(),
+                },
+            )
+            .await?;
         Ok(answer.revoked)
     }
 
-    async fn post(
+    async fn post<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &impl serde::Serialize,
-    ) -> Result<(RelayTokens, Duration), ProviderError> {
+    ) -> Result<(T, Duration), ProviderError> {
         // Serialised from borrowed secrets into a buffer that is wiped once reqwest has its copy.
         let body = zeroize::Zeroizing::new(serde_json::to_vec(body).unwrap_or_default());
         let request = self

@@ -340,14 +340,22 @@ async fn token(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) 
     answer(&relay, work).await
 }
 
+/// The `{"refresh_token"}` body of `/v1/refresh` and `/v1/revoke`, or the refusal to send.
+fn refresh_request(headers: &HeaderMap, body: ReadBody) -> Result<RefreshRequest, Box<Response>> {
+    let request: RefreshRequest = json_body(headers, body)?;
+    if !is_token_text(request.refresh_token.expose()) {
+        return Err(Box::new(bad(
+            "refresh_token must be 1 to 4096 visible ASCII characters",
+        )));
+    }
+    Ok(request)
+}
+
 async fn refresh(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
-    let request: RefreshRequest = match json_body(&headers, body) {
+    let request = match refresh_request(&headers, body) {
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
-    if !is_token_text(request.refresh_token.expose()) {
-        return bad("refresh_token must be 1 to 4096 visible ASCII characters");
-    }
     answer(
         &relay,
         relay.rp.redeem_refresh(&request.refresh_token, None),
@@ -357,13 +365,10 @@ async fn refresh(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody
 
 /// RFC 7009 on the agent's behalf: it holds no client credential, so its sign-out revokes through here.
 async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
-    let request: RefreshRequest = match json_body(&headers, body) {
+    let request = match refresh_request(&headers, body) {
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
-    if !is_token_text(request.refresh_token.expose()) {
-        return bad("refresh_token must be 1 to 4096 visible ASCII characters");
-    }
     let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
     let outcome =
         tokio::time::timeout(limit, relay.rp.revoke_refresh_token(&request.refresh_token)).await;
