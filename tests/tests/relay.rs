@@ -6,8 +6,11 @@
 use cis2_jose::{Alg, SigningKey};
 use cis2_system_tests::{Agent, Process, bin, json, stderr, stdout};
 use serde_json::{Value, json};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CLIENT_ID: &str = "200000000009.apps.national";
@@ -235,6 +238,7 @@ fn sign_in_through_the_relay_refresh_and_a_key_rotation_without_a_failed_sign_in
 /// `redis-server` on a free port, with nothing saved to disk.
 struct Redis {
     child: std::process::Child,
+    port: u16,
     url: String,
 }
 
@@ -276,6 +280,7 @@ fn start_redis(dir: &Path) -> Redis {
     }
     Redis {
         child,
+        port,
         url: format!("redis://127.0.0.1:{port}/"),
     }
 }
@@ -305,6 +310,18 @@ fn logout_reaches_the_client(
     logout_relay: &str,
     agent_relay: &str,
 ) -> Duration {
+    logout_reaches_the_client_around(dir, idp, logout_relay, agent_relay, || {}, |_| {})
+}
+
+/// The same, with `before` run just before the provider's logout and `after` just after it.
+fn logout_reaches_the_client_around(
+    dir: &Path,
+    idp: &Idp,
+    logout_relay: &str,
+    agent_relay: &str,
+    before: impl FnOnce(),
+    after: impl FnOnce(&Agent),
+) -> Duration {
     register_client(idp, agent_relay, logout_relay);
     let config = agent_config(dir, &idp.issuer, agent_relay);
     let agent = Agent::start(dir, &["--config", &config], &[("CIS2_TEST_USER", BEN)]);
@@ -318,6 +335,7 @@ fn logout_reaches_the_client(
     // `watch` subscribes before it prints anything; a status call after it proves it is listening.
     std::thread::sleep(Duration::from_millis(200));
 
+    before();
     let started = Instant::now();
     let (status, body) = curl(
         "POST",
@@ -327,9 +345,10 @@ fn logout_reaches_the_client(
     assert_eq!(status, 200, "{body}");
     let deliveries: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(deliveries["deliveries"][0]["status"], 200, "{deliveries}");
+    after(&agent);
     watcher.wait_for(
         "{\"reason\":\"the Care Identity session was ended centrally",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
     );
     let took = started.elapsed();
     let status = json(&agent.ctl(&["status", "--json"]));
@@ -363,32 +382,7 @@ fn with_redis_a_logout_received_by_one_relay_reaches_an_agent_subscribed_to_anot
     let dir = tempfile::tempdir().unwrap();
     let redis = start_redis(dir.path());
     let idp = start_idp(&[]);
-    write_key(dir.path(), "key.pem");
-    let a = start_relay(
-        dir.path(),
-        "a",
-        &idp.issuer,
-        0,
-        &["key.pem"],
-        "key.pem",
-        Some(&redis.url),
-    );
-    let b = start_relay(
-        dir.path(),
-        "b",
-        &idp.issuer,
-        0,
-        &["key.pem"],
-        "key.pem",
-        Some(&redis.url),
-    );
-    for relay in [&a, &b] {
-        wait_until("the Redis subscription", || {
-            curl("GET", &format!("{}healthz", relay.url), None)
-                .1
-                .contains("\"redis\":true")
-        });
-    }
+    let (a, b) = two_relays(dir.path(), &idp, &redis.url, &redis.url);
     // The provider posts its logout to A; the agent signed in, and subscribed, through B.
     let took = logout_reaches_the_client(dir.path(), &idp, &a.url, &b.url);
     eprintln!("back-channel logout to client's signed_out (across relays via Redis): {took:?}");
@@ -403,6 +397,126 @@ fn with_redis_a_logout_received_by_one_relay_reaches_an_agent_subscribed_to_anot
         metrics_b.contains("cis2_relay_logout_tokens_accepted_total 0\n"),
         "{metrics_b}"
     );
+    assert!(
+        metrics_b.contains("cis2_relay_logout_events_delivered_total 1\n"),
+        "{metrics_b}"
+    );
+}
+
+/// A TCP forwarder to a local port that the test can cut — every connection dropped, new ones
+/// refused — and restore: a network fault between one relay and Redis.
+struct Cutter {
+    url: String,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Cutter {
+    fn start(target: u16) -> Cutter {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, live) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(Vec::<TcpStream>::new())),
+        );
+        let (is_cut, connections) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if is_cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let mut connections = connections.lock().unwrap();
+                for (from, to) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                connections.push(inbound);
+                connections.push(outbound);
+            }
+        });
+        Cutter {
+            url: format!("redis://127.0.0.1:{port}/"),
+            cut,
+            live,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.live.lock().unwrap().drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Relays A and B with one key, each with its Redis URL, both connected to Redis.
+fn two_relays(dir: &Path, idp: &Idp, redis_a: &str, redis_b: &str) -> (Relay, Relay) {
+    write_key(dir, "key.pem");
+    let [a, b] = [("a", redis_a), ("b", redis_b)].map(|(name, redis)| {
+        start_relay(
+            dir,
+            name,
+            &idp.issuer,
+            0,
+            &["key.pem"],
+            "key.pem",
+            Some(redis),
+        )
+    });
+    for relay in [&a, &b] {
+        wait_until("the Redis subscription", || redis_up(relay));
+    }
+    (a, b)
+}
+
+fn redis_up(relay: &Relay) -> bool {
+    curl("GET", &format!("{}healthz", relay.url), None)
+        .1
+        .contains("\"redis\":true")
+}
+
+#[test]
+fn with_redis_a_relay_cut_off_from_it_catches_up_on_the_logout_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = start_redis(dir.path());
+    let cutter = Cutter::start(redis.port);
+    let idp = start_idp(&[]);
+    // B, which holds the agent's event stream, reaches Redis only through the cutter.
+    let (a, b) = two_relays(dir.path(), &idp, &redis.url, &cutter.url);
+    let took = logout_reaches_the_client_around(
+        dir.path(),
+        &idp,
+        &a.url,
+        &b.url,
+        || {
+            cutter.cut();
+            wait_until("B to lose Redis", || !redis_up(&b));
+        },
+        |agent| {
+            // A took the logout while B could not hear of it: the clinician is still signed in.
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(
+                json(&agent.ctl(&["status", "--json"]))["state"],
+                "signed_in"
+            );
+            cutter.restore();
+        },
+    );
+    eprintln!(
+        "back-channel logout to client's signed_out with B cut off from Redis for a while: {took:?}"
+    );
+    let (_, metrics_b) = curl("GET", &format!("{}metrics", b.url), None);
     assert!(
         metrics_b.contains("cis2_relay_logout_events_delivered_total 1\n"),
         "{metrics_b}"

@@ -1,7 +1,9 @@
 //! Ended sessions, from the back-channel endpoint to every agent's event stream. One process fans out in
-//! memory; with `redis_url` every instance publishes to one Redis channel and delivers what comes back
-//! from it, so a logout received by one instance reaches an agent subscribed to another. A short memory
-//! of recently ended sessions covers an agent that was reconnecting when its logout arrived.
+//! memory; with `redis_url` every instance appends to one Redis stream and delivers what it reads back
+//! from it, so a logout received by one instance reaches an agent subscribed to another. Each instance
+//! reads on from the last entry it saw, so one whose connection to Redis broke catches up on what was
+//! appended meanwhile (pub/sub would have lost it); a new instance starts ten minutes back. A short
+//! memory of recently ended sessions covers an agent that was reconnecting when its logout arrived.
 
 use cis2_oidc::logout::EndedSession;
 use std::collections::VecDeque;
@@ -10,8 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
-/// The Redis channel all instances share.
-pub const CHANNEL: &str = "cis2-relay:logout";
+/// The Redis stream all instances share.
+pub const STREAM: &str = "cis2-relay:logouts";
+/// About how many entries the stream keeps: far more than are ever read back.
+const STREAM_LENGTH: usize = 10_000;
+/// How long one read waits for news before asking again.
+const READ_BLOCK: Duration = Duration::from_secs(5);
 /// How long an ended session is remembered for agents that subscribe late.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
 const REMEMBER_AT_MOST: usize = 50_000;
@@ -87,10 +93,15 @@ impl Fanout {
             let payload = serde_json::to_string(&ended).unwrap_or_default();
             let published = async {
                 let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::cmd("PUBLISH")
-                    .arg(CHANNEL)
+                redis::cmd("XADD")
+                    .arg(STREAM)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_LENGTH)
+                    .arg("*")
+                    .arg("ended")
                     .arg(payload)
-                    .query_async::<i64>(&mut conn)
+                    .query_async::<String>(&mut conn)
                     .await
             };
             match tokio::time::timeout(Duration::from_secs(3), published).await {
@@ -110,9 +121,16 @@ impl Fanout {
 
 impl Inner {
     fn deliver(&self, ended: EndedSession) {
-        {
+        self.deliver_aged(ended, Duration::ZERO);
+    }
+
+    /// Delivers a logout that happened `age` ago (one caught up on from Redis may be minutes old): to
+    /// every stream open here, and to the memory for late subscribers if it is recent enough.
+    fn deliver_aged(&self, ended: EndedSession, age: Duration) {
+        if age <= REMEMBER_FOR {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
+            let at = now.checked_sub(age).unwrap_or(now);
             while recent
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > REMEMBER_FOR)
@@ -120,7 +138,7 @@ impl Inner {
             {
                 recent.pop_front();
             }
-            recent.push_back((now, ended.clone()));
+            recent.push_back((at, ended.clone()));
         }
         let _ = self.local.send(ended);
     }
@@ -135,7 +153,21 @@ pub fn matches(ended: &EndedSession, sid: &str, sub: Option<&str>) -> bool {
     }
 }
 
+/// Milliseconds since the Unix epoch: the clock of Redis stream ids.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the shared stream from where this instance left off, for as long as the relay runs.
 async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
+    // A new instance catches up on the logouts of the last ten minutes, for late subscribers.
+    let mut last_id = format!(
+        "{}-0",
+        epoch_ms().saturating_sub(REMEMBER_FOR.as_millis() as u64)
+    );
     let mut retry = Duration::from_millis(200);
     loop {
         let Some(inner) = weak.upgrade() else { return };
@@ -143,29 +175,57 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
             return;
         };
         drop(inner);
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => {
-                if let Err(e) = pubsub.subscribe(CHANNEL).await {
-                    tracing::error!(error = %e, "cannot subscribe to the Redis logout channel");
-                } else {
-                    retry = Duration::from_millis(200);
-                    if let Some(inner) = weak.upgrade() {
-                        inner.redis_up.store(true, Ordering::Relaxed);
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(5)));
+        match client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(mut conn) => loop {
+                let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                    redis::cmd("XREAD")
+                        .arg("COUNT")
+                        .arg(256)
+                        .arg("BLOCK")
+                        .arg(READ_BLOCK.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(STREAM)
+                        .arg(&last_id)
+                        .query_async(&mut conn)
+                        .await;
+                let Some(inner) = weak.upgrade() else { return };
+                let reply = match read {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::error!(error = %e, "lost the Redis logout stream; reconnecting");
+                        break;
                     }
+                };
+                if !inner.redis_up.swap(true, Ordering::Relaxed) {
                     tracing::info!("sharing logout events through Redis");
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-                        let Some(inner) = weak.upgrade() else { return };
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        match serde_json::from_str::<EndedSession>(&payload) {
-                            Ok(ended) => inner.deliver(ended),
-                            Err(_) => tracing::warn!(
-                                "ignored a malformed message on the Redis logout channel"
-                            ),
+                }
+                retry = Duration::from_millis(200);
+                let now_ms = epoch_ms();
+                for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                    let at_ms = entry
+                        .id
+                        .split('-')
+                        .next()
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .unwrap_or(now_ms);
+                    let payload: Option<String> = entry.get("ended");
+                    match payload.and_then(|p| serde_json::from_str::<EndedSession>(&p).ok()) {
+                        Some(ended) => inner.deliver_aged(
+                            ended,
+                            Duration::from_millis(now_ms.saturating_sub(at_ms)),
+                        ),
+                        None => {
+                            tracing::warn!("ignored a malformed entry in the Redis logout stream")
                         }
                     }
+                    last_id = entry.id;
                 }
-            }
+            },
             Err(e) => tracing::error!(error = %e, "cannot reach Redis for logout events"),
         }
         if let Some(inner) = weak.upgrade() {
