@@ -27,6 +27,14 @@ struct Kill(Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
+        // SIGTERM first, so Xvfb removes its lock file and socket; SIGKILL if it lingers.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -75,34 +83,38 @@ struct Desktop {
 
 fn start_desktop() -> Desktop {
     let xvfb = find_program("Xvfb", "install the Debian package xvfb");
-    let (display, x) = (90..120)
-        .find_map(|n| {
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                return None;
-            }
-            let child = Command::new(&xvfb)
-                .args([
-                    format!(":{n}").as_str(),
-                    "-screen",
-                    "0",
-                    "1280x900x24",
-                    "-nolisten",
-                    "tcp",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                if Instant::now() > deadline {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Some((format!(":{n}"), Kill(child)))
-        })
-        .expect("an X display for Xvfb");
+    // Xvfb picks a free display itself (and sees through lock files that dead servers left) and
+    // writes its number to stdout.
+    let mut child = Command::new(&xvfb)
+        .args([
+            "-displayfd",
+            "1",
+            "-screen",
+            "0",
+            "1280x900x24",
+            "-nolisten",
+            "tcp",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Xvfb starts");
+    let stdout = child.stdout.take().unwrap();
+    let x = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let number = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("Xvfb names its display within 20 s");
+    let display = format!(":{}", number.trim());
+    assert!(
+        number.trim().parse::<u32>().is_ok(),
+        "Xvfb did not start: {number:?}"
+    );
     let mut dbus = Command::new(find_program("dbus-daemon", "install dbus-daemon"))
         .args(["--session", "--nofork", "--print-address=1"])
         .stdout(Stdio::piped())

@@ -1399,6 +1399,7 @@ const RELAY_RETRY_MAX: Duration = Duration::from_secs(60);
 /// signs them out when the relay reports the session ended. Reconnects with backoff; follows hand-overs.
 async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
     let mut retry = Duration::from_secs(1);
+    let mut told_no_ticket = None;
     loop {
         let watched = {
             let Some(inner) = weak.upgrade() else { return };
@@ -1409,9 +1410,22 @@ async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: RelayClient) {
             let generation = agent.generation();
             let ids = session
                 .as_ref()
-                .and_then(|s| Some((s.sid.clone()?, s.sub.clone(), s.events_ticket.clone()?)));
+                .and_then(|s| Some((s.sid.clone()?, s.sub.clone(), s.events_ticket.clone())));
             drop(session);
-            ids.map(|(sid, sub, ticket)| (sid, sub, ticket, generation))
+            match ids {
+                Some((sid, sub, Some(ticket))) => Some((sid, sub, ticket, generation)),
+                Some((_, _, None)) => {
+                    if told_no_ticket != Some(generation) {
+                        told_no_ticket = Some(generation);
+                        tracing::warn!(
+                            "the relay gave no event-stream ticket for this session (a relay older than this agent?): \
+                             a central sign-out will not reach this PC until the next sign-in"
+                        );
+                    }
+                    None
+                }
+                None => None,
+            }
         };
         let Some((sid, sub, ticket, generation)) = watched else {
             tokio::time::sleep(LIFECYCLE_TICK).await;

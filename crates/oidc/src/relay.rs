@@ -163,7 +163,8 @@ impl RelayClient {
             .stream
             .inner()
             .get(url)
-            .query(&[("sid", sid), ("sub", sub), ("ticket", ticket.expose())])
+            .query(&[("sid", sid), ("sub", sub)])
+            .bearer_auth(ticket.expose())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()
             .await

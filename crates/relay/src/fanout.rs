@@ -22,15 +22,25 @@ const READ_BLOCK: Duration = Duration::from_secs(5);
 pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
 const REMEMBER_AT_MOST: usize = 50_000;
 
+/// A logout as it reaches the event streams: the ended session, and when the logout happened (ms since
+/// the Unix epoch; one caught up on from Redis may be minutes old).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub session: EndedSession,
+    pub at_ms: u64,
+}
+
 #[derive(Clone)]
 pub struct Fanout {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    local: broadcast::Sender<EndedSession>,
+    local: broadcast::Sender<Ended>,
     recent: Mutex<VecDeque<(Instant, EndedSession)>>,
     redis: Option<redis::Client>,
+    /// The connection logouts are appended on, made at the first and remade after a failure.
+    appender: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     redis_up: AtomicBool,
 }
 
@@ -56,6 +66,7 @@ impl Fanout {
                 local,
                 recent: Mutex::new(VecDeque::new()),
                 redis,
+                appender: tokio::sync::Mutex::new(None),
                 redis_up: AtomicBool::new(false),
             }),
         }
@@ -70,7 +81,7 @@ impl Fanout {
         self.inner.redis.is_none() || self.inner.redis_up.load(Ordering::Relaxed)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<EndedSession> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Ended> {
         self.inner.local.subscribe()
     }
 
@@ -84,6 +95,12 @@ impl Fanout {
             .any(|(_, ended)| ended.sid.as_deref() == Some(sid))
     }
 
+    /// Passes on, here only, a logout that happened `age` ago and is learned of only now (an instance
+    /// catching up on Redis after an outage does this).
+    pub fn deliver_late(&self, ended: EndedSession, age: Duration) {
+        self.inner.deliver_aged(ended, age);
+    }
+
     /// Announces an ended session to every instance. Without Redis, or when Redis cannot take it, the
     /// agents connected here are told directly (a duplicate later is harmless: signing out is idempotent).
     pub async fn publish(&self, ended: EndedSession) {
@@ -92,7 +109,16 @@ impl Fanout {
         if let Some(client) = &self.inner.redis {
             let payload = serde_json::to_string(&ended).unwrap_or_default();
             let published = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
+                let mut appender = self.inner.appender.lock().await;
+                let mut conn = match appender.as_ref() {
+                    Some(conn) => conn.clone(),
+                    None => {
+                        let conn = client.get_multiplexed_async_connection().await?;
+                        *appender = Some(conn.clone());
+                        conn
+                    }
+                };
+                drop(appender);
                 redis::cmd("XADD")
                     .arg(STREAM)
                     .arg("MAXLEN")
@@ -104,7 +130,12 @@ impl Fanout {
                     .query_async::<String>(&mut conn)
                     .await
             };
-            match tokio::time::timeout(Duration::from_secs(3), published).await {
+            let outcome = tokio::time::timeout(Duration::from_secs(3), published).await;
+            if !matches!(outcome, Ok(Ok(_))) {
+                // Made afresh next time: the connection may be what failed.
+                *self.inner.appender.lock().await = None;
+            }
+            match outcome {
                 Ok(Ok(_)) if redis_up => return,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -140,7 +171,11 @@ impl Inner {
             }
             recent.push_back((at, ended.clone()));
         }
-        let _ = self.local.send(ended);
+        let at_ms = epoch_ms().saturating_sub(age.as_millis() as u64);
+        let _ = self.local.send(Ended {
+            session: ended,
+            at_ms,
+        });
     }
 }
 
@@ -154,11 +189,44 @@ pub fn matches(ended: &EndedSession, sid: &str, sub: Option<&str>) -> bool {
 }
 
 /// Milliseconds since the Unix epoch: the clock of Redis stream ids.
-fn epoch_ms() -> u64 {
+pub fn epoch_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The id of the stream's newest entry, `0-0` when it is empty or missing; `None` when Redis did not
+/// answer (the read that follows finds out).
+async fn newest_entry(conn: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(STREAM)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .ok()?;
+    Some(
+        newest
+            .ids
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_string(), |entry| entry.id),
+    )
+}
+
+/// Stream ids are `<ms>-<seq>`, ordered by both numbers.
+fn stream_id_less(a: &str, b: &str) -> bool {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) < parse(b)
 }
 
 /// Reads the shared stream from where this instance left off, for as long as the relay runs.
@@ -168,6 +236,7 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
         "{}-0",
         epoch_ms().saturating_sub(REMEMBER_FOR.as_millis() as u64)
     );
+    let mut read_any = false;
     let mut retry = Duration::from_millis(200);
     loop {
         let Some(inner) = weak.upgrade() else { return };
@@ -175,6 +244,7 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
             return;
         };
         drop(inner);
+        let mut checked_since_connecting = false;
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(5)));
         match client
@@ -182,6 +252,17 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
             .await
         {
             Ok(mut conn) => loop {
+                if !checked_since_connecting {
+                    checked_since_connecting = true;
+                    if read_any
+                        && let Some(newest) = newest_entry(&mut conn).await
+                        && stream_id_less(&newest, &last_id)
+                    {
+                        // The stream is older than what was read last: Redis restarted empty or
+                        // the stream was deleted. Everything in it now is news.
+                        last_id = "0-0".into();
+                    }
+                }
                 let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
                     redis::cmd("XREAD")
                         .arg("COUNT")
@@ -224,6 +305,7 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
                         }
                     }
                     last_id = entry.id;
+                    read_any = true;
                 }
             },
             Err(e) => tracing::error!(error = %e, "cannot reach Redis for logout events"),
@@ -256,12 +338,26 @@ mod tests {
         assert!(!matches(&ended(None, Some("u1")), "s1", None));
     }
 
+    #[test]
+    fn stream_ids_order_by_time_then_sequence() {
+        assert!(stream_id_less("0-0", "1700000000000-0"));
+        assert!(stream_id_less("1700000000000-1", "1700000000000-2"));
+        assert!(stream_id_less("999-9", "1000-0"));
+        assert!(!stream_id_less("1000-0", "999-9"));
+        assert!(!stream_id_less("5-5", "5-5"));
+    }
+
     #[tokio::test]
     async fn in_memory_subscribers_hear_it_and_late_ones_are_told_from_memory() {
         let fanout = Fanout::memory();
         let mut early = fanout.subscribe();
         fanout.publish(ended(Some("s1"), None)).await;
-        assert_eq!(early.recv().await.unwrap(), ended(Some("s1"), None));
+        let heard = early.recv().await.unwrap();
+        assert_eq!(heard.session, ended(Some("s1"), None));
+        assert!(
+            heard.at_ms.abs_diff(epoch_ms()) < 5_000,
+            "stamped with when it happened"
+        );
         assert!(fanout.recently_ended("s1"));
         assert!(!fanout.recently_ended("s2"));
         fanout.publish(ended(None, Some("u1"))).await;

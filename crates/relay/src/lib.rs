@@ -124,9 +124,12 @@ pub async fn start_with_clock(
     let app = server::router(relay.clone());
     let limits = cis2_tls::ServeLimits {
         header_read_timeout: Duration::from_secs(relay.config.limits.read_timeout_secs),
-        // An exchange under way may take its whole time limit to finish.
+        // A request that has just begun may take its headers' and its body's time to arrive, then the
+        // exchange's time limit.
         drain: Duration::from_secs(
-            relay.config.limits.request_timeout_secs + relay.config.limits.read_timeout_secs,
+            relay.config.limits.request_timeout_secs
+                + 2 * relay.config.limits.read_timeout_secs
+                + 1,
         ),
     };
     let (tx, rx) = oneshot::channel::<()>();

@@ -3,7 +3,7 @@
 //! refusal is a JSON `{error, error_description}`; nothing here logs or echoes a token or a code.
 
 use crate::config::{RelayConfig, redirect_allowed};
-use crate::fanout::{Fanout, matches};
+use crate::fanout::{Ended, Fanout, matches};
 use crate::limiter::RateLimiter;
 use crate::metrics::Metrics;
 use crate::ticket::Tickets;
@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 /// How often an idle event stream carries a comment, so proxies and the agent see it is alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -50,6 +50,7 @@ pub struct Relay {
     seen_logout_ids: Mutex<HashMap<String, u64>>,
     /// Becomes true when the relay stops: every event stream then ends.
     closing: watch::Sender<bool>,
+    session_streams: Mutex<SessionStreams>,
 }
 
 impl Relay {
@@ -74,6 +75,7 @@ impl Relay {
             clock,
             seen_logout_ids: Mutex::new(HashMap::new()),
             closing: watch::Sender::new(false),
+            session_streams: Mutex::new(SessionStreams::default()),
         }
     }
 
@@ -511,7 +513,15 @@ async fn backchannel_logout(
     headers: HeaderMap,
     body: ReadBody,
 ) -> Response {
-    let outcome = check_logout(&relay, &headers, body).await;
+    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
+    let Ok(outcome) = tokio::time::timeout(limit, check_logout(&relay, &headers, body)).await
+    else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the logout token could not be checked in time (CIS2's keys were slow to fetch); try again",
+        );
+    };
     match outcome {
         Ok(ended) => {
             relay
@@ -621,17 +631,53 @@ async fn check_logout(
 struct EventsQuery {
     sid: Option<String>,
     sub: Option<String>,
-    ticket: Option<String>,
 }
 
-/// Releases a subscriber slot when the stream ends, however it ends.
-struct SubscriberSlot(Shared);
+/// How many event streams one session may hold at once: its agent's, and one more while the agent
+/// reconnects before the relay has noticed the old connection is dead. A newer stream ends the oldest,
+/// so a ticket cannot be used to fill the relay's slots, and a reconnecting agent is never refused.
+pub const MAX_STREAMS_PER_SESSION: usize = 2;
+
+/// The event streams open per session, oldest first; dropping an entry's sender ends that stream.
+#[derive(Default)]
+pub struct SessionStreams {
+    next_id: u64,
+    open: HashMap<String, std::collections::VecDeque<(u64, oneshot::Sender<()>)>>,
+}
+
+/// Releases a subscriber slot, and the stream's place among its session's, when the stream ends,
+/// however it ends.
+struct SubscriberSlot {
+    relay: Shared,
+    session: Option<(String, u64)>,
+}
 
 impl Drop for SubscriberSlot {
     fn drop(&mut self) {
-        self.0.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.relay
+            .metrics
+            .subscribers
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some((sid, id)) = self.session.take() {
+            let mut streams = self
+                .relay
+                .session_streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = streams.open.get_mut(&sid) {
+                open.retain(|(open_id, _)| *open_id != id);
+                if open.is_empty() {
+                    streams.open.remove(&sid);
+                }
+            }
+        }
     }
 }
+
+/// A logout naming only the person ends the streams open when it happened; one caught up on late
+/// (an instance back from a Redis outage) must not end a session the person started since. Allows
+/// for this much difference between the clocks of Redis and the relay.
+const CLOCK_ALLOWANCE_MS: u64 = 5_000;
 
 enum Phase {
     Hello,
@@ -644,8 +690,11 @@ struct Stream {
     relay: Shared,
     sid: String,
     sub: Option<String>,
-    updates: broadcast::Receiver<EndedSession>,
+    updates: broadcast::Receiver<Ended>,
     closing: watch::Receiver<bool>,
+    /// Resolves when a newer stream of the same session takes this one's place.
+    replaced: oneshot::Receiver<()>,
+    opened_ms: u64,
     phase: Phase,
     _slot: SubscriberSlot,
 }
@@ -658,10 +707,11 @@ fn logout_event(sid: &str) -> Event {
 
 async fn events(
     State(relay): State<Shared>,
+    headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(query)) = query else {
-        return bad("the query must be ?sid=…&ticket=…[&sub=…]");
+        return bad("the query must be ?sid=…[&sub=…]");
     };
     let printable =
         |v: &str| (1..=256).contains(&v.len()) && v.bytes().all(|b| (0x21..=0x7e).contains(&b));
@@ -674,12 +724,18 @@ async fn events(
         return bad("sub must be 1 to 256 visible characters");
     }
     let forbidden = |why: &str| refuse(StatusCode::FORBIDDEN, "invalid_ticket", why);
-    let Some(ticket) = query.ticket.filter(|t| (1..=2048).contains(&t.len())) else {
+    // In a header, not the query: proxies and load balancers log query strings.
+    let Some(ticket) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| (1..=2048).contains(&t.len()))
+    else {
         return forbidden(
-            "ticket is required: the events_ticket that came with this session's tokens",
+            "send the events_ticket that came with this session's tokens as Authorization: Bearer",
         );
     };
-    let ticketed = match relay.tickets.check(&ticket, relay.clock.now()) {
+    let ticketed = match relay.tickets.check(ticket, relay.clock.now()) {
         Ok(ticketed) => ticketed,
         Err(why) => return forbidden(&why.to_string()),
     };
@@ -687,7 +743,10 @@ async fn events(
         return forbidden("the ticket is for another session");
     }
     let open = relay.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
-    let slot = SubscriberSlot(relay.clone());
+    let mut slot = SubscriberSlot {
+        relay: relay.clone(),
+        session: None,
+    };
     if open as usize >= relay.config.limits.max_subscribers {
         drop(slot);
         return refuse(
@@ -704,6 +763,21 @@ async fn events(
             "this relay is stopping; reconnect to another instance",
         );
     }
+    let (replace, replaced) = oneshot::channel();
+    {
+        let mut streams = relay
+            .session_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let id = streams.next_id;
+        streams.next_id += 1;
+        let open = streams.open.entry(sid.clone()).or_default();
+        while open.len() >= MAX_STREAMS_PER_SESSION {
+            open.pop_front();
+        }
+        open.push_back((id, replace));
+        slot.session = Some((sid.clone(), id));
+    }
     let updates = relay.fanout.subscribe();
     let already_ended = relay.fanout.recently_ended(&sid);
     let stream = Stream {
@@ -712,6 +786,8 @@ async fn events(
         sub: Some(ticketed.sub),
         updates,
         closing,
+        replaced,
+        opened_ms: crate::fanout::epoch_ms(),
         phase: if already_ended {
             Phase::EndNow
         } else {
@@ -738,9 +814,14 @@ async fn events(
                 let update = tokio::select! {
                     update = stream.updates.recv() => update,
                     _ = stream.closing.wait_for(|closing| *closing) => return None,
+                    _ = &mut stream.replaced => return None,
                 };
                 match update {
-                    Ok(ended) if matches(&ended, &stream.sid, stream.sub.as_deref()) => {
+                    Ok(ended)
+                        if matches(&ended.session, &stream.sid, stream.sub.as_deref())
+                            && (ended.session.sid.is_some()
+                                || ended.at_ms + CLOCK_ALLOWANCE_MS >= stream.opened_ms) =>
+                    {
                         stream.phase = Phase::Done;
                         stream
                             .relay

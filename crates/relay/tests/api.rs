@@ -551,8 +551,15 @@ async fn a_logout_from_the_provider_reaches_the_subscriber_of_that_session_only(
     let subscribe = |sid: &str, ticket: &str| {
         let http = setup.http.clone();
         let url = format!("{}v1/events", setup.relay.url);
-        let query = [("sid", sid.to_string()), ("ticket", ticket.to_string())];
-        async move { http.get(url).query(&query).send().await.unwrap() }
+        let (sid, ticket) = (sid.to_string(), ticket.to_string());
+        async move {
+            http.get(url)
+                .query(&[("sid", sid)])
+                .bearer_auth(ticket)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     // Without this session's ticket there is no stream, and no slot is taken.
     for (sid, ticket, why) in [
@@ -570,15 +577,21 @@ async fn a_logout_from_the_provider_reaches_the_subscriber_of_that_session_only(
     let other_sub = setup
         .http
         .get(format!("{}v1/events", setup.relay.url))
-        .query(&[
-            ("sid", sid.as_str()),
-            ("sub", "555000000000"),
-            ("ticket", &ticket),
-        ])
+        .query(&[("sid", sid.as_str()), ("sub", "555000000000")])
+        .bearer_auth(&ticket)
         .send()
         .await
         .unwrap();
     assert_eq!(other_sub.status(), 403, "a ticket is for one person too");
+    // In the query, where proxies would log it, a ticket is not taken.
+    let in_query = setup
+        .http
+        .get(format!("{}v1/events", setup.relay.url))
+        .query(&[("sid", sid.as_str()), ("ticket", ticket.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(in_query.status(), 403);
     assert!(metrics(&setup).await.contains("cis2_relay_subscribers 0"));
 
     let mut mine = subscribe(&sid, &ticket).await;
@@ -774,7 +787,8 @@ async fn slow_clients_are_cut_off_and_a_stop_ends_the_event_streams() {
     let ticket = relay.relay.tickets.issue("a-session", BEN, now);
     let mut stream = reqwest::Client::new()
         .get(format!("{}v1/events", relay.url))
-        .query(&[("sid", "a-session"), ("ticket", &ticket)])
+        .query(&[("sid", "a-session")])
+        .bearer_auth(&ticket)
         .send()
         .await
         .unwrap();
@@ -786,4 +800,67 @@ async fn slow_clients_are_cut_off_and_a_stop_ends_the_event_streams() {
         .await
         .expect("the event stream ends with the relay");
     assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[tokio::test]
+async fn a_session_holds_two_streams_at_most_and_a_late_logout_of_the_person_spares_newer_ones() {
+    let (relay, _, _dir) = relay_before_counting_provider("").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ticket = relay.relay.tickets.issue("sid-1", BEN, now);
+    let subscribe = || {
+        reqwest::Client::new()
+            .get(format!("{}v1/events", relay.url))
+            .query(&[("sid", "sid-1")])
+            .bearer_auth(&ticket)
+            .send()
+    };
+    let subscribers = || async {
+        reqwest::get(format!("{}metrics", relay.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cis2_relay_subscribers ")
+                    .map(str::to_string)
+            })
+            .unwrap()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = subscribe().await.unwrap();
+        assert_eq!(stream.status(), 200);
+        next_event(&mut stream, "subscribed", &mut String::new()).await;
+        streams.push(stream);
+    }
+    // The third ended the first: one ticket holds two slots, however often it is used.
+    let first = tokio::time::timeout(Duration::from_secs(5), streams[0].chunk())
+        .await
+        .expect("the oldest stream ends");
+    assert!(matches!(first, Ok(None)), "{first:?}");
+    assert_eq!(subscribers().await, "2");
+
+    // A logout of the whole person that happened a minute ago, learned of only now (an instance
+    // catching up on Redis), does not end streams opened since; one that happens now does.
+    let person = cis2_oidc::logout::EndedSession {
+        sid: None,
+        sub: Some(BEN.into()),
+    };
+    relay
+        .relay
+        .fanout
+        .deliver_late(person.clone(), Duration::from_secs(60));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), streams[2].chunk())
+            .await
+            .is_err(),
+        "a stale logout of the person ended a newer stream"
+    );
+    relay.relay.fanout.deliver_late(person, Duration::ZERO);
+    next_event(&mut streams[2], "logout", &mut String::new()).await;
 }

@@ -68,12 +68,18 @@ impl TlsListener {
                 };
                 let (stream, addr) = match accepted {
                     Ok(accepted) => accepted,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    Err(e) => {
+                        // Out of file descriptors, usually: wait for some to be given back.
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
-                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                let permit = tokio::select! {
+                    permit = handshakes.clone().acquire_owned() => permit,
+                    () = tx.closed() => return,
+                };
+                let Ok(permit) = permit else {
                     return;
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
@@ -152,8 +158,10 @@ pub async fn serve<L>(
     L: Listener<Addr = SocketAddr>,
 {
     let connections = GracefulShutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
     let mut stop = std::pin::pin!(stop);
     loop {
+        while tasks.try_join_next().is_some() {}
         let (io, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
@@ -170,13 +178,15 @@ pub async fn serve<L>(
             .header_read_timeout(limits.header_read_timeout)
             .serve_connection(TokioIo::new(io), service);
         let connection = connections.watch(connection);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             // A client that goes away or is too slow ends only its own connection.
             let _ = connection.await;
         });
     }
     drop(listener);
     let _ = tokio::time::timeout(limits.drain, connections.shutdown()).await;
+    // What did not finish in time is cut off: nothing of the server outlives the call.
+    tasks.abort_all();
 }
 
 #[cfg(test)]
