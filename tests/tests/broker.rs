@@ -213,6 +213,22 @@ fn the_audit_trail_records_every_request_without_tokens_and_detects_tampering() 
     assert_eq!(stdout(&tail).lines().count(), 2);
 
     let original = text.clone();
+    // The head file may lag the log by up to 100 ms (it is rewritten at most that often): the
+    // tampering checks below need it to name the last line.
+    let head = format!("{}.head", log.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read(&head)
+        .ok()
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+        .and_then(|h| h["lines"].as_u64())
+        != Some(records.len() as u64)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the head file never caught up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let check = |content: String, line: usize| {
         let copy = dir.path().join("tampered.jsonl");
         std::fs::write(&copy, content).unwrap();
