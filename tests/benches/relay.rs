@@ -194,28 +194,23 @@ async fn main() {
         }
     };
     run(warm_up).await;
-    let metrics_before = http
-        .get(format!("{relay_url}metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let read_metrics = || async {
+        http.get(format!("{relay_url}metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let metrics_before = read_metrics().await;
     let (relay_cpu, idp_cpu) = (cpu_secs(relay.child.id()), cpu_secs(idp.child.id()));
     let started = Instant::now();
     let mut times = run(measured).await;
     let wall = started.elapsed().as_secs_f64();
     let relay_cpu = cpu_secs(relay.child.id()) - relay_cpu;
     let idp_cpu = cpu_secs(idp.child.id()) - idp_cpu;
-    let metrics = http
-        .get(format!("{relay_url}metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = read_metrics().await;
     times.sort_by(f64::total_cmp);
     let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     let n = times.len() as f64;

@@ -65,6 +65,33 @@ pub fn client_assertion(
     }))
 }
 
+impl ClientAuth {
+    /// The form fields that name and authenticate this client at `endpoint` (the token endpoint's
+    /// URL is also the client assertion's audience for revocation).
+    pub fn form_fields(
+        &self,
+        client_id: &str,
+        endpoint: &str,
+        now: u64,
+    ) -> Vec<(&'static str, String)> {
+        let mut fields = vec![("client_id", client_id.to_string())];
+        match self {
+            ClientAuth::None => {}
+            ClientAuth::SecretPost(secret) => {
+                fields.push(("client_secret", secret.expose().into()))
+            }
+            ClientAuth::PrivateKeyJwt(key) => {
+                fields.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
+                fields.push((
+                    "client_assertion",
+                    client_assertion(key, client_id, endpoint, now),
+                ));
+            }
+        }
+        fields
+    }
+}
+
 pub struct TokenEndpoint<'a> {
     pub http: &'a HttpClient,
     pub url: &'a str,
@@ -106,21 +133,7 @@ impl TokenEndpoint<'_> {
         &self,
         mut form: Vec<(&str, String)>,
     ) -> Result<(TokenResponse, std::time::Duration), ProviderError> {
-        match self.auth {
-            ClientAuth::None => form.push(("client_id", self.client_id.into())),
-            ClientAuth::SecretPost(secret) => {
-                form.push(("client_id", self.client_id.into()));
-                form.push(("client_secret", secret.expose().into()));
-            }
-            ClientAuth::PrivateKeyJwt(key) => {
-                form.push(("client_id", self.client_id.into()));
-                form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
-                form.push((
-                    "client_assertion",
-                    client_assertion(key, self.client_id, self.url, self.now),
-                ));
-            }
-        }
+        form.extend(self.auth.form_fields(self.client_id, self.url, self.now));
         let request = self
             .http
             .inner()

@@ -535,27 +535,12 @@ impl RelyingParty {
         let mut form = vec![
             ("token", refresh_token.expose().to_string()),
             ("token_type_hint", "refresh_token".into()),
-            ("client_id", self.settings.client_id.clone()),
         ];
-        match auth {
-            ClientAuth::SecretPost(secret) => form.push(("client_secret", secret.expose().into())),
-            ClientAuth::PrivateKeyJwt(key) => {
-                form.push((
-                    "client_assertion_type",
-                    super::exchange::CLIENT_ASSERTION_TYPE.into(),
-                ));
-                form.push((
-                    "client_assertion",
-                    super::exchange::client_assertion(
-                        key,
-                        &self.settings.client_id,
-                        &metadata.token_endpoint,
-                        self.clock.now(),
-                    ),
-                ));
-            }
-            ClientAuth::None => {}
-        }
+        form.extend(auth.form_fields(
+            &self.settings.client_id,
+            &metadata.token_endpoint,
+            self.clock.now(),
+        ));
         let http = self.discovery.http();
         let (status, _) = http
             .send(

@@ -146,15 +146,11 @@ impl Fanout {
                 ),
             }
         }
-        self.inner.deliver(ended);
+        self.inner.deliver_aged(ended, Duration::ZERO);
     }
 }
 
 impl Inner {
-    fn deliver(&self, ended: EndedSession) {
-        self.deliver_aged(ended, Duration::ZERO);
-    }
-
     /// Delivers a logout that happened `age` ago (one caught up on from Redis may be minutes old): to
     /// every stream open here, and to the memory for late subscribers if it is recent enough.
     fn deliver_aged(&self, ended: EndedSession, age: Duration) {
@@ -217,16 +213,18 @@ async fn newest_entry(conn: &mut redis::aio::MultiplexedConnection) -> Option<St
     )
 }
 
-/// Stream ids are `<ms>-<seq>`, ordered by both numbers.
+/// A stream id, `<ms>-<seq>` (the ms are Redis's clock when the entry was added), as numbers.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (
+        ms.parse::<u64>().unwrap_or(0),
+        seq.parse::<u64>().unwrap_or(0),
+    )
+}
+
+/// Stream ids are ordered by time, then sequence.
 fn stream_id_less(a: &str, b: &str) -> bool {
-    let parse = |id: &str| {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (
-            ms.parse::<u64>().unwrap_or(0),
-            seq.parse::<u64>().unwrap_or(0),
-        )
-    };
-    parse(a) < parse(b)
+    stream_id(a) < stream_id(b)
 }
 
 /// Reads the shared stream from where this instance left off, for as long as the relay runs.
@@ -244,70 +242,65 @@ async fn subscribe_loop(weak: std::sync::Weak<Inner>) {
             return;
         };
         drop(inner);
-        let mut checked_since_connecting = false;
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(5)));
         match client
             .get_multiplexed_async_connection_with_config(&config)
             .await
         {
-            Ok(mut conn) => loop {
-                if !checked_since_connecting {
-                    checked_since_connecting = true;
-                    if read_any
-                        && let Some(newest) = newest_entry(&mut conn).await
-                        && stream_id_less(&newest, &last_id)
-                    {
-                        // The stream is older than what was read last: Redis restarted empty or
-                        // the stream was deleted. Everything in it now is news.
-                        last_id = "0-0".into();
-                    }
+            Ok(mut conn) => {
+                if read_any
+                    && let Some(newest) = newest_entry(&mut conn).await
+                    && stream_id_less(&newest, &last_id)
+                {
+                    // The stream is older than what was read last: Redis restarted empty or the
+                    // stream was deleted. Everything in it now is news.
+                    last_id = "0-0".into();
                 }
-                let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
-                    redis::cmd("XREAD")
-                        .arg("COUNT")
-                        .arg(256)
-                        .arg("BLOCK")
-                        .arg(READ_BLOCK.as_millis() as u64)
-                        .arg("STREAMS")
-                        .arg(STREAM)
-                        .arg(&last_id)
-                        .query_async(&mut conn)
-                        .await;
-                let Some(inner) = weak.upgrade() else { return };
-                let reply = match read {
-                    Ok(reply) => reply,
-                    Err(e) => {
-                        tracing::error!(error = %e, "lost the Redis logout stream; reconnecting");
-                        break;
-                    }
-                };
-                if !inner.redis_up.swap(true, Ordering::Relaxed) {
-                    tracing::info!("sharing logout events through Redis");
-                }
-                retry = Duration::from_millis(200);
-                let now_ms = epoch_ms();
-                for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-                    let at_ms = entry
-                        .id
-                        .split('-')
-                        .next()
-                        .and_then(|ms| ms.parse::<u64>().ok())
-                        .unwrap_or(now_ms);
-                    let payload: Option<String> = entry.get("ended");
-                    match payload.and_then(|p| serde_json::from_str::<EndedSession>(&p).ok()) {
-                        Some(ended) => inner.deliver_aged(
-                            ended,
-                            Duration::from_millis(now_ms.saturating_sub(at_ms)),
-                        ),
-                        None => {
-                            tracing::warn!("ignored a malformed entry in the Redis logout stream")
+                loop {
+                    let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                        redis::cmd("XREAD")
+                            .arg("COUNT")
+                            .arg(256)
+                            .arg("BLOCK")
+                            .arg(READ_BLOCK.as_millis() as u64)
+                            .arg("STREAMS")
+                            .arg(STREAM)
+                            .arg(&last_id)
+                            .query_async(&mut conn)
+                            .await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let reply = match read {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            tracing::error!(error = %e, "lost the Redis logout stream; reconnecting");
+                            break;
                         }
+                    };
+                    if !inner.redis_up.swap(true, Ordering::Relaxed) {
+                        tracing::info!("sharing logout events through Redis");
                     }
-                    last_id = entry.id;
-                    read_any = true;
+                    retry = Duration::from_millis(200);
+                    let now_ms = epoch_ms();
+                    for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                        let (at_ms, _) = stream_id(&entry.id);
+                        let payload: Option<String> = entry.get("ended");
+                        match payload.and_then(|p| serde_json::from_str::<EndedSession>(&p).ok()) {
+                            Some(ended) => inner.deliver_aged(
+                                ended,
+                                Duration::from_millis(now_ms.saturating_sub(at_ms)),
+                            ),
+                            None => {
+                                tracing::warn!(
+                                    "ignored a malformed entry in the Redis logout stream"
+                                )
+                            }
+                        }
+                        last_id = entry.id;
+                        read_any = true;
+                    }
                 }
-            },
+            }
             Err(e) => tracing::error!(error = %e, "cannot reach Redis for logout events"),
         }
         if let Some(inner) = weak.upgrade() {

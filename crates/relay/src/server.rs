@@ -371,12 +371,18 @@ async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody)
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
-    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
-    let outcome =
-        tokio::time::timeout(limit, relay.rp.revoke_refresh_token(&request.refresh_token)).await;
+    let outcome = match within_time_limit(
+        &relay,
+        relay.rp.revoke_refresh_token(&request.refresh_token),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(too_slow) => return *too_slow,
+    };
     let mut response = match outcome {
-        Ok(Ok(revoked)) => axum::Json(json!({"revoked": revoked})).into_response(),
-        Ok(Err(e)) => {
+        Ok(revoked) => axum::Json(json!({"revoked": revoked})).into_response(),
+        Err(e) => {
             tracing::warn!(error = %e, "revocation at CIS2 failed");
             refuse(
                 StatusCode::BAD_GATEWAY,
@@ -384,14 +390,25 @@ async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody)
                 &format!("CIS2 did not revoke the token: {e}"),
             )
         }
-        Err(_) => refuse(
-            StatusCode::GATEWAY_TIMEOUT,
-            "temporarily_unavailable",
-            &format!("CIS2 did not answer within {} seconds", limit.as_secs()),
-        ),
     };
     no_store(response.headers_mut());
     response
+}
+
+/// `work`'s outcome if it ends within `[limits] request_timeout_secs`, else the 504 to answer.
+async fn within_time_limit<T>(
+    relay: &Relay,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, Box<Response>> {
+    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
+    tokio::time::timeout(limit, work).await.map_err(|_| {
+        tracing::warn!(secs = limit.as_secs(), "a call to CIS2 ran out of time");
+        Box::new(refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            "temporarily_unavailable",
+            &format!("CIS2 did not answer within {} seconds", limit.as_secs()),
+        ))
+    })
 }
 
 /// Runs an exchange within the time limit and turns its outcome into the answer.
@@ -399,17 +416,9 @@ async fn answer(
     relay: &Relay,
     work: impl std::future::Future<Output = Result<SignedIn, SignInError>>,
 ) -> Response {
-    let limit = Duration::from_secs(relay.config.limits.request_timeout_secs);
-    let outcome = match tokio::time::timeout(limit, work).await {
+    let outcome = match within_time_limit(relay, work).await {
         Ok(outcome) => outcome,
-        Err(_) => {
-            tracing::warn!(secs = limit.as_secs(), "an exchange ran out of time");
-            return refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "temporarily_unavailable",
-                &format!("CIS2 did not answer within {} seconds", limit.as_secs()),
-            );
-        }
+        Err(too_slow) => return *too_slow,
     };
     match outcome {
         Ok(signed_in) => {
@@ -689,7 +698,7 @@ enum Phase {
 struct Stream {
     relay: Shared,
     sid: String,
-    sub: Option<String>,
+    sub: String,
     updates: broadcast::Receiver<Ended>,
     closing: watch::Receiver<bool>,
     /// Resolves when a newer stream of the same session takes this one's place.
@@ -783,7 +792,7 @@ async fn events(
     let stream = Stream {
         relay: relay.clone(),
         sid,
-        sub: Some(ticketed.sub),
+        sub: ticketed.sub,
         updates,
         closing,
         replaced,
@@ -818,7 +827,7 @@ async fn events(
                 };
                 match update {
                     Ok(ended)
-                        if matches(&ended.session, &stream.sid, stream.sub.as_deref())
+                        if matches(&ended.session, &stream.sid, Some(&stream.sub))
                             && (ended.session.sid.is_some()
                                 || ended.at_ms + CLOCK_ALLOWANCE_MS >= stream.opened_ms) =>
                     {

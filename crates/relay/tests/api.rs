@@ -364,10 +364,11 @@ async fn post_logout(setup: &Setup, body: &str, content_type: &str) -> (u16, Val
 }
 
 async fn metrics(setup: &Setup) -> String {
-    setup
-        .http
-        .get(format!("{}metrics", setup.relay.url))
-        .send()
+    metrics_of(&setup.relay).await
+}
+
+async fn metrics_of(relay: &RunningRelay) -> String {
+    reqwest::get(format!("{}metrics", relay.url))
         .await
         .unwrap()
         .text()
@@ -818,12 +819,8 @@ async fn a_session_holds_two_streams_at_most_and_a_late_logout_of_the_person_spa
             .send()
     };
     let subscribers = || async {
-        reqwest::get(format!("{}metrics", relay.url))
+        metrics_of(&relay)
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
             .lines()
             .find_map(|l| {
                 l.strip_prefix("cis2_relay_subscribers ")

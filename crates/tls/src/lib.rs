@@ -130,12 +130,6 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpL
     }
 }
 
-impl axum::extract::connect_info::Connected<SocketAddr> for Peer {
-    fn connect_info(addr: SocketAddr) -> Peer {
-        Peer(addr)
-    }
-}
-
 /// How [`serve`] treats slow clients and a stop.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeLimits {
