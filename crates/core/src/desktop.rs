@@ -149,12 +149,7 @@ impl Approver for Approvals {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "an unidentified program".into());
-        let program = peer
-            .exe
-            .as_ref()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "A program".into());
+        let program = peer.program_name().unwrap_or_else(|| "A program".into());
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());

@@ -29,6 +29,14 @@ impl Peer {
             None => format!("an unidentified program (pid {})", self.pid.unwrap_or(0)),
         }
     }
+
+    /// The executable's file name, as people call the program (`ward-ehr`).
+    pub fn program_name(&self) -> Option<String> {
+        self.exe
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    }
 }
 
 /// A file's identity: device, inode, size, modification time (seconds, nanoseconds).

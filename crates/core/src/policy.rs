@@ -235,12 +235,7 @@ pub fn how_to_list(config: &Config, peer: &Peer) -> String {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the config file".into());
-    let name = peer
-        .exe
-        .as_ref()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "…".into());
+    let name = peer.program_name().unwrap_or_else(|| "…".into());
     let mut entry = format!("[[clients]]\nname = \"{name}\"\n");
     if let Some(exe) = &peer.exe {
         entry.push_str(&format!("path = \"{}\"\n", exe.display()));
