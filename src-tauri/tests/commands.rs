@@ -1,8 +1,11 @@
 //! Every command of the window, through Tauri's mock runtime and its real IPC path (origin
-//! `tauri://localhost`, as on Linux), against an agent in this process signing in at the embedded
-//! sandbox provider with a scripted browser.
+//! `tauri://localhost`, as on Linux), carried by the real bridge protocol (over an in-memory pipe
+//! here, the window process's stdin and stdout in the app) to an agent in this process signing in
+//! at the embedded sandbox provider with a scripted browser.
 
+use cis2_agent_app::bridge::{Handlers, Link, ToWindow, serve_window};
 use cis2_agent_app::with_commands;
+use cis2_core::autostart::Autostart;
 use cis2_core::agent::{Agent, AgentOptions};
 use cis2_core::browser::Browser;
 use cis2_core::desktop::{Approvals, Desktop, View};
@@ -10,8 +13,8 @@ use cis2_core::peer::Peer;
 use cis2_core::policy::{Answer, Approver, Decisions};
 use cis2_mock_idp::browser::{Script, ScriptedBrowser};
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tauri::ipc::{CallbackFn, InvokeBody};
 use tauri::test::{
     INVOKE_KEY, MockRuntime, get_ipc_response, mock_builder, mock_context, noop_assets,
@@ -25,6 +28,10 @@ struct Harness {
     desktop: Desktop,
     opened: Arc<AtomicUsize>,
     dir: tempfile::TempDir,
+    /// What the app sends the window besides answers (as the tray process does on each change).
+    to_window: tokio::sync::mpsc::UnboundedSender<ToWindow>,
+    views_heard: Arc<Mutex<Vec<Value>>>,
+    focused: Arc<AtomicUsize>,
 }
 
 fn harness() -> Harness {
@@ -52,8 +59,43 @@ fn harness() -> Harness {
     options.approver = Some(approvals.clone());
     let agent = tauri::async_runtime::block_on(Agent::start(options)).unwrap();
     let desktop = Desktop { agent, approvals };
+    let (window_end, app_end) = tokio::io::duplex(1 << 16);
+    let (from_window, to_window_pipe) = tokio::io::split(app_end);
+    let (from_app, to_app) = tokio::io::split(window_end);
+    let (to_window, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    tauri::async_runtime::spawn(serve_window(
+        desktop.clone(),
+        from_window,
+        to_window_pipe,
+        to_window.clone(),
+        outgoing,
+        || {},
+    ));
+    let views_heard = Arc::new(Mutex::new(Vec::new()));
+    let focused = Arc::new(AtomicUsize::new(0));
+    let handlers = Handlers {
+        view: Box::new({
+            let views_heard = views_heard.clone();
+            move |view| views_heard.lock().unwrap().push(view)
+        }),
+        focus: Box::new({
+            let focused = focused.clone();
+            move || {
+                focused.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+        closed: Box::new(|| {}),
+    };
+    let link =
+        tauri::async_runtime::block_on(async { Link::connect(from_app, to_app, handlers) });
+    let autostart = Autostart::with_dirs(
+        dir.path().join("home/.config/autostart"),
+        vec![dir.path().join("etc/xdg/autostart")],
+        "/usr/bin/cis2-agent".into(),
+    );
     let app = with_commands(mock_builder())
-        .manage(desktop.clone())
+        .manage(link)
+        .manage(autostart)
         .build(mock_context(noop_assets()))
         .unwrap();
     let window = tauri::WebviewWindowBuilder::new(&app, "main", Default::default())
@@ -65,6 +107,9 @@ fn harness() -> Harness {
         desktop,
         opened,
         dir,
+        to_window,
+        views_heard,
+        focused,
     }
 }
 
@@ -220,4 +265,46 @@ fn the_tray_tooltip_names_the_clinician_and_role() {
         "{tooltip}"
     );
     assert!(tooltip.contains(", "), "{tooltip}");
+}
+
+#[test]
+fn views_and_focus_from_the_app_reach_the_window() {
+    let h = harness();
+    h.call("login", json!({})).unwrap();
+    let view = serde_json::to_value(h.desktop.view()).unwrap();
+    h.to_window
+        .send(ToWindow::View { view: view.clone() })
+        .unwrap();
+    h.to_window.send(ToWindow::Focus).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.focused.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no focus arrived");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // In order: the view went before the focus.
+    assert_eq!(h.views_heard.lock().unwrap().as_slice(), &[view]);
+}
+
+#[test]
+fn start_at_sign_in_is_turned_on_and_off_from_the_settings_page() {
+    let h = harness();
+    let entry = h.dir.path().join("home/.config/autostart/cis2-agent.desktop");
+    assert_eq!(
+        h.call("autostart", json!({})).unwrap(),
+        json!({"enabled": false, "machine_wide": false})
+    );
+    let on = h.call("set_autostart", json!({"enabled": true})).unwrap();
+    assert_eq!(on, json!({"enabled": true, "machine_wide": false}));
+    let text = std::fs::read_to_string(&entry).unwrap();
+    assert!(
+        text.contains("Exec=\"/usr/bin/cis2-agent\" --minimized"),
+        "{text}"
+    );
+    assert_eq!(h.call("autostart", json!({})).unwrap(), on);
+    let off = h.call("set_autostart", json!({"enabled": false})).unwrap();
+    assert_eq!(off["enabled"], false);
+    assert!(!entry.exists());
+    // Bad input: a clear refusal, nothing changed.
+    assert!(h.call("set_autostart", json!({"enabled": "yes"})).is_err());
+    assert!(!entry.exists());
 }

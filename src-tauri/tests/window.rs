@@ -3,8 +3,10 @@
 //! --locked`), with `cis2-scripted-browser` as `$BROWSER` completing the sandbox sign-in. Screenshots of
 //! each screen go to `ci-artifacts/screenshots/` (kept by CI).
 //!
-//! It also prints two figures (not asserted): start-up time to a drawn window, and the resident
-//! memory of the app signed in and idle, WebKit's processes included.
+//! On every screen it checks that the main actions are inside the window at its default size
+//! (460×720), on top, with nothing scrolled. It also prints two figures (not asserted): start-up time
+//! to a drawn window, and the resident memory of the app signed in and idle with its window open,
+//! WebKit's processes included (`scripts/bench-idle` measures the window closed and reopened).
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -278,6 +280,42 @@ impl Driver {
         assert!(answer.is_null(), "click on {css}: {answer}");
     }
 
+    /// Each of `controls` is inside the viewport, which is the window's default size, not covered
+    /// by anything, and the page is not scrolled: what a person sees without scrolling.
+    async fn assert_fits(&self, screen: &str, controls: &[&str]) {
+        const SCRIPT: &str = r#"
+            const problems = [];
+            for (const css of arguments[0]) {
+              const el = document.querySelector(css);
+              if (!el) { problems.push(`${css}: not on the screen`); continue; }
+              const r = el.getBoundingClientRect();
+              if (r.height === 0 || r.top < 0 || r.left < 0 || r.bottom > innerHeight || r.right > innerWidth) {
+                problems.push(`${css}: at ${Math.round(r.left)},${Math.round(r.top)} to ${Math.round(r.right)},${Math.round(r.bottom)}, outside ${innerWidth}x${innerHeight}`);
+                continue;
+              }
+              const hit = document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2);
+              if (!el.contains(hit)) problems.push(`${css}: covered by ${hit ? hit.outerHTML.slice(0, 80) : "nothing"}`);
+            }
+            if (scrollY !== 0) problems.push(`the page is scrolled by ${scrollY}px`);
+            return { problems, width: innerWidth, height: innerHeight };"#;
+        let answer = self
+            .command(
+                "/execute/sync",
+                Some(json!({"script": SCRIPT, "args": [controls]})),
+            )
+            .await;
+        assert_eq!(
+            (answer["width"].as_u64(), answer["height"].as_u64()),
+            (Some(460), Some(720)),
+            "{screen}: the window is not at its default size: {answer}"
+        );
+        let problems = answer["problems"].as_array().cloned().unwrap_or_default();
+        if !problems.is_empty() {
+            self.screenshot(&format!("failure-{screen}")).await;
+        }
+        assert!(problems.is_empty(), "{screen}: {problems:?}");
+    }
+
     async fn screenshot(&self, name: &str) {
         let encoded = self.command("/screenshot", None).await;
         let png = base64::engine::general_purpose::STANDARD
@@ -393,12 +431,18 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
         .await;
     driver.wait_for("#sandbox-banner", "SANDBOX").await;
     driver.screenshot("01-signed-out").await;
+    driver
+        .assert_fits("signed out", &["#login", "#settings-link"])
+        .await;
 
     driver.click("#login").await;
     let name = driver.wait_for("#name", "Amelia").await;
     let first_role = driver.wait_for("#role", "Access Role").await;
     driver.wait_for("#method", "Smartcard").await;
     driver.screenshot("02-signed-in").await;
+    driver
+        .assert_fits("signed in", &["#change-role", "#logout", "#settings-link"])
+        .await;
 
     // Idle, signed in: the app and WebKit's processes.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -449,6 +493,17 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
         )
         .await;
     driver.screenshot("04-approval").await;
+    driver
+        .assert_fits(
+            "approval",
+            &[
+                ".app-approval h2",
+                "[id^='allow-once-']",
+                "[id^='always-allow-']",
+                "[id^='deny-']",
+            ],
+        )
+        .await;
     driver.click("[id^='deny-']").await;
     let refused = first.join().unwrap();
     assert_eq!(refused.status.code(), Some(1));
@@ -459,9 +514,31 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
     );
     // Deny is remembered: the settings page lists it, and forgetting it means the next request asks.
     driver.click("#settings-link").await;
-    driver.wait_for("#screen h1", "Programs allowed").await;
+    driver.wait_for("#screen h1", "Settings").await;
     driver.wait_for("#screen li", "Denied").await;
     driver.screenshot("05-settings").await;
+    driver
+        .assert_fits(
+            "settings",
+            &["label[for=autostart]", "[id^='forget-']", "#back"],
+        )
+        .await;
+    // Start at sign-in: the checkbox writes this person's XDG autostart entry, and takes it away.
+    let entry = dir.path().join("xdg-config/autostart/cis2-agent.desktop");
+    assert!(!entry.exists());
+    driver.click("label[for=autostart]").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !entry.exists() {
+        assert!(Instant::now() < deadline, "no autostart entry was written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&entry).unwrap();
+    assert!(text.contains("cis2-agent\" --minimized"), "{text}");
+    driver.click("label[for=autostart]").await;
+    while entry.exists() {
+        assert!(Instant::now() < deadline, "the autostart entry stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     driver.click("[id^='forget-']").await;
     driver.wait_for("#no-programs", "No programs").await;
     driver.click("#back").await;
@@ -507,8 +584,14 @@ async fn the_no_roles_expiring_and_locked_screens() {
     driver.wait_for("#expiring", "Your session ends in").await;
     driver.screenshot("07-no-roles-and-expiring").await;
     driver
+        .assert_fits("no roles and expiring", &["#renew", "#logout"])
+        .await;
+    driver
         .wait_for("#locked-reason", "no program used the session")
         .await;
     driver.screenshot("08-locked").await;
+    driver
+        .assert_fits("locked", &["#unlock", "#logout"])
+        .await;
     driver.quit().await;
 }

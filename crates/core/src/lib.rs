@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod autostart;
 pub mod config;
 pub mod desktop;
 pub mod ipc;
