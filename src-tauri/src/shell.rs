@@ -60,7 +60,12 @@ fn open_window<R: Runtime>(app: &AppHandle<R>) {
     let asked = Instant::now();
     tauri::async_runtime::spawn(async move {
         let started = std::env::current_exe().and_then(|program| {
-            tokio::process::Command::new(program)
+            let mut command = tokio::process::Command::new(program);
+            if std::env::var_os(TRAY_WITHOUT_GL).is_some() {
+                // The window's GTK may use OpenGL as it would have without the tray's choice.
+                command.env_remove("GDK_GL").env_remove(TRAY_WITHOUT_GL);
+            }
+            command
                 .arg("--window")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -195,9 +200,36 @@ fn build_tray<R: Runtime>(app: &AppHandle<R>, desktop: &Desktop) -> tauri::Resul
     Ok(())
 }
 
+/// Set (with `GDK_GL=disable`) when this process started itself again without OpenGL.
+const TRAY_WITHOUT_GL: &str = "CIS2_AGENT_TRAY_WITHOUT_GL";
+
+/// GTK 3 on X11 loads the OpenGL driver when it opens the display (to pick visuals), whether or not
+/// anything is drawn with it: Mesa's, with LLVM, is some 50 MB resident, more than the agent and the
+/// tray together. The tray draws nothing with OpenGL, so this process starts itself again with
+/// `GDK_GL=disable` (the environment cannot be changed safely once running). Returns only if that
+/// is not needed or not possible; a person's own `GDK_GL` is left as it is.
+#[cfg(unix)]
+fn start_again_without_gl() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("GDK_GL").is_some_and(|v| !v.is_empty()) {
+        return;
+    }
+    let Ok(program) = std::env::current_exe() else {
+        return;
+    };
+    let error = std::process::Command::new(program)
+        .args(std::env::args_os().skip(1))
+        .env("GDK_GL", "disable")
+        .env(TRAY_WITHOUT_GL, "1")
+        .exec();
+    tracing::warn!(%error, "could not restart without OpenGL; the tray uses more memory");
+}
+
 /// Starts the agent in this process and the tray, and the window unless `minimized`; returns when
 /// the app quits.
 pub fn run(launch: Launch, minimized: bool) {
+    #[cfg(unix)]
+    start_again_without_gl();
     let approvals = Arc::new(Approvals::default());
     // The running service lives as long as the app: dropping it stops serving the socket.
     let service_slot: Arc<Mutex<Option<service::Service>>> = Arc::new(Mutex::new(None));
