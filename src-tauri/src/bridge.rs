@@ -21,9 +21,14 @@ pub enum Call {
     CancelLogin,
     ChangeRole,
     Logout,
-    AnswerApproval { id: u64, answer: String },
+    AnswerApproval {
+        id: u64,
+        answer: String,
+    },
     RememberedPrograms,
-    ForgetProgram { id: String },
+    ForgetProgram {
+        id: String,
+    },
     /// The window has painted its first view (the app logs how long opening took).
     Drawn,
 }
@@ -40,7 +45,10 @@ struct Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ToWindow {
-    Reply { seq: u64, result: Result<Value, String> },
+    Reply {
+        seq: u64,
+        result: Result<Value, String>,
+    },
     /// The view changed (the window redraws from it).
     View { view: Value },
     /// A second launch, Open in the tray, or a prompt: the window comes to the front.
@@ -161,7 +169,9 @@ impl Link {
                     }
                     Ok(ToWindow::View { view }) => (handlers.view)(view),
                     Ok(ToWindow::Focus) => (handlers.focus)(),
-                    Err(e) => tracing::warn!(error = %e, "the app sent a line the window does not understand"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the app sent a line the window does not understand")
+                    }
                 }
             }
             // Every call still waiting learns the app is gone (their senders drop here).
@@ -195,22 +205,28 @@ impl Link {
 mod tests {
     use super::*;
 
-    fn quiet(closed: oneshot::Sender<()>) -> Handlers {
-        Handlers {
+    /// A window's link over an in-memory pipe: the link, the app's end, and word of the app going.
+    fn connected() -> (Link, tokio::io::DuplexStream, oneshot::Receiver<()>) {
+        let (window_end, app_end) = tokio::io::duplex(4096);
+        let (from_app, to_app) = tokio::io::split(window_end);
+        let (closed, was_closed) = oneshot::channel();
+        let handlers = Handlers {
             view: Box::new(|_| {}),
             focus: Box::new(|| {}),
             closed: Box::new(move || {
                 let _ = closed.send(());
             }),
-        }
+        };
+        (
+            Link::connect(from_app, to_app, handlers),
+            app_end,
+            was_closed,
+        )
     }
 
     #[tokio::test]
     async fn a_reply_finds_its_call_past_lines_that_are_not_ours() {
-        let (window_end, app_end) = tokio::io::duplex(4096);
-        let (from_app, to_app) = tokio::io::split(window_end);
-        let (closed, _) = oneshot::channel();
-        let link = Link::connect(from_app, to_app, quiet(closed));
+        let (link, app_end, _) = connected();
         let (app_read, mut app_write) = tokio::io::split(app_end);
         let app = tokio::spawn(async move {
             let mut lines = BufReader::new(app_read).lines();
@@ -221,9 +237,7 @@ mod tests {
                 .unwrap();
             (line, lines, app_write)
         });
-        let answer = link
-            .call(Call::ForgetProgram { id: "x".into() })
-            .await;
+        let answer = link.call(Call::ForgetProgram { id: "x".into() }).await;
         assert_eq!(
             answer,
             Err("No remembered program has the id x.".to_string())
@@ -237,10 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_in_flight_when_the_app_goes_away_is_told_so() {
-        let (window_end, app_end) = tokio::io::duplex(4096);
-        let (from_app, to_app) = tokio::io::split(window_end);
-        let (closed, was_closed) = oneshot::channel();
-        let link = Link::connect(from_app, to_app, quiet(closed));
+        let (link, app_end, was_closed) = connected();
         let app = tokio::spawn(async move {
             let (app_read, app_write) = tokio::io::split(app_end);
             let mut lines = BufReader::new(app_read).lines();
@@ -254,6 +265,8 @@ mod tests {
             Err("The CIS2 Agent app is no longer running.".to_string())
         );
         app.await.unwrap();
-        was_closed.await.expect("the window is told the app is gone");
+        was_closed
+            .await
+            .expect("the window is told the app is gone");
     }
 }

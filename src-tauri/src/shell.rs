@@ -74,7 +74,8 @@ fn open_window<R: Runtime>(app: &AppHandle<R>) {
         });
         match started {
             Ok(mut child) => {
-                let (Some(to_window), Some(from_window)) = (child.stdin.take(), child.stdout.take())
+                let (Some(to_window), Some(from_window)) =
+                    (child.stdin.take(), child.stdout.take())
                 else {
                     return;
                 };
@@ -86,7 +87,15 @@ fn open_window<R: Runtime>(app: &AppHandle<R>) {
                 };
                 bridge::serve_window(desktop, from_window, to_window, outbox, outgoing, on_drawn)
                     .await;
-                let _ = child.wait().await;
+                match child.wait().await {
+                    Ok(status) if !status.success() => {
+                        tracing::warn!(%status, "the window process ended abnormally");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the window process could not be waited for")
+                    }
+                    Ok(_) => {}
+                }
             }
             Err(e) => tracing::error!(error = %e, "could not start the window process"),
         }
@@ -280,7 +289,9 @@ pub fn run(launch: Launch, minimized: bool) {
         .expect("the window system could not start (is there a display?)");
     app.run(move |_, event| match event {
         // This process has no window of its own: it stays in the tray until Quit.
-        tauri::RunEvent::ExitRequested { code: None, api, .. } => api.prevent_exit(),
+        tauri::RunEvent::ExitRequested {
+            code: None, api, ..
+        } => api.prevent_exit(),
         tauri::RunEvent::Exit => {
             service_slot
                 .lock()

@@ -5,8 +5,8 @@
 
 use cis2_agent_app::bridge::{Handlers, Link, ToWindow, serve_window};
 use cis2_agent_app::with_commands;
-use cis2_core::autostart::Autostart;
 use cis2_core::agent::{Agent, AgentOptions};
+use cis2_core::autostart::Autostart;
 use cis2_core::browser::Browser;
 use cis2_core::desktop::{Approvals, Desktop, View};
 use cis2_core::peer::Peer;
@@ -86,8 +86,7 @@ fn harness() -> Harness {
         }),
         closed: Box::new(|| {}),
     };
-    let link =
-        tauri::async_runtime::block_on(async { Link::connect(from_app, to_app, handlers) });
+    let link = tauri::async_runtime::block_on(async { Link::connect(from_app, to_app, handlers) });
     let autostart = Autostart::with_dirs(
         dir.path().join("home/.config/autostart"),
         vec![dir.path().join("etc/xdg/autostart")],
@@ -288,7 +287,10 @@ fn views_and_focus_from_the_app_reach_the_window() {
 #[test]
 fn start_at_sign_in_is_turned_on_and_off_from_the_settings_page() {
     let h = harness();
-    let entry = h.dir.path().join("home/.config/autostart/cis2-agent.desktop");
+    let entry = h
+        .dir
+        .path()
+        .join("home/.config/autostart/cis2-agent.desktop");
     assert_eq!(
         h.call("autostart", json!({})).unwrap(),
         json!({"enabled": false, "machine_wide": false})

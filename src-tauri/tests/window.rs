@@ -590,8 +590,6 @@ async fn the_no_roles_expiring_and_locked_screens() {
         .wait_for("#locked-reason", "no program used the session")
         .await;
     driver.screenshot("08-locked").await;
-    driver
-        .assert_fits("locked", &["#unlock", "#logout"])
-        .await;
+    driver.assert_fits("locked", &["#unlock", "#logout"]).await;
     driver.quit().await;
 }

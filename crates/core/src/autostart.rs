@@ -26,7 +26,9 @@ pub struct AutostartState {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AutostartError {
-    #[error("no home folder is known ($HOME and $XDG_CONFIG_HOME are unset), so there is no autostart folder")]
+    #[error(
+        "no home folder is known ($HOME and $XDG_CONFIG_HOME are unset), so there is no autostart folder"
+    )]
     NoHome,
     #[error("could not write {path}: {source}")]
     Write {
@@ -57,11 +59,7 @@ impl Autostart {
     }
 
     fn from_env(get: &dyn Fn(&str) -> Option<OsString>, program: PathBuf) -> Self {
-        let absolute = |name: &str| {
-            get(name)
-                .map(PathBuf::from)
-                .filter(|p| p.is_absolute())
-        };
+        let absolute = |name: &str| get(name).map(PathBuf::from).filter(|p| p.is_absolute());
         let config_home = absolute("XDG_CONFIG_HOME")
             .or_else(|| absolute("HOME").map(|home| home.join(".config")));
         let config_dirs: Vec<PathBuf> = get("XDG_CONFIG_DIRS")
@@ -175,7 +173,8 @@ fn starts(entry: &Path) -> bool {
             return false;
         };
         let (key, value) = (key.trim(), value.trim());
-        (key == "Hidden" && value == "true") || (key == "X-GNOME-Autostart-enabled" && value == "false")
+        (key == "Hidden" && value == "true")
+            || (key == "X-GNOME-Autostart-enabled" && value == "false")
     })
 }
 
@@ -261,7 +260,10 @@ mod tests {
     #[test]
     fn the_admins_entry_turns_it_on_and_a_person_may_turn_it_off_and_back() {
         let f = folders();
-        install_admin_entry(&f, "[Desktop Entry]\nType=Application\nExec=cis2-agent --minimized\n");
+        install_admin_entry(
+            &f,
+            "[Desktop Entry]\nType=Application\nExec=cis2-agent --minimized\n",
+        );
         let machine_wide = AutostartState {
             enabled: true,
             machine_wide: true,
