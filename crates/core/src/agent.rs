@@ -629,29 +629,33 @@ impl Agent {
     }
 
     pub fn status(&self) -> Status {
-        self.status_with(self.flight_under_way())
+        // The flight's lock is held only for moments; if it is held now, the flight is said to be
+        // under way only when nobody is signed in (a sign-in is then the likely reason).
+        let under_way = self
+            .inner
+            .login_flight
+            .try_lock()
+            .ok()
+            .map(|flight| flight.as_ref().is_some_and(flight_running));
+        self.status_with(under_way)
     }
 
     /// The status a flight answers with as it ends (it is still under way until it has answered).
     fn settled_status(&self) -> Status {
-        self.status_with(false)
+        self.status_with(Some(false))
     }
 
-    /// Whether a browser sign-in or role change is running.
-    fn flight_under_way(&self) -> bool {
-        self.inner
-            .login_flight
-            .try_lock()
-            .map(|f| {
-                f.as_ref()
-                    .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
-            })
-            .unwrap_or(true)
+    /// The browser sign-in or role change under way, if any.
+    async fn flight_in_progress(&self) -> Option<Flight> {
+        let flight = self.inner.login_flight.lock().await;
+        flight.as_ref().filter(|rx| flight_running(rx)).cloned()
     }
 
-    fn status_with(&self, signing_in: bool) -> Status {
+    /// `signing_in`: whether a flight is under way (`None`: cannot tell this moment).
+    fn status_with(&self, signing_in: Option<bool>) -> Status {
         let session = self.session();
         let locked = self.life().locked.clone();
+        let signing_in = signing_in.unwrap_or(session.is_none());
         // A locked session stays locked until the sign-in that unlocks it succeeds; a signed-in one
         // is signing_in while it re-authenticates (role change, re-authentication).
         let state = match (session.as_ref(), &locked) {
@@ -1022,8 +1026,12 @@ impl Agent {
 
     /// Signs in through the browser, or joins the sign-in already under way. Answers when it ends.
     pub async fn login(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
-        if !self.needs_authentication() && !self.flight_under_way() {
-            return Ok(self.status());
+        if !self.needs_authentication() {
+            // Signed in: a role change under way is joined, else the answer is the status.
+            return match self.flight_in_progress().await {
+                Some(flight) => wait_for_flight(flight).await,
+                None => Ok(self.status()),
+            };
         }
         self.sign_in_flight(FlightKind::SignIn, timeout).await
     }
@@ -1035,6 +1043,10 @@ impl Agent {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Status, AgentError> {
+        // A sign-in or role change under way is joined, whoever is signed in.
+        if let Some(flight) = self.flight_in_progress().await {
+            return wait_for_flight(flight).await;
+        }
         let signed_in = {
             let session = self.session();
             session.as_ref().map(|s| {
@@ -1047,11 +1059,9 @@ impl Agent {
         };
         match signed_in {
             // Locked or expiring sessions are not a switch: signing in is how the same clinician gets
-            // back in, and someone else is refused after the browser step (run_sign_in). A role
-            // change under way is joined.
+            // back in, and someone else is refused after the browser step (run_sign_in).
             Some(who)
                 if !self.needs_authentication()
-                    && !self.flight_under_way()
                     && !self.inner.config.workstation.allow_user_switch =>
             {
                 Err(AgentError::SignInFailed(format!(
@@ -1068,10 +1078,10 @@ impl Agent {
         kind: FlightKind,
         timeout: Option<Duration>,
     ) -> Result<Status, AgentError> {
-        let mut rx = {
+        let rx = {
             let mut flight = self.inner.login_flight.lock().await;
             match flight.as_ref() {
-                Some(rx) if rx.borrow().is_none() && rx.has_changed().is_ok() => rx.clone(),
+                Some(rx) if flight_running(rx) => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     *flight = Some(rx.clone());
@@ -1092,17 +1102,7 @@ impl Agent {
                 }
             }
         };
-        let answer = rx
-            .wait_for(|v| v.is_some())
-            .await
-            .map(|v| v.clone())
-            .ok()
-            .flatten();
-        answer.unwrap_or_else(|| {
-            Err(AgentError::SignInFailed(
-                "The sign-in was cancelled or interrupted; start it again.".into(),
-            ))
-        })
+        wait_for_flight(rx).await
     }
 
     /// Stops a browser sign-in under way (the window's Cancel): the loopback listener closes and
@@ -1561,6 +1561,26 @@ fn human_duration(secs: u64) -> String {
         s if s < 7200 => format!("{} minutes", s / 60),
         s => format!("{} hours", s / 3600),
     }
+}
+
+/// Whether the flight has not answered yet and its task still runs (a cancelled one drops its sender).
+fn flight_running(flight: &Flight) -> bool {
+    flight.borrow().is_none() && flight.has_changed().is_ok()
+}
+
+/// The flight's outcome, once it ends.
+async fn wait_for_flight(mut flight: Flight) -> Result<Status, AgentError> {
+    let answer = flight
+        .wait_for(|v| v.is_some())
+        .await
+        .map(|v| v.clone())
+        .ok()
+        .flatten();
+    answer.unwrap_or_else(|| {
+        Err(AgentError::SignInFailed(
+            "The sign-in was cancelled or interrupted; start it again.".into(),
+        ))
+    })
 }
 
 /// What a browser flight does.

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -80,19 +81,19 @@ impl SealKey {
         SealKey(key)
     }
 
-    fn seal(&self, lines: u64, last: &str) -> String {
+    fn mac(&self, lines: u64, last: &str) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0[..]).expect("any key length");
         mac.update(format!("cis2-agent audit head v1\n{lines}\n{last}").as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        mac
     }
 
+    fn seal(&self, lines: u64, last: &str) -> String {
+        hex::encode(self.mac(lines, last).finalize().into_bytes())
+    }
+
+    /// Compares in constant time.
     fn verifies(&self, lines: u64, last: &str, seal: &str) -> bool {
-        let Ok(seal) = hex::decode(seal) else {
-            return false;
-        };
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0[..]).expect("any key length");
-        mac.update(format!("cis2-agent audit head v1\n{lines}\n{last}").as_bytes());
-        mac.verify_slice(&seal).is_ok()
+        hex::decode(seal).is_ok_and(|seal| self.mac(lines, last).verify_slice(&seal).is_ok())
     }
 }
 
@@ -132,16 +133,44 @@ pub enum AuditError {
     Stopped,
 }
 
-enum Message {
-    Record(Record, oneshot::Sender<Result<(), AuditError>>),
-    Flush(oneshot::Sender<()>),
-}
-
 /// The writer's handle. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
     path: PathBuf,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// How many records are in the file (advanced after each batch's write); waiters watch it.
+    written: watch::Sender<u64>,
+    file: std::fs::File,
+    sync: bool,
+    seal_key: Option<SealKey>,
+    head: PathBuf,
+}
+
+/// The chain and what is still to be written, under one lock.
+struct State {
+    /// The lines appended but not yet written, in chain order.
+    pending: Vec<u8>,
+    /// The chain through the last appended record (written or not).
+    appended: Chain,
+    /// The chain through the last written record.
+    written: Chain,
+    /// Someone is writing a batch now; others wait for it, then one of them writes the next.
+    writing: bool,
+    /// A write failed: the file and the chain in memory may differ, so nothing more is recorded (and
+    /// nothing more handed out) until the agent restarts and checks the log.
+    failed: Option<String>,
+    /// What the head file says.
+    head_lines: u64,
+}
+
+#[derive(Clone)]
+struct Chain {
+    lines: u64,
+    last: String,
 }
 
 impl AuditLog {
@@ -153,12 +182,17 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let (mut lines, mut last) = (0u64, GENESIS.to_string());
+        let mut chain = Chain {
+            lines: 0,
+            last: GENESIS.to_string(),
+        };
         if path.exists() {
             match verify(path, options.seal_key.as_ref()) {
                 Ok(summary) => {
-                    lines = summary.lines;
-                    last = summary.last;
+                    chain = Chain {
+                        lines: summary.lines,
+                        last: summary.last,
+                    };
                 }
                 Err(problem) => {
                     let aside = path.with_extension(format!(
@@ -186,27 +220,29 @@ impl AuditLog {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         }
-        let (tx, rx) = mpsc::channel(4096);
-        let mut writer = Writer {
+        let (written, _) = watch::channel(chain.lines);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: Vec::with_capacity(64 * 1024),
+                appended: chain.clone(),
+                written: chain.clone(),
+                writing: false,
+                failed: None,
+                head_lines: chain.lines,
+            }),
+            written,
             file,
             sync: options.sync,
             seal_key: options.seal_key,
             head: head_path(path),
-            lines,
-            last,
-            head_written_at: None,
-            head_dirty: true,
-            buffer: Vec::with_capacity(64 * 1024),
-        };
-        writer.sync_head(true);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
+        });
+        shared.write_head(&chain)?;
+        let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
-            .name("cis2-audit".into())
-            .spawn(move || runtime.block_on(writer.run(rx)))?;
+            .name("cis2-audit-head".into())
+            .spawn(move || keep_head(weak))?;
         Ok(AuditLog {
-            tx,
+            shared,
             path: path.to_path_buf(),
         })
     }
@@ -215,164 +251,132 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends a record and returns once the batch holding it is in the file (and, with `sync`, on
-    /// the disk). Waits for room when the queue is full; never drops a record.
+    /// Appends a record and returns once it is in the file (and, with `sync`, on the disk): group
+    /// commit. Whoever finds no write under way writes everything appended so far with one `write`,
+    /// on its own thread, and wakes the others; records that arrive meanwhile go out as the next
+    /// batch. No thread hand-over on the way, which keeps a `token` answer's latency low.
     pub async fn record(&self, record: Record) -> Result<(), AuditError> {
-        let (done, written) = oneshot::channel();
-        self.tx
-            .send(Message::Record(record, done))
-            .await
-            .map_err(|_| AuditError::Stopped)?;
-        written.await.map_err(|_| AuditError::Stopped)?
-    }
-
-    /// Waits until everything queued so far is written and the head names it (tests, shutdown).
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Message::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-}
-
-/// How often the head file is rewritten under load: a busy agent would otherwise rename a file per
-/// batch. The head may lag the log by this much; it never runs ahead of it.
-const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-/// The most records one batch holds.
-const MAX_BATCH: usize = 1024;
-
-struct Writer {
-    file: std::fs::File,
-    sync: bool,
-    seal_key: Option<SealKey>,
-    head: PathBuf,
-    lines: u64,
-    last: String,
-    head_written_at: Option<std::time::Instant>,
-    head_dirty: bool,
-    /// The batch's lines, written with one `write`.
-    buffer: Vec<u8>,
-}
-
-impl Writer {
-    /// The writer's loop, on its own thread and runtime: takes whatever has queued as one batch, and
-    /// while the log is quiet brings the head up to date when it is due (never making a record wait).
-    async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut written = self.shared.written.subscribe();
+        let mine = self.shared.append(&record)?;
         loop {
-            let message = if self.head_dirty {
-                let due = self
-                    .head_written_at
-                    .map_or_else(std::time::Instant::now, |at| at + HEAD_INTERVAL);
-                tokio::select! {
-                    message = rx.recv() => message,
-                    () = tokio::time::sleep_until(due.into()) => {
-                        self.sync_head(true);
-                        continue;
-                    }
-                }
-            } else {
-                rx.recv().await
-            };
-            let Some(first) = message else { break };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
-                }
+            if self.shared.write_batch_unless_busy(mine)? {
+                return Ok(());
             }
-            self.commit(batch);
+            if written.changed().await.is_err() {
+                return Err(AuditError::Stopped);
+            }
         }
-        self.sync_head(true);
     }
 
-    /// Writes the batch's records with one `write` (and one `fdatasync` with `sync`), then answers
-    /// each waiting request. A failed write answers them all with the error and leaves the chain
-    /// where the file is.
-    fn commit(&mut self, batch: Vec<Message>) {
-        let mut waiting = Vec::with_capacity(batch.len());
-        let mut flushes = Vec::new();
-        self.buffer.clear();
-        let (mut lines, mut last) = (self.lines, self.last.clone());
-        let mut failed = None;
-        for message in batch {
-            match message {
-                Message::Record(record, done) => {
-                    match chained(&record, &last) {
-                        Ok(text) => {
-                            self.buffer.extend_from_slice(text.as_bytes());
-                            self.buffer.push(b'\n');
-                            last = sha256_hex(text.as_bytes());
-                            lines += 1;
-                        }
-                        Err(e) => failed = Some(e.to_string()),
-                    }
-                    waiting.push(done);
-                }
-                Message::Flush(done) => flushes.push(done),
+    /// Waits until everything appended so far is written and the head names it (tests, shutdown).
+    pub async fn flush(&self) {
+        let through = self.shared.lock().appended.lines;
+        let mut written = self.shared.written.subscribe();
+        while let Ok(false) = self.shared.write_batch_unless_busy(through) {
+            if written.changed().await.is_err() {
+                return;
             }
         }
-        let written = match failed {
-            Some(e) => Err(e),
-            None => self.write_buffer().map_err(|e| e.to_string()),
+        self.shared.update_head();
+    }
+}
+
+/// How often the head file is brought up to date (it may lag the log by this much; it never runs
+/// ahead of it), and how soon records whose writer gave up waiting are written.
+const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Chains the record onto the log and queues its line; its number in the log.
+    fn append(&self, record: &Record) -> Result<u64, AuditError> {
+        let mut state = self.lock();
+        if let Some(failed) = &state.failed {
+            return Err(AuditError::Write(failed.clone()));
+        }
+        let text = chained(record, &state.appended.last)
+            .map_err(|e| AuditError::Write(e.to_string()))?;
+        state.pending.extend_from_slice(text.as_bytes());
+        state.pending.push(b'\n');
+        state.appended.last = sha256_hex(text.as_bytes());
+        state.appended.lines += 1;
+        Ok(state.appended.lines)
+    }
+
+    /// `Ok(true)` once line `through` is written. Otherwise, unless another write is under way,
+    /// writes the pending batch (one `write`, and an `fdatasync` with `sync`) and tells the waiters.
+    fn write_batch_unless_busy(&self, through: u64) -> Result<bool, AuditError> {
+        let (batch, chain) = {
+            let mut state = self.lock();
+            if let Some(failed) = &state.failed {
+                return Err(AuditError::Write(failed.clone()));
+            }
+            if state.written.lines >= through {
+                return Ok(true);
+            }
+            if state.writing {
+                return Ok(false);
+            }
+            state.writing = true;
+            (std::mem::take(&mut state.pending), state.appended.clone())
         };
-        let answer = match written {
-            Ok(()) => {
-                if lines != self.lines {
-                    self.lines = lines;
-                    self.last = last;
-                    self.head_dirty = true;
-                }
+        let result = (&self.file).write_all(&batch).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
                 Ok(())
             }
+        });
+        let mut state = self.lock();
+        state.writing = false;
+        // The buffer goes back for the next batch, so a busy log does not allocate per batch.
+        if state.pending.is_empty() {
+            state.pending = batch;
+            state.pending.clear();
+        }
+        let outcome = match result {
+            Ok(()) => {
+                state.written = chain;
+                Ok(state.written.lines >= through)
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot write the audit log");
-                Err(AuditError::Write(e))
+                tracing::error!(error = %e, "cannot write the audit log; no more records (nor tokens) until the agent restarts");
+                state.failed = Some(e.to_string());
+                Err(AuditError::Write(e.to_string()))
             }
         };
-        for done in waiting {
-            let _ = done.send(answer.clone());
-        }
-        self.sync_head(!flushes.is_empty());
-        for done in flushes {
-            let _ = done.send(());
-        }
+        let written = state.written.lines;
+        drop(state);
+        self.written.send_replace(written);
+        outcome
     }
 
-    fn write_buffer(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        self.file.write_all(&self.buffer)?;
-        if self.sync {
-            self.file.sync_data()?;
-        }
-        Ok(())
-    }
-
-    fn sync_head(&mut self, now: bool) {
-        let due = self
-            .head_written_at
-            .is_none_or(|at| at.elapsed() >= HEAD_INTERVAL);
-        if self.head_dirty && (now || due) {
-            match self.write_head() {
-                Ok(()) => {
-                    self.head_dirty = false;
-                    self.head_written_at = Some(std::time::Instant::now());
-                }
+    /// Rewrites the head if the log has grown since, and writes what nobody waits for any more.
+    fn update_head(&self) {
+        let through = self.lock().appended.lines;
+        let _ = self.write_batch_unless_busy(through);
+        let chain = {
+            let state = self.lock();
+            (state.written.lines != state.head_lines).then(|| state.written.clone())
+        };
+        if let Some(chain) = chain {
+            match self.write_head(&chain) {
+                Ok(()) => self.lock().head_lines = chain.lines,
                 Err(e) => tracing::error!(error = %e, "cannot write the audit log's head"),
             }
         }
     }
 
-    fn write_head(&self) -> io::Result<()> {
+    fn write_head(&self, chain: &Chain) -> io::Result<()> {
         let head = Head {
-            lines: self.lines,
-            last: self.last.clone(),
+            lines: chain.lines,
+            last: chain.last.clone(),
             seal: self
                 .seal_key
                 .as_ref()
-                .map(|key| key.seal(self.lines, &self.last)),
+                .map(|key| key.seal(chain.lines, &chain.last)),
         };
         let tmp = self.head.with_extension("head.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&head).map_err(io::Error::other)?)?;
@@ -382,6 +386,23 @@ impl Writer {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         }
         std::fs::rename(tmp, &self.head)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.update_head();
+    }
+}
+
+/// The head's own thread: every [`HEAD_INTERVAL`], off the requests' path, while the log is open.
+fn keep_head(log: std::sync::Weak<Shared>) {
+    loop {
+        std::thread::sleep(HEAD_INTERVAL);
+        match log.upgrade() {
+            Some(log) => log.update_head(),
+            None => return,
+        }
     }
 }
 
@@ -526,6 +547,16 @@ pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
+    async fn append(log: &AuditLog, method: &str) {
+        log.record(Record {
+            method: method.into(),
+            outcome: "ok".into(),
+            ..Record::default()
+        })
+        .await
+        .unwrap();
+    }
+
     async fn log_with(n: usize) -> (tempfile::TempDir, PathBuf) {
         sealed_log_with(n, None).await
     }
@@ -584,13 +615,7 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(&tail(&path, 5).unwrap()[0]).unwrap();
         assert_eq!(first["prev"], GENESIS);
         let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
-        log.record(Record {
-            method: "whoami".into(),
-            outcome: "ok".into(),
-            ..Record::default()
-        })
-        .await
-        .unwrap();
+        append(&log, "whoami").await;
         log.flush().await;
         assert_eq!(verify(&path, None).unwrap().lines, 6);
     }
@@ -639,13 +664,7 @@ mod tests {
             lines.remove(0);
         });
         let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
-        log.record(Record {
-            method: "token".into(),
-            outcome: "ok".into(),
-            ..Record::default()
-        })
-        .await
-        .unwrap();
+        append(&log, "token").await;
         log.flush().await;
         assert_eq!(verify(&path, None).unwrap().lines, 1);
         let aside = std::fs::read_dir(dir.path())
@@ -668,13 +687,7 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
         for i in 1..=50u64 {
-            log.record(Record {
-                method: "token".into(),
-                outcome: "ok".into(),
-                ..Record::default()
-            })
-            .await
-            .unwrap();
+            append(&log, "token").await;
             // Read at once, without flush: group commit answered only after the write.
             let text = std::fs::read_to_string(&path).unwrap();
             assert_eq!(text.lines().count() as u64, i);

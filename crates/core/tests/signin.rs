@@ -43,6 +43,19 @@ struct Setup {
     session_toml: &'static str,
 }
 
+impl Setup {
+    /// The defaults, with access tokens that live `secs`.
+    fn tokens_lasting(secs: u64) -> Setup {
+        Setup {
+            lifetimes: Lifetimes {
+                access_token: secs,
+                ..Lifetimes::default()
+            },
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -1094,14 +1107,7 @@ fn refreshes(events: &mut tokio::sync::broadcast::Receiver<Event>) -> usize {
 /// 50 callers at once, each asking for `min_valid` seconds, while the provider's first refresh
 /// answer is slowed so that they all queue behind it: exactly one refresh, one token for all.
 async fn fifty_callers_one_refresh(access_token_lifetime: u64, advance: i64, min_valid: u64) {
-    let h = harness(Setup {
-        lifetimes: Lifetimes {
-            access_token: access_token_lifetime,
-            ..Lifetimes::default()
-        },
-        ..Setup::default()
-    })
-    .await;
+    let h = harness(Setup::tokens_lasting(access_token_lifetime)).await;
     h.login().await.unwrap();
     let first = h.agent.token(TokenRequest::default()).await.unwrap();
     let mut events = h.agent.subscribe();
@@ -1150,14 +1156,7 @@ async fn fifty_callers_share_one_refresh_when_tokens_live_longer_than_the_margin
 
 #[tokio::test]
 async fn after_an_outage_a_client_reaches_the_provider_within_a_second_whatever_the_backoff() {
-    let h = harness(Setup {
-        lifetimes: Lifetimes {
-            access_token: 600,
-            ..Lifetimes::default()
-        },
-        ..Setup::default()
-    })
-    .await;
+    let h = harness(Setup::tokens_lasting(600)).await;
     h.login().await.unwrap();
     // 100 s left: outside the margin (no background renewal), short of what the client asks.
     h.advance(500);
