@@ -109,7 +109,11 @@ fn a_client_registered_under_a_named_kid_signs_in_only_with_that_kid() {
     let agent = start_agent(&thumbprint_dir, &issuer, &key, "");
     let refused = agent.ctl(&["login", "--timeout", "60"]);
     assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
-    assert!(stderr(&refused).contains("invalid_client"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("invalid_client"),
+        "{}",
+        stderr(&refused)
+    );
     drop(agent);
     // With the registered kid configured, the same key signs in.
     let named_dir = dir.path().join("named");

@@ -296,8 +296,8 @@ impl Shared {
         if let Some(failed) = &state.failed {
             return Err(AuditError::Write(failed.clone()));
         }
-        let text = chained(record, &state.appended.last)
-            .map_err(|e| AuditError::Write(e.to_string()))?;
+        let text =
+            chained(record, &state.appended.last).map_err(|e| AuditError::Write(e.to_string()))?;
         state.pending.extend_from_slice(text.as_bytes());
         state.pending.push(b'\n');
         state.appended.last = sha256_hex(text.as_bytes());

@@ -2511,7 +2511,11 @@ allow_user_switch = false
     #[test]
     fn audit_sync_is_off_unless_asked_for() {
         assert!(!ok("environment = \"sandbox\"\n").agent.audit_sync);
-        assert!(ok("environment = \"sandbox\"\n[agent]\naudit_sync = true\n").agent.audit_sync);
+        assert!(
+            ok("environment = \"sandbox\"\n[agent]\naudit_sync = true\n")
+                .agent
+                .audit_sync
+        );
         check(
             &bad("environment = \"sandbox\"\n[agent]\naudit_sync = \"yes\"\n"),
             3,
