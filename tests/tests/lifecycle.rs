@@ -188,7 +188,8 @@ fn without_a_keychain_the_agent_says_so_and_keeps_the_session_in_memory() {
 #[test]
 fn provider_faults_as_a_client_sees_them() {
     let dir = tempfile::tempdir().unwrap();
-    // 62 s tokens: inside the 60 s margin ~2 s after sign-in, so renewals are attempted.
+    // 62 s tokens: renewed at half life in the background; `--min-valid 61` makes each client
+    // call need a renewal at once.
     let s = setup(dir.path(), "memory", 62);
     let agent = Agent::start(dir.path(), &["--config", &s.config], &[]);
     assert!(agent.ctl(&["login"]).status.success());
