@@ -3,6 +3,8 @@
 //! (`access_token` request) in the same run, when oidc-agent and bench/oidc-agent-setup.sh are present.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p cis2-system-tests --bench ipc`
+//! (`CIS2_BENCH_AUDIT_SYNC=1` for the agent with `[agent] audit_sync = true`). Every answer waits for
+//! its audit record to be written (group commit), so this measures that too.
 
 use cis2_system_tests::{Agent, OidcAgent, Process, bin};
 use std::io::{Read, Write};
@@ -159,10 +161,12 @@ fn main() {
         "http://{}",
         idp.wait_for("http://", Duration::from_secs(30))
     );
+    // CIS2_BENCH_AUDIT_SYNC=1: with an fdatasync of the audit log per batch ([agent] audit_sync).
+    let audit_sync = std::env::var("CIS2_BENCH_AUDIT_SYNC").is_ok_and(|v| v == "1");
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
-        format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"100000000001.apps.national\"\n[agent]\nclient_policy = \"allow\"\n[provider.exchange]\nmethod = \"none\"\n"),
+        format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"100000000001.apps.national\"\n[agent]\nclient_policy = \"allow\"\naudit_sync = {audit_sync}\n[provider.exchange]\nmethod = \"none\"\n"),
     )
     .unwrap();
     let agent = Agent::start(
@@ -172,7 +176,7 @@ fn main() {
     );
     assert!(agent.ctl(&["login"]).status.success());
     println!(
-        "token from the cache over the local socket, {CLIENTS} concurrent clients, release build, 2 cores"
+        "token from the cache over the local socket, {CLIENTS} concurrent clients, release build, 2 cores, audit_sync = {audit_sync}"
     );
     println!("(the load generator shares the 2 cores with the agent)");
     let socket = agent.socket.clone();

@@ -113,8 +113,9 @@ fn killed_at_each_step_of_a_refresh_rotation_the_session_is_usable_or_cleanly_si
     let keyring = SecretService::start();
     for step in ["after_refresh_answer", "after_refresh_saved"] {
         let dir = tempfile::tempdir().unwrap();
-        // Tokens of 62 s with the default 60 s margin: the agent renews by itself ~2 s after sign-in.
-        let s = setup(dir.path(), "keyring", 62);
+        // Tokens of 4 s, shorter than twice the 60 s margin: the agent renews by itself at half
+        // their life, ~2 s after sign-in.
+        let s = setup(dir.path(), "keyring", 4);
         let mut agent = start(dir.path(), &s, &keyring, &[("CIS2_TEST_CRASH_AT", step)]);
         assert!(agent.ctl(&["login"]).status.success());
         let died = eventually(15, || {
@@ -187,7 +188,8 @@ fn without_a_keychain_the_agent_says_so_and_keeps_the_session_in_memory() {
 #[test]
 fn provider_faults_as_a_client_sees_them() {
     let dir = tempfile::tempdir().unwrap();
-    // 62 s tokens: inside the 60 s margin ~2 s after sign-in, so renewals are attempted.
+    // 62 s tokens: renewed at half life in the background; `--min-valid 61` makes each client
+    // call need a renewal at once.
     let s = setup(dir.path(), "memory", 62);
     let agent = Agent::start(dir.path(), &["--config", &s.config], &[]);
     assert!(agent.ctl(&["login"]).status.success());

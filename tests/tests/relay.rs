@@ -157,8 +157,9 @@ fn sign_in(agent: &Agent) -> Value {
 #[test]
 fn sign_in_through_the_relay_refresh_and_a_key_rotation_without_a_failed_sign_in() {
     let dir = tempfile::tempdir().unwrap();
-    // 62 s tokens with the agent's 60 s margin: it renews through the relay ~2 s after signing in.
-    let idp = start_idp(&["--access-token-ttl", "62"]);
+    // 4 s tokens, shorter than twice the agent's 60 s margin: it renews through the relay at half
+    // their life, ~2 s after signing in.
+    let idp = start_idp(&["--access-token-ttl", "4"]);
     let old = write_key(dir.path(), "2026-11.pem");
     let new = write_key(dir.path(), "2027-02.pem");
     let relay = start_relay(

@@ -115,6 +115,18 @@ fn data_dir(args: &Args) -> PathBuf {
         .unwrap_or_else(cis2_core::config::default_data_dir)
 }
 
+/// The key the agent seals the audit log's head with: with `store = "keyring"` it is kept in the
+/// keychain; otherwise there is none. An error says why the keychain could not be read.
+fn audit_seal_key(args: &Args) -> Result<Option<cis2_core::audit::SealKey>, String> {
+    let keyring = agent_config(args)
+        .is_some_and(|c| !c.is_sandbox() && c.agent.store == cis2_core::config::StoreKind::Keyring);
+    if !keyring {
+        return Ok(None);
+    }
+    let credentials = cis2_core::store::platform_credentials().map_err(|e| e.0)?;
+    cis2_core::store::existing_audit_seal_key(&data_dir(args), &credentials).map_err(|e| e.0)
+}
+
 /// Commands that read the agent's files instead of asking it.
 fn offline(args: &Args) -> Option<ExitCode> {
     match &args.command {
@@ -170,7 +182,13 @@ fn offline(args: &Args) -> Option<ExitCode> {
             match action {
                 AuditAction::Verify { file } => {
                     let path = file.clone().unwrap_or(default);
-                    match cis2_core::audit::verify(&path) {
+                    let seal_key = audit_seal_key(args).unwrap_or_else(|why| {
+                        eprintln!(
+                            "cis2ctl: the head file's seal cannot be checked ({why}); checking the chain alone."
+                        );
+                        None
+                    });
+                    match cis2_core::audit::verify(&path, seal_key.as_ref()) {
                         Ok(intact) => {
                             println!("{}: intact, {} records.", path.display(), intact.lines);
                             Some(ExitCode::SUCCESS)

@@ -2,7 +2,7 @@
 //! token, logout, and the event stream. One session object owns the state; concurrent `login` calls
 //! share one browser flow, and concurrent `token` calls share one refresh (single-flight).
 
-use crate::audit::{AuditLog, ClientInfo, Record};
+use crate::audit::{AuditError, AuditLog, AuditOptions, ClientInfo, Record};
 use crate::browser::Browser;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ExchangeMethod, SignalAction, SigningAlg};
@@ -182,7 +182,6 @@ struct Inner {
     flight_task: Mutex<Option<tokio::task::AbortHandle>>,
     refresh_lock: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Event>,
-    change_role_lock: tokio::sync::Mutex<()>,
     identifier: Identifier,
     decisions: Decisions,
     audit: AuditLog,
@@ -202,9 +201,16 @@ struct Life {
     signed_in_at: u64,
     last_activity: u64,
     expiring_announced: bool,
-    /// After a failed refresh, no new attempt before this (exponential backoff with jitter).
+    /// After a failed refresh, no background attempt before this (exponential backoff with jitter).
     backoff_until: u64,
     backoff_step: u32,
+    /// When the provider was last asked to refresh: a client's request reaches it at most once a
+    /// second, whatever the backoff.
+    last_refresh_attempt: u64,
+    /// When the current tokens were installed (0: restored from the store, age unknown).
+    tokens_installed_at: u64,
+    /// How many times tokens were installed: a caller that waited for a refresh sees one happened.
+    installs: u64,
     last_refresh_error: Option<String>,
     locked: Option<String>,
     /// The smartcard that was in a reader when this person signed in: its removal is the
@@ -276,8 +282,13 @@ fn client_auth(provider: &crate::config::ProviderConfig) -> Result<ClientAuth, S
                 SigningAlg::RS256 => Alg::RS256,
                 SigningAlg::RS512 => Alg::RS512,
             };
-            let key = SigningKey::from_pem(&pem, alg)
+            let mut key = SigningKey::from_pem(&pem, alg)
                 .map_err(|e| StartError::Config(format!("key_file {}: {e}", path.display())))?;
+            if let Some(kid) = &exchange.kid {
+                key = key
+                    .with_kid(kid)
+                    .map_err(|e| StartError::Config(format!("[provider.exchange] kid: {e}")))?;
+            }
             Ok(ClientAuth::PrivateKeyJwt(Box::new(key)))
         }
         ExchangeMethod::Relay => Err(StartError::Config(
@@ -307,7 +318,12 @@ impl Agent {
                 data_dir.display()
             ))
         })?;
-        let audit = AuditLog::open(&data_dir.join("audit.jsonl")).map_err(|e| {
+        let store = store.unwrap_or_else(|| build_store(&config, &data_dir));
+        let audit_options = AuditOptions {
+            sync: config.agent.audit_sync,
+            seal_key: store.audit_seal_key(),
+        };
+        let audit = AuditLog::open(&data_dir.join("audit.jsonl"), audit_options).map_err(|e| {
             StartError::Config(format!(
                 "cannot open the audit log in {}: {e}",
                 data_dir.display()
@@ -370,7 +386,6 @@ impl Agent {
             settings,
             clock: clock.clone(),
         };
-        let store = store.unwrap_or_else(|| build_store(&config, &data_dir));
         let (events, _) = broadcast::channel(256);
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -385,7 +400,6 @@ impl Agent {
                 flight_task: Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 events,
-                change_role_lock: tokio::sync::Mutex::new(()),
                 identifier: Identifier::default(),
                 decisions: Decisions::new(data_dir.join("clients.json")),
                 audit,
@@ -515,7 +529,8 @@ impl Agent {
         }
     }
 
-    /// Records what a program asked for and how it ended (never a token).
+    /// Records what a program asked for and how it ended (never a token); returns once the record is
+    /// in the log, so that the answer can wait for it.
     pub async fn audit(
         &self,
         peer: &Peer,
@@ -523,7 +538,7 @@ impl Agent {
         audience: Option<String>,
         scope: Option<String>,
         outcome: String,
-    ) {
+    ) -> Result<(), AuditError> {
         let (uid, role_id) = match self.session().as_ref() {
             Some(s) => (
                 Some(s.user.uid.clone()),
@@ -546,13 +561,22 @@ impl Agent {
                 role_id,
                 outcome,
             })
-            .await;
+            .await
     }
 
-    /// Re-authenticates with role selection (`changedrole`); the same person must come back.
+    /// Re-authenticates with role selection (`changedrole`); the same person must come back. It is the
+    /// sign-in flight: `status` says `signing_in` meanwhile, a `login` (or another role change) joins
+    /// it rather than opening a second browser, and the window's Cancel stops it.
     pub async fn change_role(&self) -> Result<User, AgentError> {
         self.check_unlocked()?;
-        let _one_at_a_time = self.inner.change_role_lock.lock().await;
+        if self.session().is_none() {
+            return Err(AgentError::not_signed_in());
+        }
+        let status = self.sign_in_flight(FlightKind::ChangeRole, None).await?;
+        status.user.ok_or_else(AgentError::not_signed_in)
+    }
+
+    async fn run_change_role(&self) -> Result<Status, AgentError> {
         let generation = self.generation();
         let Some(current) = self.session().clone() else {
             return Err(AgentError::not_signed_in());
@@ -579,8 +603,8 @@ impl Agent {
                 "The session ended while the role was being changed; sign in again.".into(),
             ));
         }
-        self.emit(Event::RoleChanged { user: user.clone() });
-        Ok(user)
+        self.emit(Event::RoleChanged { user });
+        Ok(self.settled_status())
     }
 
     pub fn is_sandbox(&self) -> bool {
@@ -605,21 +629,39 @@ impl Agent {
     }
 
     pub fn status(&self) -> Status {
-        let session = self.session();
-        let locked = self.life().locked.clone();
-        let signing_in = self
+        // The flight's lock is held only for moments; if it is held now, the flight is said to be
+        // under way only when nobody is signed in (a sign-in is then the likely reason).
+        let under_way = self
             .inner
             .login_flight
             .try_lock()
-            .map(|f| {
-                f.as_ref()
-                    .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
-            })
-            .unwrap_or(true);
+            .ok()
+            .map(|flight| flight.as_ref().is_some_and(flight_running));
+        self.status_with(under_way)
+    }
+
+    /// The status a flight answers with as it ends (it is still under way until it has answered).
+    fn settled_status(&self) -> Status {
+        self.status_with(Some(false))
+    }
+
+    /// The browser sign-in or role change under way, if any.
+    async fn flight_in_progress(&self) -> Option<Flight> {
+        let flight = self.inner.login_flight.lock().await;
+        flight.as_ref().filter(|rx| flight_running(rx)).cloned()
+    }
+
+    /// `signing_in`: whether a flight is under way (`None`: cannot tell this moment).
+    fn status_with(&self, signing_in: Option<bool>) -> Status {
+        let session = self.session();
+        let locked = self.life().locked.clone();
+        let signing_in = signing_in.unwrap_or(session.is_none());
+        // A locked session stays locked until the sign-in that unlocks it succeeds; a signed-in one
+        // is signing_in while it re-authenticates (role change, re-authentication).
         let state = match (session.as_ref(), &locked) {
             (Some(_), Some(_)) => SessionState::Locked,
+            _ if signing_in => SessionState::SigningIn,
             (Some(_), None) => SessionState::SignedIn,
-            (None, _) if signing_in => SessionState::SigningIn,
             (None, _) => SessionState::SignedOut,
         };
         Status {
@@ -851,6 +893,8 @@ impl Agent {
         life.backoff_until = 0;
         life.backoff_step = 0;
         life.last_refresh_error = None;
+        life.tokens_installed_at = now;
+        life.installs += 1;
         true
     }
 
@@ -953,8 +997,8 @@ impl Agent {
         }
         if renewable {
             if !locked
-                && now + policy.refresh_margin_secs >= expires_at
-                && let Err(e) = self.renew(0).await
+                && now + self.renewal_margin(expires_at) >= expires_at
+                && let Err(e) = self.renew(0, Caller::Background).await
             {
                 tracing::debug!(error = %e, "background renewal did not complete");
             }
@@ -983,9 +1027,13 @@ impl Agent {
     /// Signs in through the browser, or joins the sign-in already under way. Answers when it ends.
     pub async fn login(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
         if !self.needs_authentication() {
-            return Ok(self.status());
+            // Signed in: a role change under way is joined, else the answer is the status.
+            return match self.flight_in_progress().await {
+                Some(flight) => wait_for_flight(flight).await,
+                None => Ok(self.status()),
+            };
         }
-        self.sign_in_flight(timeout).await
+        self.sign_in_flight(FlightKind::SignIn, timeout).await
     }
 
     /// A person at the keyboard asked to sign in (cis2ctl login, the window's button). While someone
@@ -995,6 +1043,10 @@ impl Agent {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Status, AgentError> {
+        // A sign-in or role change under way is joined, whoever is signed in.
+        if let Some(flight) = self.flight_in_progress().await {
+            return wait_for_flight(flight).await;
+        }
         let signed_in = {
             let session = self.session();
             session.as_ref().map(|s| {
@@ -1016,21 +1068,29 @@ impl Agent {
                     "{who} is already signed in here. To sign in as someone else, sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true."
                 )))
             }
-            _ => self.sign_in_flight(timeout).await,
+            _ => self.sign_in_flight(FlightKind::SignIn, timeout).await,
         }
     }
 
-    async fn sign_in_flight(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
-        let mut rx = {
+    /// Joins the browser flow under way, whichever kind it is, or starts one of `kind`.
+    async fn sign_in_flight(
+        &self,
+        kind: FlightKind,
+        timeout: Option<Duration>,
+    ) -> Result<Status, AgentError> {
+        let rx = {
             let mut flight = self.inner.login_flight.lock().await;
             match flight.as_ref() {
-                Some(rx) if rx.borrow().is_none() && rx.has_changed().is_ok() => rx.clone(),
+                Some(rx) if flight_running(rx) => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     *flight = Some(rx.clone());
                     let agent = self.clone();
                     let task = tokio::spawn(async move {
-                        let result = agent.run_sign_in(timeout).await;
+                        let result = match kind {
+                            FlightKind::SignIn => agent.run_sign_in(timeout).await,
+                            FlightKind::ChangeRole => agent.run_change_role().await,
+                        };
                         let _ = tx.send(Some(result));
                     });
                     *self
@@ -1042,17 +1102,7 @@ impl Agent {
                 }
             }
         };
-        let answer = rx
-            .wait_for(|v| v.is_some())
-            .await
-            .map(|v| v.clone())
-            .ok()
-            .flatten();
-        answer.unwrap_or_else(|| {
-            Err(AgentError::SignInFailed(
-                "The sign-in was cancelled or interrupted; start it again.".into(),
-            ))
-        })
+        wait_for_flight(rx).await
     }
 
     /// Stops a browser sign-in under way (the window's Cancel): the loopback listener closes and
@@ -1185,7 +1235,7 @@ impl Agent {
                 self.emit(Event::SignedIn { user });
             }
         }
-        Ok(self.status())
+        Ok(self.settled_status())
     }
 
     /// The access token, renewed first when it would not last `min_valid_secs` (or is inside the
@@ -1197,19 +1247,24 @@ impl Agent {
                 "This provider does not issue down-scoped tokens: ask without audience and scope for the session's token.".into(),
             ));
         }
-        self.renew(request.min_valid_secs.unwrap_or(0)).await
+        self.renew(request.min_valid_secs.unwrap_or(0), Caller::Client)
+            .await
     }
 
     /// The token, renewed first when it would not last `min_valid` seconds (or is inside the refresh
-    /// margin) and a refresh token is held. Single-flight; backs off after provider failures.
-    async fn renew(&self, min_valid: u64) -> Result<TokenAnswer, AgentError> {
-        let margin = self.inner.config.session.refresh_margin_secs.max(min_valid);
-        if let Some(answer) = self.cached_token(margin)? {
+    /// margin) and a refresh token is held. Single-flight; the background renewal backs off after
+    /// provider failures, a client's request tries the provider again at most once a second.
+    async fn renew(&self, min_valid: u64, caller: Caller) -> Result<TokenAnswer, AgentError> {
+        if let Some(answer) = self.cached_token(min_valid, true)? {
             return Ok(answer);
         }
-        // Single-flight: one refresh at a time; whoever waited re-checks before refreshing again.
+        let installs_before = self.life().installs;
+        // Single-flight: one refresh at a time. Whoever waited takes the token the refresh produced
+        // if it lasts what they asked for; the margin only drives renewal ahead of need, and judging
+        // a fresh token by it would refresh again for every waiter when tokens live shorter.
         let _guard = self.inner.refresh_lock.lock().await;
-        if let Some(answer) = self.cached_token(margin)? {
+        let refreshed_meanwhile = self.life().installs != installs_before;
+        if let Some(answer) = self.cached_token(min_valid, !refreshed_meanwhile)? {
             return Ok(answer);
         }
         let generation = self.generation();
@@ -1231,8 +1286,19 @@ impl Agent {
                 }))
             };
         };
-        let backoff_until = self.life().backoff_until;
-        let result = if now < backoff_until {
+        let next_attempt = {
+            let mut life = self.life();
+            let client_due = life.last_refresh_attempt + 1;
+            let next_attempt = match caller {
+                Caller::Background => life.backoff_until,
+                Caller::Client => life.backoff_until.min(client_due),
+            };
+            if now >= next_attempt {
+                life.last_refresh_attempt = now;
+            }
+            next_attempt
+        };
+        let result = if now < next_attempt {
             Err(None)
         } else {
             self.inner
@@ -1281,7 +1347,7 @@ impl Agent {
                     None => format!(
                         "{}; the next attempt is due in {} s",
                         self.life().last_refresh_error.clone().unwrap_or_default(),
-                        backoff_until.saturating_sub(now)
+                        next_attempt.saturating_sub(now)
                     ),
                 };
                 // Anything else leaves the session as it was: serve what is still valid, else say why.
@@ -1312,13 +1378,34 @@ impl Agent {
         life.backoff_step += 1;
     }
 
-    fn cached_token(&self, margin: u64) -> Result<Option<TokenAnswer>, AgentError> {
+    /// The current token if it lasts `min_valid` seconds, and, `with_margin`, past the renewal margin.
+    fn cached_token(
+        &self,
+        min_valid: u64,
+        with_margin: bool,
+    ) -> Result<Option<TokenAnswer>, AgentError> {
         let now = self.inner.clock.now();
         let session = self.session();
         let Some(current) = session.as_ref() else {
             return Err(AgentError::not_signed_in());
         };
-        Ok((current.expires_at > now + margin).then(|| answer_from(current)))
+        let needed = if with_margin {
+            min_valid.max(self.renewal_margin(current.expires_at))
+        } else {
+            min_valid
+        };
+        Ok((current.expires_at > now + needed).then(|| answer_from(current)))
+    }
+
+    /// How long before `expires_at` the token is renewed ahead of need: `refresh_margin_secs`, or half
+    /// the token's lifetime when the provider's tokens live shorter than twice that (else every token
+    /// would be inside the margin from the moment it arrives, and renewed on every tick).
+    fn renewal_margin(&self, expires_at: u64) -> u64 {
+        let margin = self.inner.config.session.refresh_margin_secs;
+        match self.life().tokens_installed_at {
+            0 => margin,
+            installed_at => margin.min(expires_at.saturating_sub(installed_at) / 2),
+        }
     }
 
     fn end_session(&self, reason: String) -> Option<SignedIn> {
@@ -1476,11 +1563,49 @@ fn human_duration(secs: u64) -> String {
     }
 }
 
+/// Whether the flight has not answered yet and its task still runs (a cancelled one drops its sender).
+fn flight_running(flight: &Flight) -> bool {
+    flight.borrow().is_none() && flight.has_changed().is_ok()
+}
+
+/// The flight's outcome, once it ends.
+async fn wait_for_flight(mut flight: Flight) -> Result<Status, AgentError> {
+    let answer = flight
+        .wait_for(|v| v.is_some())
+        .await
+        .map(|v| v.clone())
+        .ok()
+        .flatten();
+    answer.unwrap_or_else(|| {
+        Err(AgentError::SignInFailed(
+            "The sign-in was cancelled or interrupted; start it again.".into(),
+        ))
+    })
+}
+
+/// What a browser flight does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlightKind {
+    SignIn,
+    /// Re-authentication with role selection, for the clinician already signed in.
+    ChangeRole,
+}
+
+/// Who wants the token renewed: the background renewal obeys the backoff; a client's request may reach
+/// the provider once a second whatever the backoff, so the first request after an outage finds it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Client,
+    Background,
+}
+
 /// How often the session's timers are checked.
 const LIFECYCLE_TICK: Duration = Duration::from_millis(250);
 
 /// Tests of crash safety set `CIS2_TEST_CRASH_AT` to a step name; the process then dies there, as a
-/// power cut or `kill -9` would. Nothing else reads the variable.
+/// power cut or `kill -9` would. Compiled in only with the `test-hooks` feature, which the system tests
+/// turn on and release builds and packages do not: a shipped agent cannot be crashed this way.
+#[cfg(feature = "test-hooks")]
 fn crash_point(step: &str) {
     if std::env::var("CIS2_TEST_CRASH_AT").is_ok_and(|v| v == step) {
         eprintln!("CIS2_TEST_CRASH_AT={step}: aborting here for a crash-safety test");
@@ -1488,8 +1613,13 @@ fn crash_point(step: &str) {
     }
 }
 
+#[cfg(not(feature = "test-hooks"))]
+fn crash_point(_step: &str) {}
+
 /// Tests of hand-over races set `CIS2_TEST_PAUSE_TOKEN_MS` to hold each `token` answer that long
-/// after it was read, widening the window in which a sign-out can overtake it. Nothing else reads it.
+/// after it was read, widening the window in which a sign-out can overtake it. Only with the
+/// `test-hooks` feature, like [`crash_point`].
+#[cfg(feature = "test-hooks")]
 pub async fn test_pause_token() {
     if let Some(ms) = std::env::var("CIS2_TEST_PAUSE_TOKEN_MS")
         .ok()
@@ -1498,6 +1628,9 @@ pub async fn test_pause_token() {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
+
+#[cfg(not(feature = "test-hooks"))]
+pub async fn test_pause_token() {}
 
 /// The store the config asks for: the keychain, or memory (always in the sandbox, whose provider does
 /// not outlive the agent). A keychain that cannot be used means memory, said in `status`.

@@ -1,14 +1,21 @@
 //! The audit log: one JSON object a line in `<data_dir>/audit.jsonl`, each carrying the SHA-256 of the
 //! line before it (`prev`; 64 zeros for the first), so that editing or deleting any line breaks the
 //! chain. A small head file beside it (`audit.jsonl.head`: line count and last hash) makes truncation at
-//! the end detectable too. Records are written by one task in batches, so a request never waits on the
-//! disk; no record is dropped (the queue applies back-pressure when full). Never a token.
+//! the end detectable too; with a seal key (from the keychain) the head carries an HMAC, so a head
+//! rewritten to match a cut log, or a deleted one, is found as well.
+//!
+//! Group commit: [`AuditLog::record`] returns once the batch holding its record is in the file (one
+//! `write` per batch, and with `sync` one `fdatasync`), so an answer that waits for it — a token — is
+//! never sent before its record is written. Never a token in the log.
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -49,6 +56,61 @@ struct Line<'a> {
 struct Head {
     lines: u64,
     last: String,
+    /// HMAC-SHA-256 of `lines` and `last` under the seal key, hex; absent without a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<String>,
+}
+
+/// The key that seals the head file: 32 bytes kept outside the data folder (the keychain), so that
+/// whoever can edit the folder cannot write a head that verifies.
+#[derive(Clone)]
+pub struct SealKey(Zeroizing<[u8; 32]>);
+
+impl SealKey {
+    pub fn new(bytes: Zeroizing<[u8; 32]>) -> SealKey {
+        SealKey(bytes)
+    }
+
+    /// A seal key derived from another secret (the store's data key): the same secret gives the same
+    /// key, and the seal key reveals nothing of it.
+    pub fn derived_from(secret: &[u8]) -> SealKey {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+        mac.update(b"cis2-agent audit seal key v1");
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&mac.finalize().into_bytes());
+        SealKey(key)
+    }
+
+    fn mac(&self, lines: u64, last: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0[..]).expect("any key length");
+        mac.update(format!("cis2-agent audit head v1\n{lines}\n{last}").as_bytes());
+        mac
+    }
+
+    fn seal(&self, lines: u64, last: &str) -> String {
+        hex::encode(self.mac(lines, last).finalize().into_bytes())
+    }
+
+    /// Compares in constant time.
+    fn verifies(&self, lines: u64, last: &str, seal: &str) -> bool {
+        hex::decode(seal).is_ok_and(|seal| self.mac(lines, last).verify_slice(&seal).is_ok())
+    }
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey([redacted])")
+    }
+}
+
+/// How the log is written.
+#[derive(Debug, Clone, Default)]
+pub struct AuditOptions {
+    /// `fdatasync` each batch before its requests are answered (`[agent] audit_sync`): the records
+    /// survive a power cut, not only a crash of the agent.
+    pub sync: bool,
+    /// Seals the head file; `None` leaves it unsealed (no keychain).
+    pub seal_key: Option<SealKey>,
 }
 
 fn head_path(log: &Path) -> PathBuf {
@@ -61,32 +123,76 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-enum Message {
-    Record(Record),
-    Flush(oneshot::Sender<()>),
+/// The record could not be written; the request it belongs to must not be answered as done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    #[error("the audit log could not be written: {0}")]
+    Write(String),
+    #[error("the audit log's writer has stopped")]
+    Stopped,
 }
 
 /// The writer's handle. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
     path: PathBuf,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// How many records are in the file (advanced after each batch's write); waiters watch it.
+    written: watch::Sender<u64>,
+    file: std::fs::File,
+    sync: bool,
+    seal_key: Option<SealKey>,
+    head: PathBuf,
+}
+
+/// The chain and what is still to be written, under one lock.
+struct State {
+    /// The lines appended but not yet written, in chain order.
+    pending: Vec<u8>,
+    /// The chain through the last appended record (written or not).
+    appended: Chain,
+    /// The chain through the last written record.
+    written: Chain,
+    /// Someone is writing a batch now; others wait for it, then one of them writes the next.
+    writing: bool,
+    /// A write failed: the file and the chain in memory may differ, so nothing more is recorded (and
+    /// nothing more handed out) until the agent restarts and checks the log.
+    failed: Option<String>,
+    /// What the head file says.
+    head_lines: u64,
+}
+
+#[derive(Clone)]
+struct Chain {
+    lines: u64,
+    last: String,
 }
 
 impl AuditLog {
     /// Opens (or creates) the log at `path`, continuing its chain. A log whose chain is already broken
-    /// is not appended to: it is set aside as `audit.jsonl.broken-<time>` and a new chain begins, so the
-    /// evidence is kept and new records stay verifiable.
-    pub fn open(path: &Path) -> io::Result<AuditLog> {
+    /// (or whose sealed head does not match it) is not appended to: it is set aside as
+    /// `audit.jsonl.broken-<time>` and a new chain begins, so the evidence is kept and new records stay
+    /// verifiable. The head is written at once, so that from now on a missing head means tampering.
+    pub fn open(path: &Path, options: AuditOptions) -> io::Result<AuditLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let (mut lines, mut last) = (0u64, GENESIS.to_string());
+        let mut chain = Chain {
+            lines: 0,
+            last: GENESIS.to_string(),
+        };
         if path.exists() {
-            match verify(path) {
+            match verify(path, options.seal_key.as_ref()) {
                 Ok(summary) => {
-                    lines = summary.lines;
-                    last = summary.last;
+                    chain = Chain {
+                        lines: summary.lines,
+                        last: summary.last,
+                    };
                 }
                 Err(problem) => {
                     let aside = path.with_extension(format!(
@@ -98,7 +204,10 @@ impl AuditLog {
                     ));
                     tracing::error!(%problem, aside = %aside.display(), "the audit log's chain is broken; set aside, starting a new chain");
                     std::fs::rename(path, &aside)?;
-                    let _ = std::fs::remove_file(head_path(path));
+                    let head = head_path(path);
+                    if head.exists() {
+                        std::fs::rename(&head, head_path(&aside))?;
+                    }
                 }
             }
         }
@@ -111,20 +220,29 @@ impl AuditLog {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         }
-        let (tx, rx) = mpsc::channel(4096);
-        let writer = Writer {
-            file: io::BufWriter::new(file),
+        let (written, _) = watch::channel(chain.lines);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: Vec::with_capacity(64 * 1024),
+                appended: chain.clone(),
+                written: chain.clone(),
+                writing: false,
+                failed: None,
+                head_lines: chain.lines,
+            }),
+            written,
+            file,
+            sync: options.sync,
+            seal_key: options.seal_key,
             head: head_path(path),
-            lines,
-            last,
-            head_written_at: None,
-            head_dirty: false,
-        };
+        });
+        shared.write_head(&chain)?;
+        let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
-            .name("cis2-audit".into())
-            .spawn(move || writer.run(rx))?;
+            .name("cis2-audit-head".into())
+            .spawn(move || keep_head(weak))?;
         Ok(AuditLog {
-            tx,
+            shared,
             path: path.to_path_buf(),
         })
     }
@@ -133,121 +251,132 @@ impl AuditLog {
         &self.path
     }
 
-    /// Queues a record; waits only when the queue is full.
-    pub async fn record(&self, record: Record) {
-        let _ = self.tx.send(Message::Record(record)).await;
+    /// Appends a record and returns once it is in the file (and, with `sync`, on the disk): group
+    /// commit. Whoever finds no write under way writes everything appended so far with one `write`,
+    /// on its own thread, and wakes the others; records that arrive meanwhile go out as the next
+    /// batch. No thread hand-over on the way, which keeps a `token` answer's latency low.
+    pub async fn record(&self, record: Record) -> Result<(), AuditError> {
+        let mut written = self.shared.written.subscribe();
+        let mine = self.shared.append(&record)?;
+        loop {
+            if self.shared.write_batch_unless_busy(mine)? {
+                return Ok(());
+            }
+            if written.changed().await.is_err() {
+                return Err(AuditError::Stopped);
+            }
+        }
     }
 
-    /// Waits until everything queued so far is on disk (tests, shutdown).
+    /// Waits until everything appended so far is written and the head names it (tests, shutdown).
     pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Message::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        let through = self.shared.lock().appended.lines;
+        let mut written = self.shared.written.subscribe();
+        while let Ok(false) = self.shared.write_batch_unless_busy(through) {
+            if written.changed().await.is_err() {
+                return;
+            }
         }
+        self.shared.update_head();
     }
 }
 
-/// How often the head file is rewritten under load: a busy agent would otherwise rename a file per
-/// request. The head may lag the log by this much; it never runs ahead of it.
+/// How often the head file is brought up to date (it may lag the log by this much; it never runs
+/// ahead of it), and how soon records whose writer gave up waiting are written.
 const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-struct Writer {
-    file: io::BufWriter<std::fs::File>,
-    head: PathBuf,
-    lines: u64,
-    last: String,
-    head_written_at: Option<std::time::Instant>,
-    head_dirty: bool,
-}
-
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        loop {
-            let first = match rx.try_recv() {
-                Ok(message) => message,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) if self.head_dirty => {
-                    // Quiet: bring the head up to date once it is due.
-                    self.sync_head(false);
-                    if self.head_dirty {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    continue;
-                }
-                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
-                    Some(message) => message,
-                    None => break,
-                },
-            };
-            let mut waiting = Vec::new();
-            let mut batch = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batch.push(more);
-                if batch.len() >= 1024 {
-                    break;
-                }
-            }
-            for message in batch {
-                match message {
-                    Message::Record(record) => {
-                        if let Err(e) = self.append(&record) {
-                            tracing::error!(error = %e, "cannot write the audit log");
-                        }
-                    }
-                    Message::Flush(done) => waiting.push(done),
-                }
-            }
-            if let Err(e) = self.file.flush() {
-                tracing::error!(error = %e, "cannot write the audit log");
-            }
-            self.head_dirty = true;
-            self.sync_head(!waiting.is_empty());
-            for done in waiting {
-                let _ = done.send(());
-            }
-        }
-        self.sync_head(true);
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sync_head(&mut self, now: bool) {
-        let due = self
-            .head_written_at
-            .is_none_or(|at| at.elapsed() >= HEAD_INTERVAL);
-        if self.head_dirty && (now || due) {
-            match self.write_head() {
-                Ok(()) => {
-                    self.head_dirty = false;
-                    self.head_written_at = Some(std::time::Instant::now());
-                }
+    /// Chains the record onto the log and queues its line; its number in the log.
+    fn append(&self, record: &Record) -> Result<u64, AuditError> {
+        let mut state = self.lock();
+        if let Some(failed) = &state.failed {
+            return Err(AuditError::Write(failed.clone()));
+        }
+        let text =
+            chained(record, &state.appended.last).map_err(|e| AuditError::Write(e.to_string()))?;
+        state.pending.extend_from_slice(text.as_bytes());
+        state.pending.push(b'\n');
+        state.appended.last = sha256_hex(text.as_bytes());
+        state.appended.lines += 1;
+        Ok(state.appended.lines)
+    }
+
+    /// `Ok(true)` once line `through` is written. Otherwise, unless another write is under way,
+    /// writes the pending batch (one `write`, and an `fdatasync` with `sync`) and tells the waiters.
+    fn write_batch_unless_busy(&self, through: u64) -> Result<bool, AuditError> {
+        let (batch, chain) = {
+            let mut state = self.lock();
+            if let Some(failed) = &state.failed {
+                return Err(AuditError::Write(failed.clone()));
+            }
+            if state.written.lines >= through {
+                return Ok(true);
+            }
+            if state.writing {
+                return Ok(false);
+            }
+            state.writing = true;
+            (std::mem::take(&mut state.pending), state.appended.clone())
+        };
+        let result = (&self.file).write_all(&batch).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        let mut state = self.lock();
+        state.writing = false;
+        // The buffer goes back for the next batch, so a busy log does not allocate per batch.
+        if state.pending.is_empty() {
+            state.pending = batch;
+            state.pending.clear();
+        }
+        let outcome = match result {
+            Ok(()) => {
+                state.written = chain;
+                Ok(state.written.lines >= through)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the audit log; no more records (nor tokens) until the agent restarts");
+                state.failed = Some(e.to_string());
+                Err(AuditError::Write(e.to_string()))
+            }
+        };
+        let written = state.written.lines;
+        drop(state);
+        self.written.send_replace(written);
+        outcome
+    }
+
+    /// Rewrites the head if the log has grown since, and writes what nobody waits for any more.
+    fn update_head(&self) {
+        let through = self.lock().appended.lines;
+        let _ = self.write_batch_unless_busy(through);
+        let chain = {
+            let state = self.lock();
+            (state.written.lines != state.head_lines).then(|| state.written.clone())
+        };
+        if let Some(chain) = chain {
+            match self.write_head(&chain) {
+                Ok(()) => self.lock().head_lines = chain.lines,
                 Err(e) => tracing::error!(error = %e, "cannot write the audit log's head"),
             }
         }
     }
 
-    fn append(&mut self, record: &Record) -> io::Result<()> {
-        let line = Line {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            client: &record.client,
-            method: &record.method,
-            audience: &record.audience,
-            scope: &record.scope,
-            uid: &record.uid,
-            role_id: &record.role_id,
-            outcome: &record.outcome,
-            prev: &self.last,
-        };
-        let text = serde_json::to_string(&line).map_err(io::Error::other)?;
-        self.file.write_all(text.as_bytes())?;
-        self.file.write_all(b"\n")?;
-        self.last = sha256_hex(text.as_bytes());
-        self.lines += 1;
-        Ok(())
-    }
-
-    fn write_head(&self) -> io::Result<()> {
+    fn write_head(&self, chain: &Chain) -> io::Result<()> {
         let head = Head {
-            lines: self.lines,
-            last: self.last.clone(),
+            lines: chain.lines,
+            last: chain.last.clone(),
+            seal: self
+                .seal_key
+                .as_ref()
+                .map(|key| key.seal(chain.lines, &chain.last)),
         };
         let tmp = self.head.with_extension("head.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&head).map_err(io::Error::other)?)?;
@@ -258,6 +387,38 @@ impl Writer {
         }
         std::fs::rename(tmp, &self.head)
     }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.update_head();
+    }
+}
+
+/// The head's own thread: every [`HEAD_INTERVAL`], off the requests' path, while the log is open.
+fn keep_head(log: std::sync::Weak<Shared>) {
+    loop {
+        std::thread::sleep(HEAD_INTERVAL);
+        match log.upgrade() {
+            Some(log) => log.update_head(),
+            None => return,
+        }
+    }
+}
+
+/// The record as its line (without the newline), chained to `prev`.
+fn chained(record: &Record, prev: &str) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&Line {
+        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        client: &record.client,
+        method: &record.method,
+        audience: &record.audience,
+        scope: &record.scope,
+        uid: &record.uid,
+        role_id: &record.role_id,
+        outcome: &record.outcome,
+        prev,
+    })
 }
 
 /// An intact chain: how many lines, and the hash of the last.
@@ -277,8 +438,10 @@ pub struct Broken {
     pub why: String,
 }
 
-/// Checks the whole chain, and the head file when there is one.
-pub fn verify(path: &Path) -> Result<Intact, Broken> {
+/// Checks the whole chain, and the head file. With `seal_key` the head must be there and sealed by
+/// it: a missing head, or one rewritten without the key, is reported; without a key a head is
+/// checked when there is one.
+pub fn verify(path: &Path, seal_key: Option<&SealKey>) -> Result<Intact, Broken> {
     let broken = |line: u64, why: String| Broken {
         path: path.to_path_buf(),
         line,
@@ -310,23 +473,55 @@ pub fn verify(path: &Path) -> Result<Intact, Broken> {
         expected_prev = sha256_hex(&line);
         count = number;
     }
-    if let Ok(text) = std::fs::read(head_path(path)) {
-        let head: Head = serde_json::from_slice(&text)
-            .map_err(|_| broken(count, "the head file is damaged".into()))?;
-        if head.lines > count {
-            return Err(broken(
-                count + 1,
-                format!(
-                    "the log ends after {count} lines but {} were written: it was truncated",
-                    head.lines
-                ),
-            ));
-        }
-        if head.lines == count && head.last != expected_prev {
+    let head = match std::fs::read(head_path(path)) {
+        Ok(text) => Some(
+            serde_json::from_slice::<Head>(&text)
+                .map_err(|_| broken(count, "the head file is damaged".into()))?,
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(broken(count, format!("cannot read the head file: {e}"))),
+    };
+    match (head, seal_key) {
+        (None, Some(_)) => {
             return Err(broken(
                 count,
-                "the last line differs from the one written".into(),
+                "the head file is missing: the agent writes it when it opens the log, so it was \
+                 deleted, and the end of the log may have been cut off with it"
+                    .into(),
             ));
+        }
+        (None, None) => {}
+        (Some(head), key) => {
+            if let Some(key) = key {
+                let sealed = head
+                    .seal
+                    .as_deref()
+                    .is_some_and(|seal| key.verifies(head.lines, &head.last, seal));
+                if !sealed {
+                    return Err(broken(
+                        count,
+                        "the head file's seal does not verify: it was written by something other \
+                         than this agent (or the keychain's key changed), so the log's end cannot \
+                         be trusted"
+                            .into(),
+                    ));
+                }
+            }
+            if head.lines > count {
+                return Err(broken(
+                    count + 1,
+                    format!(
+                        "the log ends after {count} lines but {} were written: it was truncated",
+                        head.lines
+                    ),
+                ));
+            }
+            if head.lines == count && head.last != expected_prev {
+                return Err(broken(
+                    count,
+                    "the last line differs from the one written".into(),
+                ));
+            }
         }
     }
     Ok(Intact {
@@ -352,10 +547,35 @@ pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
+    async fn append(log: &AuditLog, method: &str) {
+        log.record(Record {
+            method: method.into(),
+            outcome: "ok".into(),
+            ..Record::default()
+        })
+        .await
+        .unwrap();
+    }
+
     async fn log_with(n: usize) -> (tempfile::TempDir, PathBuf) {
+        sealed_log_with(n, None).await
+    }
+
+    fn key(byte: u8) -> SealKey {
+        SealKey::new(Zeroizing::new([byte; 32]))
+    }
+
+    async fn sealed_log_with(n: usize, seal_key: Option<SealKey>) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(
+            &path,
+            AuditOptions {
+                sync: true,
+                seal_key,
+            },
+        )
+        .unwrap();
         for i in 0..n {
             log.record(Record {
                 method: "token".into(),
@@ -367,7 +587,8 @@ mod tests {
                 },
                 ..Record::default()
             })
-            .await;
+            .await
+            .unwrap();
         }
         log.flush().await;
         (dir, path)
@@ -390,18 +611,13 @@ mod tests {
     #[tokio::test]
     async fn an_intact_chain_verifies_and_reopening_continues_it() {
         let (_dir, path) = log_with(5).await;
-        assert_eq!(verify(&path).unwrap().lines, 5);
+        assert_eq!(verify(&path, None).unwrap().lines, 5);
         let first: serde_json::Value = serde_json::from_str(&tail(&path, 5).unwrap()[0]).unwrap();
         assert_eq!(first["prev"], GENESIS);
-        let log = AuditLog::open(&path).unwrap();
-        log.record(Record {
-            method: "whoami".into(),
-            outcome: "ok".into(),
-            ..Record::default()
-        })
-        .await;
+        let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
+        append(&log, "whoami").await;
         log.flush().await;
-        assert_eq!(verify(&path).unwrap().lines, 6);
+        assert_eq!(verify(&path, None).unwrap().lines, 6);
     }
 
     #[tokio::test]
@@ -411,7 +627,7 @@ mod tests {
             assert!(lines[1].contains("\"denied\""));
             lines[1] = lines[1].replace("\"denied\"", "\"ok\"");
         });
-        assert_eq!(verify(&path).unwrap_err().line, 3);
+        assert_eq!(verify(&path, None).unwrap_err().line, 3);
     }
 
     #[tokio::test]
@@ -420,14 +636,14 @@ mod tests {
         rewrite(&path, |lines| {
             lines.remove(1);
         });
-        assert_eq!(verify(&path).unwrap_err().line, 2);
+        assert_eq!(verify(&path, None).unwrap_err().line, 2);
     }
 
     #[tokio::test]
     async fn truncation_at_the_end_is_found() {
         let (_dir, path) = log_with(5).await;
         rewrite(&path, |lines| lines.truncate(3));
-        let err = verify(&path).unwrap_err();
+        let err = verify(&path, None).unwrap_err();
         assert_eq!(err.line, 4);
         assert!(err.why.contains("truncated"), "{err}");
     }
@@ -438,7 +654,7 @@ mod tests {
         rewrite(&path, |lines| {
             lines[2] = lines[2].replace("\"token\"", "\"whoami\"")
         });
-        assert_eq!(verify(&path).unwrap_err().line, 3);
+        assert_eq!(verify(&path, None).unwrap_err().line, 3);
     }
 
     #[tokio::test]
@@ -447,20 +663,98 @@ mod tests {
         rewrite(&path, |lines| {
             lines.remove(0);
         });
-        let log = AuditLog::open(&path).unwrap();
-        log.record(Record {
-            method: "token".into(),
-            outcome: "ok".into(),
-            ..Record::default()
-        })
-        .await;
+        let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
+        append(&log, "token").await;
         log.flush().await;
-        assert_eq!(verify(&path).unwrap().lines, 1);
+        assert_eq!(verify(&path, None).unwrap().lines, 1);
         let aside = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains("broken"))
-            .count();
-        assert_eq!(aside, 1);
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("broken"))
+            .collect::<Vec<_>>();
+        // The broken log, and its head beside it: both kept as evidence.
+        assert_eq!(aside.len(), 2, "{aside:?}");
+        assert!(
+            aside.iter().any(|name| name.ends_with(".head")),
+            "{aside:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_is_in_the_file_when_record_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, AuditOptions::default()).unwrap();
+        for i in 1..=50u64 {
+            append(&log, "token").await;
+            // Read at once, without flush: group commit answered only after the write.
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text.lines().count() as u64, i);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_a_seal_a_cut_log_whose_head_was_deleted_or_rewritten_is_found() {
+        let (_dir, path) = sealed_log_with(5, Some(key(7))).await;
+        assert_eq!(verify(&path, Some(&key(7))).unwrap().lines, 5);
+        let head = head_path(&path);
+        let sealed_head = std::fs::read(&head).unwrap();
+        rewrite(&path, |lines| lines.truncate(3));
+
+        // The head deleted with the cut: what issue 20 found said "intact" before the seal.
+        std::fs::remove_file(&head).unwrap();
+        assert!(
+            verify(&path, None).is_ok(),
+            "unsealed, a deleted head is not noticed"
+        );
+        let err = verify(&path, Some(&key(7))).unwrap_err();
+        assert!(err.why.contains("head file is missing"), "{err}");
+
+        // A head recomputed for the cut log, without the key.
+        let intact = verify(&path, None).unwrap();
+        let forged = Head {
+            lines: intact.lines,
+            last: intact.last.clone(),
+            seal: None,
+        };
+        std::fs::write(&head, serde_json::to_vec(&forged).unwrap()).unwrap();
+        let err = verify(&path, Some(&key(7))).unwrap_err();
+        assert!(err.why.contains("seal does not verify"), "{err}");
+        let forged = Head {
+            seal: Some(key(8).seal(intact.lines, &intact.last)),
+            ..forged
+        };
+        std::fs::write(&head, serde_json::to_vec(&forged).unwrap()).unwrap();
+        assert!(
+            verify(&path, Some(&key(7))).is_err(),
+            "sealed with another key"
+        );
+
+        // The genuine head back: the cut is named as before.
+        std::fs::write(&head, &sealed_head).unwrap();
+        let err = verify(&path, Some(&key(7))).unwrap_err();
+        assert_eq!(err.line, 4);
+        assert!(err.why.contains("truncated"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_sealed_log_reopens_and_continues_and_its_head_is_written_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let options = AuditOptions {
+            sync: false,
+            seal_key: Some(key(1)),
+        };
+        let log = AuditLog::open(&path, options.clone()).unwrap();
+        // Before any record the head is there, so that its absence later means it was removed.
+        assert_eq!(verify(&path, Some(&key(1))).unwrap().lines, 0);
+        log.record(Record::default()).await.unwrap();
+        log.flush().await;
+        drop(log);
+        let log = AuditLog::open(&path, options).unwrap();
+        log.record(Record::default()).await.unwrap();
+        log.flush().await;
+        assert_eq!(verify(&path, Some(&key(1))).unwrap().lines, 2);
     }
 }

@@ -221,6 +221,9 @@ pub struct Exchange {
     /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
     /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
     pub secret_env: Option<String>,
+    /// `kid`: the key id registered with CIS2 for `key_file` (`private_key_jwt`); absent, the key's
+    /// RFC 7638 thumbprint. 1 to 128 of `A-Z a-z 0-9 - _`.
+    pub kid: Option<String>,
 }
 
 /// `[provider]`: the OpenID Connect provider and this agent's client registration with it.
@@ -266,6 +269,10 @@ pub struct AgentConfig {
     pub data_dir: Option<PathBuf>,
     /// `client_policy`; `None` = not set: see [`Config::effective_client_policy`].
     pub client_policy: Option<ClientPolicy>,
+    /// `audit_sync`: `fdatasync` the audit log after each batch of records, before the requests
+    /// they record are answered. Default off: a flush costs about a millisecond on a typical disk,
+    /// more than the IPC latency target allows (docs/configuration.md has the figures).
+    pub audit_sync: bool,
 }
 
 /// One `[[clients]]` entry: a program allowed to use the agent, identified by the OS.
@@ -620,8 +627,15 @@ const PROVIDER_KEYS: &[&str] = &[
     "login_timeout_secs",
     "exchange",
 ];
-const EXCHANGE_KEYS: &[&str] = &["method", "relay_url", "key_file", "alg", "secret_env"];
-const AGENT_KEYS: &[&str] = &["socket", "store", "data_dir", "client_policy"];
+const EXCHANGE_KEYS: &[&str] = &[
+    "method",
+    "relay_url",
+    "key_file",
+    "alg",
+    "kid",
+    "secret_env",
+];
+const AGENT_KEYS: &[&str] = &["socket", "store", "data_dir", "client_policy", "audit_sync"];
 const CLIENT_KEYS: &[&str] = &["name", "path", "sha256", "methods", "audiences", "scopes"];
 const SESSION_KEYS: &[&str] = &[
     "refresh_margin_secs",
@@ -1635,6 +1649,7 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
             key_file: None,
             alg: SigningAlg::default(),
             secret_env: None,
+            kid: None,
         });
     };
     x.check_keys(ctx, EXCHANGE_KEYS)?;
@@ -1688,6 +1703,24 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
         .choice(ctx, "alg", SigningAlg::CHOICES)?
         .map(|(alg, _)| alg)
         .unwrap_or_default();
+    let kid = match x.string(ctx, "kid", "\"eps-cpt-ui-int\"")? {
+        Some((kid, span)) => {
+            if cis2_jose::check_kid(&kid).is_err() {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "kid = {} is not a key id this agent can send.",
+                        ctx.snippet(&span)
+                    ),
+                    "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, \
+                     - or _ (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's \
+                     RFC 7638 thumbprint.",
+                ));
+            }
+            Some(kid)
+        }
+        None => None,
+    };
     let secret_env = match x.string(ctx, "secret_env", "\"CIS2_CLIENT_SECRET\"")? {
         Some((name, span)) => {
             if !is_env_var_name(&name) {
@@ -1741,6 +1774,7 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
         key_file,
         alg,
         secret_env,
+        kid,
     })
 }
 
@@ -1768,6 +1802,7 @@ fn read_agent(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<AgentConfig, ConfigError> {
         client_policy: t
             .choice(ctx, "client_policy", ClientPolicy::CHOICES)?
             .map(|(c, _)| c),
+        audit_sync: t.boolean(ctx, "audit_sync", false)?,
     })
 }
 
@@ -2060,6 +2095,7 @@ method = "relay"
 relay_url = "https://relay.example.nhs.uk/"
 key_file = "client-key.pem"    # private_key_jwt: PEM RSA key
 alg = "RS512"
+kid = "eps-cpt-ui-int"
 secret_env = "CIS2_CLIENT_SECRET"
 
 [agent]
@@ -2128,12 +2164,14 @@ allow_user_switch = false
         );
         assert_eq!(p.exchange.alg, SigningAlg::RS512);
         assert_eq!(p.exchange.secret_env.as_deref(), Some("CIS2_CLIENT_SECRET"));
+        assert_eq!(p.exchange.kid.as_deref(), Some("eps-cpt-ui-int"));
 
         assert_eq!(
             config.agent.socket.as_deref(),
             Some(Path::new("/run/user/1000/cis2-agent/agent.sock"))
         );
         assert_eq!(config.agent.store, StoreKind::Keyring);
+        assert!(!config.agent.audit_sync, "off unless asked for");
         assert_eq!(
             config.agent.data_dir.as_deref(),
             Some(Path::new("/var/lib/cis2-agent"))
@@ -2471,6 +2509,37 @@ allow_user_switch = false
     }
 
     #[test]
+    fn audit_sync_is_off_unless_asked_for() {
+        assert!(!ok("environment = \"sandbox\"\n").agent.audit_sync);
+        assert!(
+            ok("environment = \"sandbox\"\n[agent]\naudit_sync = true\n")
+                .agent
+                .audit_sync
+        );
+        check(
+            &bad("environment = \"sandbox\"\n[agent]\naudit_sync = \"yes\"\n"),
+            3,
+            &["audit_sync", "true or false"],
+        );
+    }
+
+    #[test]
+    fn a_named_kid_is_read_and_an_unusable_one_is_refused_with_the_fix() {
+        let base = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"k.pem\"\n";
+        assert_eq!(ok(base).provider.unwrap().exchange.kid, None);
+        let config = ok(&format!("{base}kid = \"eps-cpt-ui-int\"\n"));
+        assert_eq!(
+            config.provider.unwrap().exchange.kid.as_deref(),
+            Some("eps-cpt-ui-int")
+        );
+        for bad_kid in ["\"\"", "\"a.b\"", "\"two words\"", "42"] {
+            check(&bad(&format!("{base}kid = {bad_kid}\n")), 8, &["kid"]);
+        }
+        let e = bad(&format!("{base}kid = \"a.b\"\n"));
+        check(&e, 8, &["not a key id", "thumbprint"]);
+    }
+
+    #[test]
     fn secrets_in_the_file_are_refused_anywhere() {
         let cases = [
             (
@@ -2642,7 +2711,7 @@ allow_user_switch = false
         );
         assert_eq!(
             e.to_string(),
-            "config.toml:7: unknown key \"sockett\" in [agent]. Did you mean \"socket\"? Valid keys: socket, store, data_dir, client_policy."
+            "config.toml:7: unknown key \"sockett\" in [agent]. Did you mean \"socket\"? Valid keys: socket, store, data_dir, client_policy, audit_sync."
         );
 
         let e = bad("enviroment = \"int\"\n");

@@ -2,6 +2,9 @@
 //! session and its single-flight sign-in and refresh, the local IPC server, and the edges that tests
 //! replace (clock, browser, HTTP). Both front ends (`cis2-agentd` and the desktop app) are thin layers
 //! over [`agent::Agent`] and [`ipc::serve`]; nothing here knows about windows.
+//!
+//! Feature `test-hooks` (off by default, and never in release builds or packages): the environment
+//! variables through which the system tests crash or slow the agent.
 
 pub mod agent;
 pub mod audit;

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
+use crate::audit::SealKey;
+
 const MAGIC: &[u8; 8] = b"CIS2SES1";
 const AAD: &[u8] = b"cis2-agent session v1";
 pub const KEYCHAIN_SERVICE: &str = "cis2-agent";
@@ -149,6 +151,10 @@ pub trait TokenStore: Send + Sync {
     fn save(&self, session: &Stored) -> Result<(), StoreError>;
     fn clear(&self) -> Result<(), StoreError>;
     fn status(&self) -> StoreStatus;
+    /// The key that seals the audit log's head, when this store keeps one outside the data folder.
+    fn audit_seal_key(&self) -> Option<SealKey> {
+        None
+    }
 }
 
 /// Nothing persists.
@@ -187,13 +193,7 @@ impl KeyringStore {
         data_dir: &Path,
         credentials: &Arc<keyring_core::CredentialStore>,
     ) -> Result<KeyringStore, StoreError> {
-        // One key per data folder, so two agents with their own folders never share a key.
-        let account = format!(
-            "session-key:{}",
-            &crate::audit::sha256_hex(data_dir.to_string_lossy().as_bytes())[..16]
-        );
-        let entry = keyring_core::Entry::new_in_store(credentials, KEYCHAIN_SERVICE, &account)
-            .map_err(|e| StoreError(format!("the keychain cannot be used: {e}")))?;
+        let entry = keychain_entry(data_dir, credentials)?;
         let key = match entry.get_secret() {
             Ok(stored) => match decode_key(&stored) {
                 Some(key) => key,
@@ -230,6 +230,33 @@ impl KeyringStore {
     }
 }
 
+/// The keychain entry of `data_dir`'s data key: one key per data folder, so two agents with their own
+/// folders never share a key.
+fn keychain_entry(
+    data_dir: &Path,
+    credentials: &Arc<keyring_core::CredentialStore>,
+) -> Result<keyring_core::Entry, StoreError> {
+    let account = format!(
+        "session-key:{}",
+        &crate::audit::sha256_hex(data_dir.to_string_lossy().as_bytes())[..16]
+    );
+    keyring_core::Entry::new_in_store(credentials, KEYCHAIN_SERVICE, &account)
+        .map_err(|e| StoreError(format!("the keychain cannot be used: {e}")))
+}
+
+/// The audit seal key of `data_dir`'s keychain entry, if there is one (never creates it): what
+/// `cis2ctl audit verify` checks the head with.
+pub fn existing_audit_seal_key(
+    data_dir: &Path,
+    credentials: &Arc<keyring_core::CredentialStore>,
+) -> Result<Option<SealKey>, StoreError> {
+    match keychain_entry(data_dir, credentials)?.get_secret() {
+        Ok(stored) => Ok(decode_key(&stored).map(|key| SealKey::derived_from(&key[..]))),
+        Err(keyring_core::Error::NoEntry) => Ok(None),
+        Err(e) => Err(StoreError(format!("the keychain cannot be used: {e}"))),
+    }
+}
+
 /// A fresh random data key, stored in the keychain entry.
 fn new_key(entry: &keyring_core::Entry) -> Result<Zeroizing<[u8; 32]>, StoreError> {
     let mut fresh = Zeroizing::new([0u8; 32]);
@@ -257,6 +284,10 @@ fn rand_fill(buf: &mut [u8]) {
 }
 
 impl TokenStore for KeyringStore {
+    fn audit_seal_key(&self) -> Option<SealKey> {
+        Some(SealKey::derived_from(&self.key[..]))
+    }
+
     fn load(&self) -> Option<Stored> {
         let bytes = match std::fs::read(&self.file) {
             Ok(bytes) => bytes,

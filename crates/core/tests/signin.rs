@@ -43,6 +43,19 @@ struct Setup {
     session_toml: &'static str,
 }
 
+impl Setup {
+    /// The defaults, with access tokens that live `secs`.
+    fn tokens_lasting(secs: u64) -> Setup {
+        Setup {
+            lifetimes: Lifetimes {
+                access_token: secs,
+                ..Lifetimes::default()
+            },
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -1082,4 +1095,147 @@ async fn a_restart_keeps_a_lock_and_a_card_bound_session_waits_for_its_card() {
         SessionState::SignedOut,
         "and it stays ended"
     );
+}
+
+/// Refreshes seen as `token_refreshed` events so far.
+fn refreshes(events: &mut tokio::sync::broadcast::Receiver<Event>) -> usize {
+    std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|e| matches!(e, Event::TokenRefreshed { .. }))
+        .count()
+}
+
+/// 50 callers at once, each asking for `min_valid` seconds, while the provider's first refresh
+/// answer is slowed so that they all queue behind it: exactly one refresh, one token for all.
+async fn fifty_callers_one_refresh(access_token_lifetime: u64, advance: i64, min_valid: u64) {
+    let h = harness(Setup::tokens_lasting(access_token_lifetime)).await;
+    h.login().await.unwrap();
+    let first = h.agent.token(TokenRequest::default()).await.unwrap();
+    let mut events = h.agent.subscribe();
+    h.advance(advance);
+    h.provider.provider.set_fault(
+        serde_json::from_value(
+            json!({"endpoint": "token", "mode": "delay", "delay_ms": 300, "count": 1}),
+        )
+        .unwrap(),
+    );
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        let agent = h.agent.clone();
+        calls.push(tokio::spawn(async move {
+            agent
+                .token(TokenRequest {
+                    min_valid_secs: Some(min_valid),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        let answer = call.await.unwrap().unwrap();
+        assert!(answer.expires_at > h.agent.now() + min_valid);
+        tokens.insert(answer.access_token);
+    }
+    assert_eq!(tokens.len(), 1, "one token for every caller");
+    assert!(!tokens.contains(&first.access_token));
+    assert_eq!(refreshes(&mut events), 1, "exactly one refresh");
+}
+
+#[tokio::test]
+async fn fifty_callers_share_one_refresh_when_tokens_live_shorter_than_the_margin() {
+    // 30 s tokens, a 60 s margin: every token is inside the margin from the start. 25 s on, 5 s
+    // are left and each caller wants 20.
+    fifty_callers_one_refresh(30, 25, 20).await;
+}
+
+#[tokio::test]
+async fn fifty_callers_share_one_refresh_when_tokens_live_longer_than_the_margin() {
+    // 300 s tokens: 270 s on, 30 s are left and each caller wants 100.
+    fifty_callers_one_refresh(300, 270, 100).await;
+}
+
+#[tokio::test]
+async fn after_an_outage_a_client_reaches_the_provider_within_a_second_whatever_the_backoff() {
+    let h = harness(Setup::tokens_lasting(600)).await;
+    h.login().await.unwrap();
+    // 100 s left: outside the margin (no background renewal), short of what the client asks.
+    h.advance(500);
+    let ask = || TokenRequest {
+        min_valid_secs: Some(120),
+        ..Default::default()
+    };
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "error500"})).unwrap(),
+    );
+    // The provider answers 500 for 10 s while a client keeps asking: the backoff grows past 10 s.
+    for _ in 0..10 {
+        let err = h.agent.token(ask()).await.unwrap_err();
+        assert_eq!(err.code(), -32005, "{err}");
+        h.advance(1);
+    }
+    // Healthy again: the next request, within 2 s, gets a fresh token.
+    h.provider
+        .provider
+        .set_fault(serde_json::from_value(json!({"endpoint": "token", "mode": "none"})).unwrap());
+    h.advance(1);
+    let renewed = h.agent.token(ask()).await.unwrap();
+    assert!(renewed.expires_at > h.agent.now() + 120);
+
+    // Within one second the provider is asked once, however many clients ask: the one 500 below
+    // is spent on the first; had any other reached the provider, it would have succeeded.
+    h.advance(500);
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "error500", "count": 1}))
+            .unwrap(),
+    );
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let agent = h.agent.clone();
+        calls.push(tokio::spawn(async move { agent.token(ask()).await }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap_err().code(), -32005);
+    }
+    h.advance(1);
+    assert!(h.agent.token(ask()).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_role_change_is_signing_in_and_a_login_meanwhile_joins_it() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.login().await.unwrap();
+    let before = h.agent.whoami().unwrap();
+    let other_role = before
+        .roles
+        .iter()
+        .find(|r| Some(&r.id) != before.selected_role.as_ref().map(|s| &s.id))
+        .unwrap()
+        .id
+        .clone();
+    h.script.lock().unwrap().role = Some(other_role.clone());
+    // The provider's answer to the role change's code exchange is slow: the flight stays open.
+    h.provider.provider.set_fault(
+        serde_json::from_value(
+            json!({"endpoint": "token", "mode": "delay", "delay_ms": 1500, "count": 1}),
+        )
+        .unwrap(),
+    );
+    let change = {
+        let agent = h.agent.clone();
+        tokio::spawn(async move { agent.change_role().await })
+    };
+    assert!(eventually(|| h.opened.load(Ordering::SeqCst) == 2).await);
+    assert_eq!(h.agent.status().state, SessionState::SigningIn);
+    // A login now waits for the role change rather than answering at once or opening a browser.
+    let joined = h.login().await.unwrap();
+    assert_eq!(joined.state, SessionState::SignedIn);
+    assert_eq!(
+        joined.user.unwrap().selected_role.map(|r| r.id),
+        Some(other_role.clone())
+    );
+    let changed = change.await.unwrap().unwrap();
+    assert_eq!(changed.selected_role.map(|r| r.id), Some(other_role));
+    assert_eq!(h.opened.load(Ordering::SeqCst), 2, "one browser flow");
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }

@@ -22,11 +22,13 @@ pub fn b64url(bytes: impl AsRef<[u8]>) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Decodes base64url without padding.
+/// Decodes base64url as JOSE requires it (RFC 7515 §2): no padding, and the unused bits of the last
+/// character zero. Anything else has more than one spelling of the same bytes, which a token never
+/// needs and a forger could use to slip past a comparison of the text.
 pub fn b64url_decode(text: &str) -> Result<Vec<u8>, JoseError> {
     URL_SAFE_NO_PAD
-        .decode(text.trim_end_matches('='))
-        .map_err(|_| JoseError::Malformed("a part is not base64url"))
+        .decode(text)
+        .map_err(|_| JoseError::Malformed("a part is not canonical unpadded base64url"))
 }
 
 /// The SHA-256 of `bytes`, base64url encoded: a PKCE S256 challenge, a jti, an `at_hash` building block.
@@ -87,6 +89,7 @@ impl fmt::Display for Alg {
 /// Why a token or key was refused. Each case is its own variant so that callers can say exactly what
 /// went wrong; none of them carries the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JoseError {
     #[error("the token is malformed: {0}")]
     Malformed(&'static str),
@@ -106,6 +109,10 @@ pub enum JoseError {
     BadSignature,
     #[error("the key is not usable: {0}")]
     BadKey(String),
+    /// RFC 7515 §4.1.11: a `crit` header names extensions the verifier must understand; this one
+    /// understands none, so any `crit` refuses the token.
+    #[error("the token's header marks {0} as critical, which this verifier does not understand")]
+    CriticalHeader(String),
 }
 
 /// A public RSA key as a JWK.
@@ -169,6 +176,22 @@ impl Jwk {
 pub fn rsa_thumbprint(n: &str, e: &str) -> String {
     let canonical = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
     sha256_b64url(canonical)
+}
+
+/// Whether `kid` may name a key: 1 to 128 of `A-Z a-z 0-9 - _`, as every RFC 7638 thumbprint is.
+pub fn check_kid(kid: &str) -> Result<(), JoseError> {
+    let fits = !kid.is_empty()
+        && kid.len() <= 128
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if fits {
+        Ok(())
+    } else {
+        Err(JoseError::BadKey(format!(
+            "the key id {kid:?} is not usable: write 1 to 128 letters, digits, - or _"
+        )))
+    }
 }
 
 /// A JWK Set.
@@ -262,8 +285,21 @@ impl SigningKey {
             .to_string()
     }
 
+    /// The key id: the RFC 7638 thumbprint unless [`with_kid`](Self::with_kid) named it otherwise.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// The same key under the key id it was registered with, where that is a name rather than the
+    /// thumbprint (EPS registers `eps-cpt-ui-int`): its signatures and its public JWK carry `kid`.
+    /// Refused unless `kid` is 1 to 128 of `A-Z a-z 0-9 - _` (a thumbprint is), so that it can go
+    /// anywhere a key id goes, a relay's dotted event-stream tickets included.
+    pub fn with_kid(&self, kid: &str) -> Result<SigningKey, JoseError> {
+        check_kid(kid)?;
+        Ok(SigningKey {
+            kid: kid.to_string(),
+            ..self.clone()
+        })
     }
 
     /// A 256-bit secret for `purpose`, derived from the private key (HMAC-SHA-256 keyed by the purpose
@@ -284,8 +320,12 @@ impl SigningKey {
         self.alg
     }
 
+    /// The public key as a JWK, under this key's kid.
     pub fn public_jwk(&self) -> Jwk {
-        Jwk::from_public_key(&self.key.to_public_key(), Some(self.alg))
+        Jwk {
+            kid: Some(self.kid.clone()),
+            ..Jwk::from_public_key(&self.key.to_public_key(), Some(self.alg))
+        }
     }
 
     /// Signs `claims` as a compact JWS with header `{"alg", "typ": "JWT", "kid"}`.
@@ -353,6 +393,19 @@ impl UnverifiedJwt {
                 "header and claims must be JSON objects",
             ));
         };
+        if let Some(crit) = header.get("crit") {
+            return Err(JoseError::CriticalHeader(match crit {
+                Value::Array(names) if !names.is_empty() => names
+                    .iter()
+                    .map(|n| {
+                        n.as_str()
+                            .map_or_else(|| n.to_string(), |n| format!("{n:?}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                other => format!("a malformed crit ({other})"),
+            }));
+        }
         Ok(UnverifiedJwt {
             header,
             claims,
@@ -568,6 +621,34 @@ mod tests {
     }
 
     #[test]
+    fn a_named_kid_goes_into_signatures_and_the_jwk_and_odd_names_are_refused() {
+        let named = key().with_kid("eps-cpt-ui-int").unwrap();
+        let token = named.sign(&json!({"sub": "x"}));
+        let parsed = UnverifiedJwt::parse(&token).unwrap();
+        assert_eq!(parsed.kid(), Some("eps-cpt-ui-int"));
+        assert_eq!(named.public_jwk().kid.as_deref(), Some("eps-cpt-ui-int"));
+        assert_eq!(
+            named.public_jwk().thumbprint().as_deref(),
+            Some(key().kid())
+        );
+        assert!(parsed.verify(&[key().alg()], &set_of(&[&named])).is_ok());
+        // Under the thumbprint alone, the named token's key is not found.
+        assert_eq!(
+            UnverifiedJwt::parse(&token)
+                .unwrap()
+                .verify(&[key().alg()], &set_of(&[key()]))
+                .unwrap_err(),
+            JoseError::UnknownKid("eps-cpt-ui-int".into())
+        );
+        for bad in ["", "a.b", "with space", "ünïcode", &"x".repeat(129)] {
+            assert!(
+                matches!(key().with_kid(bad), Err(JoseError::BadKey(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn pem_round_trip_keeps_the_kid() {
         let pem = key().to_pkcs8_pem();
         assert_eq!(
@@ -580,6 +661,56 @@ mod tests {
             key().kid()
         );
         assert!(SigningKey::from_pem("not a key", Alg::RS256).is_err());
+    }
+
+    #[test]
+    fn base64url_with_padding_or_stray_trailing_bits_is_refused() {
+        assert_eq!(b64url_decode("AA").unwrap(), vec![0]);
+        // The same byte padded, and with a non-zero unused bit: other spellings of [0].
+        for bad in ["AA==", "AB", "AA=", "A", "A+", "A/"] {
+            assert!(
+                matches!(b64url_decode(bad), Err(JoseError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        let token = key().sign(&json!({"sub": "x"}));
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        parts[1].push_str("==");
+        assert!(matches!(
+            UnverifiedJwt::parse(&parts.join(".")),
+            Err(JoseError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_critical_header_is_refused_even_when_the_signature_holds() {
+        let header = json!({"alg": "RS256", "kid": key().kid(), "crit": ["exp"], "exp": 1});
+        let token = key()
+            .with_alg(Alg::RS256)
+            .sign_with_header(&header, &json!({}));
+        assert_eq!(
+            UnverifiedJwt::parse(&token).unwrap_err(),
+            JoseError::CriticalHeader("\"exp\"".into())
+        );
+        let empty = json!({"alg": "RS256", "kid": key().kid(), "crit": []});
+        let token = key()
+            .with_alg(Alg::RS256)
+            .sign_with_header(&empty, &json!({}));
+        assert!(matches!(
+            UnverifiedJwt::parse(&token),
+            Err(JoseError::CriticalHeader(_))
+        ));
+        // The same token without crit verifies: it is the header alone that refuses it.
+        let plain = json!({"alg": "RS256", "kid": key().kid(), "exp": 1});
+        let token = key()
+            .with_alg(Alg::RS256)
+            .sign_with_header(&plain, &json!({}));
+        assert!(
+            UnverifiedJwt::parse(&token)
+                .unwrap()
+                .verify(&[Alg::RS256], &set_of(&[key()]))
+                .is_ok()
+        );
     }
 
     #[test]

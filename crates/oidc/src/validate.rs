@@ -85,6 +85,7 @@ impl From<JoseError> for IdTokenError {
             JoseError::BadKey(why) => {
                 IdTokenError::Malformed(format!("a published key is unusable: {why}"))
             }
+            other => IdTokenError::Malformed(other.to_string()),
         }
     }
 }

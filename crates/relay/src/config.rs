@@ -19,6 +19,9 @@ pub struct RelayConfig {
     /// All published in the JWKS; `active` is the one that signs.
     pub keys: Vec<PathBuf>,
     pub active: PathBuf,
+    /// `[signing] kids`: the key id registered with CIS2 for a key file, where it is a name rather
+    /// than the key's RFC 7638 thumbprint (the default).
+    pub kids: std::collections::HashMap<PathBuf, String>,
     pub limits: Limits,
 }
 
@@ -91,6 +94,8 @@ struct SigningSection {
     alg: String,
     keys: Vec<PathBuf>,
     active: Option<PathBuf>,
+    #[serde(default)]
+    kids: std::collections::BTreeMap<PathBuf, String>,
 }
 
 fn default_alg() -> String {
@@ -272,6 +277,31 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
             )
         })?;
     }
+    let mut kids = std::collections::HashMap::new();
+    for (written, kid) in &parsed.signing.kids {
+        let shown = written.display().to_string();
+        // The line of this entry (`"keys/a.pem" = "…"`), else the kids table's.
+        let at_entry = |message: String| {
+            let line = line_of_key(text, &format!("{shown:?}"));
+            if line > 1 {
+                error(line, message)
+            } else {
+                at("kids", message)
+            }
+        };
+        let path = resolve(written);
+        if !keys.contains(&path) {
+            return Err(at_entry(format!(
+                "kids names {shown:?}, which is not one of keys; a kid belongs to a listed key file"
+            )));
+        }
+        if let Err(e) = cis2_jose::check_kid(kid) {
+            return Err(at_entry(format!(
+                "kids: {e}; or leave {shown:?} out to publish its RFC 7638 thumbprint"
+            )));
+        }
+        kids.insert(path, kid.clone());
+    }
     let active = match &parsed.signing.active {
         Some(active) => {
             let active = resolve(active);
@@ -346,6 +376,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         alg,
         keys,
         active,
+        kids,
         limits,
     })
 }
@@ -406,6 +437,40 @@ mod tests {
         assert_eq!(config.keys.len(), 2);
         assert_eq!(config.alg, Alg::RS512);
         assert_eq!(config.limits.max_body_bytes, 16 * 1024);
+    }
+
+    #[test]
+    fn a_key_may_be_published_under_a_named_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        let config = parse(
+            &good("kids = { \"b.pem\" = \"relay-2026-11\" }\n"),
+            "relay.toml",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(
+            config
+                .kids
+                .get(&dir.path().join("b.pem"))
+                .map(String::as_str),
+            Some("relay-2026-11")
+        );
+        assert!(!config.kids.contains_key(&dir.path().join("a.pem")));
+        for (extra, line, words) in [
+            ("kids = { \"c.pem\" = \"x\" }\n", 10, "not one of keys"),
+            ("kids = { \"b.pem\" = \"a.b\" }\n", 10, "thumbprint"),
+            (
+                "[signing.kids]\n\"b.pem\" = \"has space\"\n",
+                11,
+                "not usable",
+            ),
+        ] {
+            let err = parse(&good(extra), "relay.toml", dir.path()).unwrap_err();
+            assert_eq!(err.line, line, "{err}");
+            assert!(err.message.contains(words), "{err}");
+        }
     }
 
     #[test]

@@ -74,8 +74,13 @@ pub async fn start_with_clock(
     for path in &config.keys {
         let pem = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
-        let key = SigningKey::from_pem(&pem, config.alg)
+        let mut key = SigningKey::from_pem(&pem, config.alg)
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(kid) = config.kids.get(path) {
+            key = key
+                .with_kid(kid)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         if *path == config.active {
             active = Some(key.clone());
         }

@@ -8,6 +8,8 @@ use axum::extract::ConnectInfo;
 use axum::serve::Listener;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,15 +21,16 @@ use tokio_rustls::server::TlsStream;
 
 /// Builds a server config from PEM text: a certificate chain and its private key.
 pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the certificate PEM is unreadable: {e}"))?;
     if certs.is_empty() {
         return Err("the certificate file holds no CERTIFICATE block".into());
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| format!("the key PEM is unreadable: {e}"))?
-        .ok_or("the key file holds no private key")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
+        pem::Error::NoItemsFound => "the key file holds no private key".to_string(),
+        e => format!("the key PEM is unreadable: {e}"),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -186,6 +189,30 @@ pub async fn serve<L>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_certificates_and_keys_are_read_in_every_form_and_mistakes_are_named() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+        assert!(server_config(&cert_pem, &key_pem).is_ok());
+        // A chain file with text around the block, as openssl writes it, and the key first.
+        let noisy = format!("subject=CN = localhost\n{cert_pem}\n");
+        assert!(server_config(&noisy, &format!("{key_pem}{cert_pem}")).is_ok());
+        assert_eq!(
+            server_config("", &key_pem).unwrap_err(),
+            "the certificate file holds no CERTIFICATE block"
+        );
+        assert_eq!(
+            server_config(&cert_pem, &cert_pem).unwrap_err(),
+            "the key file holds no private key"
+        );
+        let damaged = key_pem.replacen("\n", "\n!!", 1);
+        let err = server_config(&cert_pem, &damaged).unwrap_err();
+        assert!(err.starts_with("the key PEM is unreadable"), "{err}");
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let err = server_config(&cert_pem, &other.key_pair.serialize_pem()).unwrap_err();
+        assert!(err.contains("do not make a usable pair"), "{err}");
+    }
 
     #[tokio::test]
     async fn a_client_that_connects_and_says_nothing_does_not_hold_up_the_next() {

@@ -11,6 +11,7 @@ pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
 
 /// The methods of the protocol: the same list `[[clients]] methods` is checked against.
 pub const METHODS: [&str; 7] = crate::config::CLIENT_METHODS;
@@ -159,7 +160,17 @@ pub async fn call(
             Err(AgentError::NotAllowed(_)) => "denied".to_string(),
             Err(e) => format!("error {}", e.code()),
         };
-        agent.audit(peer, method, audience, scope, result).await;
+        // Nothing is handed out that the log does not hold (group commit: this waits for the write).
+        if let Err(e) = agent.audit(peer, method, audience, scope, result).await
+            && outcome.is_ok()
+        {
+            return Err((
+                INTERNAL_ERROR,
+                format!(
+                    "{e}; nothing is handed out until it can be recorded. Check the agent's data folder (disk full? permissions?)."
+                ),
+            ));
+        }
     }
     outcome.map_err(|e| (e.code(), e.to_string()))
 }
