@@ -192,7 +192,7 @@ struct Inner {
     /// What the PC/SC watcher last said.
     readers: Mutex<Readers>,
     /// The embedded provider in sandbox mode; kept alive with the agent.
-    _sandbox: Option<cis2_mock_idp::RunningProvider>,
+    _sandbox: Option<SandboxProvider>,
 }
 
 /// The session's timers and flags, beside the tokens.
@@ -227,6 +227,32 @@ struct Readers {
     present: Option<Card>,
     /// Whether the watcher has reported any card yet (`status.smartcard_present` is null until then).
     seen_any: bool,
+}
+
+/// The embedded provider of sandbox mode (cargo feature `sandbox`).
+#[cfg(feature = "sandbox")]
+pub type SandboxProvider = cis2_mock_idp::RunningProvider;
+/// This build has no sandbox provider (built without the cargo feature `sandbox`).
+#[cfg(not(feature = "sandbox"))]
+pub type SandboxProvider = std::convert::Infallible;
+
+/// What a build without the sandbox provider says when asked for it.
+pub const NO_SANDBOX: &str = "this build of the agent has no sandbox provider (it was built without \
+     the cargo feature `sandbox`, as a trust's package is): start it with the config file for NHS CIS2 \
+     INT, Live or your provider (--config FILE, or $CIS2_AGENT_CONFIG)";
+
+#[cfg(feature = "sandbox")]
+async fn start_sandbox() -> Result<(SandboxProvider, String), StartError> {
+    let running = cis2_mock_idp::start(cis2_mock_idp::Options::default())
+        .await
+        .map_err(|e| StartError::Sandbox(e.to_string()))?;
+    let issuer = running.issuer.clone();
+    Ok((running, issuer))
+}
+
+#[cfg(not(feature = "sandbox"))]
+async fn start_sandbox() -> Result<(SandboxProvider, String), StartError> {
+    Err(StartError::Config(NO_SANDBOX.to_owned()))
 }
 
 /// The agent. Cheap to clone; every clone is the same agent.
@@ -330,11 +356,9 @@ impl Agent {
             ))
         })?;
         let (issuer, client_id, settings_from, sandbox, ca_file) = if config.is_sandbox() {
-            let running = cis2_mock_idp::start(cis2_mock_idp::Options::default())
-                .await
-                .map_err(|e| StartError::Sandbox(e.to_string()))?;
+            let (running, issuer) = start_sandbox().await?;
             (
-                running.issuer.clone(),
+                issuer,
                 SANDBOX_CLIENT_ID.to_string(),
                 None,
                 Some(running),
@@ -612,7 +636,7 @@ impl Agent {
     }
 
     /// The embedded provider, in sandbox mode.
-    pub fn sandbox_provider(&self) -> Option<&cis2_mock_idp::RunningProvider> {
+    pub fn sandbox_provider(&self) -> Option<&SandboxProvider> {
         self.inner._sandbox.as_ref()
     }
 

@@ -4,10 +4,12 @@
 //! [`Config`], and refuses anything it does not understand: unknown keys and bad values are reported
 //! with the file, the 1-based line and a sentence that says what to write instead ([`ConfigError`]).
 //!
-//! The TOML is parsed with `toml_edit` (the parser under the `toml` crate), whose document keeps the
-//! byte span of every key, value and table header, so every error, including the ones found after
-//! parsing (a relay without `relay_url`, a `[[clients]]` entry without `path` or `sha256`), can name
-//! its line.
+//! The shape of the file is serde's: each table is a struct with `deny_unknown_fields`, so an
+//! unknown key is refused and the valid keys are the struct's fields. Each value is read with its
+//! span (`toml::Spanned`) whatever its type and then checked here, so that a wrong value gets a
+//! sentence of ours and its line. The `toml_edit` document (the parser under `toml`) is read once
+//! beside it, for what serde cannot see: a secret under any key, even an unknown one, and where a
+//! table or an unknown key is (its header, its `[[clients]]` entry).
 //!
 //! Rules beyond the plain format:
 //!
@@ -32,7 +34,11 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use cis2_config_error::ConfigError;
+use cis2_config_error::{line_of, suggest, syntax_error};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use toml::Spanned;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 /// Issuer of NHS CIS2 INT (path to live), exactly as tokens carry it (cis2-reference.md §1).
@@ -402,36 +408,6 @@ impl Config {
     }
 }
 
-/// A config file that cannot be used: where, what is wrong, and what to write instead.
-///
-/// Displays as `{file}:{line}: {message} {fix}`, or `{file}: {message} {fix}` when no line applies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The config file.
-    pub file: PathBuf,
-    /// 1-based line, when the problem is on one.
-    pub line: Option<usize>,
-    /// What is wrong, as a sentence.
-    pub message: String,
-    /// What to write instead, as a sentence.
-    pub fix: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message)?,
-            None => write!(f, "{}: {}", self.file.display(), self.message)?,
-        }
-        if !self.fix.is_empty() {
-            write!(f, " {}", self.fix)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 /// Reads and validates the config file at `path`. A missing or unreadable file is an error naming
 /// it. Unlike [`parse`], this also checks that `ca_file` and `key_file` exist.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -601,97 +577,301 @@ fn default_data_dir_with(get: EnvLookup<'_>, os: Os) -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading the document.
+// The file as serde reads it: the shape of every table is derived, so an unknown key is refused
+// by `deny_unknown_fields` and the lists of valid keys are the structs' fields. Every value is read
+// as a `Spanned<Val>` whatever its type, so that a wrong type gets our sentence and its line.
 
 type Span = Option<Range<usize>>;
-/// The entries of a list, each with its span.
+type Leaf = Option<Spanned<Val>>;
+/// A list as written, with where it is.
+type List<'v> = (&'v [Spanned<Val>], Span);
+/// The entries of a list, each with where it is.
 type Entries = Vec<(String, Span)>;
 
-const TOP_KEYS: &[&str] = &[
-    "environment",
-    "provider",
-    "agent",
-    "clients",
-    "session",
-    "workstation",
-];
-const PROVIDER_KEYS: &[&str] = &[
-    "issuer",
-    "client_id",
-    "scopes",
-    "acr_values",
-    "max_age",
-    "prompt",
-    "ca_file",
-    "redirect_ports",
-    "login_timeout_secs",
-    "exchange",
-];
-const EXCHANGE_KEYS: &[&str] = &[
-    "method",
-    "relay_url",
-    "key_file",
-    "alg",
-    "kid",
-    "secret_env",
-];
-const AGENT_KEYS: &[&str] = &["socket", "store", "data_dir", "client_policy", "audit_sync"];
-const CLIENT_KEYS: &[&str] = &["name", "path", "sha256", "methods", "audiences", "scopes"];
-const SESSION_KEYS: &[&str] = &[
-    "refresh_margin_secs",
-    "expiring_notice_secs",
-    "inactivity_secs",
-    "inactivity_action",
-    "absolute_secs",
-    "end_session_at_provider",
-];
-const WORKSTATION_KEYS: &[&str] = &[
-    "on_os_lock",
-    "on_card_removal",
-    "same_card_unlocks",
-    "allow_user_switch",
-];
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    environment: Leaf,
+    provider: Option<RawProvider>,
+    agent: Option<RawAgent>,
+    clients: Option<Vec<RawClient>>,
+    session: Option<RawSession>,
+    workstation: Option<RawWorkstation>,
+}
 
-/// Where each key belongs, to tell someone who put a key in the wrong place where it goes.
-const HOMES: &[(&str, &[&str])] = &[
-    (
-        "at the top of the file, before the first [section] heading",
-        TOP_KEYS,
-    ),
-    ("in [provider]", PROVIDER_KEYS),
-    ("in [provider.exchange]", EXCHANGE_KEYS),
-    ("in [agent]", AGENT_KEYS),
-    ("in [session]", SESSION_KEYS),
-    ("in [workstation]", WORKSTATION_KEYS),
-    ("in a [[clients]] entry", CLIENT_KEYS),
-];
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    issuer: Leaf,
+    client_id: Leaf,
+    scopes: Leaf,
+    acr_values: Leaf,
+    max_age: Leaf,
+    prompt: Leaf,
+    ca_file: Leaf,
+    redirect_ports: Leaf,
+    login_timeout_secs: Leaf,
+    exchange: Option<RawExchange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExchange {
+    method: Leaf,
+    relay_url: Leaf,
+    key_file: Leaf,
+    alg: Leaf,
+    kid: Leaf,
+    secret_env: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    socket: Leaf,
+    store: Leaf,
+    data_dir: Leaf,
+    client_policy: Leaf,
+    audit_sync: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: Leaf,
+    path: Leaf,
+    sha256: Leaf,
+    methods: Leaf,
+    audiences: Leaf,
+    scopes: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    refresh_margin_secs: Leaf,
+    expiring_notice_secs: Leaf,
+    inactivity_secs: Leaf,
+    inactivity_action: Leaf,
+    absolute_secs: Leaf,
+    end_session_at_provider: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkstation {
+    on_os_lock: Leaf,
+    on_card_removal: Leaf,
+    same_card_unlocks: Leaf,
+    allow_user_switch: Leaf,
+}
+
+/// Any TOML value, kept as it was written so a wrong one can be named and quoted back.
+enum Val {
+    Text(String),
+    Int(i64),
+    Float,
+    Bool(bool),
+    Datetime,
+    List(Vec<Spanned<Val>>),
+    Table,
+}
+
+impl<'de> Deserialize<'de> for Val {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Val, D::Error> {
+        struct AnyValue;
+        impl<'de> Visitor<'de> for AnyValue {
+            type Value = Val;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Val, E> {
+                Ok(Val::Text(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Val, E> {
+                Ok(Val::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Val, E> {
+                Ok(Val::Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Val, E> {
+                Ok(Val::Float)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Val, E> {
+                Ok(Val::Bool(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
+                let mut list = Vec::new();
+                while let Some(value) = seq.next_element()? {
+                    list.push(value);
+                }
+                Ok(Val::List(list))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
+                // toml hands a date or time over as a one-entry table with this private key.
+                let mut datetime = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    datetime |= key == "$__toml_private_datetime";
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(if datetime { Val::Datetime } else { Val::Table })
+            }
+        }
+        deserializer.deserialize_any(AnyValue)
+    }
+}
+
+impl Val {
+    fn describe(&self) -> &'static str {
+        match self {
+            Val::Text(_) => "text",
+            Val::Int(_) => "a whole number",
+            Val::Float => "a decimal number",
+            Val::Bool(_) => "true/false",
+            Val::Datetime => "a date or time",
+            Val::List(_) => "a list",
+            Val::Table => "a table",
+        }
+    }
+}
+
+/// The keys a table takes, as its derived `Deserialize` names them: serde hands them to
+/// `deserialize_struct`, and this deserializer only writes them down.
+fn keys_of<T: de::DeserializeOwned>() -> &'static [&'static str] {
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Fields<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields noted"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
+
+/// Each table's dotted path, how messages place it, and its keys: to list the valid keys and to
+/// tell someone who put a key in the wrong table where it goes.
+fn tables() -> [(&'static str, &'static str, &'static [&'static str]); 7] {
+    [
+        (
+            "",
+            "at the top of the file, before the first [section] heading",
+            keys_of::<RawFile>(),
+        ),
+        ("provider", "in [provider]", keys_of::<RawProvider>()),
+        (
+            "provider.exchange",
+            "in [provider.exchange]",
+            keys_of::<RawExchange>(),
+        ),
+        ("agent", "in [agent]", keys_of::<RawAgent>()),
+        ("session", "in [session]", keys_of::<RawSession>()),
+        (
+            "workstation",
+            "in [workstation]",
+            keys_of::<RawWorkstation>(),
+        ),
+        ("clients", "in a [[clients]] entry", keys_of::<RawClient>()),
+    ]
+}
 
 const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
 const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
+
+/// One key of the document, wherever it is (unknown tables and inline tables included), in file
+/// order: for refusing secrets anywhere, and for placing an unknown key serde reports by its span.
+/// An entry of a list of tables is recorded too, under the key `""`, at its header.
+struct KeyAt {
+    /// Dotted path of the table holding it: `""`, `provider.exchange`, `clients`.
+    table: String,
+    /// Which entry, when the table is an entry of a list of tables.
+    entry: Option<usize>,
+    key: String,
+    span: Span,
+    /// Where its value is, for a value serde refused.
+    value: Span,
+    is_table: bool,
+}
+
+fn collect_keys(t: &dyn TableLike, table: &str, entry: Option<usize>, out: &mut Vec<KeyAt>) {
+    for (key, item) in t.iter() {
+        out.push(KeyAt {
+            table: table.to_owned(),
+            entry,
+            key: key.to_owned(),
+            span: t.key(key).and_then(|k| k.span()).or_else(|| item.span()),
+            value: item.span(),
+            is_table: matches!(item, Item::Table(_) | Item::ArrayOfTables(_)),
+        });
+        let path = join_path(table, key);
+        match item {
+            Item::Table(t) => collect_keys(t, &path, None, out),
+            Item::ArrayOfTables(list) => {
+                for (i, t) in list.iter().enumerate() {
+                    collect_entry(t, t.span(), &path, i, out);
+                }
+            }
+            Item::Value(v) => collect_value(v, &path, out),
+            Item::None => {}
+        }
+    }
+}
+
+fn collect_entry(t: &dyn TableLike, span: Span, table: &str, i: usize, out: &mut Vec<KeyAt>) {
+    out.push(KeyAt {
+        table: table.to_owned(),
+        entry: Some(i),
+        key: String::new(),
+        value: span.clone(),
+        span,
+        is_table: true,
+    });
+    collect_keys(t, table, Some(i), out);
+}
+
+fn collect_value(v: &Value, path: &str, out: &mut Vec<KeyAt>) {
+    match v {
+        Value::InlineTable(t) => collect_keys(t, path, None, out),
+        Value::Array(list) => {
+            for (i, v) in list.iter().enumerate() {
+                match v {
+                    Value::InlineTable(t) => collect_entry(t, v.span(), path, i, out),
+                    v => collect_value(v, path, out),
+                }
+            }
+        }
+        _ => {}
+    }
+}
 
 struct Ctx<'a> {
     text: &'a str,
     file: &'a Path,
     base: PathBuf,
     check_files: bool,
+    keys: Vec<KeyAt>,
 }
 
 impl Ctx<'_> {
-    fn line(&self, span: &Span) -> Option<usize> {
-        let start = span.as_ref()?.start.min(self.text.len());
-        Some(
-            self.text.as_bytes()[..start]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                + 1,
-        )
-    }
-
     fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
-            line: self.line(span),
+            line: span.as_ref().map(|s| line_of(self.text, s.start)),
             message: message.into(),
             fix: fix.into(),
         }
@@ -711,6 +891,21 @@ impl Ctx<'_> {
         } else {
             short
         }
+    }
+
+    /// Where a table (or an entry of `[[clients]]`) starts: its header, else its first key.
+    fn table_span(&self, table: &str, entry: Option<usize>) -> Span {
+        let (parent, key) = match (entry, table.rsplit_once('.')) {
+            (Some(_), _) => (table, ""),
+            (None, Some((parent, key))) => (parent, key),
+            (None, None) => ("", table),
+        };
+        let at = |k: &KeyAt| k.table == parent && k.entry == entry && k.key == key;
+        let first = |k: &KeyAt| k.table == table && k.entry == entry;
+        let found = self.keys.iter().find(|k| at(k) && k.span.is_some());
+        found
+            .or_else(|| self.keys.iter().find(|k| first(k)))
+            .and_then(|k| k.span.clone())
     }
 
     /// A path from the file: `~/` is the home folder; relative paths are read from the config
@@ -734,104 +929,97 @@ impl Ctx<'_> {
             self.base.join(path)
         }
     }
-}
 
-/// One table of the document (a `[section]`, an inline table or a `[[clients]]` entry).
-struct Tbl<'a> {
-    t: &'a dyn TableLike,
-    /// Dotted path: `""` for the top level, `provider.exchange`, `clients`.
-    path: String,
-    /// How messages name it: `[agent]`, `[[clients]] entry 2`, `the top level`.
-    label: String,
-    /// Where it starts (its header), else its first key.
-    span: Span,
-}
-
-impl<'a> Tbl<'a> {
-    fn new(t: &'a dyn TableLike, path: &str, label: String, span: Span) -> Tbl<'a> {
-        let span = span.or_else(|| t.iter().find_map(|(k, _)| t.key(k).and_then(|k| k.span())));
-        Tbl {
-            t,
-            path: path.to_owned(),
-            label,
-            span,
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a Item> {
-        self.t.get(key).filter(|i| !i.is_none())
-    }
-
-    fn key_span(&self, key: &str) -> Span {
-        self.t
-            .key(key)
-            .and_then(|k| k.span())
-            .or_else(|| self.get(key).and_then(Item::span))
-            .or_else(|| self.span.clone())
-    }
-
-    fn value_span(&self, key: &str) -> Span {
-        self.get(key)
-            .and_then(Item::span)
-            .or_else(|| self.key_span(key))
-    }
-
-    fn place(&self) -> String {
-        if self.path.is_empty() {
-            "at the top level".to_owned()
-        } else {
-            format!("in {}", self.label)
-        }
-    }
-
-    /// Refuses any key not in `allowed`, suggesting the nearest valid one or where it belongs.
-    fn check_keys(&self, ctx: &Ctx<'_>, allowed: &[&str]) -> Result<(), ConfigError> {
-        for (key, item) in self.t.iter() {
-            if allowed.contains(&key) {
-                continue;
-            }
-            let span = self.key_span(key);
-            let is_table = matches!(item, Item::Table(_) | Item::ArrayOfTables(_));
-            let shown = match item {
-                Item::Table(_) => format!("[{}]", join_path(&self.path, key)),
-                Item::ArrayOfTables(_) => format!("[[{}]]", join_path(&self.path, key)),
-                _ => format!("\"{key}\""),
-            };
-            let message = if is_table {
-                format!("unknown table {shown}.")
-            } else {
-                format!("unknown key {shown} {}.", self.place())
-            };
-            let mut fix = String::new();
-            if let Some(near) = suggest(key, allowed.iter().copied()) {
-                let shown = display_entry(&self.path, near);
-                let shown = if shown.starts_with('[') {
-                    shown
-                } else {
-                    format!("\"{shown}\"")
-                };
-                fix.push_str(&format!("Did you mean {shown}? "));
-            } else if let Some((home, _)) = HOMES.iter().find(|(_, keys)| keys.contains(&key)) {
-                fix.push_str(&format!("\"{key}\" belongs {home}: move it there. "));
-            }
-            let valid: Vec<String> = allowed
+    /// A serde error from reading the document into the `Raw*` structs: an unknown key or table
+    /// (with the nearest valid one or the table it belongs in), or a table where a value was
+    /// written (every value is accepted as a [`Val`], so only tables have a type serde checks).
+    fn serde_error(&self, e: &toml::de::Error) -> ConfigError {
+        let span = e.span();
+        let found =
+            (self.keys.iter()).find(|k| (k.span == span || k.value == span) && !k.key.is_empty());
+        let Some(at) = found else {
+            let message = e.message().trim().trim_end_matches('.');
+            return self.err(
+                &span,
+                format!("{message}."),
+                "Check the TOML on that line against docs/configuration.md.",
+            );
+        };
+        let path = join_path(&at.table, &at.key);
+        let tables = tables();
+        let own = tables.iter().find(|(t, _, _)| *t == at.table);
+        if e.message().starts_with("invalid type") {
+            let shown = self.snippet(&span);
+            let kinds = [
+                ("string", "text"),
+                ("integer", "a whole number"),
+                ("floating", "a decimal number"),
+                ("boolean", "true/false"),
+            ];
+            let found = kinds
                 .iter()
-                .map(|k| display_entry(&self.path, k))
-                .collect();
-            fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
-            return Err(ctx.err(&span, message, fix));
+                .find(|(serde_name, _)| e.message().contains(serde_name))
+                .map_or("a list", |(_, ours)| ours);
+            return if path == "clients" {
+                self.err(
+                    &span,
+                    format!(
+                        "clients = {shown} is not valid: clients must be a list of [[clients]] \
+                         sections, not {found}."
+                    ),
+                    "Write each program as its own section: a line [[clients]], then \
+                     name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
+                )
+            } else {
+                let key = &at.key;
+                self.err(
+                    &span,
+                    format!("{key} = {shown} is not valid: {key} must be a table, not {found}."),
+                    format!("Write it as a section: a line [{path}] followed by its keys."),
+                )
+            };
         }
-        Ok(())
+        let allowed = own.map(|(_, _, keys)| *keys).unwrap_or_default();
+        let message = if at.is_table {
+            let brackets = if at.entry.is_some() { "[[" } else { "[" };
+            let closing = if at.entry.is_some() { "]]" } else { "]" };
+            format!("unknown table {brackets}{path}{closing}.")
+        } else {
+            let place = match (at.table.as_str(), at.entry) {
+                ("", _) => "at the top level".to_owned(),
+                (table, Some(i)) => format!("in [[{table}]] entry {}", i + 1),
+                (table, None) => format!("in [{table}]"),
+            };
+            format!("unknown key \"{}\" {place}.", at.key)
+        };
+        let mut fix = String::new();
+        if let Some(near) = suggest(&at.key, allowed.iter().copied()) {
+            let shown = display_entry(&at.table, near);
+            let shown = if shown.starts_with('[') {
+                shown
+            } else {
+                format!("\"{shown}\"")
+            };
+            fix.push_str(&format!("Did you mean {shown}? "));
+        } else if let Some((_, home, _)) = tables.iter().find(|(_, _, k)| k.contains(&&*at.key)) {
+            fix.push_str(&format!("\"{}\" belongs {home}: move it there. ", at.key));
+        }
+        let valid: Vec<String> = allowed
+            .iter()
+            .map(|k| display_entry(&at.table, k))
+            .collect();
+        fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
+        self.err(&span, message, fix)
     }
 
-    fn type_error(&self, ctx: &Ctx<'_>, key: &str, wanted: &str, example: &str) -> ConfigError {
-        let span = self.value_span(key);
-        let found = self.get(key).map(describe).unwrap_or("nothing");
-        ctx.err(
+    fn type_error(&self, key: &str, v: &Spanned<Val>, wanted: &str, example: &str) -> ConfigError {
+        let span = Some(v.span());
+        let found = v.get_ref().describe();
+        self.err(
             &span,
             format!(
                 "{key} = {} is not valid: {key} must be {wanted}, not {found}.",
-                ctx.snippet(&span)
+                self.snippet(&span)
             ),
             format!("Write {key} = {example}."),
         )
@@ -839,86 +1027,84 @@ impl<'a> Tbl<'a> {
 
     fn string(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
+        leaf: &Leaf,
         example: &str,
     ) -> Result<Option<(String, Span)>, ConfigError> {
-        let Some(item) = self.get(key) else {
-            return Ok(None);
-        };
-        match item.as_str() {
-            Some(s) => Ok(Some((s.to_owned(), self.value_span(key)))),
-            None => Err(self.type_error(ctx, key, "text in double quotes", example)),
+        match leaf {
+            None => Ok(None),
+            Some(v) => match v.get_ref() {
+                Val::Text(s) => Ok(Some((s.clone(), Some(v.span())))),
+                _ => Err(self.type_error(key, v, "text in double quotes", example)),
+            },
         }
     }
 
     fn uint(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
-        min: u64,
-        example: &str,
+        leaf: &Leaf,
+        (min, default): (u64, u64),
         zero_fix: Option<&str>,
-    ) -> Result<Option<u64>, ConfigError> {
-        let Some(item) = self.get(key) else {
-            return Ok(None);
-        };
-        let Some(n) = item.as_integer() else {
-            return Err(self.type_error(ctx, key, "a whole number", example));
-        };
-        let span = self.value_span(key);
-        if n < 0 || (n as u64) < min || (n as u64) > MAX_SECS {
-            let range = if min == 0 {
-                format!("it must be between 0 and {MAX_SECS}")
-            } else {
-                format!("it must be between {min} and {MAX_SECS}")
-            };
-            let fix = match zero_fix {
-                Some(fix) if n == 0 => fix.to_owned(),
-                _ => format!("Write {key} = {example}."),
-            };
-            return Err(ctx.err(
-                &span,
-                format!("{key} = {} is not valid: {range}.", ctx.snippet(&span)),
-                fix,
-            ));
-        }
-        Ok(Some(n as u64))
-    }
-
-    fn boolean(&self, ctx: &Ctx<'_>, key: &str, default: bool) -> Result<bool, ConfigError> {
-        let Some(item) = self.get(key) else {
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = leaf else {
             return Ok(default);
         };
-        item.as_bool().ok_or_else(|| {
-            self.type_error(
-                ctx,
-                key,
-                "true or false (without quotes)",
-                &format!("{default}"),
-            )
-        })
+        let example = default.to_string();
+        let Val::Int(n) = *v.get_ref() else {
+            return Err(self.type_error(key, v, "a whole number", &example));
+        };
+        let span = Some(v.span());
+        match u64::try_from(n) {
+            Ok(n) if (min..=MAX_SECS).contains(&n) => Ok(n),
+            _ => Err(self.err(
+                &span,
+                format!(
+                    "{key} = {} is not valid: it must be between {min} and {MAX_SECS}.",
+                    self.snippet(&span)
+                ),
+                match zero_fix {
+                    Some(fix) if n == 0 => fix.to_owned(),
+                    _ => format!("Write {key} = {example}."),
+                },
+            )),
+        }
+    }
+
+    fn boolean(&self, key: &str, leaf: &Leaf, default: bool) -> Result<bool, ConfigError> {
+        match leaf {
+            None => Ok(default),
+            Some(v) => match v.get_ref() {
+                Val::Bool(b) => Ok(*b),
+                _ => Err(self.type_error(
+                    key,
+                    v,
+                    "true or false (without quotes)",
+                    &default.to_string(),
+                )),
+            },
+        }
     }
 
     fn choice<T: Copy>(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
+        leaf: &Leaf,
         choices: &[(&str, T)],
     ) -> Result<Option<(T, Span)>, ConfigError> {
-        let Some(item) = self.get(key) else {
+        let Some(v) = leaf else {
             return Ok(None);
         };
-        let span = self.value_span(key);
-        if let Some(s) = item.as_str()
-            && let Some((_, v)) = choices.iter().find(|(name, _)| *name == s)
-        {
-            return Ok(Some((*v, span)));
+        let span = Some(v.span());
+        let text = match v.get_ref() {
+            Val::Text(s) => Some(s.as_str()),
+            _ => None,
+        };
+        if let Some((_, choice)) = choices.iter().find(|(name, _)| Some(*name) == text) {
+            return Ok(Some((*choice, span)));
         }
         let mut fix = String::new();
-        if let Some(s) = item.as_str()
-            && let Some(near) = suggest(s, choices.iter().map(|(n, _)| *n))
-        {
+        if let Some(near) = text.and_then(|s| suggest(s, choices.iter().map(|(n, _)| *n))) {
             fix.push_str(&format!("Did you mean \"{near}\"? "));
         }
         let options: Vec<String> = choices
@@ -926,63 +1112,76 @@ impl<'a> Tbl<'a> {
             .map(|(name, _)| format!("{key} = \"{name}\""))
             .collect();
         fix.push_str(&format!("Write {}.", join_or(&options)));
-        Err(ctx.err(
+        Err(self.err(
             &span,
-            format!("{key} = {} is not valid.", ctx.snippet(&span)),
+            format!("{key} = {} is not valid.", self.snippet(&span)),
             fix,
         ))
     }
 
+    fn list<'v>(
+        &self,
+        key: &str,
+        leaf: &'v Leaf,
+        wanted: &str,
+        example: &str,
+    ) -> Result<Option<List<'v>>, ConfigError> {
+        match leaf {
+            None => Ok(None),
+            Some(v) => match v.get_ref() {
+                Val::List(list) => Ok(Some((list, Some(v.span())))),
+                _ => Err(self.type_error(key, v, wanted, example)),
+            },
+        }
+    }
+
     fn string_list(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
+        leaf: &Leaf,
         example: &str,
     ) -> Result<Option<(Entries, Span)>, ConfigError> {
-        let Some(item) = self.get(key) else {
+        let Some((list, span)) = self.list(key, leaf, "a list in square brackets", example)? else {
             return Ok(None);
         };
-        let Some(array) = item.as_array() else {
-            return Err(self.type_error(ctx, key, "a list in square brackets", example));
-        };
-        let mut out = Vec::with_capacity(array.len());
-        for value in array.iter() {
-            let span = value.span().or_else(|| self.value_span(key));
-            match value.as_str() {
-                Some(s) => out.push((s.to_owned(), span)),
-                None => {
-                    return Err(ctx.err(
-                        &span,
+        let mut out = Vec::with_capacity(list.len());
+        for v in list {
+            let entry_span = Some(v.span());
+            match v.get_ref() {
+                Val::Text(s) => out.push((s.clone(), entry_span)),
+                _ => {
+                    return Err(self.err(
+                        &entry_span,
                         format!(
                             "{key} contains {}, which is not text in double quotes.",
-                            ctx.snippet(&span)
+                            self.snippet(&entry_span)
                         ),
                         format!("Write each entry in double quotes, e.g. {key} = {example}."),
                     ));
                 }
             }
         }
-        Ok(Some((out, self.value_span(key))))
+        Ok(Some((out, span)))
     }
 
     /// A list of single words (scopes, audiences): no empty entries, no spaces. Duplicates dropped.
     fn word_list(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
+        leaf: &Leaf,
         example: &str,
     ) -> Result<Option<(Vec<String>, Span)>, ConfigError> {
-        let Some((list, span)) = self.string_list(ctx, key, example)? else {
+        let Some((list, span)) = self.string_list(key, leaf, example)? else {
             return Ok(None);
         };
         let mut out: Vec<String> = Vec::with_capacity(list.len());
         for (word, word_span) in list {
             if word.is_empty() || word.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ctx.err(
+                return Err(self.err(
                     &word_span,
                     format!(
                         "{key} entry {} is not valid: each entry is one word, with no spaces.",
-                        ctx.snippet(&word_span)
+                        self.snippet(&word_span)
                     ),
                     format!("Write each as its own entry, e.g. {key} = {example}."),
                 ));
@@ -997,29 +1196,28 @@ impl<'a> Tbl<'a> {
     /// A path: not empty; resolved from the config folder; optionally required to be a file.
     fn path(
         &self,
-        ctx: &Ctx<'_>,
         key: &str,
-        example: &str,
-        what: &str,
+        leaf: &Leaf,
+        (example, what): (&str, &str),
         must_exist: bool,
     ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some((raw, span)) = self.string(ctx, key, example)? else {
+        let Some((raw, span)) = self.string(key, leaf, example)? else {
             return Ok(None);
         };
+        let shown = self.snippet(&span);
         if raw.trim().is_empty() {
-            return Err(ctx.err(
+            return Err(self.err(
                 &span,
-                format!("{key} = {} is not valid: it is empty.", ctx.snippet(&span)),
+                format!("{key} = {shown} is not valid: it is empty."),
                 format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out."),
             ));
         }
-        let path = ctx.resolve(&raw);
-        if must_exist && ctx.check_files && !path.is_file() {
-            return Err(ctx.err(
+        let path = self.resolve(&raw);
+        if must_exist && self.check_files && !path.is_file() {
+            return Err(self.err(
                 &span,
                 format!(
-                    "{key} = {} names a file that does not exist or is not a file: {}.",
-                    ctx.snippet(&span),
+                    "{key} = {shown} names a file that does not exist or is not a file: {}.",
                     path.display()
                 ),
                 format!(
@@ -1028,34 +1226,6 @@ impl<'a> Tbl<'a> {
             ));
         }
         Ok(Some(path))
-    }
-
-    /// A sub-table (`[path.key]` or an inline table).
-    fn table(&self, ctx: &Ctx<'_>, key: &str) -> Result<Option<Tbl<'a>>, ConfigError> {
-        let Some(item) = self.get(key) else {
-            return Ok(None);
-        };
-        let path = join_path(&self.path, key);
-        match item.as_table_like() {
-            Some(t) => Ok(Some(Tbl::new(
-                t,
-                &path,
-                format!("[{path}]"),
-                item.span().or_else(|| self.key_span(key)),
-            ))),
-            None => {
-                let span = self.value_span(key);
-                Err(ctx.err(
-                    &span,
-                    format!(
-                        "{key} = {} is not valid: {key} must be a table, not {}.",
-                        ctx.snippet(&span),
-                        describe(item)
-                    ),
-                    format!("Write it as a section: a line [{path}] followed by its keys."),
-                ))
-            }
-        }
     }
 }
 
@@ -1071,33 +1241,12 @@ fn join_path(parent: &str, key: &str) -> String {
 /// `[[clients]]`, plain keys bare.
 fn display_entry(parent: &str, key: &str) -> String {
     let path = join_path(parent, key);
-    let is_table = matches!(
-        path.as_str(),
-        "provider" | "provider.exchange" | "agent" | "session" | "workstation"
-    );
-    if path == "clients" {
-        format!("[[{path}]]")
-    } else if is_table {
-        format!("[{path}]")
-    } else {
-        key.to_owned()
-    }
-}
-
-fn describe(item: &Item) -> &'static str {
-    match item {
-        Item::None => "nothing",
-        Item::Table(_) => "a table",
-        Item::ArrayOfTables(_) => "a list of tables",
-        Item::Value(v) => match v {
-            Value::String(_) => "text",
-            Value::Integer(_) => "a whole number",
-            Value::Float(_) => "a decimal number",
-            Value::Boolean(_) => "true/false",
-            Value::Datetime(_) => "a date or time",
-            Value::Array(_) => "a list",
-            Value::InlineTable(_) => "a table",
-        },
+    match path.as_str() {
+        "clients" => format!("[[{path}]]"),
+        "provider" | "provider.exchange" | "agent" | "session" | "workstation" => {
+            format!("[{path}]")
+        }
+        _ => key.to_owned(),
     }
 }
 
@@ -1110,188 +1259,98 @@ fn join_or(items: &[String]) -> String {
     }
 }
 
-/// Edits (insert, delete, substitute, swap two neighbours) from `a` to `b`.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    // d[i][j]: distance between a[..i] and b[..j].
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
-            }
-            d[i][j] = best;
-        }
-    }
-    d[a.len()][b.len()]
-}
-
-/// The candidate nearest to `word`, if it is near enough to be a likely typo.
-fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
-    let word = word.to_lowercase().replace('-', "_");
-    let len = word.chars().count();
-    candidates
-        .into_iter()
-        .map(|c| {
-            let lower = c.to_lowercase();
-            // A word that is the start of a candidate ("relay" for "relay_url") is near too.
-            let prefix = len >= 4 && lower.starts_with(&word);
-            (edit_distance(&word, &lower), prefix, c)
-        })
-        .filter(|(d, prefix, c)| *prefix || *d <= (len.max(c.len()) / 3).max(1))
-        .min_by_key(|(d, _, _)| *d)
-        .map(|(_, _, c)| c)
-}
-
-fn is_secret_key(key: &str) -> bool {
-    let key = key.to_lowercase().replace('-', "_");
-    SECRET_KEYS.contains(&key.as_str())
-}
-
-/// The first key anywhere in the document that would hold a secret: (key, its span, its table).
-fn find_secret(t: &dyn TableLike, path: &str) -> Option<(String, Span, String)> {
-    for (key, item) in t.iter() {
-        if is_secret_key(key) {
-            let span = t.key(key).and_then(|k| k.span()).or_else(|| item.span());
-            let place = if path.is_empty() {
-                "at the top level".to_owned()
-            } else if path == "clients" {
-                "in [[clients]]".to_owned()
-            } else {
-                format!("in [{path}]")
-            };
-            return Some((key.to_owned(), span, place));
-        }
-        let child = join_path(path, key);
-        let found = match item {
-            Item::None => None,
-            Item::Table(t) => find_secret(t, &child),
-            Item::ArrayOfTables(a) => a.iter().find_map(|t| find_secret(t, &child)),
-            Item::Value(v) => find_secret_in_value(v, &child),
-        };
-        if found.is_some() {
-            return found;
-        }
-    }
-    None
-}
-
-fn find_secret_in_value(v: &Value, path: &str) -> Option<(String, Span, String)> {
-    match v {
-        Value::InlineTable(t) => find_secret(t, path),
-        Value::Array(a) => a.iter().find_map(|v| find_secret_in_value(v, path)),
-        _ => None,
-    }
-}
-
 fn parse_inner(text: &str, origin: &Path, check_files: bool) -> Result<Config, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let doc = ImDocument::parse(text)
+        .map_err(|e| syntax_error(text, origin.to_path_buf(), e.message(), e.span()))?;
+    let mut keys = Vec::new();
+    collect_keys(doc.as_table(), "", None, &mut keys);
     let ctx = Ctx {
         text,
         file: origin,
         base: origin.parent().map(Path::to_path_buf).unwrap_or_default(),
         check_files,
+        keys,
     };
-    let doc = ImDocument::parse(text).map_err(|e| {
-        let detail: Vec<&str> = e
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        let detail = detail.join("; ");
-        let lower = detail.to_lowercase();
-        let fix = if lower.contains("duplicate") {
-            "Each key and each [section] may appear only once; remove or merge the repeated one."
-        } else if lower.contains("string") || lower.contains("invalid key") {
-            "Put text values in double quotes (store = \"memory\"), write numbers and true/false \
-             without quotes, and keep each key = value on its own line."
-        } else {
-            "Check the TOML on that line: key = value pairs, [section] headings, text values in \
-             double quotes, lists in [square brackets]."
-        };
-        ctx.err(
-            &e.span(),
-            format!(
-                "the file is not valid TOML: {}.",
-                detail.trim_end_matches('.')
-            ),
-            fix,
-        )
-    })?;
-    let root_table = doc.as_table();
 
-    if let Some((key, span, place)) = find_secret(root_table, "") {
+    let secret = ctx.keys.iter().find(|k| {
+        let key = k.key.to_lowercase().replace('-', "_");
+        SECRET_KEYS.contains(&key.as_str())
+    });
+    if let Some(at) = secret {
+        let place = match at.table.as_str() {
+            "" => "at the top level".to_owned(),
+            "clients" => "in [[clients]]".to_owned(),
+            table => format!("in [{table}]"),
+        };
         return Err(ctx.err(
-            &span,
-            format!("\"{key}\" {place}: secrets never go in the config file."),
+            &at.span,
+            format!(
+                "\"{}\" {place}: secrets never go in the config file.",
+                at.key
+            ),
             "Remove it, put the secret in an environment variable of the agent, and name that \
              variable in [provider.exchange]: method = \"client_secret_post\" and \
              secret_env = \"CIS2_CLIENT_SECRET\".",
         ));
     }
 
-    let root = Tbl::new(root_table, "", "the top level".to_owned(), Some(0..0));
-    root.check_keys(&ctx, TOP_KEYS)?;
-
-    let environment = root.choice(&ctx, "environment", Environment::CHOICES)?;
-    let provider_table = root.table(&ctx, "provider")?;
-    let (environment, environment_span) = match environment {
-        Some(found) => found,
-        None => match &provider_table {
-            None => (Environment::Sandbox, None),
-            Some(p) => {
-                return Err(ctx.err(
-                    &p.span,
-                    "the file has a [provider] section but no environment, so it does not say \
-                     which provider this is.",
-                    "Add environment = \"int\", environment = \"live\" or environment = \"custom\" \
-                     at the top of the file, before [provider].",
-                ));
-            }
-        },
-    };
-
-    let provider = match environment {
-        Environment::Sandbox => {
-            if let Some(p) = provider_table {
-                return Err(ctx.err(
-                    &p.span,
-                    "environment = \"sandbox\" uses the agent's embedded test provider, so it \
-                     takes no [provider] section.",
-                    "Remove the [provider] section, or set environment = \"int\", \
-                     environment = \"live\" or environment = \"custom\" to sign in against a real \
-                     provider.",
-                ));
-            }
-            None
+    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.serde_error(&e))?;
+    let environment = ctx.choice("environment", &raw.environment, Environment::CHOICES)?;
+    let provider_span = ctx.table_span("provider", None);
+    let (environment, environment_span) = match (environment, &raw.provider) {
+        (Some(found), _) => found,
+        (None, None) => (Environment::Sandbox, None),
+        (None, Some(_)) => {
+            return Err(ctx.err(
+                &provider_span,
+                "the file has a [provider] section but no environment, so it does not say \
+                 which provider this is.",
+                "Add environment = \"int\", environment = \"live\" or environment = \"custom\" \
+                 at the top of the file, before [provider].",
+            ));
         }
-        env => Some(read_provider(&ctx, provider_table, env, environment_span)?),
     };
 
-    let agent = match root.table(&ctx, "agent")? {
+    let provider = match (environment, raw.provider) {
+        (Environment::Sandbox, Some(_)) => {
+            return Err(ctx.err(
+                &provider_span,
+                "environment = \"sandbox\" uses the agent's embedded test provider, so it \
+                 takes no [provider] section.",
+                "Remove the [provider] section, or set environment = \"int\", \
+                 environment = \"live\" or environment = \"custom\" to sign in against a real \
+                 provider.",
+            ));
+        }
+        (Environment::Sandbox, None) => None,
+        (env, p) => Some(read_provider(&ctx, p, env, environment_span)?),
+    };
+
+    let agent = match &raw.agent {
         None => AgentConfig::default(),
-        Some(t) => read_agent(&ctx, &t)?,
+        Some(a) => read_agent(&ctx, a)?,
     };
-    let clients = read_clients(&ctx, &root)?;
-    let session = match root.table(&ctx, "session")? {
+    let clients = (raw.clients.iter().flatten().enumerate())
+        .map(|(i, c)| read_client(&ctx, c, i))
+        .collect::<Result<_, _>>()?;
+    let session = match &raw.session {
         None => SessionConfig::default(),
-        Some(t) => read_session(&ctx, &t)?,
+        Some(s) => read_session(&ctx, s)?,
     };
-    let workstation = match root.table(&ctx, "workstation")? {
-        None => WorkstationConfig::default(),
-        Some(t) => read_workstation(&ctx, &t)?,
+    let d = WorkstationConfig::default();
+    let workstation = match &raw.workstation {
+        None => d,
+        Some(w) => WorkstationConfig {
+            on_os_lock: ctx
+                .choice("on_os_lock", &w.on_os_lock, SignalAction::CHOICES)?
+                .map_or(d.on_os_lock, |(a, _)| a),
+            on_card_removal: ctx
+                .choice("on_card_removal", &w.on_card_removal, SignalAction::CHOICES)?
+                .map_or(d.on_card_removal, |(a, _)| a),
+            same_card_unlocks: ctx.boolean("same_card_unlocks", &w.same_card_unlocks, true)?,
+            allow_user_switch: ctx.boolean("allow_user_switch", &w.allow_user_switch, false)?,
+        },
     };
 
     Ok(Config {
@@ -1321,8 +1380,7 @@ fn check_url(
     key: &str,
     value: &str,
     span: &Span,
-    example: &str,
-    what: &str,
+    (example, what): (&str, &str),
     allow_query: bool,
 ) -> Result<(), ConfigError> {
     let shown = ctx.snippet(span);
@@ -1393,14 +1451,14 @@ fn is_env_var_name(name: &str) -> bool {
 
 fn read_provider(
     ctx: &Ctx<'_>,
-    table: Option<Tbl<'_>>,
+    p: Option<RawProvider>,
     env: Environment,
     env_span: Span,
 ) -> Result<ProviderConfig, ConfigError> {
     const ISSUER_EXAMPLE: &str = "\"https://login.example.org/realms/staff\"";
     const CLIENT_ID_EXAMPLE: &str = "\"123456789012.apps.national\"";
     let name = env.as_str();
-    let Some(p) = table else {
+    let Some(p) = p else {
         let fix = if env == Environment::Custom {
             format!(
                 "Add a [provider] section with issuer = {ISSUER_EXAMPLE} and client_id = \"…\" \
@@ -1418,26 +1476,19 @@ fn read_provider(
             fix,
         ));
     };
-    p.check_keys(ctx, PROVIDER_KEYS)?;
+    let p_span = ctx.table_span("provider", None);
 
-    let issuer = match p.string(ctx, "issuer", ISSUER_EXAMPLE)? {
+    let issuer = match ctx.string("issuer", &p.issuer, ISSUER_EXAMPLE)? {
         Some((issuer, span)) => {
-            check_url(
-                ctx,
-                "issuer",
-                &issuer,
-                &span,
-                ISSUER_EXAMPLE,
-                "the provider",
-                false,
-            )?;
+            let example = (ISSUER_EXAMPLE, "the provider");
+            check_url(ctx, "issuer", &issuer, &span, example, false)?;
             issuer
         }
         None => match env.preset_issuer() {
             Some(preset) => preset.to_owned(),
             None => {
                 return Err(ctx.err(
-                    &p.span,
+                    &p_span,
                     format!("[provider] has no issuer, and environment = \"{name}\" needs one."),
                     format!(
                         "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its \
@@ -1449,7 +1500,7 @@ fn read_provider(
         },
     };
 
-    let client_id = match p.string(ctx, "client_id", CLIENT_ID_EXAMPLE)? {
+    let client_id = match ctx.string("client_id", &p.client_id, CLIENT_ID_EXAMPLE)? {
         Some((id, span)) => {
             if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ctx.err(
@@ -1466,7 +1517,7 @@ fn read_provider(
         }
         None => {
             return Err(ctx.err(
-                &p.span,
+                &p_span,
                 format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
                 format!(
                     "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
@@ -1476,56 +1527,48 @@ fn read_provider(
         }
     };
 
-    let scopes = match p.word_list(ctx, "scopes", "[\"openid\", \"profile\"]")? {
+    let scopes = match ctx.word_list("scopes", &p.scopes, "[\"openid\", \"profile\"]")? {
         None => DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
+        Some((scopes, _)) if scopes.iter().any(|s| s == "openid") => scopes,
         Some((scopes, span)) => {
-            if !scopes.iter().any(|s| s == "openid") {
-                let mut with_openid = vec!["\"openid\"".to_owned()];
-                with_openid.extend(scopes.iter().map(|s| format!("\"{s}\"")));
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "scopes = {} does not include \"openid\".",
-                        ctx.snippet(&span)
-                    ),
-                    format!(
-                        "OpenID Connect needs it: write scopes = [{}].",
-                        with_openid.join(", ")
-                    ),
-                ));
-            }
-            scopes
+            let mut with_openid = vec!["\"openid\"".to_owned()];
+            with_openid.extend(scopes.iter().map(|s| format!("\"{s}\"")));
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "scopes = {} does not include \"openid\".",
+                    ctx.snippet(&span)
+                ),
+                format!(
+                    "OpenID Connect needs it: write scopes = [{}].",
+                    with_openid.join(", ")
+                ),
+            ));
         }
     };
 
-    let acr_values = match p.string(ctx, "acr_values", "\"AAL2_OR_AAL3_ANY\"")? {
+    let acr_values = match ctx.string("acr_values", &p.acr_values, "\"AAL2_OR_AAL3_ANY\"")? {
         None => Some(DEFAULT_ACR_VALUES.to_owned()),
-        Some((acr, span)) => {
-            if acr.chars().any(char::is_control) {
-                return Err(ctx.err(
-                    &span,
-                    "acr_values is not valid: it contains control characters.",
-                    "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
-                     sign-in only).",
-                ));
-            }
-            let acr = acr.trim().to_owned();
-            if acr.is_empty() { None } else { Some(acr) }
+        Some((acr, span)) if acr.chars().any(char::is_control) => {
+            return Err(ctx.err(
+                &span,
+                "acr_values is not valid: it contains control characters.",
+                "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
+                 sign-in only).",
+            ));
         }
+        Some((acr, _)) => Some(acr.trim().to_owned()).filter(|acr| !acr.is_empty()),
     };
 
-    let max_age = Some(
-        p.uint(ctx, "max_age", 0, "300", None)?
-            .unwrap_or(DEFAULT_MAX_AGE),
-    );
+    let max_age = ctx.uint("max_age", &p.max_age, (0, DEFAULT_MAX_AGE), None)?;
 
-    let prompt = match p.string(ctx, "prompt", "\"login\"")? {
+    let prompt = match ctx.string("prompt", &p.prompt, "\"login\"")? {
         None => Some(DEFAULT_PROMPT.to_owned()),
         Some((prompt, span)) => {
             let words: Vec<&str> = prompt.split_whitespace().collect();
-            let bad = words.iter().any(|w| !PROMPT_VALUES.contains(w))
-                || (words.contains(&"none") && words.len() > 1);
-            if bad {
+            if words.iter().any(|w| !PROMPT_VALUES.contains(w))
+                || (words.contains(&"none") && words.len() > 1)
+            {
                 return Err(ctx.err(
                     &span,
                     format!("prompt = {} is not valid.", ctx.snippet(&span)),
@@ -1534,41 +1577,34 @@ fn read_provider(
                      prompt.",
                 ));
             }
-            if words.is_empty() {
-                None
-            } else {
-                Some(words.join(" "))
-            }
+            Some(words.join(" ")).filter(|words| !words.is_empty())
         }
     };
 
-    let ca_file = p.path(
-        ctx,
+    let ca_file = ctx.path(
         "ca_file",
-        "\"/etc/cis2-agent/extra-ca.pem\"",
-        "a PEM file of extra CA certificates",
+        &p.ca_file,
+        (
+            "\"/etc/cis2-agent/extra-ca.pem\"",
+            "a PEM file of extra CA certificates",
+        ),
         true,
     )?;
-
-    let redirect_ports = read_ports(ctx, &p)?;
-    let login_timeout_secs = p
-        .uint(
-            ctx,
-            "login_timeout_secs",
-            1,
-            "300",
-            Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
-        )?
-        .unwrap_or(DEFAULT_LOGIN_TIMEOUT_SECS);
-
-    let exchange = read_exchange(ctx, &p, env)?;
+    let redirect_ports = read_ports(ctx, &p.redirect_ports)?;
+    let login_timeout_secs = ctx.uint(
+        "login_timeout_secs",
+        &p.login_timeout_secs,
+        (1, DEFAULT_LOGIN_TIMEOUT_SECS),
+        Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
+    )?;
+    let exchange = read_exchange(ctx, p.exchange, env, &p_span)?;
 
     Ok(ProviderConfig {
         issuer,
         client_id,
         scopes,
         acr_values,
-        max_age,
+        max_age: Some(max_age),
         prompt,
         ca_file,
         redirect_ports,
@@ -1577,21 +1613,19 @@ fn read_provider(
     })
 }
 
-fn read_ports(ctx: &Ctx<'_>, p: &Tbl<'_>) -> Result<Vec<u16>, ConfigError> {
+fn read_ports(ctx: &Ctx<'_>, leaf: &Leaf) -> Result<Vec<u16>, ConfigError> {
     const EXAMPLE: &str = "[8400, 8401]";
-    let Some(item) = p.get("redirect_ports") else {
+    let wanted = "a list of port numbers";
+    let Some((list, _)) = ctx.list("redirect_ports", leaf, wanted, EXAMPLE)? else {
         return Ok(Vec::new());
     };
-    let Some(array) = item.as_array() else {
-        return Err(p.type_error(ctx, "redirect_ports", "a list of port numbers", EXAMPLE));
-    };
-    let mut ports = Vec::with_capacity(array.len());
-    for value in array.iter() {
-        let span = value.span().or_else(|| p.value_span("redirect_ports"));
-        let port = value
-            .as_integer()
-            .and_then(|n| u16::try_from(n).ok())
-            .filter(|n| *n != 0);
+    let mut ports = Vec::with_capacity(list.len());
+    for v in list {
+        let span = Some(v.span());
+        let port = match v.get_ref() {
+            Val::Int(n) => u16::try_from(*n).ok().filter(|n| *n != 0),
+            _ => None,
+        };
         match port {
             Some(port) if ports.contains(&port) => {
                 return Err(ctx.err(
@@ -1620,17 +1654,22 @@ fn read_ports(ctx: &Ctx<'_>, p: &Tbl<'_>) -> Result<Vec<u16>, ConfigError> {
     Ok(ports)
 }
 
-fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchange, ConfigError> {
+fn read_exchange(
+    ctx: &Ctx<'_>,
+    x: Option<RawExchange>,
+    env: Environment,
+    provider_span: &Span,
+) -> Result<Exchange, ConfigError> {
     const RELAY_EXAMPLE: &str = "\"https://relay.example.nhs.uk/\"";
-    let table = p.table(ctx, "exchange")?;
     let default_method = match env {
         Environment::Int | Environment::Live => ExchangeMethod::Relay,
         Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
     };
-    let Some(x) = table else {
-        if default_method == ExchangeMethod::Relay {
+    let x = match x {
+        Some(x) => x,
+        None if default_method == ExchangeMethod::Relay => {
             return Err(ctx.err(
-                &p.span,
+                provider_span,
                 format!(
                     "environment = \"{}\" swaps the sign-in code for tokens through a relay by \
                      default, and there is no [provider.exchange] section with its relay_url.",
@@ -1643,100 +1682,86 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
                 ),
             ));
         }
-        return Ok(Exchange {
-            method: default_method,
+        None => RawExchange {
+            method: None,
             relay_url: None,
             key_file: None,
-            alg: SigningAlg::default(),
-            secret_env: None,
+            alg: None,
             kid: None,
-        });
+            secret_env: None,
+        },
     };
-    x.check_keys(ctx, EXCHANGE_KEYS)?;
 
-    let chosen = x.choice(ctx, "method", ExchangeMethod::CHOICES)?;
-    let (method, method_span, stated) = match chosen {
-        Some((method, span)) => (method, span, format!("method = \"{}\"", method.as_str())),
-        None => (
-            default_method,
-            x.span.clone(),
-            format!(
-                "[provider.exchange] has no method, so it is \"{}\" (the default for \
+    let (method, method_span, stated) =
+        match ctx.choice("method", &x.method, ExchangeMethod::CHOICES)? {
+            Some((method, span)) => (method, span, format!("method = \"{}\"", method.as_str())),
+            None => (
+                default_method,
+                ctx.table_span("provider.exchange", None),
+                format!(
+                    "[provider.exchange] has no method, so it is \"{}\" (the default for \
                  environment = \"{}\"), which",
-                default_method.as_str(),
-                env.as_str()
+                    default_method.as_str(),
+                    env.as_str()
+                ),
             ),
-        ),
-    };
-    let other_methods = |except: ExchangeMethod| {
-        let names: Vec<String> = ExchangeMethod::CHOICES
-            .iter()
-            .filter(|(_, m)| *m != except)
-            .map(|(n, _)| format!("method = \"{n}\""))
-            .collect();
-        join_or(&names)
-    };
+        };
 
-    let relay_url = match x.string(ctx, "relay_url", RELAY_EXAMPLE)? {
+    let relay_url = match ctx.string("relay_url", &x.relay_url, RELAY_EXAMPLE)? {
         Some((url, span)) => {
             check_url(
                 ctx,
                 "relay_url",
                 &url,
                 &span,
-                RELAY_EXAMPLE,
-                "the relay",
+                (RELAY_EXAMPLE, "the relay"),
                 true,
             )?;
             Some(url)
         }
         None => None,
     };
-    let key_file = x.path(
-        ctx,
+    let key_file = ctx.path(
         "key_file",
-        "\"client-key.pem\"",
-        "the PEM file holding the client's RSA private key",
+        &x.key_file,
+        (
+            "\"client-key.pem\"",
+            "the PEM file holding the client's RSA private key",
+        ),
         method == ExchangeMethod::PrivateKeyJwt,
     )?;
-    let alg = x
-        .choice(ctx, "alg", SigningAlg::CHOICES)?
+    let alg = ctx
+        .choice("alg", &x.alg, SigningAlg::CHOICES)?
         .map(|(alg, _)| alg)
         .unwrap_or_default();
-    let kid = match x.string(ctx, "kid", "\"eps-cpt-ui-int\"")? {
-        Some((kid, span)) => {
-            if cis2_jose::check_kid(&kid).is_err() {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "kid = {} is not a key id this agent can send.",
-                        ctx.snippet(&span)
-                    ),
-                    "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, \
-                     - or _ (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's \
-                     RFC 7638 thumbprint.",
-                ));
-            }
-            Some(kid)
+    let kid = match ctx.string("kid", &x.kid, "\"eps-cpt-ui-int\"")? {
+        Some((kid, span)) if cis2_jose::check_kid(&kid).is_err() => {
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "kid = {} is not a key id this agent can send.",
+                    ctx.snippet(&span)
+                ),
+                "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, \
+                 - or _ (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's \
+                 RFC 7638 thumbprint.",
+            ));
         }
-        None => None,
+        found => found.map(|(kid, _)| kid),
     };
-    let secret_env = match x.string(ctx, "secret_env", "\"CIS2_CLIENT_SECRET\"")? {
-        Some((name, span)) => {
-            if !is_env_var_name(&name) {
-                // The value is not quoted back: it may be the secret itself.
-                return Err(ctx.err(
-                    &span,
-                    "secret_env is not the name of an environment variable (letters, digits and \
-                     _, not starting with a digit).",
-                    "secret_env names the variable that holds the secret, never the secret \
-                     itself: write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in \
-                     the agent's environment.",
-                ));
-            }
-            Some(name)
+    let secret_env = match ctx.string("secret_env", &x.secret_env, "\"CIS2_CLIENT_SECRET\"")? {
+        Some((name, span)) if !is_env_var_name(&name) => {
+            // The value is not quoted back: it may be the secret itself.
+            return Err(ctx.err(
+                &span,
+                "secret_env is not the name of an environment variable (letters, digits and \
+                 _, not starting with a digit).",
+                "secret_env names the variable that holds the secret, never the secret \
+                 itself: write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in \
+                 the agent's environment.",
+            ));
         }
-        None => None,
+        found => found.map(|(name, _)| name),
     };
 
     let missing = match method {
@@ -1758,12 +1783,17 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
         _ => None,
     };
     if let Some((key, add)) = missing {
+        let others: Vec<String> = ExchangeMethod::CHOICES
+            .iter()
+            .filter(|(_, m)| *m != method)
+            .map(|(n, _)| format!("method = \"{n}\""))
+            .collect();
         return Err(ctx.err(
             &method_span,
             format!("{stated} needs {key} in [provider.exchange], and there is none."),
             format!(
                 "Add {add} to [provider.exchange], or choose another method: {}.",
-                other_methods(method)
+                join_or(&others)
             ),
         ));
     }
@@ -1773,85 +1803,38 @@ fn read_exchange(ctx: &Ctx<'_>, p: &Tbl<'_>, env: Environment) -> Result<Exchang
         relay_url,
         key_file,
         alg,
-        secret_env,
         kid,
+        secret_env,
     })
 }
 
-fn read_agent(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<AgentConfig, ConfigError> {
-    t.check_keys(ctx, AGENT_KEYS)?;
+fn read_agent(ctx: &Ctx<'_>, a: &RawAgent) -> Result<AgentConfig, ConfigError> {
+    let socket = (
+        "\"/run/user/1000/cis2-agent/agent.sock\"",
+        "the agent's socket",
+    );
+    let data_dir = ("\"/var/lib/cis2-agent\"", "the agent's data folder");
     Ok(AgentConfig {
-        socket: t.path(
-            ctx,
-            "socket",
-            "\"/run/user/1000/cis2-agent/agent.sock\"",
-            "the agent's socket",
-            false,
-        )?,
-        store: t
-            .choice(ctx, "store", StoreKind::CHOICES)?
+        socket: ctx.path("socket", &a.socket, socket, false)?,
+        store: ctx
+            .choice("store", &a.store, StoreKind::CHOICES)?
             .map(|(s, _)| s)
             .unwrap_or_default(),
-        data_dir: t.path(
-            ctx,
-            "data_dir",
-            "\"/var/lib/cis2-agent\"",
-            "the agent's data folder",
-            false,
-        )?,
-        client_policy: t
-            .choice(ctx, "client_policy", ClientPolicy::CHOICES)?
+        data_dir: ctx.path("data_dir", &a.data_dir, data_dir, false)?,
+        client_policy: ctx
+            .choice("client_policy", &a.client_policy, ClientPolicy::CHOICES)?
             .map(|(c, _)| c),
-        audit_sync: t.boolean(ctx, "audit_sync", false)?,
+        audit_sync: ctx.boolean("audit_sync", &a.audit_sync, false)?,
     })
 }
 
-fn read_clients(ctx: &Ctx<'_>, root: &Tbl<'_>) -> Result<Vec<ClientRule>, ConfigError> {
-    let Some(item) = root.get("clients") else {
-        return Ok(Vec::new());
-    };
-    let label = |i: usize| format!("[[clients]] entry {}", i + 1);
-    let mut tables = Vec::new();
-    match item {
-        Item::ArrayOfTables(array) => {
-            for (i, t) in array.iter().enumerate() {
-                tables.push(Tbl::new(t, "clients", label(i), t.span()));
-            }
-        }
-        Item::Value(Value::Array(array))
-            if array.iter().all(|v| matches!(v, Value::InlineTable(_))) =>
-        {
-            for (i, v) in array.iter().enumerate() {
-                if let Value::InlineTable(t) = v {
-                    tables.push(Tbl::new(t, "clients", label(i), v.span()));
-                }
-            }
-        }
-        _ => {
-            let span = root.value_span("clients");
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "clients = {} is not valid: clients must be a list of [[clients]] sections, \
-                     not {}.",
-                    ctx.snippet(&span),
-                    describe(item)
-                ),
-                "Write each program as its own section: a line [[clients]], then \
-                 name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
-            ));
-        }
-    }
-    tables.iter().map(|t| read_client(ctx, t)).collect()
-}
-
-fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
+fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, ConfigError> {
     const PATH_EXAMPLE: &str = "\"/opt/ehr/bin/ehr\"";
     const SHA_EXAMPLE: &str = "\"<64 hex digits>\"";
-    t.check_keys(ctx, CLIENT_KEYS)?;
-    let label = &t.label;
+    let label = format!("[[clients]] entry {}", i + 1);
+    let entry_span = ctx.table_span("clients", Some(i));
 
-    let name = match t.string(ctx, "name", "\"Ward EHR\"")? {
+    let name = match ctx.string("name", &c.name, "\"Ward EHR\"")? {
         Some((name, span)) => {
             let trimmed = name.trim();
             if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
@@ -1868,7 +1851,7 @@ fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
         }
         None => {
             return Err(ctx.err(
-                &t.span,
+                &entry_span,
                 format!("{label} has no name."),
                 "Add name = \"Ward EHR\" (the name shown to people when this program uses the \
                  agent).",
@@ -1876,26 +1859,22 @@ fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
         }
     };
 
-    let path = match t.string(ctx, "path", PATH_EXAMPLE)? {
-        Some((raw, span)) => {
-            let path = PathBuf::from(&raw);
-            if !path.is_absolute() {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "path = {} in {label} is not valid: it must be the full path of the \
-                         program's executable.",
-                        ctx.snippet(&span)
-                    ),
-                    format!("Write path = {PATH_EXAMPLE} (the absolute path)."),
-                ));
-            }
-            Some(path)
+    let path = match ctx.string("path", &c.path, PATH_EXAMPLE)? {
+        Some((raw, span)) if !Path::new(&raw).is_absolute() => {
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "path = {} in {label} is not valid: it must be the full path of the \
+                     program's executable.",
+                    ctx.snippet(&span)
+                ),
+                format!("Write path = {PATH_EXAMPLE} (the absolute path)."),
+            ));
         }
-        None => None,
+        found => found.map(|(raw, _)| PathBuf::from(raw)),
     };
 
-    let sha256 = match t.string(ctx, "sha256", SHA_EXAMPLE)? {
+    let sha256 = match ctx.string("sha256", &c.sha256, SHA_EXAMPLE)? {
         Some((raw, span)) => {
             let hex = raw.trim();
             if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -1920,7 +1899,7 @@ fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
 
     if path.is_none() && sha256.is_none() {
         return Err(ctx.err(
-            &t.span,
+            &entry_span,
             format!(
                 "{label} (\"{name}\") has neither path nor sha256, so no program can match it."
             ),
@@ -1931,7 +1910,8 @@ fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
         ));
     }
 
-    let methods = match t.string_list(ctx, "methods", "[\"status\", \"whoami\", \"token\"]")? {
+    let example = "[\"status\", \"whoami\", \"token\"]";
+    let methods = match ctx.string_list("methods", &c.methods, example)? {
         None => None,
         Some((list, _)) => {
             let mut methods: Vec<String> = Vec::with_capacity(list.len());
@@ -1959,82 +1939,64 @@ fn read_client(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<ClientRule, ConfigError> {
         }
     };
 
-    let audiences = t
-        .word_list(ctx, "audiences", "[\"https://ehr.example.nhs.uk\"]")?
-        .map(|(list, _)| list)
-        .unwrap_or_default();
-    let scopes = t
-        .word_list(ctx, "scopes", "[\"nhsperson\"]")?
-        .map(|(list, _)| list)
-        .unwrap_or_default();
-
+    let audiences = ctx.word_list(
+        "audiences",
+        &c.audiences,
+        "[\"https://ehr.example.nhs.uk\"]",
+    )?;
+    let scopes = ctx.word_list("scopes", &c.scopes, "[\"nhsperson\"]")?;
     Ok(ClientRule {
         name,
         path,
         sha256,
         methods,
-        audiences,
-        scopes,
+        audiences: audiences.map(|(list, _)| list).unwrap_or_default(),
+        scopes: scopes.map(|(list, _)| list).unwrap_or_default(),
     })
 }
 
-fn read_session(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<SessionConfig, ConfigError> {
-    t.check_keys(ctx, SESSION_KEYS)?;
+fn read_session(ctx: &Ctx<'_>, s: &RawSession) -> Result<SessionConfig, ConfigError> {
     let d = SessionConfig::default();
     Ok(SessionConfig {
-        refresh_margin_secs: t
-            .uint(ctx, "refresh_margin_secs", 0, "60", None)?
-            .unwrap_or(d.refresh_margin_secs),
-        expiring_notice_secs: t
-            .uint(ctx, "expiring_notice_secs", 0, "120", None)?
-            .unwrap_or(d.expiring_notice_secs),
-        inactivity_secs: t
-            .uint(
-                ctx,
-                "inactivity_secs",
-                1,
-                "900",
-                Some(
-                    "To switch the inactivity timeout off, write inactivity_action = \"none\" \
-                     instead; otherwise write inactivity_secs = 900.",
-                ),
+        refresh_margin_secs: ctx.uint(
+            "refresh_margin_secs",
+            &s.refresh_margin_secs,
+            (0, d.refresh_margin_secs),
+            None,
+        )?,
+        expiring_notice_secs: ctx.uint(
+            "expiring_notice_secs",
+            &s.expiring_notice_secs,
+            (0, d.expiring_notice_secs),
+            None,
+        )?,
+        inactivity_secs: ctx.uint(
+            "inactivity_secs",
+            &s.inactivity_secs,
+            (1, d.inactivity_secs),
+            Some(
+                "To switch the inactivity timeout off, write inactivity_action = \"none\" \
+                 instead; otherwise write inactivity_secs = 900.",
+            ),
+        )?,
+        inactivity_action: ctx
+            .choice(
+                "inactivity_action",
+                &s.inactivity_action,
+                InactivityAction::CHOICES,
             )?
-            .unwrap_or(d.inactivity_secs),
-        inactivity_action: t
-            .choice(ctx, "inactivity_action", InactivityAction::CHOICES)?
-            .map(|(a, _)| a)
-            .unwrap_or(d.inactivity_action),
-        absolute_secs: t
-            .uint(
-                ctx,
-                "absolute_secs",
-                1,
-                "43200",
-                Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
-            )?
-            .unwrap_or(d.absolute_secs),
-        end_session_at_provider: t.boolean(
-            ctx,
+            .map_or(d.inactivity_action, |(a, _)| a),
+        absolute_secs: ctx.uint(
+            "absolute_secs",
+            &s.absolute_secs,
+            (1, d.absolute_secs),
+            Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
+        )?,
+        end_session_at_provider: ctx.boolean(
             "end_session_at_provider",
+            &s.end_session_at_provider,
             d.end_session_at_provider,
         )?,
-    })
-}
-
-fn read_workstation(ctx: &Ctx<'_>, t: &Tbl<'_>) -> Result<WorkstationConfig, ConfigError> {
-    t.check_keys(ctx, WORKSTATION_KEYS)?;
-    let d = WorkstationConfig::default();
-    Ok(WorkstationConfig {
-        on_os_lock: t
-            .choice(ctx, "on_os_lock", SignalAction::CHOICES)?
-            .map(|(a, _)| a)
-            .unwrap_or(d.on_os_lock),
-        on_card_removal: t
-            .choice(ctx, "on_card_removal", SignalAction::CHOICES)?
-            .map(|(a, _)| a)
-            .unwrap_or(d.on_card_removal),
-        same_card_unlocks: t.boolean(ctx, "same_card_unlocks", d.same_card_unlocks)?,
-        allow_user_switch: t.boolean(ctx, "allow_user_switch", d.allow_user_switch)?,
     })
 }
 
@@ -2473,6 +2435,29 @@ allow_user_switch = false
                 "Did you mean \"RS256\"?",
                 "Write alg = \"RS256\" or alg = \"RS512\".",
             ],
+        );
+    }
+
+    #[test]
+    fn kid_is_optional_and_kept_as_written() {
+        let base = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example.org\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"private_key_jwt\"\nkey_file = \"k.pem\"\n";
+        assert_eq!(ok(base).provider.unwrap().exchange.kid, None);
+        let config = ok(&format!("{base}kid = \"cis2-key-2026-11\"\n"));
+        let x = config.provider.unwrap().exchange;
+        assert_eq!(x.kid.as_deref(), Some("cis2-key-2026-11"));
+        let e = bad(&format!("{base}kid = \"\"\n"));
+        check(&e, 8, &["kid = \"\" is not a key id", "RFC 7638 thumbprint"]);
+        let e = bad(&format!("{base}kid = 7\n"));
+        check(
+            &e,
+            8,
+            &["kid must be text in double quotes, not a whole number"],
+        );
+        let e = bad(&format!("{base}kdi = \"a\"\n"));
+        check(
+            &e,
+            8,
+            &["Did you mean \"kid\"?", "key_file, alg, kid, secret_env."],
         );
     }
 

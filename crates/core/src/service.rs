@@ -29,16 +29,26 @@ pub struct Launch {
 }
 
 /// The config the launch names: a file named by `--config` or `$CIS2_AGENT_CONFIG` must exist; the
-/// default one may be absent, and then the agent runs the sandbox.
+/// default one may be absent, and then the agent runs the sandbox (if this build has it).
 pub fn load_config(launch: &Launch) -> Result<Config, String> {
     if launch.sandbox {
-        return Ok(Config::sandbox());
+        return sandbox_config("--sandbox was given");
     }
     let named = launch.config.is_some()
         || std::env::var_os("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty());
     match config::resolve_path(launch.config.as_deref()) {
         Some(path) if named || path.exists() => config::load(&path).map_err(|e| e.to_string()),
-        _ => Ok(Config::sandbox()),
+        Some(path) => sandbox_config(&format!("there is no config file ({})", path.display())),
+        None => sandbox_config("there is no config file"),
+    }
+}
+
+/// The sandbox config, or, in a build without the sandbox provider, why the agent cannot start.
+fn sandbox_config(why: &str) -> Result<Config, String> {
+    if cfg!(feature = "sandbox") {
+        Ok(Config::sandbox())
+    } else {
+        Err(format!("{why}, and {}.", crate::agent::NO_SANDBOX))
     }
 }
 
@@ -85,6 +95,7 @@ pub async fn start(
     let agent = Agent::start(options)
         .await
         .map_err(|e| (2, e.to_string()))?;
+    #[cfg(feature = "sandbox")]
     if let Some(sandbox) = agent.sandbox_provider() {
         eprintln!("sandbox provider: {}", sandbox.issuer);
     }
@@ -111,5 +122,47 @@ pub async fn start(
 impl Service {
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(sandbox: bool) -> Launch {
+        Launch {
+            config: None,
+            socket: None,
+            sandbox,
+            no_browser: true,
+        }
+    }
+
+    #[cfg(feature = "sandbox")]
+    #[test]
+    fn the_sandbox_flag_gives_the_sandbox() {
+        assert!(load_config(&launch(true)).expect("sandbox").is_sandbox());
+    }
+
+    /// Run by CI as `cargo test -p cis2-core --no-default-features --lib service::`.
+    #[cfg(not(feature = "sandbox"))]
+    #[tokio::test]
+    async fn a_build_without_the_sandbox_refuses_it_and_says_what_to_give() {
+        let refused = load_config(&launch(true)).expect_err("no sandbox in this build");
+        assert!(
+            refused.starts_with("--sandbox was given, and this build of the agent has no sandbox")
+                && refused.contains("--config FILE"),
+            "{refused}"
+        );
+        // A config file that is a sandbox file (or none at all) is refused when the agent starts.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::sandbox();
+        config.agent.data_dir = Some(dir.path().to_path_buf());
+        let started = Agent::start(AgentOptions::new(config, Browser::from_env(true))).await;
+        let refused = started.err().expect("no sandbox in this build").to_string();
+        assert!(
+            refused.contains("built without the cargo feature `sandbox`"),
+            "{refused}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The relay's TOML (interfaces.md "cis2-relay"). Every mistake is reported with the file, the line and
 //! what to write instead; relative paths are read from the config file's folder.
 
+use cis2_config_error::line_of;
 use cis2_jose::{Alg, SigningKey};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -102,14 +103,7 @@ fn default_alg() -> String {
     "RS512".into()
 }
 
-/// A config mistake: `file:line: what — fix`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    pub line: usize,
-    pub message: String,
-}
+pub use cis2_config_error::ConfigError;
 
 /// The 1-based line of `needle` as a key (`needle =`) in `text`, or 1.
 fn line_of_key(text: &str, needle: &str) -> usize {
@@ -123,17 +117,14 @@ fn line_of_key(text: &str, needle: &str) -> usize {
         .unwrap_or(1)
 }
 
-fn line_of_offset(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
 /// Reads and checks the file; key files are read to check they are usable RSA keys.
 pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: shown.clone(),
-        line: 0,
-        message: format!("cannot read the config file: {e}"),
+        file: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read the config file: {e}."),
+        fix: "Check the path given with --config and that this user may read it.".into(),
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, &shown, base)
@@ -141,14 +132,16 @@ pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
 
 /// Checks the text; `base` resolves relative paths. Key files are read.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigError> {
+    // The relay's messages carry their fix after a semicolon or a dash, in one sentence.
     let error = |line: usize, message: String| ConfigError {
         file: file.into(),
-        line,
+        line: Some(line),
         message,
+        fix: String::new(),
     };
     let at = |key: &str, message: String| error(line_of_key(text, key), message);
     let parsed: File = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of_offset(text, s.start)).unwrap_or(1);
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
         let message = e.message().trim().to_string();
         let hint = if message.contains("missing field") {
             " — see the example in docs/deployment.md: [relay] needs allowed_redirect_uris, \
@@ -524,8 +517,8 @@ mod tests {
         ];
         for (text, line, words) in cases {
             let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
-            assert_eq!(err.file, "relay.toml");
-            assert_eq!(err.line, line, "{err}");
+            assert_eq!(err.file, Path::new("relay.toml"));
+            assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(words), "{err}");
         }
     }

@@ -30,7 +30,6 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -70,8 +69,8 @@ impl Relay {
             },
             config,
             rp,
+            metrics: Metrics::new(fanout.uses_redis()),
             fanout,
-            metrics: Metrics::default(),
             clock,
             seen_logout_ids: Mutex::new(HashMap::new()),
             closing: watch::Sender::new(false),
@@ -162,13 +161,13 @@ async fn limit_and_count(
     // never be refused because someone else flooded the token endpoint from the same address.
     let limited = matches!(endpoint, "token" | "refresh" | "revoke" | "events");
     let allowed = if limited {
-        relay.limiter.check(peer.0.ip(), started)
+        relay.limiter.check(peer.0.ip())
     } else {
         Ok(())
     };
     let response = match allowed {
         Err(wait) => {
-            relay.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            relay.metrics.rate_limited.inc();
             let mut response = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -510,7 +509,7 @@ async fn metrics(State(relay): State<Shared>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         )],
         relay.metrics.render(redis),
     )
@@ -533,10 +532,7 @@ async fn backchannel_logout(
     };
     match outcome {
         Ok(ended) => {
-            relay
-                .metrics
-                .logout_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            relay.metrics.logout_accepted.inc();
             tracing::info!("back-channel logout accepted");
             relay.fanout.publish(ended).await;
             let mut response = StatusCode::OK.into_response();
@@ -545,7 +541,7 @@ async fn backchannel_logout(
         }
         Err(refusal) => {
             if refusal.status() == StatusCode::BAD_REQUEST {
-                relay.metrics.logout_refused.fetch_add(1, Ordering::Relaxed);
+                relay.metrics.logout_refused.inc();
             }
             refusal
         }
@@ -663,10 +659,7 @@ struct SubscriberSlot {
 
 impl Drop for SubscriberSlot {
     fn drop(&mut self) {
-        self.relay
-            .metrics
-            .subscribers
-            .fetch_sub(1, Ordering::Relaxed);
+        self.relay.metrics.subscribers.dec();
         if let Some((sid, id)) = self.session.take() {
             let mut streams = self
                 .relay
@@ -751,7 +744,7 @@ async fn events(
     if ticketed.sid != sid || query.sub.is_some_and(|sub| sub != ticketed.sub) {
         return forbidden("the ticket is for another session");
     }
-    let open = relay.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
+    let open = relay.metrics.subscribers.inc();
     let mut slot = SubscriberSlot {
         relay: relay.clone(),
         session: None,
@@ -812,11 +805,7 @@ async fn events(
             }
             Phase::EndNow => {
                 stream.phase = Phase::Done;
-                stream
-                    .relay
-                    .metrics
-                    .logout_delivered
-                    .fetch_add(1, Ordering::Relaxed);
+                stream.relay.metrics.logout_delivered.inc();
                 logout_event(&stream.sid)
             }
             Phase::Listening => loop {
@@ -832,11 +821,7 @@ async fn events(
                                 || ended.at_ms + CLOCK_ALLOWANCE_MS >= stream.opened_ms) =>
                     {
                         stream.phase = Phase::Done;
-                        stream
-                            .relay
-                            .metrics
-                            .logout_delivered
-                            .fetch_add(1, Ordering::Relaxed);
+                        stream.relay.metrics.logout_delivered.inc();
                         break logout_event(&stream.sid);
                     }
                     Ok(_) => {}

@@ -1,0 +1,144 @@
+//! What a config-file mistake looks like, shared by the agent's (`cis2-core`) and the relay's
+//! (`cis2-relay`) config readers: the file, the 1-based line, what is wrong and what to write
+//! instead. It also holds the few helpers both readers use to build one: the line of a TOML span,
+//! a TOML syntax error turned into a [`ConfigError`], and a "did you mean" from `strsim`.
+//! A crate of its own because the relay must not depend on the agent's crate.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// A config file that cannot be used: where, what is wrong, and what to write instead.
+///
+/// Displays as `{file}:{line}: {message} {fix}`, or `{file}: {message} {fix}` when no line applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, when the problem is on one.
+    pub line: Option<usize>,
+    /// What is wrong, as a sentence.
+    pub message: String,
+    /// What to write instead, as a sentence (may be empty when the message says it).
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message)?,
+            None => write!(f, "{}: {}", self.file.display(), self.message)?,
+        }
+        if !self.fix.is_empty() {
+            write!(f, " {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The 1-based line on which byte `offset` of `text` lies.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// A TOML syntax error (the parser's `message` and `span`) as a [`ConfigError`] on its line, with
+/// a fix chosen from what went wrong.
+pub fn syntax_error(
+    text: &str,
+    file: PathBuf,
+    message: &str,
+    span: Option<Range<usize>>,
+) -> ConfigError {
+    let detail: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let detail = detail.join("; ");
+    let lower = detail.to_lowercase();
+    let fix = if lower.contains("duplicate") {
+        "Each key and each [section] may appear only once; remove or merge the repeated one."
+    } else if lower.contains("string") || lower.contains("invalid key") {
+        "Put text values in double quotes (store = \"memory\"), write numbers and true/false \
+         without quotes, and keep each key = value on its own line."
+    } else {
+        "Check the TOML on that line: key = value pairs, [section] headings, text values in \
+         double quotes, lists in [square brackets]."
+    };
+    ConfigError {
+        file,
+        line: span.map(|span| line_of(text, span.start)),
+        message: format!(
+            "the file is not valid TOML: {}.",
+            detail.trim_end_matches('.')
+        ),
+        fix: fix.to_owned(),
+    }
+}
+
+/// The candidate nearest to `word`, if it is near enough to be a likely typo (case and `-`/`_`
+/// aside); a word of four letters or more that starts a candidate ("relay" for "relay_url") is near
+/// too.
+pub fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+    let word = word.to_lowercase().replace('-', "_");
+    let len = word.chars().count();
+    candidates
+        .into_iter()
+        .map(|candidate| {
+            let lower = candidate.to_lowercase();
+            let prefix = len >= 4 && lower.starts_with(&word);
+            let distance = strsim::osa_distance(&word, &lower);
+            (distance, prefix, candidate)
+        })
+        .filter(|(distance, prefix, candidate)| {
+            *prefix || *distance <= (len.max(candidate.len()) / 3).max(1)
+        })
+        .min_by_key(|(distance, _, _)| *distance)
+        .map(|(_, _, candidate)| candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_with_and_without_a_line() {
+        let e = ConfigError {
+            file: "/etc/a.toml".into(),
+            line: Some(7),
+            message: "m.".into(),
+            fix: "f.".into(),
+        };
+        assert_eq!(e.to_string(), "/etc/a.toml:7: m. f.");
+        let e = ConfigError {
+            line: None,
+            fix: String::new(),
+            ..e
+        };
+        assert_eq!(e.to_string(), "/etc/a.toml: m.");
+    }
+
+    #[test]
+    fn suggestions_catch_typos_swaps_and_prefixes_only() {
+        let keys = ["socket", "store", "data_dir", "client_policy"];
+        assert_eq!(suggest("sockett", keys), Some("socket"));
+        assert_eq!(suggest("stroe", keys), Some("store"), "a swap is one edit");
+        assert_eq!(suggest("Data-Dir", keys), Some("data_dir"));
+        assert_eq!(suggest("client", keys), Some("client_policy"));
+        assert_eq!(suggest("environment", keys), None);
+    }
+
+    #[test]
+    fn lines_count_from_one() {
+        assert_eq!(line_of("a\nb\nc", 0), 1);
+        assert_eq!(line_of("a\nb\nc", 2), 2);
+        assert_eq!(line_of("a\nb\nc", 99), 3);
+    }
+}
