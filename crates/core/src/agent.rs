@@ -314,9 +314,9 @@ impl Agent {
             ))
         })?;
         let (issuer, client_id, settings_from, sandbox, ca_file) = if config.is_sandbox() {
-            let running = cis2_mock_idp::start(cis2_mock_idp::Options::default())
+            let running = crate::sandbox::start(&data_dir)
                 .await
-                .map_err(|e| StartError::Sandbox(e.to_string()))?;
+                .map_err(StartError::Sandbox)?;
             (
                 running.issuer.clone(),
                 SANDBOX_CLIENT_ID.to_string(),

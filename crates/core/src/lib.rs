@@ -10,6 +10,7 @@ pub mod desktop;
 pub mod ipc;
 pub mod peer;
 pub mod policy;
+pub mod sandbox;
 pub mod service;
 pub mod smartcard;
 pub mod store;

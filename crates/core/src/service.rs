@@ -86,7 +86,14 @@ pub async fn start(
         .await
         .map_err(|e| (2, e.to_string()))?;
     if let Some(sandbox) = agent.sandbox_provider() {
-        eprintln!("sandbox provider: {}", sandbox.issuer);
+        eprintln!(
+            "sandbox provider: {} (its admin API's secret is in {})",
+            sandbox.issuer,
+            crate::sandbox::admin_secret_path(agent.data_dir()).display()
+        );
+    }
+    if let Some(note) = ipc::paths::fallback_note(&socket) {
+        eprintln!("{note}");
     }
     if let Err(why) = crate::workstation::watch(agent.clone()) {
         tracing::warn!(%why, "running without workstation lock signals");
