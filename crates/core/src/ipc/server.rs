@@ -367,6 +367,19 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // Whatever the line holds: a connection whose program is no longer the one identified is
+        // answered nothing more.
+        if !still_the_same_program(&peer) {
+            let id = protocol::parse(&line)
+                .ok()
+                .and_then(|request| request.id)
+                .unwrap_or_else(protocol::Id::null);
+            tx.answer(format!(
+                "{}\n",
+                protocol::error_response(&id, -32003, PROGRAM_CHANGED)
+            ));
+            break;
+        }
         let request = match protocol::parse(&line) {
             Ok(request) => request,
             Err(response) => {
@@ -376,14 +389,7 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
                 continue;
             }
         };
-        if !still_the_same_program(&peer) {
-            let id = request.id.clone().unwrap_or_else(protocol::Id::null);
-            tx.answer(format!(
-                "{}\n",
-                protocol::error_response(&id, -32003, PROGRAM_CHANGED)
-            ));
-            break;
-        }
+
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -455,8 +461,15 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
         task.abort();
     }
     drop(tx);
-    // Let queued answers go out, then stop.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // Let queued answers go out, then stop. A writer still blocked on a client that does not read is
+    // ended: it holds the socket (and its queue) open for as long as it lives.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 /// Forwards events into the client's queue without ever waiting on the client: when the queue is full
