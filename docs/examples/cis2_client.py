@@ -11,13 +11,20 @@ Run it against a running agent:
 It subscribes to events, asks for status, signs in (this opens the browser), asks who is signed in
 and fetches an access token. It prints the token's length and expiry, never the token itself.
 
-Exit codes: 0 done; 1 the agent answered with an error; 3 no agent at the socket.
+Before sending anything it checks that the socket's folder is the user's own (mode 0700) and that the
+program listening runs as the user (SO_PEERCRED): on a shared computer another user could otherwise
+put a fake agent where the real one would be.
+
+Exit codes: 0 done; 1 the agent answered with an error, or the socket is not the user's own agent;
+3 no agent at the socket.
 """
 
 import collections
 import json
 import os
 import socket
+import stat
+import struct
 import sys
 import time
 
@@ -31,24 +38,69 @@ class AgentError(Exception):
         self.message = message
 
 
+class NotYourAgent(Exception):
+    """The socket's folder or the program listening there is not this user's own: nothing was sent."""
+
+
 def default_socket_path():
-    """$CIS2_AGENT_SOCK, else $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-<uid>/agent.sock."""
+    """The rule of docs/ipc.md ("Where the socket is"), the same as the agent's:
+    $CIS2_AGENT_SOCK, else $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-<uid>/agent.sock
+    unless that folder exists and is not this user's own folder, then $HOME/.cache/cis2-agent/agent.sock."""
     path = os.environ.get("CIS2_AGENT_SOCK")
     if path:
         return path
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
         return os.path.join(runtime, "cis2-agent", "agent.sock")
-    return "/tmp/cis2-agent-%d/agent.sock" % os.getuid()
+    shared = "/tmp/cis2-agent-%d" % os.getuid()
+    home = os.environ.get("HOME")
+    try:
+        held = os.lstat(shared)
+        squatted = not stat.S_ISDIR(held.st_mode) or held.st_uid != os.getuid()
+    except FileNotFoundError:
+        squatted = False
+    if squatted and home and os.path.isabs(home):
+        return os.path.join(home, ".cache", "cis2-agent", "agent.sock")
+    return os.path.join(shared, "agent.sock")
+
+
+def check_socket_folder(path):
+    """Before sending anything: the socket's folder must be this user's own, mode 0700."""
+    folder = os.path.dirname(os.path.abspath(path))
+    info = os.lstat(folder)  # FileNotFoundError: no agent
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotYourAgent("the agent's socket folder %s is not a folder (owned by uid %d); nothing was sent"
+                           % (folder, info.st_uid))
+    if info.st_uid != os.geteuid():
+        raise NotYourAgent("the agent's socket folder %s belongs to uid %d, not to you (uid %d): it may be "
+                           "another user's fake agent, so nothing was sent" % (folder, info.st_uid, os.geteuid()))
+    if info.st_mode & 0o077:
+        raise NotYourAgent("the agent's socket folder %s is open to other users (mode %o; it must be 700); "
+                           "nothing was sent" % (folder, stat.S_IMODE(info.st_mode)))
+
+
+def check_server_user(sock, path):
+    """After connecting, before sending: the listening process must run as this user (SO_PEERCRED, Linux)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.geteuid():
+        raise NotYourAgent("the program listening at %s runs as uid %d, not as you: it is not your agent, "
+                           "so nothing was sent" % (path, uid))
 
 
 class Cis2Agent:
     """One connection to the agent. Not thread-safe: use one object per thread."""
 
     def __init__(self, path, timeout=30.0):
+        check_socket_folder(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(path)
+        try:
+            self._sock.connect(path)
+            check_server_user(self._sock, path)
+        except BaseException:
+            self._sock.close()
+            raise
         self._timeout = timeout
         self._buffer = bytearray()
         self._next_id = 1
@@ -128,6 +180,9 @@ def main(argv):
     path = argv[1] if len(argv) > 1 else default_socket_path()
     try:
         agent = Cis2Agent(path)
+    except NotYourAgent as e:
+        print(str(e), file=sys.stderr)
+        return 1
     except OSError as e:
         print("no agent is listening at %s: %s" % (path, e), file=sys.stderr)
         return 3

@@ -19,7 +19,7 @@ use crate::smartcard::Card;
 use crate::store::{KeyringStore, MemoryStore, StoreStatus, Stored, TokenStore};
 use cis2_jose::{Alg, SigningKey};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
@@ -242,16 +242,16 @@ pub const NO_SANDBOX: &str = "this build of the agent has no sandbox provider (i
      INT, Live or your provider (--config FILE, or $CIS2_AGENT_CONFIG)";
 
 #[cfg(feature = "sandbox")]
-async fn start_sandbox() -> Result<(SandboxProvider, String), StartError> {
-    let running = cis2_mock_idp::start(cis2_mock_idp::Options::default())
+async fn start_sandbox(data_dir: &Path) -> Result<(SandboxProvider, String), StartError> {
+    let running = crate::sandbox::start(data_dir)
         .await
-        .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        .map_err(StartError::Sandbox)?;
     let issuer = running.issuer.clone();
     Ok((running, issuer))
 }
 
 #[cfg(not(feature = "sandbox"))]
-async fn start_sandbox() -> Result<(SandboxProvider, String), StartError> {
+async fn start_sandbox(_data_dir: &Path) -> Result<(SandboxProvider, String), StartError> {
     Err(StartError::Config(NO_SANDBOX.to_owned()))
 }
 
@@ -356,7 +356,7 @@ impl Agent {
             ))
         })?;
         let (issuer, client_id, settings_from, sandbox, ca_file) = if config.is_sandbox() {
-            let (running, issuer) = start_sandbox().await?;
+            let (running, issuer) = start_sandbox(&data_dir).await?;
             (
                 issuer,
                 SANDBOX_CLIENT_ID.to_string(),

@@ -159,7 +159,7 @@ impl Approver for Approvals {
         {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.len() >= MAX_PENDING_APPROVALS {
-                tracing::warn!(%path, "too many programs waiting for approval; refused without asking");
+                tracing::warn!(path = ?path, "too many programs waiting for approval; refused without asking");
                 return Answer::Deny;
             }
             pending.push(Pending {
@@ -372,6 +372,7 @@ mod tests {
             pid: Some(42),
             exe: Some("/opt/ward-ehr/bin/ward-ehr".into()),
             sha256: Some("ab".repeat(32)),
+            ..Peer::default()
         };
         let asking = {
             let approvals = approvals.clone();
@@ -400,6 +401,7 @@ mod tests {
             pid: Some(7),
             exe: Some("/tmp/pest".into()),
             sha256: Some("aa".repeat(32)),
+            ..Peer::default()
         };
         // A request that gives up (its task is cancelled) takes its prompt with it.
         let abandoned = {
@@ -437,6 +439,7 @@ mod tests {
             pid: None,
             exe: None,
             sha256: None,
+            ..Peer::default()
         };
         assert_eq!(approvals.ask(&peer).await, Answer::Deny);
         assert!(approvals.list().is_empty());

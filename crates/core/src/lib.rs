@@ -14,6 +14,8 @@ pub mod desktop;
 pub mod ipc;
 pub mod peer;
 pub mod policy;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
 pub mod service;
 pub mod smartcard;
 pub mod store;

@@ -3,7 +3,13 @@
 //! program actually running even if the file on disk was since replaced. On macOS it comes from
 //! `proc_pidpath` (libproc) and the file at that path is hashed (a replaced file would be hashed as
 //! replaced: see docs/security.md). Hashes are cached by the file's identity (device, inode, size,
-//! modification time) so a busy client is hashed once.
+//! modification and change times) so a busy client is hashed once.
+//!
+//! A program is named only when the file at the path the OS reports is the very file that runs (same
+//! device and inode): a deleted or replaced executable is unidentified, and a file really called
+//! `x (deleted)` keeps its name. A connection remembers its process's identity (executable inode and
+//! process start time) so the server can notice a program that starts another one (`exec`) on a
+//! connection it already has.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -20,6 +26,39 @@ pub struct Peer {
     pub exe: Option<PathBuf>,
     /// SHA-256 (lower-case hex) of the executable's contents.
     pub sha256: Option<String>,
+    /// The process as it was when identified; `None` where the OS gives no way to tell.
+    pub process: Option<ProcessIdentity>,
+}
+
+/// What makes a running process the same program over time: the executable file behind it (device,
+/// inode) and when the process started (a reused pid has another start time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    exe_dev: u64,
+    exe_ino: u64,
+    start_ticks: u64,
+}
+
+/// The process's identity now, or `None` when it is gone or the OS gives no way to tell.
+#[cfg(target_os = "linux")]
+pub fn process_identity(pid: i32) -> Option<ProcessIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so count from the last `)`;
+    // starttime is field 22, the 20th after comm.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let start_ticks = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+    Some(ProcessIdentity {
+        exe_dev: exe.dev(),
+        exe_ino: exe.ino(),
+        start_ticks,
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn process_identity(_pid: i32) -> Option<ProcessIdentity> {
+    None
 }
 
 impl Peer {
@@ -39,8 +78,24 @@ impl Peer {
     }
 }
 
-/// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
-type FileKey = (u64, u64, u64, i64, i64);
+/// A file's identity for the hash cache: device, inode, size, modification time and change time
+/// (seconds, nanoseconds). The change time cannot be set back by the file's owner, so a file rewritten
+/// in place with its old modification time restored (`touch -r`) is hashed again.
+type FileKey = (u64, u64, u64, i64, i64, i64, i64);
+
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn file_key(meta: &std::fs::Metadata) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
 
 #[derive(Default)]
 pub struct Identifier {
@@ -55,6 +110,7 @@ impl Identifier {
             ..Peer::default()
         };
         if let Some(pid) = pid.filter(|p| *p > 0) {
+            peer.process = process_identity(pid);
             let (exe, sha256) = self.executable(pid);
             peer.exe = exe;
             peer.sha256 = sha256;
@@ -65,7 +121,9 @@ impl Identifier {
     /// Like [`identify`](Self::identify), but only when the executable's hash is cached: no file read.
     pub fn identify_cached(&self, uid: u32, pid: Option<i32>) -> Option<Peer> {
         let pid_value = pid.filter(|p| *p > 0)?;
+        let process = process_identity(pid_value);
         let (exe, key) = exe_and_key(pid_value)?;
+        exe.as_ref()?;
         let sha256 = self
             .cache
             .lock()
@@ -77,14 +135,16 @@ impl Identifier {
             pid,
             exe,
             sha256: Some(sha256),
+            process,
         })
     }
 
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
-        let Some((exe, key)) = exe_and_key(pid) else {
+        let Some((Some(exe), key)) = exe_and_key(pid) else {
             return (None, None);
         };
+        let exe = Some(exe);
         if let Some(hash) = self
             .cache
             .lock()
@@ -116,26 +176,19 @@ impl Identifier {
     }
 }
 
-/// The executable's path and its file identity (for the hash cache), from `/proc/<pid>/exe`.
+/// The executable's path and its file identity (for the hash cache), from `/proc/<pid>/exe`. The path
+/// is `None` unless the file there is the one running: the kernel appends " (deleted)" to the link of a
+/// deleted file, which a file can also be named, so only the inode tells.
 #[cfg(target_os = "linux")]
 fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     use std::os::unix::fs::MetadataExt;
     let link = PathBuf::from(format!("/proc/{pid}/exe"));
-    let meta = std::fs::metadata(&link).ok()?;
-    let exe = std::fs::read_link(&link).ok().map(|p| {
-        let text = p.to_string_lossy();
-        PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string())
+    let running = std::fs::metadata(&link).ok()?;
+    let exe = std::fs::read_link(&link).ok().filter(|path| {
+        std::fs::metadata(path)
+            .is_ok_and(|named| named.dev() == running.dev() && named.ino() == running.ino())
     });
-    Some((
-        exe,
-        (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        ),
-    ))
+    Some((exe, file_key(&running)))
 }
 
 /// What to hash: on Linux `/proc/<pid>/exe`, which reads the program that is running even if the file
@@ -154,19 +207,9 @@ fn running_image(_pid: i32, exe: Option<&std::path::Path>) -> Option<PathBuf> {
 /// The executable's path (`proc_pidpath`) and its file identity (for the hash cache).
 #[cfg(target_os = "macos")]
 fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
-    use std::os::unix::fs::MetadataExt;
     let path = PathBuf::from(libproc::proc_pid::pidpath(pid).ok()?);
     let meta = std::fs::metadata(&path).ok()?;
-    Some((
-        Some(path),
-        (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        ),
-    ))
+    Some((Some(path), file_key(&meta)))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
@@ -192,6 +235,8 @@ pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use std::process::{Child, Command};
 
     #[test]
     #[cfg(target_os = "linux")]
@@ -200,5 +245,88 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         assert_eq!(peer.exe.as_deref(), Some(exe.as_path()));
         assert_eq!(peer.sha256.unwrap(), file_sha256(&exe).unwrap());
+        assert_eq!(peer.process, process_identity(std::process::id() as i32));
+        assert!(peer.process.is_some());
+    }
+
+    /// A copy of `sleep` at `path`, running. A freshly written executable can be "busy" for a moment
+    /// while another test thread forks with the file still open, hence the retries.
+    #[cfg(target_os = "linux")]
+    fn run_copy_of_sleep(path: &Path) -> Child {
+        use std::os::unix::fs::PermissionsExt;
+        if !path.exists() {
+            std::fs::copy("/bin/sleep", path).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for _ in 0..100 {
+            match Command::new(path).arg("60").spawn() {
+                Ok(child) => return child,
+                Err(e) if e.raw_os_error() == Some(26) => std::thread::yield_now(),
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
+        }
+        panic!("{} stayed busy", path.display())
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_file_named_deleted_keeps_its_name_and_a_deleted_executable_is_unidentified() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().join("fake (deleted)");
+        let mut child = run_copy_of_sleep(&named);
+        let peer = Identifier::default().identify(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(peer.exe.as_deref(), Some(named.as_path()), "never stripped by text");
+
+        let gone = dir.path().join("gone");
+        let mut child = run_copy_of_sleep(&gone);
+        std::fs::remove_file(&gone).unwrap();
+        // A file put where the deleted one was is not the program that runs either.
+        std::fs::copy("/bin/sleep", &gone).unwrap();
+        let peer = Identifier::default().identify(0, Some(child.id() as i32));
+        std::fs::remove_file(&gone).unwrap();
+        let deleted = Identifier::default().identify(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for peer in [peer, deleted] {
+            assert_eq!(peer.exe, None, "{peer:?}");
+            assert_eq!(peer.sha256, None, "{peer:?}");
+            assert!(peer.describe().starts_with("an unidentified program"));
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_file_rewritten_in_place_with_its_time_restored_is_hashed_again() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prog");
+        let identifier = Identifier::default();
+        let mut child = run_copy_of_sleep(&path);
+        let before = identifier.identify(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(before.sha256, Some(file_sha256(&path).unwrap()));
+
+        // Same inode, same size, the old modification time put back: only the change time differs.
+        // The last byte of `sleep` is in its section headers, which running it never reads.
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let end = file.seek(SeekFrom::End(-1)).unwrap();
+        let mut last = [0u8];
+        std::io::Read::read_exact(&mut file, &mut last).unwrap();
+        file.seek(SeekFrom::Start(end)).unwrap();
+        file.write_all(&[last[0] ^ 0xff]).unwrap();
+        file.set_modified(modified).unwrap();
+        drop(file);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), modified);
+
+        let mut child = run_copy_of_sleep(&path);
+        let after = identifier.identify(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(after.sha256, Some(file_sha256(&path).unwrap()));
+        assert_ne!(after.sha256, before.sha256, "the old hash was not served from the cache");
     }
 }

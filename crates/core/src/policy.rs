@@ -261,6 +261,7 @@ mod tests {
             pid: Some(42),
             exe: Some(PathBuf::from(path)),
             sha256: Some(sha.into()),
+            ..Peer::default()
         }
     }
 

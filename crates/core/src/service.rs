@@ -97,7 +97,14 @@ pub async fn start(
         .map_err(|e| (2, e.to_string()))?;
     #[cfg(feature = "sandbox")]
     if let Some(sandbox) = agent.sandbox_provider() {
-        eprintln!("sandbox provider: {}", sandbox.issuer);
+        eprintln!(
+            "sandbox provider: {} (its admin API's secret is in {})",
+            sandbox.issuer,
+            crate::sandbox::admin_secret_path(agent.data_dir()).display()
+        );
+    }
+    if let Some(note) = ipc::paths::fallback_note(&socket) {
+        eprintln!("{note}");
     }
     if let Err(why) = crate::workstation::watch(agent.clone()) {
         tracing::warn!(%why, "running without workstation lock signals");
@@ -112,6 +119,7 @@ pub async fn start(
         agent.clone(),
         ipc::ServeOptions::default(),
     ));
+    tokio::spawn(announce_sign_ins(agent.subscribe()));
     Ok(Service {
         agent,
         socket,
@@ -123,6 +131,68 @@ impl Service {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+}
+
+/// Says who is signed in at every new sign-in (and role change): a line on stdout, and a desktop
+/// notification where there is a notification service. On a shared computer a sign-in swapped for
+/// someone else's must not go unseen.
+async fn announce_sign_ins(mut events: tokio::sync::broadcast::Receiver<crate::agent::Event>) {
+    use crate::agent::Event;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let user = match events.recv().await {
+            Ok(Event::SignedIn { user }) | Ok(Event::RoleChanged { user }) => user,
+            Ok(_) | Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        };
+        let line = signed_in_line(&user);
+        println!("{line}");
+        #[cfg(target_os = "linux")]
+        tokio::task::spawn_blocking(move || {
+            if let Err(why) = notify_desktop("Signed in to the Care Identity Service", &line) {
+                tracing::debug!(%why, "no desktop notification of the sign-in");
+            }
+        });
+    }
+}
+
+/// `signed in: Amelia Hart (555021935107), Clinical Practitioner at Ward Hospital (RX1); not you? sign out now`.
+pub fn signed_in_line(user: &crate::oidc::claims::User) -> String {
+    let role = match &user.selected_role {
+        Some(role) => format!(
+            ", {} at {} ({})",
+            role.name,
+            role.org_name.as_deref().unwrap_or("an unnamed organisation"),
+            role.org_code
+        ),
+        None => String::new(),
+    };
+    format!(
+        "signed in: {} ({}){role}; if this is not you, sign out now",
+        user.name.as_deref().unwrap_or("a clinician with no name"),
+        user.uid
+    )
+}
+
+/// A notification through the freedesktop notification service on the session bus.
+#[cfg(target_os = "linux")]
+fn notify_desktop(summary: &str, body: &str) -> Result<(), String> {
+    use std::time::Duration;
+    let bus = dbus::blocking::Connection::new_session().map_err(|e| e.to_string())?;
+    let notifications = bus.with_proxy(
+        "org.freedesktop.Notifications",
+        "/org/freedesktop/Notifications",
+        Duration::from_secs(2),
+    );
+    let hints = dbus::arg::PropMap::new();
+    let (_id,): (u32,) = notifications
+        .method_call(
+            "org.freedesktop.Notifications",
+            "Notify",
+            ("CIS2 agent", 0u32, "", summary, body, Vec::<&str>::new(), hints, -1i32),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 #[cfg(test)]

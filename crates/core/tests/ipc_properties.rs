@@ -36,6 +36,7 @@ proptest! {
                 prop_assert_eq!(value["method"].as_str(), Some(request.method.as_str()));
             }
             Err(response) => {
+                let response: serde_json::Value = serde_json::from_str(&response).unwrap();
                 prop_assert_eq!(&response["jsonrpc"], "2.0");
                 let code = response["error"]["code"].as_i64().unwrap();
                 prop_assert!([-32700, -32600, -32602].contains(&code), "code {}", code);
@@ -57,7 +58,10 @@ proptest! {
                 prop_assert_eq!(version.as_str(), "\"2.0\"");
                 prop_assert!(request.params.is_object());
             }
-            Err(response) => prop_assert!(response["error"]["code"].as_i64().is_some()),
+            Err(response) => {
+                let response: serde_json::Value = serde_json::from_str(&response).unwrap();
+                prop_assert!(response["error"]["code"].as_i64().is_some());
+            }
         }
     }
 

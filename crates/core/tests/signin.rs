@@ -370,10 +370,17 @@ async fn a_callback_with_the_wrong_state_is_ignored_and_the_real_one_taken() {
         &format!("state={}", outcome.param("state").unwrap()),
         "state=forged",
     );
-    let answer = reqwest::get(&forged).await.unwrap();
+    let cookies = outcome.redirect_cookies.clone().unwrap();
+    let as_the_browser = |url: &str| {
+        reqwest::Client::new()
+            .get(url)
+            .header(reqwest::header::COOKIE, cookies.clone())
+            .send()
+    };
+    let answer = as_the_browser(&forged).await.unwrap();
     assert_eq!(answer.status().as_u16(), 400);
     assert_eq!(
-        reqwest::get(&outcome.redirect)
+        as_the_browser(&outcome.redirect)
             .await
             .unwrap()
             .status()
@@ -381,6 +388,29 @@ async fn a_callback_with_the_wrong_state_is_ignored_and_the_real_one_taken() {
         200
     );
     assert_eq!(login.await.unwrap().unwrap().state, SessionState::SignedIn);
+}
+
+#[tokio::test]
+async fn the_right_callback_from_another_browser_ends_the_sign_in_and_signs_in_nobody() {
+    // Login CSRF: someone who learned the state (another user of the computer) delivers a code
+    // without the cookie the start URL gave the real browser. It fails closed.
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().follow_callback = false;
+    let agent = h.agent.clone();
+    let login = tokio::spawn(async move { agent.login(Some(Duration::from_secs(20))).await });
+    let outcome = loop {
+        if let Some(outcome) = h.outcomes.lock().unwrap().first().cloned() {
+            break outcome.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(outcome.redirect_cookies.is_some(), "the start URL set its cookie");
+    let answer = reqwest::get(&outcome.redirect).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    let error = login.await.unwrap().unwrap_err().to_string();
+    assert!(error.contains("did not come from the browser that started"), "{error}");
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    assert!(h.agent.whoami().is_err());
 }
 
 #[tokio::test]

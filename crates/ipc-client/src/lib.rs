@@ -13,12 +13,12 @@
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The agent's socket when nothing says otherwise: `$CIS2_AGENT_SOCK`, else
-/// `$XDG_RUNTIME_DIR/cis2-agent/agent.sock`, else `/tmp/cis2-agent-<uid>/agent.sock`.
+/// The agent's socket when nothing says otherwise: `$CIS2_AGENT_SOCK`, else [`os_default_socket_path`].
 pub fn default_socket_path() -> PathBuf {
     match std::env::var("CIS2_AGENT_SOCK") {
         Ok(path) if !path.is_empty() => PathBuf::from(path),
@@ -26,28 +26,144 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
-/// The OS default alone (no environment override): `$XDG_RUNTIME_DIR/cis2-agent/agent.sock`, else
-/// `/tmp/cis2-agent-<uid>/agent.sock`.
+/// The OS default alone (no environment override); see [`resolve_os_default`] for the rule.
 pub fn os_default_socket_path() -> PathBuf {
-    match std::env::var("XDG_RUNTIME_DIR") {
-        Ok(dir) if !dir.is_empty() && Path::new(&dir).is_absolute() => {
-            Path::new(&dir).join("cis2-agent").join("agent.sock")
-        }
-        _ => PathBuf::from(format!(
-            "/tmp/cis2-agent-{}",
-            rustix::process::getuid().as_raw()
-        ))
-        .join("agent.sock"),
+    resolve_os_default().path
+}
+
+/// Where the OS default put the socket, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultSocket {
+    pub path: PathBuf,
+    /// Set when the shared folder (`/tmp/cis2-agent-<uid>`) is held by someone else and the socket
+    /// went to the user's home instead: that folder and its owner's uid.
+    pub squatted: Option<(PathBuf, u32)>,
+}
+
+/// The one rule the agent and every client follow (docs/ipc.md, "Where the socket is"):
+/// `$XDG_RUNTIME_DIR/cis2-agent/agent.sock` when `$XDG_RUNTIME_DIR` is set (a folder only this user
+/// can write to); else `/tmp/cis2-agent-<uid>/agent.sock` — unless that folder already exists and is
+/// not this user's own folder (another user can create it first in the shared /tmp), in which case
+/// `$HOME/.cache/cis2-agent/agent.sock`. The agent and its clients look at the same folder, so they
+/// agree; the agent says when it fell back.
+pub fn resolve_os_default() -> DefaultSocket {
+    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR")
+        && !dir.is_empty()
+        && Path::new(&dir).is_absolute()
+    {
+        return DefaultSocket {
+            path: Path::new(&dir).join("cis2-agent").join("agent.sock"),
+            squatted: None,
+        };
+    }
+    let uid = rustix::process::getuid().as_raw();
+    let shared = PathBuf::from(format!("/tmp/cis2-agent-{uid}"));
+    let holder = std::fs::symlink_metadata(&shared)
+        .ok()
+        .filter(|meta| !meta.is_dir() || meta.uid() != uid)
+        .map(|meta| meta.uid());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|home| home.is_absolute());
+    match (holder, home) {
+        (Some(owner), Some(home)) => DefaultSocket {
+            path: home.join(".cache").join("cis2-agent").join("agent.sock"),
+            squatted: Some((shared, owner)),
+        },
+        _ => DefaultSocket {
+            path: shared.join("agent.sock"),
+            squatted: None,
+        },
     }
 }
 
+/// A uid with its user name when the system's user list has it (`1001 (mallory)`).
+pub fn describe_uid(uid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|users| {
+        users.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)? == uid.to_string()).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// Checks that `path`'s folder is this user's own and closed to others (0700): anything else could be
+/// another user's fake agent, waiting for this user's requests.
+pub fn check_socket_folder(path: &Path) -> Result<(), ClientError> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let uid = rustix::process::geteuid().as_raw();
+    let meta = std::fs::symlink_metadata(&folder).map_err(|source| ClientError::NoAgent {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let why = if !meta.is_dir() {
+        Some(format!(
+            "is not a folder (a symlink or a file, owned by {})",
+            describe_uid(meta.uid())
+        ))
+    } else if meta.uid() != uid {
+        Some(format!(
+            "belongs to {}, not to you ({})",
+            describe_uid(meta.uid()),
+            describe_uid(uid)
+        ))
+    } else if meta.mode() & 0o077 != 0 {
+        Some(format!(
+            "is open to other users (mode {:o}; it must be 700)",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ClientError::UnsafeFolder { folder, why }),
+        None => Ok(()),
+    }
+}
+
+/// The uid of the process listening on the other end (`SO_PEERCRED`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn server_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
+}
+
+/// Elsewhere this crate does not yet ask the OS who the server is, so it connects to nothing rather
+/// than trust an unchecked server (macOS's `getpeereid` and Windows's pipe owner are to come).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn server_uid(_stream: &UnixStream) -> std::io::Result<u32> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "this client cannot yet check who the agent on this OS is",
+    ))
+}
+
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     #[error("no agent is listening at {path}: {source}")]
     NoAgent {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The socket's folder is not this user's own private folder: nothing was sent.
+    #[error(
+        "the agent's socket folder {folder} {why}: it may be another user's fake agent, so nothing was sent. Remove the folder if it is yours; else ask an administrator to remove it (the agent then uses it again), or set CIS2_AGENT_SOCK"
+    )]
+    UnsafeFolder { folder: PathBuf, why: String },
+    /// The process listening at the socket is another user's: nothing was sent.
+    #[error(
+        "the program listening at {path} runs as {owner}, not as you: it is not your agent, so nothing was sent"
+    )]
+    NotYourAgent { path: PathBuf, owner: String },
     #[error("the connection to the agent failed: {0}")]
     Io(#[from] std::io::Error),
     /// The agent answered with a JSON-RPC error.
@@ -66,11 +182,21 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects after checking, before anything is sent, that the socket's folder is this user's own
+    /// (0700) and that the process listening is this user's.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        check_socket_folder(path)?;
         let stream = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
             path: path.to_path_buf(),
             source,
         })?;
+        let owner = server_uid(&stream)?;
+        if owner != rustix::process::geteuid().as_raw() {
+            return Err(ClientError::NotYourAgent {
+                path: path.to_path_buf(),
+                owner: describe_uid(owner),
+            });
+        }
         Ok(Client {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,

@@ -2,6 +2,11 @@
 //! test user and an authenticator, pick a role — and follows the final redirect to wherever the provider
 //! sends it (normally the agent's loopback listener). Tests use it, and so does the
 //! `cis2-scripted-browser` program that stands in for `$BROWSER`.
+//!
+//! Like a browser it keeps cookies per site in a jar (reqwest's, RFC 6265: by host, not port) and
+//! sends them wherever they belong — to the provider and to the agent's loopback listener, whose
+//! start URL binds the sign-in to the browser with a cookie. It also opens the `file://` page the
+//! agent hands a browser, following its `<meta http-equiv="refresh">`.
 
 use std::time::Duration;
 
@@ -39,6 +44,9 @@ pub struct Outcome {
     pub callback_body: Option<String>,
     /// Whether a role page was shown on the way.
     pub saw_role_page: bool,
+    /// The `Cookie` header this browser sends with the final redirect (its binding to the agent's
+    /// sign-in), so a test can deliver the redirect itself as this browser would.
+    pub redirect_cookies: Option<String>,
 }
 
 impl Outcome {
@@ -51,10 +59,11 @@ impl Outcome {
     }
 }
 
-/// Keeps the provider's SSO cookie between sign-ins, as a browser profile does.
+/// Keeps cookies (the provider's SSO cookie, the agent's sign-in binding) between requests and
+/// sign-ins, as a browser profile does.
 pub struct ScriptedBrowser {
     http: reqwest::Client,
-    cookie: Option<String>,
+    jar: std::sync::Arc<reqwest::cookie::Jar>,
 }
 
 impl Default for ScriptedBrowser {
@@ -73,8 +82,10 @@ fn hidden(page: &str, name: &str) -> Option<String> {
 impl ScriptedBrowser {
     /// `extra_root_pem`: a CA to trust for an HTTPS sandbox.
     pub fn new(extra_root_pem: Option<&str>) -> ScriptedBrowser {
+        let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .cookie_provider(jar.clone())
             .timeout(Duration::from_secs(30));
         if let Some(pem) = extra_root_pem
             && let Ok(cert) = reqwest::Certificate::from_pem(pem.as_bytes())
@@ -83,53 +94,41 @@ impl ScriptedBrowser {
         }
         ScriptedBrowser {
             http: builder.build().expect("HTTP client"),
-            cookie: None,
+            jar,
         }
     }
 
-    fn remember_cookie(&mut self, response: &reqwest::Response) {
-        for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
-            if let Ok(text) = value.to_str()
-                && let Some(pair) = text.split(';').next()
-            {
-                self.cookie = Some(pair.trim().to_string());
-            }
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+        request.send().await.map_err(|e| e.to_string())
+    }
+
+    /// Runs the script from the authorize URL — or from what the agent opens: its start URL, or a
+    /// `file://` page leading there — to the final redirect.
+    pub async fn sign_in(&mut self, opened: &str, script: &Script) -> Result<Outcome, String> {
+        let mut url = url::Url::parse(opened).map_err(|e| e.to_string())?;
+        if url.scheme() == "file" {
+            url = follow_refresh_page(&url)?;
         }
-    }
-
-    async fn send(
-        &mut self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, String> {
-        let request = match &self.cookie {
-            Some(cookie) => request.header(reqwest::header::COOKIE, cookie),
-            None => request,
-        };
-        let response = request.send().await.map_err(|e| e.to_string())?;
-        self.remember_cookie(&response);
-        Ok(response)
-    }
-
-    /// Runs the script from the authorize URL to the final redirect.
-    pub async fn sign_in(
-        &mut self,
-        authorize_url: &str,
-        script: &Script,
-    ) -> Result<Outcome, String> {
-        let origin = {
-            let url = url::Url::parse(authorize_url).map_err(|e| e.to_string())?;
-            url.origin().ascii_serialization()
-        };
-        let mut response = self.send(self.http.get(authorize_url)).await?;
+        let mut response = self.send(self.http.get(url.as_str())).await?;
+        // The agent's start URL (oidc::loopback's `/start/…`) sets its cookie and sends the browser on
+        // to the provider: from there on, the provider's origin is the one whose pages are filled in.
+        if url.path().starts_with("/start/") && response.status().is_redirection() {
+            let location = location(&response)?;
+            url = url.join(&location).map_err(|e| e.to_string())?;
+            response = self.send(self.http.get(url.as_str())).await?;
+        } else if url.path().starts_with("/start/") {
+            let status = response.status();
+            let page = response.text().await.unwrap_or_default();
+            return Err(format!(
+                "the agent's start page answered {status}: {}",
+                strip_tags(&page)
+            ));
+        }
+        let origin = url.origin().ascii_serialization();
         let mut saw_role_page = false;
         for _ in 0..8 {
             if response.status().is_redirection() {
-                let location = response
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or("a redirect without Location")?
-                    .to_string();
+                let location = location(&response)?;
                 let base = url::Url::parse(&origin).map_err(|e| e.to_string())?;
                 let next = base.join(&location).map_err(|e| e.to_string())?;
                 // Redirects within the provider (interaction pages) are followed; the first one that
@@ -189,19 +188,20 @@ impl ScriptedBrowser {
         script: &Script,
         saw_role_page: bool,
     ) -> Result<Outcome, String> {
+        use reqwest::cookie::CookieStore;
+        let redirect_cookies = url::Url::parse(&location)
+            .ok()
+            .and_then(|url| self.jar.cookies(&url))
+            .and_then(|header| header.to_str().ok().map(str::to_string));
         let mut outcome = Outcome {
             redirect: location.clone(),
             callback_status: None,
             callback_body: None,
             saw_role_page,
+            redirect_cookies,
         };
         if script.follow_callback {
-            let response = self
-                .http
-                .get(&location)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = self.send(self.http.get(&location)).await?;
             outcome.callback_status = Some(response.status().as_u16());
             outcome.callback_body = response.text().await.ok();
         }
@@ -214,6 +214,35 @@ impl ScriptedBrowser {
         let status = response.status().as_u16();
         Ok((status, response.text().await.unwrap_or_default()))
     }
+}
+
+fn location(response: &reqwest::Response) -> Result<String, String> {
+    response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| "a redirect without Location".to_string())
+}
+
+/// Reads a local page and returns where its `<meta http-equiv="refresh" content="0;url=…">` leads.
+fn follow_refresh_page(page: &url::Url) -> Result<url::Url, String> {
+    let path = page
+        .to_file_path()
+        .map_err(|()| format!("{page} is not a local file"))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let marker = "content=\"0;url=";
+    let start = text
+        .find(marker)
+        .ok_or_else(|| format!("{} has no refresh to follow", path.display()))?
+        + marker.len();
+    let end = text[start..].find('"').ok_or("an unterminated refresh")? + start;
+    let target = text[start..end]
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&amp;", "&");
+    url::Url::parse(&target).map_err(|e| e.to_string())
 }
 
 fn hidden_first_radio(page: &str, name: &str) -> Option<String> {

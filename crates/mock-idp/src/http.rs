@@ -23,7 +23,7 @@ use std::time::Duration;
 
 type Shared = State<Arc<Provider>>;
 
-pub fn router(provider: Arc<Provider>) -> Router {
+pub fn router(provider: Arc<Provider>, admin_secret: Option<String>) -> Router {
     let realm = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/authorize", get(authorize))
@@ -43,7 +43,18 @@ pub fn router(provider: Arc<Provider>) -> Router {
         .route("/deliveries", get(admin_deliveries))
         .route("/clients", post(admin_register_client))
         .route("/next-token", post(admin_next_token))
-        .route("/clock", post(admin_clock));
+        .route("/clock", post(admin_clock))
+        .route_layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let refused = admin_secret_refused(admin_secret.as_deref(), request.headers());
+                async move {
+                    match refused {
+                        Some(refused) => refused,
+                        None => next.run(request).await,
+                    }
+                }
+            },
+        ));
     Router::new()
         .nest(REALM_PATH, realm)
         .route("/sandbox/login", post(login))
@@ -354,6 +365,28 @@ fn admin_refused(peer: SocketAddr) -> Option<Response> {
         )
             .into_response()
     })
+}
+
+/// `Some(401)` unless the request carries the admin secret (when there is one) as a bearer token.
+fn admin_secret_refused(secret: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    use sha2::{Digest, Sha256};
+    let secret = secret?;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compared as digests, so the time taken says nothing about how much of the secret was right.
+    if Sha256::digest(presented.as_bytes()) == Sha256::digest(secret.as_bytes()) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "unauthorized", "error_description": "the admin API needs its secret: Authorization: Bearer <the contents of the admin secret file>"})),
+        )
+            .into_response(),
+    )
 }
 
 fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, String> {

@@ -50,6 +50,10 @@ pub struct Options {
     pub lifetimes: Lifetimes,
     /// The first signing key (default: a fresh one).
     pub signing_key: Option<SigningKey>,
+    /// When set, `/admin` answers only requests that carry `Authorization: Bearer <this>` (besides
+    /// coming from loopback). Loopback is not a user boundary: on a shared computer every user can reach
+    /// it, so a provider embedded in someone's agent sets a secret only that user can read.
+    pub admin_secret: Option<String>,
 }
 
 impl Default for Options {
@@ -65,6 +69,7 @@ impl Default for Options {
                 .expect("the shipped clients parse"),
             lifetimes: Lifetimes::default(),
             signing_key: None,
+            admin_secret: None,
         }
     }
 }
@@ -149,7 +154,7 @@ pub async fn start(options: Options) -> Result<RunningProvider, StartError> {
         options.lifetimes,
         signing_key,
     ));
-    let app = http::router(provider.clone());
+    let app = http::router(provider.clone(), options.admin_secret);
     let (tx, rx) = oneshot::channel::<()>();
     let stop = async {
         let _ = rx.await;

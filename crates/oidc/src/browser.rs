@@ -1,5 +1,11 @@
-//! Opening the authorize URL: `$BROWSER` when set (the xdg convention: the URL as its one argument, or in
-//! place of `%s`), else the OS default browser; `--no-browser` prints the URL for the person to open.
+//! Opening the sign-in's start URL: `$BROWSER` when set (the xdg convention: the address as its one
+//! argument, or in place of `%s`), else the OS default browser; `--no-browser` prints the URL for the
+//! person to open.
+//!
+//! A browser's command line can be read by every user of the computer (`/proc/PID/cmdline`), so a
+//! started browser is not given the start URL itself: it is given a page in a file only this user can
+//! read (0600, removed when the sign-in ends) that sends it on to the start URL — as Jupyter does with
+//! its tokens.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -40,16 +46,32 @@ impl Browser {
     }
 
     /// Opens `url`; an error says what could not be started and that the URL can be opened by hand.
-    pub fn open(&self, url: &str) -> Result<(), String> {
+    /// Keep what it returns until the sign-in ends: it holds the page the browser was given.
+    pub fn open(&self, url: &str) -> Result<Opened, String> {
         match self {
             Browser::Print => {
                 println!("To sign in, open this address in a browser: {url}");
-                Ok(())
+                Ok(Opened { _page: None })
             }
             Browser::Callback(f) => {
                 f(url);
-                Ok(())
+                Ok(Opened { _page: None })
             }
+            Browser::Command(_) | Browser::System => {
+                let page = redirect_page(url)?;
+                let address = url::Url::from_file_path(page.path())
+                    .map_err(|()| "the sign-in page's path is not absolute".to_string())?;
+                self.launch(address.as_str())?;
+                Ok(Opened { _page: Some(page) })
+            }
+        }
+    }
+
+    /// Starts the browser on `address`.
+    fn launch(&self, address: &str) -> Result<(), String> {
+        let url = address;
+        match self {
+            Browser::Print | Browser::Callback(_) => Ok(()),
             Browser::Command(command) => {
                 // xdg: a colon-separated list of commands; the first is used.
                 let first = command.split(':').next().unwrap_or(command).trim();
@@ -70,7 +92,7 @@ impl Browser {
                 if let Ok(command) = std::env::var("BROWSER")
                     && !command.trim().is_empty()
                 {
-                    return Browser::Command(command).open(url);
+                    return Browser::Command(command).launch(url);
                 }
                 let (program, args): (&str, Vec<String>) = if cfg!(target_os = "macos") {
                     ("open", vec![url.into()])
@@ -86,6 +108,31 @@ impl Browser {
             }
         }
     }
+}
+
+/// What [`Browser::open`] gave a browser that must outlive the opening: the page it was sent to.
+#[derive(Debug)]
+pub struct Opened {
+    _page: Option<tempfile::NamedTempFile>,
+}
+
+/// A page, in a new file only this user can read, that sends the browser on to `url`.
+fn redirect_page(url: &str) -> Result<tempfile::NamedTempFile, String> {
+    use std::io::Write;
+    let escaped = url.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let mut page = tempfile::Builder::new()
+        .prefix("cis2-signin-")
+        .suffix(".html")
+        .tempfile()
+        .map_err(|e| format!("cannot write the sign-in page for the browser: {e}"))?;
+    write!(
+        page,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta http-equiv=\"refresh\" content=\"0;url={escaped}\"><title>Signing in</title></head>\
+<body><p><a href=\"{escaped}\">Continue to the Care Identity Service sign-in</a></p></body></html>"
+    )
+    .map_err(|e| format!("cannot write the sign-in page for the browser: {e}"))?;
+    Ok(page)
 }
 
 fn spawn(program: &str, args: &[String]) -> Result<(), String> {

@@ -22,7 +22,7 @@ pub struct EndedSession {
 /// Why a logout token was refused. None of these carries the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogoutTokenError {
-    #[error("{0}")]
+    #[error("{}", .0.sentence("logout token"))]
     Signature(IdTokenError),
     #[error("the logout token was issued by {found:?}, not by {expected:?}")]
     WrongIssuer { expected: String, found: String },

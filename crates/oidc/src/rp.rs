@@ -199,9 +199,15 @@ impl RelyingParty {
                 max_age: self.settings.max_age,
             },
         );
-        browser.open(&request.url).map_err(SignInError::Browser)?;
+        // The browser is sent to the listener's one-time start URL, never straight to the authorize
+        // URL: the sign-in is bound to that browser (see `loopback`), and the state, nonce and
+        // challenge stay out of the browser's command line.
+        let _opened = browser
+            .open(&listener.start_url())
+            .map_err(SignInError::Browser)?;
         let callback = listener
             .wait(
+                &request.url,
                 &request.state,
                 self.issuer(),
                 timeout.unwrap_or(self.settings.login_timeout),

@@ -28,19 +28,17 @@ pub struct Expected<'a> {
 /// Why an ID token was refused. None of these carries the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdTokenError {
-    #[error("the ID token is malformed: {0}")]
+    #[error("{}", self.sentence("ID token"))]
     Malformed(String),
-    #[error("the ID token is unsigned (alg none)")]
+    #[error("{}", self.sentence("ID token"))]
     Unsigned,
-    #[error(
-        "the ID token is signed with {0}, which the agent does not accept (HMAC and unlisted algorithms are refused)"
-    )]
+    #[error("{}", self.sentence("ID token"))]
     AlgorithmNotAccepted(String),
-    #[error("the ID token is signed with key {0}, which the provider does not publish")]
+    #[error("{}", self.sentence("ID token"))]
     UnknownKey(String),
-    #[error("the ID token names no key and the provider publishes several")]
+    #[error("{}", self.sentence("ID token"))]
     AmbiguousKey,
-    #[error("the ID token's signature did not verify")]
+    #[error("{}", self.sentence("ID token"))]
     BadSignature,
     #[error("the provider publishes no usable signing key")]
     NoKeys,
@@ -70,6 +68,29 @@ pub enum IdTokenError {
     AcrTooWeak { asked: String, got: String },
     #[error("the ID token's at_hash does not match the access token")]
     AtHashMismatch,
+}
+
+impl IdTokenError {
+    /// The sentence for a refusal at the signature step, naming which token it was (`"ID token"`,
+    /// `"logout token"`: both are checked by [`verify_signature`]). What the token itself said (its
+    /// `kid`, `alg`) is quoted with control characters escaped, so it cannot forge a log line.
+    pub fn sentence(&self, token: &str) -> String {
+        match self {
+            IdTokenError::Malformed(why) => format!("the {token} is malformed: {}", why.escape_debug()),
+            IdTokenError::Unsigned => format!("the {token} is unsigned (alg none)"),
+            IdTokenError::AlgorithmNotAccepted(alg) => format!(
+                "the {token} is signed with {alg:?}, which is not accepted (HMAC and unlisted algorithms are refused)"
+            ),
+            IdTokenError::UnknownKey(kid) => {
+                format!("the {token} is signed with key {kid:?}, which the provider does not publish")
+            }
+            IdTokenError::AmbiguousKey => {
+                format!("the {token} names no key and the provider publishes several")
+            }
+            IdTokenError::BadSignature => format!("the {token}'s signature did not verify"),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<JoseError> for IdTokenError {

@@ -382,7 +382,7 @@ async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody)
     let mut response = match outcome {
         Ok(revoked) => axum::Json(json!({"revoked": revoked})).into_response(),
         Err(e) => {
-            tracing::warn!(error = %e, "revocation at CIS2 failed");
+            tracing::warn!(error = %escaped(&e), "revocation at CIS2 failed");
             refuse(
                 StatusCode::BAD_GATEWAY,
                 "temporarily_unavailable",
@@ -392,6 +392,12 @@ async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody)
     };
     no_store(response.headers_mut());
     response
+}
+
+/// Text that came from outside (a token's `kid` or `iss`, a provider's error description) made safe for
+/// one log line: newlines, ANSI escapes and other control characters come out as `\n`, `\u{1b}`.
+fn escaped(untrusted: &impl std::fmt::Display) -> String {
+    untrusted.to_string().escape_debug().to_string()
 }
 
 /// `work`'s outcome if it ends within `[limits] request_timeout_secs`, else the 504 to answer.
@@ -457,7 +463,7 @@ async fn answer(
         }
         Err(error) => {
             let (status, code) = classify(&error);
-            tracing::info!(%error, status = status.as_u16(), "exchange refused");
+            tracing::info!(error = %escaped(&error), status = status.as_u16(), "exchange refused");
             refuse(status, code, &error.to_string())
         }
     }
@@ -576,7 +582,7 @@ async fn check_logout(
         _ => return Err(bad("the form has no logout_token")),
     };
     let unavailable = |what: String| {
-        tracing::warn!(%what, "cannot check a logout token: the provider's keys are unavailable");
+        tracing::warn!(what = %escaped(&what), "cannot check a logout token: the provider's keys are unavailable");
         refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
@@ -606,7 +612,7 @@ async fn check_logout(
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     let ended = checked.map_err(|e| {
-        tracing::info!(reason = %e, "back-channel logout refused");
+        tracing::info!(reason = %escaped(&e), "back-channel logout refused");
         bad(&e.to_string())
     })?;
     if let Some(jti) = cis2_jose::UnverifiedJwt::parse(token.expose())

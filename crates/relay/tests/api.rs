@@ -868,3 +868,66 @@ async fn a_session_holds_two_streams_at_most_and_a_late_logout_of_the_person_spa
     relay.relay.fanout.deliver_late(person, Duration::ZERO);
     next_event(&mut streams[2], "logout", &mut String::new()).await;
 }
+
+/// What the relay logs, captured in memory.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_unauthenticated_logout_token_cannot_forge_a_log_line_and_its_refusal_names_a_logout_token()
+{
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    // The test's runtime has one thread, so the relay's tasks log through this subscriber.
+    let _capture = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let setup = setup("").await;
+    let forged_kid = "k\n2026-12-07T00:00:00.000000Z  INFO cis2_relay::server: back-channel logout accepted\u{1b}[2K";
+    let header = json!({"alg": "RS256", "kid": forged_kid});
+    let token = format!(
+        "{}.{}.c2ln",
+        cis2_jose::b64url(header.to_string()),
+        cis2_jose::b64url(Value::Object(logout_claims(&setup)).to_string())
+    );
+    let (status, answer) =
+        post_logout(&setup, &form(&token), "application/x-www-form-urlencoded").await;
+    assert_eq!(status, 400, "{answer}");
+    let description = answer["error_description"].as_str().unwrap();
+    assert!(
+        description.contains("the logout token is signed with key") && !description.contains("ID token"),
+        "{description}"
+    );
+    assert!(!description.contains(['\n', '\u{1b}']), "{description:?}");
+
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("back-channel logout refused"), "{log}");
+    assert!(!log.contains('\u{1b}'), "an escape sequence reached the log: {log:?}");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-12-07T00:00:00"),
+            "a line of the log was forged by the token: {log}"
+        );
+    }
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("back-channel logout refused"))
+        .unwrap();
+    assert!(
+        refusal.contains("2026-12-07T00:00:00.000000Z  INFO"),
+        "the kid stays inside its own line, escaped: {refusal}"
+    );
+}

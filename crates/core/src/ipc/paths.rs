@@ -29,6 +29,19 @@ pub fn default_socket_path() -> PathBuf {
     cis2_ipc_client::os_default_socket_path()
 }
 
+/// When `socket` is the default moved to the user's home because another user holds the shared
+/// folder: the sentence saying so, for the agent to print.
+pub fn fallback_note(socket: &Path) -> Option<String> {
+    let default = cis2_ipc_client::resolve_os_default();
+    let (folder, owner) = default.squatted.filter(|_| default.path == socket)?;
+    Some(format!(
+        "the shared socket folder {} belongs to {}, not to you: the agent listens at {} instead (clients find it there by the same rule)",
+        folder.display(),
+        cis2_ipc_client::describe_uid(owner),
+        socket.display()
+    ))
+}
+
 /// Creates the socket's folder 0700, or checks an existing one is ours and private (and makes it so).
 pub fn prepare_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {

@@ -3,8 +3,11 @@
 
 use crate::agent::{Agent, AgentError, ConnectionGrant, TokenRequest};
 use crate::peer::Peer;
-use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub const PARSE_ERROR: i64 = -32700;
@@ -20,76 +23,229 @@ pub const METHODS: [&str; 7] = crate::config::CLIENT_METHODS;
 #[derive(Debug, Clone)]
 pub struct Request {
     /// `None` for a notification (no answer is sent).
-    pub id: Option<Value>,
+    pub id: Option<Id>,
     pub method: String,
     pub params: Value,
 }
 
-pub fn error_response(id: Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+/// A request's `id` exactly as the client wrote it: a string, `null`, or a number of any length (a
+/// 39-digit id comes back as those 39 digits, never rounded through a float).
+#[derive(Debug, Clone)]
+pub struct Id(Box<RawValue>);
+
+impl Id {
+    /// The `null` id of answers to lines whose id could not be read.
+    pub fn null() -> Id {
+        Id(RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON")))
+    }
+
+    /// The id as the client wrote it (whitespace trimmed).
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
 }
 
-pub fn result_response(id: Value, result: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "result": result})
+#[derive(Serialize)]
+struct Response<'a> {
+    jsonrpc: &'static str,
+    id: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
 }
 
-/// Parses one line. `Err` is the error response to send.
-pub fn parse(line: &[u8]) -> Result<Request, Value> {
+fn response_line(response: &Response<'_>) -> String {
+    serde_json::to_string(response).unwrap_or_else(|_| unreachable!("a response always serialises"))
+}
+
+/// The JSON text of an error answer (no newline).
+pub fn error_response(id: &Id, code: i64, message: &str) -> String {
+    response_line(&Response {
+        jsonrpc: "2.0",
+        id: &id.0,
+        result: None,
+        error: Some(json!({"code": code, "message": message})),
+    })
+}
+
+/// The JSON text of a result answer (no newline).
+pub fn result_response(id: &Id, result: &Value) -> String {
+    response_line(&Response {
+        jsonrpc: "2.0",
+        id: &id.0,
+        result: Some(result),
+        error: None,
+    })
+}
+
+/// Parses one line. `Err` is the error answer to send (JSON text).
+pub fn parse(line: &[u8]) -> Result<Request, String> {
+    let null = Id::null();
     let text = std::str::from_utf8(line)
-        .map_err(|_| error_response(Value::Null, PARSE_ERROR, "The line is not UTF-8 text."))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        error_response(
-            Value::Null,
-            PARSE_ERROR,
-            &format!("The line is not JSON: {e}."),
-        )
-    })?;
-    let Value::Object(mut object) = value else {
-        let message = if value.is_array() {
-            "Batches are not supported: send one request object per line."
-        } else {
-            "A request must be a JSON object."
-        };
-        return Err(error_response(Value::Null, INVALID_REQUEST, message));
+        .map_err(|_| error_response(&null, PARSE_ERROR, "The line is not UTF-8 text."))?;
+    let not_json =
+        |e: serde_json::Error| error_response(&null, PARSE_ERROR, &format!("The line is not JSON: {e}."));
+    let raw: &RawValue = serde_json::from_str(text).map_err(not_json)?;
+    let mut object = match raw.get().as_bytes().first() {
+        Some(b'{') => serde_json::from_str::<Members>(raw.get()).map_err(not_json)?.0,
+        Some(b'[') => {
+            return Err(error_response(
+                &null,
+                INVALID_REQUEST,
+                "Batches are not supported: send one request object per line.",
+            ));
+        }
+        _ => {
+            return Err(error_response(
+                &null,
+                INVALID_REQUEST,
+                "A request must be a JSON object.",
+            ));
+        }
     };
     let id = match object.remove("id") {
         None => None,
-        Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
+        Some(raw) if matches!(raw.get().as_bytes().first(), Some(b'"' | b'n')) => Some(Id(raw)),
+        // Echoed digit for digit; but one beyond any float (1e999) would make the answer unreadable
+        // to most JSON parsers, the client's included.
+        Some(raw) if matches!(raw.get().as_bytes().first(), Some(b'-' | b'0'..=b'9')) => {
+            if !raw.get().parse::<f64>().is_ok_and(f64::is_finite) {
+                return Err(error_response(
+                    &null,
+                    INVALID_REQUEST,
+                    "id is a number too large for JSON readers; send it as a string.",
+                ));
+            }
+            Some(Id(raw))
+        }
         Some(_) => {
             return Err(error_response(
-                Value::Null,
+                &null,
                 INVALID_REQUEST,
                 "id must be a string, a number or null.",
             ));
         }
     };
-    let reply_id = id.clone().unwrap_or(Value::Null);
-    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+    let reply_id = id.clone().unwrap_or_else(Id::null);
+    let member = |raw: Option<Box<RawValue>>| -> Result<Option<Value>, String> {
+        raw.map(|raw| serde_json::from_str::<Strict>(raw.get()).map(|s| s.0))
+            .transpose()
+            .map_err(not_json)
+    };
+    if member(object.remove("jsonrpc"))?.as_ref().and_then(Value::as_str) != Some("2.0") {
         return Err(error_response(
-            reply_id,
+            &reply_id,
             INVALID_REQUEST,
             "jsonrpc must be \"2.0\".",
         ));
     }
-    let Some(Value::String(method)) = object.remove("method") else {
+    let Some(Value::String(method)) = member(object.remove("method"))? else {
         return Err(error_response(
-            reply_id,
+            &reply_id,
             INVALID_REQUEST,
             "method must be a string.",
         ));
     };
-    let params = match object.remove("params") {
+    let params = match member(object.remove("params"))? {
         None | Some(Value::Null) => Value::Object(Default::default()),
         Some(params @ Value::Object(_)) => params,
         Some(_) => {
             return Err(error_response(
-                reply_id,
+                &reply_id,
                 INVALID_PARAMS,
                 "params must be an object (named parameters).",
             ));
         }
     };
     Ok(Request { id, method, params })
+}
+
+/// A JSON object's members, each kept as written; a key written twice is an error (serde_json alone
+/// keeps the last, so `{"method":"status","method":"logout"}` would run `logout`).
+struct Members(HashMap<String, Box<RawValue>>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = HashMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value::<Box<RawValue>>()?;
+                    if members.insert(key.clone(), value).is_some() {
+                        return Err(duplicate::<A::Error>(&key));
+                    }
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+fn duplicate<E: serde::de::Error>(key: &str) -> E {
+    let key: String = key.chars().take(64).collect();
+    E::custom(format_args!("the key {key:?} appears more than once in one object"))
+}
+
+/// Any JSON value, refusing a key written twice in any object at any depth.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrictVisitor;
+        impl<'de> Visitor<'de> for StrictVisitor {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+                Ok(Strict(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+                Ok(Strict(Value::String(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+                Ok(Strict(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+                let mut items = Vec::new();
+                while let Some(Strict(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Strict(Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+                let mut object = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let Strict(value) = map.next_value()?;
+                    if object.contains_key(&key) {
+                        return Err(duplicate::<A::Error>(&key));
+                    }
+                    object.insert(key, value);
+                }
+                Ok(Strict(Value::Object(object)))
+            }
+        }
+        deserializer.deserialize_any(StrictVisitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -270,8 +426,12 @@ async fn run(
 mod tests {
     use super::*;
 
-    fn code(result: Result<Request, Value>) -> i64 {
-        result.unwrap_err()["error"]["code"].as_i64().unwrap()
+    fn answer(result: Result<Request, String>) -> Value {
+        serde_json::from_str(&result.unwrap_err()).unwrap()
+    }
+
+    fn code(result: Result<Request, String>) -> i64 {
+        answer(result)["error"]["code"].as_i64().unwrap()
     }
 
     #[test]
@@ -293,6 +453,14 @@ mod tests {
             INVALID_REQUEST
         );
         assert_eq!(
+            code(parse(br#"{"jsonrpc":"2.0","id":true,"method":"status"}"#)),
+            INVALID_REQUEST
+        );
+        assert_eq!(
+            code(parse(br#"{"jsonrpc":"2.0","id":1e999,"method":"status"}"#)),
+            INVALID_REQUEST
+        );
+        assert_eq!(
             code(parse(
                 br#"{"jsonrpc":"2.0","id":1,"method":"status","params":[1]}"#
             )),
@@ -301,7 +469,8 @@ mod tests {
         let ok =
             parse(br#"{"jsonrpc":"2.0","id":"a","method":"token","params":{"min_valid_secs":30}}"#)
                 .unwrap();
-        assert_eq!(ok.id, Some(json!("a")));
+        assert_eq!(ok.id.unwrap().as_json(), r#""a""#);
+        assert_eq!(ok.params["min_valid_secs"], 30);
         assert!(
             parse(br#"{"jsonrpc":"2.0","method":"status"}"#)
                 .unwrap()
@@ -312,7 +481,47 @@ mod tests {
 
     #[test]
     fn the_id_is_echoed_in_errors_when_it_was_readable() {
-        let err = parse(br#"{"jsonrpc":"2.0","id":99,"method":false}"#).unwrap_err();
+        let err = answer(parse(br#"{"jsonrpc":"2.0","id":99,"method":false}"#));
         assert_eq!(err["id"], 99);
+    }
+
+    #[test]
+    fn a_key_written_twice_is_refused_at_any_depth() {
+        let twice = answer(parse(
+            br#"{"jsonrpc":"2.0","id":1,"method":"status","method":"logout"}"#,
+        ));
+        assert_eq!(twice["error"]["code"], PARSE_ERROR);
+        let message = twice["error"]["message"].as_str().unwrap();
+        assert!(message.contains("\"method\" appears more than once"), "{message}");
+        assert_eq!(
+            code(parse(
+                br#"{"jsonrpc":"2.0","id":1,"method":"token","params":{"scope":"a","scope":"b"}}"#
+            )),
+            PARSE_ERROR
+        );
+        assert_eq!(
+            code(parse(br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"status"}"#)),
+            PARSE_ERROR
+        );
+        // The same key in two different objects is not a repeat.
+        assert!(parse(br#"{"jsonrpc":"2.0","id":1,"method":"token","params":{"scope":"s","audience":"a"}}"#).is_ok());
+    }
+
+    #[test]
+    fn ids_come_back_exactly_as_written() {
+        for id in [
+            "123456789012345678901234567890123456789",
+            "-0.000000000000000000000000000000000001",
+            r#""\u00e9t\u00e9""#,
+            "null",
+        ] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id": {id} ,"method":"status"}}"#);
+            let request_id = parse(line.as_bytes()).unwrap().id.unwrap();
+            assert_eq!(request_id.as_json(), id);
+            assert_eq!(
+                result_response(&request_id, &json!({})),
+                format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#)
+            );
+        }
     }
 }

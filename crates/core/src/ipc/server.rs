@@ -1,28 +1,34 @@
 //! The socket server: accepts same-user peers only, frames lines (64 KiB at most), runs requests
 //! concurrently per connection, forwards events to subscribers through a bounded queue (a subscriber
 //! that falls behind gets a `resync` event, never silence and never a stalled agent), and bounds
-//! connections, idle time and request time.
+//! connections (in all, and per program), idle time, request time and the bytes queued for a client
+//! (one that stops reading its answers is disconnected). The calling program's identity is checked again
+//! at each request: a connection whose program has since started another one (`exec`) is closed.
 
 use super::MAX_LINE_BYTES;
 use super::framing::{Line, read_line};
 use super::paths::{current_uid, prepare_dir};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
-use crate::peer::Peer;
-use serde_json::{Value, json};
+use crate::peer::{Peer, process_identity};
+use serde_json::json;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
+    /// Connections one program (one executable hash; all unidentified programs together) may hold, so
+    /// that no one program can take every slot.
+    pub max_connections_per_program: usize,
     /// Requests one connection may have running at once.
     pub max_in_flight: usize,
     /// A connection that sends nothing and subscribes to nothing for this long is closed.
@@ -31,16 +37,21 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// Lines queued to one client before events are dropped for it (and a resync promised).
     pub queue: usize,
+    /// Bytes queued to one client at most: an answer that would go past this means the client has
+    /// stopped reading, and it is disconnected (an event is dropped instead, and a resync promised).
+    pub max_queued_bytes: usize,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             max_connections: 256,
+            max_connections_per_program: 64,
             max_in_flight: 16,
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
             queue: 256,
+            max_queued_bytes: 256 * 1024,
         }
     }
 }
@@ -86,6 +97,7 @@ pub async fn bind(path: &Path) -> io::Result<Bound> {
 pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
     let uid = current_uid();
     let connections = Arc::new(Semaphore::new(options.max_connections));
+    let programs = ProgramSlots::default();
     let options = Arc::new(options);
     loop {
         let Ok((stream, _)) = bound.listener.accept().await else {
@@ -104,12 +116,16 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
             }
             Err(_) => continue,
         };
+        // Taken at once, before anything can wait: the program that connected, to hold the
+        // identification (which may read the whole executable) to.
+        let connected_as = pid.and_then(process_identity);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
+            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS.to_string()));
             continue;
         };
         let agent = agent.clone();
         let options = options.clone();
+        let programs = programs.clone();
         tokio::spawn(async move {
             // Known executables are answered from the cache at once; a new one is hashed off the
             // runtime's threads.
@@ -122,18 +138,171 @@ pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
                         .unwrap_or_default()
                 }
             };
+            if peer.process != connected_as {
+                refuse(stream, PROGRAM_CHANGED.to_string()).await;
+                return;
+            }
+            let Some(_slot) = programs.take(&peer, options.max_connections_per_program) else {
+                let why = format!(
+                    "{} already has {} connections to the agent open, the most one program may have; close some and try again.",
+                    peer.describe(),
+                    options.max_connections_per_program
+                );
+                refuse(stream, why).await;
+                return;
+            };
             connection(stream, agent, Arc::new(peer), options).await;
             drop(permit);
         });
     }
 }
 
-async fn refuse_busy(mut stream: UnixStream) {
-    let line = protocol::error_response(
-        Value::Null,
-        -32000,
-        "The agent has too many connections open; close some clients and try again.",
-    );
+const TOO_MANY_CONNECTIONS: &str =
+    "The agent has too many connections open; close some clients and try again.";
+const PROGRAM_CHANGED: &str = "The program on this connection is no longer the one that connected (it started another program); connect again.";
+
+/// Connections held per program: keyed by the executable's hash, all unidentified programs together.
+#[derive(Clone, Default)]
+struct ProgramSlots(Arc<std::sync::Mutex<HashMap<Option<String>, usize>>>);
+
+/// One connection's place in [`ProgramSlots`], given back when dropped.
+struct ProgramSlot {
+    slots: ProgramSlots,
+    program: Option<String>,
+}
+
+impl ProgramSlots {
+    fn take(&self, peer: &Peer, most: usize) -> Option<ProgramSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(peer.sha256.clone()).or_default();
+        if *count >= most {
+            return None;
+        }
+        *count += 1;
+        Some(ProgramSlot {
+            slots: self.clone(),
+            program: peer.sha256.clone(),
+        })
+    }
+}
+
+impl Drop for ProgramSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.program) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.program);
+            }
+        }
+    }
+}
+
+/// Whether the process behind `peer` is still the program that was identified.
+fn still_the_same_program(peer: &Peer) -> bool {
+    match (peer.pid, peer.process) {
+        (Some(pid), Some(identified)) => process_identity(pid) == Some(identified),
+        // Where the OS gives no process identity there is nothing to compare.
+        (_, None) => true,
+        (None, Some(_)) => false,
+    }
+}
+
+/// A connection's way out: a bounded queue of lines, and the bytes they hold.
+#[derive(Clone)]
+struct Outbox {
+    lines: mpsc::Sender<String>,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    /// Told when a line has been written (room for a promised resync).
+    room: Arc<Notify>,
+    /// Told when the client stopped reading its answers: the connection is to close.
+    stalled: Arc<Notify>,
+}
+
+/// The writer's end of an [`Outbox`].
+struct Mailbag {
+    lines: mpsc::Receiver<String>,
+    queued_bytes: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    Yes,
+    NoRoom,
+    Closed,
+}
+
+impl Outbox {
+    fn new(max_lines: usize, max_bytes: usize) -> (Outbox, Mailbag) {
+        let (tx, rx) = mpsc::channel(max_lines);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let room = Arc::new(Notify::new());
+        let outbox = Outbox {
+            lines: tx,
+            queued_bytes: queued_bytes.clone(),
+            max_bytes,
+            room: room.clone(),
+            stalled: Arc::new(Notify::new()),
+        };
+        let mailbag = Mailbag {
+            lines: rx,
+            queued_bytes,
+            room,
+        };
+        (outbox, mailbag)
+    }
+
+    /// Queues `line` (with its newline) if it fits in both bounds; never waits.
+    fn try_queue(&self, line: String) -> Queued {
+        let len = line.len();
+        let fits = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + len <= self.max_bytes).then_some(queued + len)
+            })
+            .is_ok();
+        if !fits {
+            return Queued::NoRoom;
+        }
+        match self.lines.try_send(line) {
+            Ok(()) => Queued::Yes,
+            Err(error) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                match error {
+                    mpsc::error::TrySendError::Full(_) => Queued::NoRoom,
+                    mpsc::error::TrySendError::Closed(_) => Queued::Closed,
+                }
+            }
+        }
+    }
+
+    /// Queues an answer. A client with no room left has stopped reading: the connection closes.
+    fn answer(&self, line: String) -> bool {
+        match self.try_queue(line) {
+            Queued::Yes => true,
+            Queued::NoRoom => {
+                self.stalled.notify_one();
+                false
+            }
+            Queued::Closed => false,
+        }
+    }
+}
+
+impl Mailbag {
+    async fn next(&mut self) -> Option<String> {
+        let line = self.lines.recv().await?;
+        self.queued_bytes.fetch_sub(line.len(), Ordering::AcqRel);
+        self.room.notify_one();
+        Some(line)
+    }
+}
+
+/// Answers a connection that is not served with one error line, then closes it.
+async fn refuse(mut stream: UnixStream, why: String) {
+    let line = protocol::error_response(&protocol::Id::null(), -32000, &why);
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
         stream.write_all(format!("{line}\n").as_bytes()),
@@ -144,14 +313,15 @@ async fn refuse_busy(mut stream: UnixStream) {
 async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
-    let (tx, mut rx) = mpsc::channel::<String>(options.queue);
+    let (tx, mut mailbag) = Outbox::new(options.queue, options.max_queued_bytes);
     let writer = tokio::spawn(async move {
-        while let Some(line) = rx.recv().await {
+        while let Some(line) = mailbag.next().await {
             if write_half.write_all(line.as_bytes()).await.is_err() {
                 break;
             }
         }
     });
+    let stalled = tx.stalled.clone();
     let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
     let subscribed = Arc::new(AtomicBool::new(false));
     let subscription: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -161,26 +331,33 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
     loop {
         let idle = !subscribed.load(Ordering::Relaxed)
             && in_flight.available_permits() == options.max_in_flight;
-        let read = if idle {
-            match tokio::time::timeout(options.idle_timeout, read_line(&mut reader)).await {
+        let idle_limit = if idle {
+            options.idle_timeout
+        } else {
+            Duration::MAX
+        };
+        let read = tokio::select! {
+            read = tokio::time::timeout(idle_limit, read_line(&mut reader)) => match read {
                 Ok(read) => read,
                 Err(_) => break,
+            },
+            () = stalled.notified() => {
+                tracing::warn!(peer = ?peer.describe(), "disconnected a client that stopped reading its answers");
+                break;
             }
-        } else {
-            read_line(&mut reader).await
         };
         let line = match read {
             Ok(Line::Complete(line)) => line,
             Ok(Line::TooLong) => {
                 let response = protocol::error_response(
-                    Value::Null,
+                    &protocol::Id::null(),
                     INVALID_REQUEST,
                     &format!(
                         "The line is longer than {} KiB and was skipped.",
                         MAX_LINE_BYTES / 1024
                     ),
                 );
-                if tx.send(format!("{response}\n")).await.is_err() {
+                if !tx.answer(format!("{response}\n")) {
                     break;
                 }
                 continue;
@@ -190,15 +367,29 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // Whatever the line holds: a connection whose program is no longer the one identified is
+        // answered nothing more.
+        if !still_the_same_program(&peer) {
+            let id = protocol::parse(&line)
+                .ok()
+                .and_then(|request| request.id)
+                .unwrap_or_else(protocol::Id::null);
+            tx.answer(format!(
+                "{}\n",
+                protocol::error_response(&id, -32003, PROGRAM_CHANGED)
+            ));
+            break;
+        }
         let request = match protocol::parse(&line) {
             Ok(request) => request,
             Err(response) => {
-                if tx.send(format!("{response}\n")).await.is_err() {
+                if !tx.answer(format!("{response}\n")) {
                     break;
                 }
                 continue;
             }
         };
+
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -254,10 +445,10 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
                     outcome => outcome,
                 };
                 let response = match outcome {
-                    Ok(result) => protocol::result_response(id, result),
-                    Err((code, message)) => protocol::error_response(id, code, &message),
+                    Ok(result) => protocol::result_response(&id, &result),
+                    Err((code, message)) => protocol::error_response(&id, code, &message),
                 };
-                let _ = tx.send(format!("{response}\n")).await;
+                tx.answer(format!("{response}\n"));
             }
             drop(permit);
         });
@@ -270,34 +461,43 @@ async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: 
         task.abort();
     }
     drop(tx);
-    // Let queued answers go out, then stop.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // Let queued answers go out, then stop. A writer still blocked on a client that does not read is
+    // ended: it holds the socket (and its queue) open for as long as it lives.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 /// Forwards events into the client's queue without ever waiting on the client: when the queue is full
 /// an event is dropped and the client is owed a `resync` event, sent as soon as the queue has room.
 async fn forward_events(
     mut events: broadcast::Receiver<crate::agent::Event>,
-    tx: mpsc::Sender<String>,
+    outbox: Outbox,
     order: Arc<tokio::sync::Mutex<()>>,
 ) {
     let resync = json!({"jsonrpc": "2.0", "method": "event", "params": {"type": "resync", "reason": "events were dropped because this client read too slowly; ask for status"}});
     let mut owe_resync = false;
     loop {
         tokio::select! {
-            permit = tx.reserve(), if owe_resync => {
-                let Ok(permit) = permit else { return };
-                permit.send(format!("{resync}\n"));
-                owe_resync = false;
+            () = outbox.room.notified(), if owe_resync => {
+                match outbox.try_queue(format!("{resync}\n")) {
+                    Queued::Yes => owe_resync = false,
+                    Queued::NoRoom => {}
+                    Queued::Closed => return,
+                }
             }
             received = events.recv() => match received {
                 Ok(event) if !owe_resync => {
                     let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
                     let _in_order = order.lock().await;
-                    match tx.try_send(format!("{line}\n")) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => owe_resync = true,
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    match outbox.try_queue(format!("{line}\n")) {
+                        Queued::Yes => {}
+                        Queued::NoRoom => owe_resync = true,
+                        Queued::Closed => return,
                     }
                 }
                 // While a resync is owed, the events it covers are not sent: status tells all.
@@ -311,13 +511,14 @@ async fn forward_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_resync_once_its_queue_drains() {
         use crate::agent::Event;
         let (events, _) = broadcast::channel(64);
-        let (tx, mut rx) = mpsc::channel(2);
-        let forwarder = tokio::spawn(forward_events(events.subscribe(), tx, Arc::default()));
+        let (outbox, mut rx) = Outbox::new(2, 64 * 1024);
+        let forwarder = tokio::spawn(forward_events(events.subscribe(), outbox, Arc::default()));
         tokio::task::yield_now().await;
         for expires_at in 0..5 {
             events.send(Event::TokenRefreshed { expires_at }).unwrap();
@@ -326,7 +527,7 @@ mod tests {
         // Two fitted; the rest were dropped. Reading makes room, and the resync follows unprompted.
         let mut seen = Vec::new();
         for _ in 0..3 {
-            let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            let line = tokio::time::timeout(Duration::from_secs(2), rx.next())
                 .await
                 .unwrap()
                 .unwrap();
@@ -335,7 +536,7 @@ mod tests {
         }
         assert_eq!(seen, vec!["token_refreshed", "token_refreshed", "resync"]);
         events.send(Event::Unlocked).unwrap();
-        let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        let line = tokio::time::timeout(Duration::from_secs(2), rx.next())
             .await
             .unwrap()
             .unwrap();
