@@ -7,6 +7,9 @@
 //! `~/.config/autostart/`, which takes precedence over it. So a person may turn off what the admin
 //! turned on (the override says `Hidden=true`), and turning it back on removes the override, so the
 //! admin's entry applies again rather than a copy of it.
+//!
+//! Only the XDG convention is written so far: Windows (the `Run` registry key) and macOS (a
+//! LaunchAgent) are still to come, like the rest of those ports.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
