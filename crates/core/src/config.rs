@@ -1733,7 +1733,10 @@ fn read_exchange(
         Some((kid, span)) if kid.is_empty() || kid.chars().any(|c| c.is_control()) => {
             return Err(ctx.err(
                 &span,
-                format!("kid = {} is not valid: it is empty.", ctx.snippet(&span)),
+                format!(
+                    "kid = {} is not valid: a key ID is not empty and has no control characters.",
+                    ctx.snippet(&span)
+                ),
                 "Write the key ID registered with CIS2 for this key, e.g. kid = \
                  \"client-key-2026\", or leave kid out to use the key's RFC 7638 thumbprint.",
             ));
