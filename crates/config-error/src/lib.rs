@@ -118,7 +118,10 @@ mod tests {
             message: "cannot read the config file: gone.".into(),
             fix: String::new(),
         };
-        assert_eq!(e.to_string(), "relay.toml: cannot read the config file: gone.");
+        assert_eq!(
+            e.to_string(),
+            "relay.toml: cannot read the config file: gone."
+        );
     }
 
     #[test]
