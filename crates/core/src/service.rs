@@ -151,7 +151,9 @@ pub fn signed_in_line(user: &crate::oidc::claims::User) -> String {
         Some(role) => format!(
             ", {} at {} ({})",
             role.name,
-            role.org_name.as_deref().unwrap_or("an unnamed organisation"),
+            role.org_name
+                .as_deref()
+                .unwrap_or("an unnamed organisation"),
             role.org_code
         ),
         None => String::new(),
@@ -178,7 +180,16 @@ fn notify_desktop(summary: &str, body: &str) -> Result<(), String> {
         .method_call(
             "org.freedesktop.Notifications",
             "Notify",
-            ("CIS2 agent", 0u32, "", summary, body, Vec::<&str>::new(), hints, -1i32),
+            (
+                "CIS2 agent",
+                0u32,
+                "",
+                summary,
+                body,
+                Vec::<&str>::new(),
+                hints,
+                -1i32,
+            ),
         )
         .map_err(|e| e.to_string())?;
     Ok(())
