@@ -17,6 +17,7 @@ using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.IO;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
@@ -72,8 +73,9 @@ namespace Cis2Agent.Client
         }
 
         /// <summary>
-        /// $CIS2_AGENT_SOCK, else $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-&lt;uid&gt;/agent.sock
-        /// (the uid is read from /proc on Linux; elsewhere set CIS2_AGENT_SOCK).
+        /// The rule of docs/ipc.md ("Where the socket is"), the same as the agent's: $CIS2_AGENT_SOCK, else
+        /// $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-&lt;uid&gt;/agent.sock unless that
+        /// folder exists and is not this user's own folder, then $HOME/.cache/cis2-agent/agent.sock (Linux).
         /// </summary>
         public static string DefaultSocketPath()
         {
@@ -87,28 +89,58 @@ namespace Cis2Agent.Client
             {
                 return Path.Combine(runtime, "cis2-agent", "agent.sock");
             }
-            if (File.Exists("/proc/self/status"))
+            if (!OperatingSystem.IsLinux())
             {
-                foreach (string line in File.ReadLines("/proc/self/status"))
-                {
-                    if (line.StartsWith("Uid:", StringComparison.Ordinal))
-                    {
-                        string uid = line.Substring(4).Trim().Split('\t', ' ')[0];
-                        return $"/tmp/cis2-agent-{uid}/agent.sock";
-                    }
-                }
+                throw new InvalidOperationException(
+                    "Cannot work out the agent's socket: set CIS2_AGENT_SOCK to its path.");
             }
-            throw new InvalidOperationException(
-                "Cannot work out the agent's socket: set CIS2_AGENT_SOCK to its path.");
+            uint uid = Native.getuid();
+            string shared = $"/tmp/cis2-agent-{uid}";
+            string? home = Environment.GetEnvironmentVariable("HOME");
+            bool squatted = Native.TryLstat(shared, out uint owner, out uint mode)
+                && (!Native.IsDirectory(mode) || owner != uid);
+            if (squatted && !string.IsNullOrEmpty(home) && Path.IsPathRooted(home))
+            {
+                return Path.Combine(home, ".cache", "cis2-agent", "agent.sock");
+            }
+            return Path.Combine(shared, "agent.sock");
         }
 
-        /// <summary>Connects to the agent. A <see cref="SocketException"/> means no agent is listening there.</summary>
+        /// <summary>
+        /// Connects to the agent. Before anything is sent it checks that the socket's folder is this user's
+        /// own with mode 0700 and that the process listening runs as this user (SO_PEERCRED); otherwise
+        /// <see cref="UnauthorizedAccessException"/> names the folder and its owner (another user may have
+        /// put a fake agent there). A <see cref="SocketException"/> means no agent is listening there.
+        /// </summary>
         public static async Task<Cis2Client> ConnectAsync(string path, CancellationToken cancellationToken = default)
         {
+            if (!OperatingSystem.IsLinux())
+            {
+                throw new PlatformNotSupportedException(
+                    "This example checks who the agent is on Linux only; it will not talk to an unchecked agent.");
+            }
+            uint me = Native.geteuid();
+            string folder = Path.GetDirectoryName(Path.GetFullPath(path)) ?? "/";
+            if (!Native.TryLstat(folder, out uint owner, out uint mode))
+            {
+                throw new SocketException((int)SocketError.AddressNotAvailable);
+            }
+            if (!Native.IsDirectory(mode) || owner != me || (mode & 0x3F) != 0)
+            {
+                throw new UnauthorizedAccessException(
+                    $"The agent's socket folder {folder} belongs to uid {owner} (mode {Convert.ToString(mode & 0xFFF, 8)}); " +
+                    $"it must be a folder of yours (uid {me}) with mode 700. It may be another user's fake agent, so nothing was sent.");
+            }
             var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
             try
             {
                 await socket.ConnectAsync(new UnixDomainSocketEndPoint(path), cancellationToken);
+                uint server = Native.PeerUid(socket);
+                if (server != me)
+                {
+                    throw new UnauthorizedAccessException(
+                        $"The program listening at {path} runs as uid {server}, not as you: it is not your agent, so nothing was sent.");
+                }
             }
             catch
             {
@@ -316,6 +348,11 @@ namespace Cis2Agent.Client
                 Console.Error.WriteLine($"No agent is listening at {path}: {e.Message}");
                 return 3;
             }
+            catch (UnauthorizedAccessException e)
+            {
+                Console.Error.WriteLine(e.Message);
+                return 1;
+            }
 
             await using (agent)
             {
@@ -374,6 +411,50 @@ namespace Cis2Agent.Client
                     return 1;
                 }
             }
+        }
+    }
+
+    /// <summary>The few libc calls the ownership checks need (Linux, glibc 2.28 or later for statx).</summary>
+    internal static class Native
+    {
+        [DllImport("libc", SetLastError = true)] internal static extern uint getuid();
+        [DllImport("libc", SetLastError = true)] internal static extern uint geteuid();
+        [DllImport("libc", SetLastError = true)]
+        private static extern int statx(int dirfd, string path, int flags, uint mask, byte[] buffer);
+        [DllImport("libc", SetLastError = true)]
+        private static extern int getsockopt(IntPtr socket, int level, int name, byte[] value, ref int length);
+
+        private const int AtFdCwd = -100, AtSymlinkNoFollow = 0x100;
+        private const uint StatxBasicStats = 0x7ff;
+        private const int SolSocket = 1, SoPeerCred = 17;
+
+        /// <summary>lstat through statx, whose layout is the same on every architecture: uid at 20, mode at 28.</summary>
+        internal static bool TryLstat(string path, out uint owner, out uint mode)
+        {
+            var buffer = new byte[256];
+            owner = 0;
+            mode = 0;
+            if (statx(AtFdCwd, path, AtSymlinkNoFollow, StatxBasicStats, buffer) != 0)
+            {
+                return false;
+            }
+            owner = BitConverter.ToUInt32(buffer, 20);
+            mode = BitConverter.ToUInt16(buffer, 28);
+            return true;
+        }
+
+        internal static bool IsDirectory(uint mode) => (mode & 0xF000) == 0x4000;
+
+        /// <summary>The uid of the process at the other end (struct ucred: pid, uid, gid).</summary>
+        internal static uint PeerUid(Socket socket)
+        {
+            var credentials = new byte[12];
+            int length = credentials.Length;
+            if (getsockopt(socket.Handle, SolSocket, SoPeerCred, credentials, ref length) != 0)
+            {
+                throw new SocketException(Marshal.GetLastWin32Error());
+            }
+            return BitConverter.ToUInt32(credentials, 4);
         }
     }
 }

@@ -194,7 +194,7 @@ fn an_approval_prompt_is_listed_and_answered_through_the_window() {
         pid: Some(4242),
         exe: Some("/opt/ward-ehr/bin/ward-ehr".into()),
         sha256: Some("cd".repeat(32)),
-        process: None,
+        ..Peer::default()
     };
     let approvals = h.desktop.approvals.clone();
     let asked = tauri::async_runtime::spawn(async move { approvals.ask(&peer).await });
@@ -235,7 +235,7 @@ fn remembered_programs_are_listed_and_forgotten() {
                 pid: None,
                 exe: Some("/opt/ward-ehr/bin/ward-ehr".into()),
                 sha256: Some("ef".repeat(32)),
-                process: None,
+                ..Peer::default()
             },
             true,
         )

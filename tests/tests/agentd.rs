@@ -80,7 +80,18 @@ fn sandbox_sign_in_whoami_token_logout_through_cis2ctl() {
 
 #[test]
 fn cis2ctl_exit_codes_for_no_agent_and_bad_usage() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
+    // A client talks only through a folder of its user's that no one else can enter.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let loose = ctl(&dir.path().join("nothing.sock"), &["status"]);
+    assert_eq!(loose.status.code(), Some(1));
+    assert!(
+        stderr(&loose).contains("is open to other users"),
+        "{}",
+        stderr(&loose)
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let missing = ctl(&dir.path().join("nothing.sock"), &["status"]);
     assert_eq!(missing.status.code(), Some(3));
     assert!(stderr(&missing).contains("no agent is running"));
@@ -190,7 +201,20 @@ print("ANSWER:" + data.decode(errors="replace"))
         "ANSWER:",
         "another uid must get nothing: {text}"
     );
-    // The agent's own user still gets answers.
+    // The agent's own user's clients refuse the loosened folder (another user could have swapped the
+    // socket in it), and talk again once it is private.
+    let loose = agent.ctl(&["status"]);
+    assert_eq!(loose.status.code(), Some(1));
+    assert!(
+        stderr(&loose).contains("is open to other users"),
+        "{}",
+        stderr(&loose)
+    );
+    std::fs::set_permissions(
+        agent.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     assert_eq!(agent.ctl(&["status"]).status.code(), Some(0));
 }
 
@@ -271,7 +295,15 @@ fn no_browser_prints_the_address_and_the_sign_in_completes_from_it() {
         "To sign in, open this address in a browser: ",
         Duration::from_secs(30),
     );
-    assert!(url.contains("code_challenge_method=S256"), "{url}");
+    // The one-time start URL of the loopback listener: no state, nonce or challenge to copy.
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/start/"),
+        "{url}"
+    );
+    assert!(
+        !url.contains("state=") && !url.contains("code_challenge"),
+        "{url}"
+    );
     let browser = Command::new(bin("cis2-scripted-browser"))
         .arg(&url)
         .output()

@@ -65,7 +65,10 @@ impl Drop for OsUser {
         // The test's processes of this user were stopped first (they are dropped before the user).
         let removed = Command::new("userdel").arg(&self.name).status();
         if !removed.is_ok_and(|s| s.success()) {
-            eprintln!("*** could not remove the test user {}: remove it by hand ***", self.name);
+            eprintln!(
+                "*** could not remove the test user {}: remove it by hand ***",
+                self.name
+            );
         }
     }
 }
@@ -171,7 +174,13 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
     // The default rule steps around the squatted folder: no agent there yet, and nothing sent.
     let out = ctl_as(&victim, &["status"]);
     let fallback = victim.home.join(".cache/cis2-agent/agent.sock");
-    assert_eq!(out.status.code(), Some(3), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(
         stderr(&out).contains(&fallback.display().to_string()),
         "{}",
@@ -182,7 +191,13 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
         &victim,
         &["--socket", fake_socket.to_str().unwrap(), "token"],
     );
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     let why = stderr(&out);
     assert!(
         why.contains(&squatted.display().to_string())
@@ -198,7 +213,13 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
         .arg(&fake_socket)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(
         stderr(&out).contains(&format!("belongs to uid {}", mallory.uid)),
         "{}",
@@ -221,7 +242,13 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
     let listening = agent.wait_for("listening on ", Duration::from_secs(30));
     assert_eq!(Path::new(&listening), fallback);
     let out = ctl_as(&victim, &["status", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stdout(&out).contains("\"sandbox\""), "{}", stdout(&out));
     let out = victim
         .command("/usr/bin/python3")
@@ -229,7 +256,12 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
         .arg(example.parent().unwrap())
         .output()
         .unwrap();
-    assert_eq!(stdout(&out).trim(), fallback.display().to_string(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        fallback.display().to_string(),
+        "{}",
+        stderr(&out)
+    );
 
     // A folder of the victim's own, 0700, but another user's program listening: SO_PEERCRED tells.
     let own = victim.home.join("own");
@@ -246,7 +278,13 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
         c
     });
     let out = ctl_as(&victim, &["--socket", planted.to_str().unwrap(), "status"]);
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(
         stderr(&out).contains(&format!("runs as uid {} ({})", mallory.uid, mallory.name)),
         "{}",
@@ -258,9 +296,19 @@ fn a_client_never_talks_to_a_fake_agent_another_user_put_in_its_way() {
         .arg(&planted)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("not your agent"), "{}", stderr(&out));
-    assert_eq!(std::fs::read_to_string(&heard).unwrap(), "", "still nothing sent");
+    assert_eq!(
+        std::fs::read_to_string(&heard).unwrap(),
+        "",
+        "still nothing sent"
+    );
 
     agent.kill();
     let _ = std::fs::remove_dir_all(&squatted);
@@ -318,21 +366,43 @@ fn another_user_who_reads_the_browser_command_line_cannot_take_over_the_sign_in(
     // names as a person of her choosing.
     let pid_file = pass.join("browser.pid");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !pid_file.exists() || std::fs::read_to_string(&pid_file).unwrap().trim().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the browser was never opened");
+    while !pid_file.exists()
+        || std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the browser was never opened"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
     let cmdline = mallory
         .command("cat")
         .arg(format!("/proc/{pid}/cmdline"))
         .output()
         .unwrap();
-    assert!(cmdline.status.success(), "Mallory can read it: {}", stderr(&cmdline));
+    assert!(
+        cmdline.status.success(),
+        "Mallory can read it: {}",
+        stderr(&cmdline)
+    );
     let seen = String::from_utf8_lossy(&cmdline.stdout).to_string();
-    let opened = seen.split('\0').rfind(|a| !a.is_empty()).unwrap().to_string();
+    let opened = seen
+        .split('\0')
+        .rfind(|a| !a.is_empty())
+        .unwrap()
+        .to_string();
     for secret in ["state=", "nonce=", "code_challenge=", "/start/"] {
-        assert!(!opened.contains(secret), "{secret} is in the command line: {opened}");
+        assert!(
+            !opened.contains(secret),
+            "{secret} is in the command line: {opened}"
+        );
     }
     let attack = mallory
         .command(bin("cis2-scripted-browser"))
@@ -349,8 +419,17 @@ fn another_user_who_reads_the_browser_command_line_cannot_take_over_the_sign_in(
     // The victim's own browser goes on and signs in the victim's person.
     std::fs::write(pass.join("go"), "").unwrap();
     let login = login.wait_with_output().unwrap();
-    assert_eq!(login.status.code(), Some(0), "{}{}", stdout(&login), stderr(&login));
-    let out = ctl_as(&victim, &["--socket", socket.to_str().unwrap(), "whoami", "--json"]);
+    assert_eq!(
+        login.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&login),
+        stderr(&login)
+    );
+    let out = ctl_as(
+        &victim,
+        &["--socket", socket.to_str().unwrap(), "whoami", "--json"],
+    );
     let whoami: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(whoami["uid"], "555021935107", "{whoami}");
     // The agent says who signed in, so a swap could not go unseen.

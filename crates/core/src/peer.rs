@@ -277,7 +277,11 @@ mod tests {
         let peer = Identifier::default().identify(0, Some(child.id() as i32));
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(peer.exe.as_deref(), Some(named.as_path()), "never stripped by text");
+        assert_eq!(
+            peer.exe.as_deref(),
+            Some(named.as_path()),
+            "never stripped by text"
+        );
 
         let gone = dir.path().join("gone");
         let mut child = run_copy_of_sleep(&gone);
@@ -312,7 +316,11 @@ mod tests {
         // Same inode, same size, the old modification time put back: only the change time differs.
         // The last byte of `sleep` is in its section headers, which running it never reads.
         let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let end = file.seek(SeekFrom::End(-1)).unwrap();
         let mut last = [0u8];
         std::io::Read::read_exact(&mut file, &mut last).unwrap();
@@ -320,13 +328,19 @@ mod tests {
         file.write_all(&[last[0] ^ 0xff]).unwrap();
         file.set_modified(modified).unwrap();
         drop(file);
-        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), modified);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            modified
+        );
 
         let mut child = run_copy_of_sleep(&path);
         let after = identifier.identify(0, Some(child.id() as i32));
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(after.sha256, Some(file_sha256(&path).unwrap()));
-        assert_ne!(after.sha256, before.sha256, "the old hash was not served from the cache");
+        assert_ne!(
+            after.sha256, before.sha256,
+            "the old hash was not served from the cache"
+        );
     }
 }

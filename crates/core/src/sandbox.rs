@@ -29,9 +29,10 @@ pub async fn start(data_dir: &Path) -> Result<cis2_mock_idp::RunningProvider, St
 
 /// Replaces `path` with a new file, 0600 from the moment it exists.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(e);
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

@@ -133,11 +133,14 @@ impl Service {
     }
 }
 
-/// Says who is signed in at every new sign-in (and role change): a line on stdout, and a desktop
-/// notification where there is a notification service. On a shared computer a sign-in swapped for
-/// someone else's must not go unseen.
+/// Says who is signed in at every new sign-in (and role change), as a line on stdout: on a shared
+/// computer a sign-in swapped for someone else's must not go unseen. (The window shows the clinician
+/// too.) The line is written whole, so it goes straight out and no copy of the name stays behind in
+/// stdout's buffer after a sign-out; a desktop notification is not sent, because it would pass the name
+/// through libdbus's own heap, which the zeroing allocator does not reach.
 async fn announce_sign_ins(mut events: tokio::sync::broadcast::Receiver<crate::agent::Event>) {
     use crate::agent::Event;
+    use std::io::Write;
     use tokio::sync::broadcast::error::RecvError;
     loop {
         let user = match events.recv().await {
@@ -145,14 +148,8 @@ async fn announce_sign_ins(mut events: tokio::sync::broadcast::Receiver<crate::a
             Ok(_) | Err(RecvError::Lagged(_)) => continue,
             Err(RecvError::Closed) => return,
         };
-        let line = signed_in_line(&user);
-        println!("{line}");
-        #[cfg(target_os = "linux")]
-        tokio::task::spawn_blocking(move || {
-            if let Err(why) = notify_desktop("Signed in to the Care Identity Service", &line) {
-                tracing::debug!(%why, "no desktop notification of the sign-in");
-            }
-        });
+        let line = format!("{}\n", signed_in_line(&user));
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
     }
 }
 
@@ -162,7 +159,9 @@ pub fn signed_in_line(user: &crate::oidc::claims::User) -> String {
         Some(role) => format!(
             ", {} at {} ({})",
             role.name,
-            role.org_name.as_deref().unwrap_or("an unnamed organisation"),
+            role.org_name
+                .as_deref()
+                .unwrap_or("an unnamed organisation"),
             role.org_code
         ),
         None => String::new(),
@@ -172,27 +171,6 @@ pub fn signed_in_line(user: &crate::oidc::claims::User) -> String {
         user.name.as_deref().unwrap_or("a clinician with no name"),
         user.uid
     )
-}
-
-/// A notification through the freedesktop notification service on the session bus.
-#[cfg(target_os = "linux")]
-fn notify_desktop(summary: &str, body: &str) -> Result<(), String> {
-    use std::time::Duration;
-    let bus = dbus::blocking::Connection::new_session().map_err(|e| e.to_string())?;
-    let notifications = bus.with_proxy(
-        "org.freedesktop.Notifications",
-        "/org/freedesktop/Notifications",
-        Duration::from_secs(2),
-    );
-    let hints = dbus::arg::PropMap::new();
-    let (_id,): (u32,) = notifications
-        .method_call(
-            "org.freedesktop.Notifications",
-            "Notify",
-            ("CIS2 agent", 0u32, "", summary, body, Vec::<&str>::new(), hints, -1i32),
-        )
-        .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 #[cfg(test)]

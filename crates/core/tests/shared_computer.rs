@@ -24,7 +24,9 @@ async fn sandbox_agent(dir: &Path) -> Agent {
 }
 
 async fn serve(dir: &Path, agent: &Agent, options: ipc::ServeOptions) -> PathBuf {
-    let bound = ipc::server::bind(&dir.join("run/agent.sock")).await.unwrap();
+    let bound = ipc::server::bind(&dir.join("run/agent.sock"))
+        .await
+        .unwrap();
     let socket = bound.path().to_path_buf();
     tokio::spawn(ipc::serve(bound, agent.clone(), options));
     socket
@@ -50,7 +52,11 @@ async fn the_sandbox_admin_api_needs_the_secret_only_this_user_can_read() {
     };
     assert_eq!(post(None).await.unwrap().status().as_u16(), 401);
     assert_eq!(
-        post(Some("a-guess".into())).await.unwrap().status().as_u16(),
+        post(Some("a-guess".into()))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
         401
     );
     let file = cis2_core::sandbox::admin_secret_path(agent.data_dir());
@@ -181,7 +187,10 @@ async fn one_program_cannot_hold_every_connection() {
     })
     .await
     .unwrap();
-    assert!(refused.contains("the most one program may have"), "{refused}");
+    assert!(
+        refused.contains("the most one program may have"),
+        "{refused}"
+    );
     // Another program (python) still gets in while this one holds its three.
     let other = tokio::task::spawn_blocking(move || {
         let script = r#"

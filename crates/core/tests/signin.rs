@@ -139,6 +139,24 @@ async fn harness(setup: Setup) -> Harness {
 }
 
 impl Harness {
+    /// Starts a sign-in whose browser stops before the final redirect; that redirect, once there.
+    async fn login_held_at_the_callback(
+        &self,
+    ) -> (
+        tokio::task::JoinHandle<Result<cis2_core::agent::Status, cis2_core::agent::AgentError>>,
+        Outcome,
+    ) {
+        self.script.lock().unwrap().follow_callback = false;
+        let agent = self.agent.clone();
+        let login = tokio::spawn(async move { agent.login(Some(Duration::from_secs(20))).await });
+        loop {
+            if let Some(outcome) = self.outcomes.lock().unwrap().first().cloned() {
+                return (login, outcome.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Time passes for everyone: the agent's injected clock and the provider's.
     fn advance(&self, secs: i64) {
         self.clock.advance(secs);
@@ -357,15 +375,7 @@ async fn a_second_callback_after_the_first_finds_the_listener_closed() {
 #[tokio::test]
 async fn a_callback_with_the_wrong_state_is_ignored_and_the_real_one_taken() {
     let h = harness(Setup::default()).await;
-    h.script.lock().unwrap().follow_callback = false;
-    let agent = h.agent.clone();
-    let login = tokio::spawn(async move { agent.login(Some(Duration::from_secs(20))).await });
-    let outcome = loop {
-        if let Some(outcome) = h.outcomes.lock().unwrap().first().cloned() {
-            break outcome.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let (login, outcome) = h.login_held_at_the_callback().await;
     let forged = outcome.redirect.replace(
         &format!("state={}", outcome.param("state").unwrap()),
         "state=forged",
@@ -395,20 +405,18 @@ async fn the_right_callback_from_another_browser_ends_the_sign_in_and_signs_in_n
     // Login CSRF: someone who learned the state (another user of the computer) delivers a code
     // without the cookie the start URL gave the real browser. It fails closed.
     let h = harness(Setup::default()).await;
-    h.script.lock().unwrap().follow_callback = false;
-    let agent = h.agent.clone();
-    let login = tokio::spawn(async move { agent.login(Some(Duration::from_secs(20))).await });
-    let outcome = loop {
-        if let Some(outcome) = h.outcomes.lock().unwrap().first().cloned() {
-            break outcome.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert!(outcome.redirect_cookies.is_some(), "the start URL set its cookie");
+    let (login, outcome) = h.login_held_at_the_callback().await;
+    assert!(
+        outcome.redirect_cookies.is_some(),
+        "the start URL set its cookie"
+    );
     let answer = reqwest::get(&outcome.redirect).await.unwrap();
     assert_eq!(answer.status().as_u16(), 400);
     let error = login.await.unwrap().unwrap_err().to_string();
-    assert!(error.contains("did not come from the browser that started"), "{error}");
+    assert!(
+        error.contains("did not come from the browser that started"),
+        "{error}"
+    );
     assert_eq!(h.agent.status().state, SessionState::SignedOut);
     assert!(h.agent.whoami().is_err());
 }

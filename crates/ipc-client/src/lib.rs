@@ -79,13 +79,15 @@ pub fn resolve_os_default() -> DefaultSocket {
 
 /// A uid with its user name when the system's user list has it (`1001 (mallory)`).
 pub fn describe_uid(uid: u32) -> String {
-    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|users| {
-        users.lines().find_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            (fields.nth(1)? == uid.to_string()).then(|| name.to_string())
-        })
-    });
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|users| {
+            users.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)? == uid.to_string()).then(|| name.to_string())
+            })
+        });
     match name {
         Some(name) => format!("uid {uid} ({name})"),
         None => format!("uid {uid}"),

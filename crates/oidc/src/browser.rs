@@ -119,7 +119,10 @@ pub struct Opened {
 /// A page, in a new file only this user can read, that sends the browser on to `url`.
 fn redirect_page(url: &str) -> Result<tempfile::NamedTempFile, String> {
     use std::io::Write;
-    let escaped = url.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let escaped = url
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;");
     let mut page = tempfile::Builder::new()
         .prefix("cis2-signin-")
         .suffix(".html")

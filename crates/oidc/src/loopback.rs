@@ -436,13 +436,21 @@ fn page(title: &str, text: &str) -> String {
 mod tests {
     use super::*;
 
-    async fn get_with(port: u16, target: &str, cookie: Option<&str>) -> Result<(u16, String), String> {
+    async fn get_with(
+        port: u16,
+        target: &str,
+        cookie: Option<&str>,
+    ) -> Result<(u16, String), String> {
         let mut stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| e.to_string())?;
-        let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
         stream
-            .write_all(format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}\r\n").as_bytes())
+            .write_all(
+                format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}\r\n").as_bytes(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         let mut text = String::new();
@@ -467,12 +475,18 @@ mod tests {
         let path = start_url.split_once(&format!(":{port}")).unwrap().1;
         let (status, text) = get(port, path).await.unwrap();
         assert_eq!(status, 302, "{text}");
-        assert!(text.contains(&format!("\r\nLocation: {AUTHORIZE}\r\n")), "{text}");
+        assert!(
+            text.contains(&format!("\r\nLocation: {AUTHORIZE}\r\n")),
+            "{text}"
+        );
         let set_cookie = text
             .lines()
             .find_map(|l| l.strip_prefix("Set-Cookie: "))
             .unwrap();
-        assert!(set_cookie.ends_with("; HttpOnly; SameSite=Lax; Path=/"), "{set_cookie}");
+        assert!(
+            set_cookie.ends_with("; HttpOnly; SameSite=Lax; Path=/"),
+            "{set_cookie}"
+        );
         set_cookie.split(';').next().unwrap().to_string()
     }
 
@@ -482,7 +496,11 @@ mod tests {
     /// A listener waiting for state `s`; its port and start URL.
     async fn waiting(
         state: &'static str,
-    ) -> (u16, String, tokio::task::JoinHandle<Result<Callback, CallbackError>>) {
+    ) -> (
+        u16,
+        String,
+        tokio::task::JoinHandle<Result<Callback, CallbackError>>,
+    ) {
         let listener = LoopbackListener::bind(&[]).await.unwrap();
         let (port, start_url) = (listener.port(), listener.start_url());
         let waiter = tokio::spawn(listener.wait(AUTHORIZE, state, ISS, Duration::from_secs(10)));
@@ -526,17 +544,25 @@ mod tests {
                 .0,
             400
         );
-        let (status, page) = get_with(port, "/callback?code=the-code&state=good-state", Some(&cookie))
-            .await
-            .unwrap();
+        let (status, page) = get_with(
+            port,
+            "/callback?code=the-code&state=good-state",
+            Some(&cookie),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 200);
         assert!(page.contains("close this tab"));
         let callback = waiter.await.unwrap().unwrap();
         assert_eq!(callback.code.expose(), "the-code");
         assert!(
-            get_with(port, "/callback?code=second&state=good-state", Some(&cookie))
-                .await
-                .is_err(),
+            get_with(
+                port,
+                "/callback?code=second&state=good-state",
+                Some(&cookie)
+            )
+            .await
+            .is_err(),
             "a second callback finds the port closed"
         );
     }
@@ -546,17 +572,31 @@ mod tests {
         // Another user who learned the state delivers their own code: refused, and nothing is taken.
         let (port, start_url, waiter) = waiting("s").await;
         let cookie = start(port, &start_url).await;
-        let (status, _) = get_with(port, "/callback?code=attacker&state=s", Some("cis2_agent_signin_1=x"))
-            .await
-            .unwrap();
+        let (status, _) = get_with(
+            port,
+            "/callback?code=attacker&state=s",
+            Some("cis2_agent_signin_1=x"),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 400);
-        assert_eq!(waiter.await.unwrap().unwrap_err(), CallbackError::NotThisBrowser);
-        assert!(get_with(port, "/callback?code=c&state=s", Some(&cookie)).await.is_err());
+        assert_eq!(
+            waiter.await.unwrap().unwrap_err(),
+            CallbackError::NotThisBrowser
+        );
+        assert!(
+            get_with(port, "/callback?code=c&state=s", Some(&cookie))
+                .await
+                .is_err()
+        );
 
         // Nor is a callback taken before anyone opened the start URL.
         let (port, _, waiter) = waiting("s").await;
         assert_eq!(get(port, "/callback?code=c&state=s").await.unwrap().0, 400);
-        assert_eq!(waiter.await.unwrap().unwrap_err(), CallbackError::NotThisBrowser);
+        assert_eq!(
+            waiter.await.unwrap().unwrap_err(),
+            CallbackError::NotThisBrowser
+        );
     }
 
     #[tokio::test]
@@ -567,9 +607,14 @@ mod tests {
         let (status, page) = get(port, path).await.unwrap();
         assert_eq!(status, 400);
         assert!(page.contains("opened twice"), "{page}");
-        assert_eq!(waiter.await.unwrap().unwrap_err(), CallbackError::StartedTwice);
+        assert_eq!(
+            waiter.await.unwrap().unwrap_err(),
+            CallbackError::StartedTwice
+        );
         assert!(
-            get_with(port, "/callback?code=c&state=s", Some(&first)).await.is_err(),
+            get_with(port, "/callback?code=c&state=s", Some(&first))
+                .await
+                .is_err(),
             "not even the first browser can finish it"
         );
     }
@@ -619,7 +664,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_timeout() {
         let listener = LoopbackListener::bind(&[]).await.unwrap();
-        let result = listener.wait(AUTHORIZE, "s", ISS, Duration::from_secs(300)).await;
+        let result = listener
+            .wait(AUTHORIZE, "s", ISS, Duration::from_secs(300))
+            .await;
         assert_eq!(result.unwrap_err(), CallbackError::TimedOut(300));
     }
 
@@ -629,7 +676,10 @@ mod tests {
         let _preconnect = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let cookie = start(port, &start_url).await;
         assert_eq!(
-            get_with(port, "/callback?code=c&state=s", Some(&cookie)).await.unwrap().0,
+            get_with(port, "/callback?code=c&state=s", Some(&cookie))
+                .await
+                .unwrap()
+                .0,
             200
         );
         assert!(waiter.await.unwrap().is_ok());

@@ -76,13 +76,17 @@ impl IdTokenError {
     /// `kid`, `alg`) is quoted with control characters escaped, so it cannot forge a log line.
     pub fn sentence(&self, token: &str) -> String {
         match self {
-            IdTokenError::Malformed(why) => format!("the {token} is malformed: {}", why.escape_debug()),
+            IdTokenError::Malformed(why) => {
+                format!("the {token} is malformed: {}", why.escape_debug())
+            }
             IdTokenError::Unsigned => format!("the {token} is unsigned (alg none)"),
             IdTokenError::AlgorithmNotAccepted(alg) => format!(
                 "the {token} is signed with {alg:?}, which is not accepted (HMAC and unlisted algorithms are refused)"
             ),
             IdTokenError::UnknownKey(kid) => {
-                format!("the {token} is signed with key {kid:?}, which the provider does not publish")
+                format!(
+                    "the {token} is signed with key {kid:?}, which the provider does not publish"
+                )
             }
             IdTokenError::AmbiguousKey => {
                 format!("the {token} names no key and the provider publishes several")

@@ -885,7 +885,7 @@ impl std::io::Write for CapturedLog {
 
 #[tokio::test]
 async fn an_unauthenticated_logout_token_cannot_forge_a_log_line_and_its_refusal_names_a_logout_token()
-{
+ {
     let log = CapturedLog::default();
     let writer = log.clone();
     // The test's runtime has one thread, so the relay's tasks log through this subscriber.
@@ -908,14 +908,18 @@ async fn an_unauthenticated_logout_token_cannot_forge_a_log_line_and_its_refusal
     assert_eq!(status, 400, "{answer}");
     let description = answer["error_description"].as_str().unwrap();
     assert!(
-        description.contains("the logout token is signed with key") && !description.contains("ID token"),
+        description.contains("the logout token is signed with key")
+            && !description.contains("ID token"),
         "{description}"
     );
     assert!(!description.contains(['\n', '\u{1b}']), "{description:?}");
 
     let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     assert!(log.contains("back-channel logout refused"), "{log}");
-    assert!(!log.contains('\u{1b}'), "an escape sequence reached the log: {log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log: {log:?}"
+    );
     for line in log.lines() {
         assert!(
             !line.starts_with("2026-12-07T00:00:00"),

@@ -84,11 +84,16 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     let null = Id::null();
     let text = std::str::from_utf8(line)
         .map_err(|_| error_response(&null, PARSE_ERROR, "The line is not UTF-8 text."))?;
-    let not_json =
-        |e: serde_json::Error| error_response(&null, PARSE_ERROR, &format!("The line is not JSON: {e}."));
+    let not_json = |e: serde_json::Error| {
+        error_response(&null, PARSE_ERROR, &format!("The line is not JSON: {e}."))
+    };
     let raw: &RawValue = serde_json::from_str(text).map_err(not_json)?;
     let mut object = match raw.get().as_bytes().first() {
-        Some(b'{') => serde_json::from_str::<Members>(raw.get()).map_err(not_json)?.0,
+        Some(b'{') => {
+            serde_json::from_str::<Members>(raw.get())
+                .map_err(not_json)?
+                .0
+        }
         Some(b'[') => {
             return Err(error_response(
                 &null,
@@ -133,7 +138,11 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             .transpose()
             .map_err(not_json)
     };
-    if member(object.remove("jsonrpc"))?.as_ref().and_then(Value::as_str) != Some("2.0") {
+    if member(object.remove("jsonrpc"))?
+        .as_ref()
+        .and_then(Value::as_str)
+        != Some("2.0")
+    {
         return Err(error_response(
             &reply_id,
             INVALID_REQUEST,
@@ -190,7 +199,9 @@ impl<'de> Deserialize<'de> for Members {
 
 fn duplicate<E: serde::de::Error>(key: &str) -> E {
     let key: String = key.chars().take(64).collect();
-    E::custom(format_args!("the key {key:?} appears more than once in one object"))
+    E::custom(format_args!(
+        "the key {key:?} appears more than once in one object"
+    ))
 }
 
 /// Any JSON value, refusing a key written twice in any object at any depth.
@@ -492,7 +503,10 @@ mod tests {
         ));
         assert_eq!(twice["error"]["code"], PARSE_ERROR);
         let message = twice["error"]["message"].as_str().unwrap();
-        assert!(message.contains("\"method\" appears more than once"), "{message}");
+        assert!(
+            message.contains("\"method\" appears more than once"),
+            "{message}"
+        );
         assert_eq!(
             code(parse(
                 br#"{"jsonrpc":"2.0","id":1,"method":"token","params":{"scope":"a","scope":"b"}}"#
@@ -500,7 +514,9 @@ mod tests {
             PARSE_ERROR
         );
         assert_eq!(
-            code(parse(br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"status"}"#)),
+            code(parse(
+                br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"status"}"#
+            )),
             PARSE_ERROR
         );
         // The same key in two different objects is not a repeat.
