@@ -1,10 +1,9 @@
 // Cis2Client.cs: a client for the cis2-agent local socket (JSON-RPC 2.0, one JSON object per line).
 // See docs/ipc.md for the protocol.
 //
-// .NET 6 or later. It uses only the base class library: Socket with UnixDomainSocketEndPoint, and
-// System.Text.Json. Unix domain sockets work on Linux, macOS and Windows 10 (1803) or later. On
-// Windows the agent will listen on a named pipe, \\.\pipe\cis2-agent-<user SID>, in a later release.
-// Until then this client is for Linux and macOS.
+// .NET 6 or later. It uses only the base class library: Socket with UnixDomainSocketEndPoint on Linux
+// and macOS, NamedPipeClientStream on Windows (the agent's named pipe \\.\pipe\cis2-agent-<user SID>),
+// and System.Text.Json.
 //
 // NOTE: this file has not been compiled by the project (there is no .NET SDK on the build machines).
 // The Python example (cis2_client.py) has been run against the agent.
@@ -16,7 +15,9 @@ using System;
 using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.IO;
+using System.IO.Pipes;
 using System.Net.Sockets;
+using System.Security.Principal;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
@@ -53,8 +54,8 @@ namespace Cis2Agent.Client
     {
         private static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
 
-        private readonly Socket _socket;
-        private readonly NetworkStream _stream;
+        private readonly Socket? _socket;
+        private readonly Stream _stream;
         private readonly StreamReader _reader;
         private readonly SemaphoreSlim _writeLock = new SemaphoreSlim(1, 1);
         private readonly ConcurrentDictionary<long, TaskCompletionSource<JsonElement>> _pending =
@@ -63,16 +64,17 @@ namespace Cis2Agent.Client
         private readonly Task _readLoop;
         private long _nextId;
 
-        private Cis2Client(Socket socket)
+        private Cis2Client(Socket? socket, Stream stream)
         {
             _socket = socket;
-            _stream = new NetworkStream(socket, ownsSocket: true);
+            _stream = stream;
             _reader = new StreamReader(_stream, new UTF8Encoding(false));
             _readLoop = Task.Run(ReadLoopAsync);
         }
 
         /// <summary>
-        /// $CIS2_AGENT_SOCK, else $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-&lt;uid&gt;/agent.sock
+        /// $CIS2_AGENT_SOCK, else on Windows \\.\pipe\cis2-agent-&lt;user SID&gt;, else
+        /// $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-&lt;uid&gt;/agent.sock
         /// (the uid is read from /proc on Linux; elsewhere set CIS2_AGENT_SOCK).
         /// </summary>
         public static string DefaultSocketPath()
@@ -81,6 +83,10 @@ namespace Cis2Agent.Client
             if (!string.IsNullOrEmpty(fromEnv))
             {
                 return fromEnv;
+            }
+            if (OperatingSystem.IsWindows())
+            {
+                return $@"\\.\pipe\cis2-agent-{WindowsIdentity.GetCurrent().User}";
             }
             string? runtime = Environment.GetEnvironmentVariable("XDG_RUNTIME_DIR");
             if (!string.IsNullOrEmpty(runtime) && Path.IsPathRooted(runtime))
@@ -102,9 +108,37 @@ namespace Cis2Agent.Client
                 "Cannot work out the agent's socket: set CIS2_AGENT_SOCK to its path.");
         }
 
-        /// <summary>Connects to the agent. A <see cref="SocketException"/> means no agent is listening there.</summary>
+        /// <summary>
+        /// Connects to the agent. A <see cref="SocketException"/> (Unix) or <see cref="TimeoutException"/>
+        /// (Windows) means no agent is listening there.
+        /// </summary>
         public static async Task<Cis2Client> ConnectAsync(string path, CancellationToken cancellationToken = default)
         {
+            if (OperatingSystem.IsWindows())
+            {
+                const string prefix = @"\\.\pipe\";
+                string name = path.StartsWith(prefix, StringComparison.OrdinalIgnoreCase) ? path.Substring(prefix.Length) : path;
+                // Identification only: the agent may learn who we are, never act as us.
+                var pipe = new NamedPipeClientStream(".", name, PipeDirection.InOut, PipeOptions.Asynchronous,
+                    TokenImpersonationLevel.Identification);
+                try
+                {
+                    await pipe.ConnectAsync(2000, cancellationToken);
+                    // The pipe's server must run as this user (a squatter under another account is
+                    // refused): the agent's pipe is owned by this user.
+                    var owner = pipe.GetAccessControl().GetOwner(typeof(SecurityIdentifier));
+                    if (!Equals(owner, WindowsIdentity.GetCurrent().User))
+                    {
+                        throw new UnauthorizedAccessException($"{path} belongs to {owner}, not to this user's agent");
+                    }
+                }
+                catch
+                {
+                    pipe.Dispose();
+                    throw;
+                }
+                return new Cis2Client(null, pipe);
+            }
             var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
             try
             {
@@ -115,7 +149,7 @@ namespace Cis2Agent.Client
                 socket.Dispose();
                 throw;
             }
-            return new Cis2Client(socket);
+            return new Cis2Client(socket, new NetworkStream(socket, ownsSocket: true));
         }
 
         /// <summary>
@@ -276,7 +310,7 @@ namespace Cis2Agent.Client
         {
             try
             {
-                _socket.Shutdown(SocketShutdown.Both);
+                _socket?.Shutdown(SocketShutdown.Both);
             }
             catch (SocketException)
             {

@@ -3,7 +3,10 @@
 //! program actually running even if the file on disk was since replaced. On macOS it comes from
 //! `proc_pidpath` (libproc) and the file at that path is hashed (a replaced file would be hashed as
 //! replaced: see docs/security.md). Hashes are cached by the file's identity (device, inode, size,
-//! modification time) so a busy client is hashed once.
+//! modification time) so a busy client is hashed once. On Windows the path comes from
+//! `QueryFullProcessImageNameW` on a handle to the process (cis2-os), held open by the pipe server from
+//! before the process's creation time is checked until it is hashed, so a reused process id is never
+//! mistaken for the client; the file at that path is hashed.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -40,7 +43,11 @@ impl Peer {
 }
 
 /// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
+#[cfg(unix)]
 type FileKey = (u64, u64, u64, i64, i64);
+/// A file's identity on Windows: path, size, creation and last-write times.
+#[cfg(windows)]
+type FileKey = (PathBuf, u64, u64, u64);
 
 #[derive(Default)]
 pub struct Identifier {
@@ -80,7 +87,7 @@ impl Identifier {
         })
     }
 
-    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
         let Some((exe, key)) = exe_and_key(pid) else {
             return (None, None);
@@ -110,7 +117,7 @@ impl Identifier {
 
     /// Other systems: no way this crate knows yet; the peer stays unidentified and only policies that
     /// allow unidentified programs (client_policy = "allow") let it in. See docs/security.md.
-    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
     fn executable(&self, _pid: i32) -> (Option<PathBuf>, Option<String>) {
         (None, None)
     }
@@ -169,7 +176,31 @@ fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     ))
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+/// The executable's path (`QueryFullProcessImageNameW` through a process handle) and its file identity.
+/// The caller holds the process open (ipc::pipe), so `pid` is the process that connected.
+#[cfg(windows)]
+fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
+    use std::os::windows::fs::MetadataExt;
+    let process = cis2_os::Process::open(u32::try_from(pid).ok()?).ok()?;
+    let path = process.image_path().ok()?;
+    let meta = std::fs::metadata(&path).ok()?;
+    let key = (
+        path.clone(),
+        meta.file_size(),
+        meta.creation_time(),
+        meta.last_write_time(),
+    );
+    Some((Some(path), key))
+}
+
+/// On Windows, the file at the image path: a running program's file cannot be written while it runs
+/// (it can be renamed away; see docs/security.md).
+#[cfg(windows)]
+fn running_image(_pid: i32, exe: Option<&std::path::Path>) -> Option<PathBuf> {
+    exe.map(std::path::Path::to_path_buf)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     None
 }
@@ -194,7 +225,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", windows))]
     fn identifies_this_very_process() {
         let peer = Identifier::default().identify(0, Some(std::process::id() as i32));
         let exe = std::env::current_exe().unwrap();

@@ -1,6 +1,8 @@
 //! The client side of the cis2-agent socket, for desktop programs written in Rust (and for `cis2ctl`
 //! and the tests): connect, call a method, read events. Blocking and dependency-light on purpose, so an
 //! EHR's helper process can link it without an async runtime. The protocol itself is in docs/ipc.md.
+//! On Windows the agent is a named pipe (`pipe.rs`): the client checks the pipe's server runs as this
+//! user, and keeps a small tokio runtime of its own for read timeouts.
 //!
 //! ```no_run
 //! let mut agent = cis2_ipc_client::Client::connect(&cis2_ipc_client::default_socket_path())?;
@@ -12,7 +14,10 @@
 //! ```
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
+#[cfg(unix)]
+use std::io::{BufRead, BufReader};
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,8 +31,27 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
+#[cfg(windows)]
+mod pipe;
+
+#[cfg(unix)]
+type Reader = BufReader<UnixStream>;
+#[cfg(unix)]
+type Writer = UnixStream;
+#[cfg(windows)]
+type Reader = pipe::Reader;
+#[cfg(windows)]
+type Writer = pipe::Writer;
+
+/// The OS default on Windows: the named pipe `\\.\pipe\cis2-agent-<SID of this user>`.
+#[cfg(windows)]
+pub fn os_default_socket_path() -> PathBuf {
+    pipe::default_pipe_name()
+}
+
 /// The OS default alone (no environment override): `$XDG_RUNTIME_DIR/cis2-agent/agent.sock`, else
 /// `/tmp/cis2-agent-<uid>/agent.sock`.
+#[cfg(unix)]
 pub fn os_default_socket_path() -> PathBuf {
     match std::env::var("XDG_RUNTIME_DIR") {
         Ok(dir) if !dir.is_empty() && Path::new(&dir).is_absolute() => {
@@ -48,6 +72,13 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Windows: the pipe's server runs as another user (a squatter), so nothing was sent to it.
+    #[cfg(windows)]
+    #[error("refusing the pipe {path}: {source}")]
+    NotOurAgent {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the connection to the agent failed: {0}")]
     Io(#[from] std::io::Error),
     /// The agent answered with a JSON-RPC error.
@@ -58,14 +89,33 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: Reader,
+    writer: Writer,
     next_id: u64,
     /// Events that arrived while waiting for an answer, in order.
     pending_events: std::collections::VecDeque<Value>,
 }
 
 impl Client {
+    #[cfg(windows)]
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let (reader, writer) = pipe::connect(path).map_err(|(source, not_ours)| {
+            let path = path.to_path_buf();
+            if not_ours {
+                ClientError::NotOurAgent { path, source }
+            } else {
+                ClientError::NoAgent { path, source }
+            }
+        })?;
+        Ok(Client {
+            reader,
+            writer,
+            next_id: 1,
+            pending_events: Default::default(),
+        })
+    }
+
+    #[cfg(unix)]
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
             path: path.to_path_buf(),
@@ -81,7 +131,10 @@ impl Client {
 
     /// How long a read may wait (`None`: forever; `login` can take minutes).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        #[cfg(unix)]
         self.writer.set_read_timeout(timeout)?;
+        #[cfg(windows)]
+        self.reader.set_timeout(timeout);
         Ok(())
     }
 

@@ -1,9 +1,13 @@
-//! Where the socket lives, and making its folder safe: 0700, owned by this user.
+//! Where the socket lives, and making its folder safe: 0700, owned by this user. On Windows the
+//! "socket" is a named pipe (`\\.\pipe\cis2-agent-<user SID>` by default) and has no folder.
 
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+#[cfg(unix)]
 pub fn current_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
@@ -29,6 +33,7 @@ pub fn default_socket_path() -> PathBuf {
     cis2_ipc_client::os_default_socket_path()
 }
 
+#[cfg(unix)]
 /// Creates the socket's folder 0700, or checks an existing one is ours and private (and makes it so).
 pub fn prepare_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {

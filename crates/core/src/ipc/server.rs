@@ -1,23 +1,20 @@
-//! The socket server: accepts same-user peers only, frames lines (64 KiB at most), runs requests
-//! concurrently per connection, forwards events to subscribers through a bounded queue (a subscriber
-//! that falls behind gets a `resync` event, never silence and never a stalled agent), and bounds
-//! connections, idle time and request time.
+//! What every transport's server shares, once it has accepted a peer it knows: frames lines (64 KiB at
+//! most), runs requests concurrently per connection, forwards events to subscribers through a bounded
+//! queue (a subscriber that falls behind gets a `resync` event, never silence and never a stalled agent),
+//! and bounds idle time and request time. The listeners are [`super::socket`] (Unix socket, Linux and
+//! macOS) and [`super::pipe`] (named pipe, Windows); each accepts same-user peers only, bounds
+//! connections, and hands each connection here as any byte stream.
 
 use super::MAX_LINE_BYTES;
 use super::framing::{Line, read_line};
-use super::paths::{current_uid, prepare_dir};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
 use crate::peer::Peer;
 use serde_json::{Value, json};
-use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
 #[derive(Debug, Clone)]
@@ -45,90 +42,44 @@ impl Default for ServeOptions {
     }
 }
 
-/// A listening socket, bound and secured, not yet serving.
-pub struct Bound {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl Bound {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// Binds the socket at `path`: folder 0700, socket 0600. A live agent already there is an error; a
-/// stale socket file is replaced.
-pub async fn bind(path: &Path) -> io::Result<Bound> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| io::Error::other("the socket path has no folder"))?;
-    prepare_dir(dir)?;
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("another agent is already listening on {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Bound {
-        listener,
-        path: path.to_path_buf(),
-    })
-}
-
-/// Serves `agent` on the bound socket until the task is dropped.
-pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
-    let uid = current_uid();
-    let connections = Arc::new(Semaphore::new(options.max_connections));
-    let options = Arc::new(options);
-    loop {
-        let Ok((stream, _)) = bound.listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        // Refused before it can send anything: another user's process.
-        let pid = match stream.peer_cred() {
-            Ok(cred) if cred.uid() == uid => cred.pid(),
-            Ok(cred) => {
-                tracing::warn!(
-                    peer_uid = cred.uid(),
-                    "refused a connection from another user"
-                );
-                continue;
+/// Takes a connection slot for `stream` (or tells the client the agent is full), identifies the peer
+/// and serves it on a task of its own: `quick` answers from what is known at once (a cached hash),
+/// else `identify` runs off the runtime's threads (it may read and hash a file).
+pub(super) fn spawn_connection<S, Q, I>(
+    stream: S,
+    agent: &Agent,
+    options: &Arc<ServeOptions>,
+    connections: &Arc<Semaphore>,
+    quick: Q,
+    identify: I,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Q: FnOnce(&Agent) -> Option<Peer> + Send + 'static,
+    I: FnOnce(&Agent) -> Peer + Send + 'static,
+{
+    let Ok(permit) = connections.clone().try_acquire_owned() else {
+        tokio::spawn(refuse_busy(stream));
+        return;
+    };
+    let agent = agent.clone();
+    let options = options.clone();
+    tokio::spawn(async move {
+        let peer = match quick(&agent) {
+            Some(peer) => peer,
+            None => {
+                let slow = agent.clone();
+                tokio::task::spawn_blocking(move || identify(&slow))
+                    .await
+                    .unwrap_or_default()
             }
-            Err(_) => continue,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
-            continue;
-        };
-        let agent = agent.clone();
-        let options = options.clone();
-        tokio::spawn(async move {
-            // Known executables are answered from the cache at once; a new one is hashed off the
-            // runtime's threads.
-            let peer = match agent.identify_cached(uid, pid) {
-                Some(peer) => peer,
-                None => {
-                    let identify = agent.clone();
-                    tokio::task::spawn_blocking(move || identify.identify(uid, pid))
-                        .await
-                        .unwrap_or_default()
-                }
-            };
-            connection(stream, agent, Arc::new(peer), options).await;
-            drop(permit);
-        });
-    }
+        connection(stream, agent, Arc::new(peer), options).await;
+        drop(permit);
+    });
 }
 
-async fn refuse_busy(mut stream: UnixStream) {
+/// Tells a client the agent is full, then drops it.
+async fn refuse_busy<S: AsyncWrite + Unpin>(mut stream: S) {
     let line = protocol::error_response(
         Value::Null,
         -32000,
@@ -141,8 +92,12 @@ async fn refuse_busy(mut stream: UnixStream) {
     .await;
 }
 
-async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>) {
-    let (read_half, mut write_half) = stream.into_split();
+/// Serves one connection of a known peer until it closes, idles out or the agent stops.
+async fn connection<S>(stream: S, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, mut write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
     let (tx, mut rx) = mpsc::channel::<String>(options.queue);
     let writer = tokio::spawn(async move {
