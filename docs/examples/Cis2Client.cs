@@ -1,10 +1,9 @@
 // Cis2Client.cs: a client for the cis2-agent local socket (JSON-RPC 2.0, one JSON object per line).
 // See docs/ipc.md for the protocol.
 //
-// .NET 6 or later. It uses only the base class library: Socket with UnixDomainSocketEndPoint, and
-// System.Text.Json. Unix domain sockets work on Linux, macOS and Windows 10 (1803) or later. On
-// Windows the agent will listen on a named pipe, \\.\pipe\cis2-agent-<user SID>, in a later release.
-// Until then this client is for Linux and macOS.
+// .NET 6 or later. It uses only the base class library: Socket with UnixDomainSocketEndPoint on Linux
+// and macOS, NamedPipeClientStream on Windows (the agent's named pipe \\.\pipe\cis2-agent-<user SID>),
+// and System.Text.Json.
 //
 // NOTE: this file has not been compiled by the project (there is no .NET SDK on the build machines).
 // The Python example (cis2_client.py) has been run against the agent.
@@ -16,8 +15,10 @@ using System;
 using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.IO;
+using System.IO.Pipes;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
+using System.Security.Principal;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
@@ -54,8 +55,8 @@ namespace Cis2Agent.Client
     {
         private static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
 
-        private readonly Socket _socket;
-        private readonly NetworkStream _stream;
+        private readonly Socket? _socket;
+        private readonly Stream _stream;
         private readonly StreamReader _reader;
         private readonly SemaphoreSlim _writeLock = new SemaphoreSlim(1, 1);
         private readonly ConcurrentDictionary<long, TaskCompletionSource<JsonElement>> _pending =
@@ -64,18 +65,19 @@ namespace Cis2Agent.Client
         private readonly Task _readLoop;
         private long _nextId;
 
-        private Cis2Client(Socket socket)
+        private Cis2Client(Socket? socket, Stream stream)
         {
             _socket = socket;
-            _stream = new NetworkStream(socket, ownsSocket: true);
+            _stream = stream;
             _reader = new StreamReader(_stream, new UTF8Encoding(false));
             _readLoop = Task.Run(ReadLoopAsync);
         }
 
         /// <summary>
         /// The rule of docs/ipc.md ("Where the socket is"), the same as the agent's: $CIS2_AGENT_SOCK, else
-        /// $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else /tmp/cis2-agent-&lt;uid&gt;/agent.sock unless that
-        /// folder exists and is not this user's own folder, then $HOME/.cache/cis2-agent/agent.sock (Linux).
+        /// on Windows \\.\pipe\cis2-agent-&lt;user SID&gt;, else $XDG_RUNTIME_DIR/cis2-agent/agent.sock, else
+        /// /tmp/cis2-agent-&lt;uid&gt;/agent.sock unless that folder exists and is not this user's own folder,
+        /// then $HOME/.cache/cis2-agent/agent.sock (Linux; elsewhere set CIS2_AGENT_SOCK).
         /// </summary>
         public static string DefaultSocketPath()
         {
@@ -83,6 +85,10 @@ namespace Cis2Agent.Client
             if (!string.IsNullOrEmpty(fromEnv))
             {
                 return fromEnv;
+            }
+            if (OperatingSystem.IsWindows())
+            {
+                return $@"\\.\pipe\cis2-agent-{WindowsIdentity.GetCurrent().User}";
             }
             string? runtime = Environment.GetEnvironmentVariable("XDG_RUNTIME_DIR");
             if (!string.IsNullOrEmpty(runtime) && Path.IsPathRooted(runtime))
@@ -107,17 +113,44 @@ namespace Cis2Agent.Client
         }
 
         /// <summary>
-        /// Connects to the agent. Before anything is sent it checks that the socket's folder is this user's
-        /// own with mode 0700 and that the process listening runs as this user (SO_PEERCRED); otherwise
-        /// <see cref="UnauthorizedAccessException"/> names the folder and its owner (another user may have
-        /// put a fake agent there). A <see cref="SocketException"/> means no agent is listening there.
+        /// Connects to the agent. Before anything is sent it checks who the agent is: on Windows that the
+        /// pipe's server runs as this user; on Linux that the socket's folder is this user's own with mode
+        /// 0700 and that the process listening runs as this user (SO_PEERCRED). Otherwise
+        /// <see cref="UnauthorizedAccessException"/> says why (another user may have put a fake agent there).
+        /// A <see cref="SocketException"/> (Unix) or <see cref="TimeoutException"/> (Windows) means no agent
+        /// is listening there.
         /// </summary>
         public static async Task<Cis2Client> ConnectAsync(string path, CancellationToken cancellationToken = default)
         {
+            if (OperatingSystem.IsWindows())
+            {
+                const string prefix = @"\\.\pipe\";
+                string name = path.StartsWith(prefix, StringComparison.OrdinalIgnoreCase) ? path.Substring(prefix.Length) : path;
+                // Identification only: the agent may learn who we are, never act as us.
+                var pipe = new NamedPipeClientStream(".", name, PipeDirection.InOut, PipeOptions.Asynchronous,
+                    TokenImpersonationLevel.Identification);
+                try
+                {
+                    await pipe.ConnectAsync(2000, cancellationToken);
+                    // The pipe's server must run as this user (a squatter under another account is
+                    // refused): the agent's pipe is owned by this user.
+                    var pipeOwner = pipe.GetAccessControl().GetOwner(typeof(SecurityIdentifier));
+                    if (!Equals(pipeOwner, WindowsIdentity.GetCurrent().User))
+                    {
+                        throw new UnauthorizedAccessException($"{path} belongs to {pipeOwner}, not to this user's agent");
+                    }
+                }
+                catch
+                {
+                    pipe.Dispose();
+                    throw;
+                }
+                return new Cis2Client(null, pipe);
+            }
             if (!OperatingSystem.IsLinux())
             {
                 throw new PlatformNotSupportedException(
-                    "This example checks who the agent is on Linux only; it will not talk to an unchecked agent.");
+                    "This example checks who the agent is on Linux and Windows only; it will not talk to an unchecked agent.");
             }
             uint me = Native.geteuid();
             string folder = Path.GetDirectoryName(Path.GetFullPath(path)) ?? "/";
@@ -147,7 +180,7 @@ namespace Cis2Agent.Client
                 socket.Dispose();
                 throw;
             }
-            return new Cis2Client(socket);
+            return new Cis2Client(socket, new NetworkStream(socket, ownsSocket: true));
         }
 
         /// <summary>
@@ -308,7 +341,7 @@ namespace Cis2Agent.Client
         {
             try
             {
-                _socket.Shutdown(SocketShutdown.Both);
+                _socket?.Shutdown(SocketShutdown.Both);
             }
             catch (SocketException)
             {

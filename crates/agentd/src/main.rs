@@ -18,12 +18,21 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     let running = service::start(&args.launch, None).await?;
     println!("listening on {}", running.socket().display());
     let _ = std::io::stdout().flush();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| (1, e.to_string()))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| (1, e.to_string()))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
     }
+    // Windows: Ctrl+C, Ctrl+Break or the console closing; a service manager ends the process.
+    #[cfg(windows)]
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(|e| (1, e.to_string()))?;
     drop(running);
     Ok(())
 }

@@ -3,7 +3,11 @@
 //! program actually running even if the file on disk was since replaced. On macOS it comes from
 //! `proc_pidpath` (libproc) and the file at that path is hashed (a replaced file would be hashed as
 //! replaced: see docs/security.md). Hashes are cached by the file's identity (device, inode, size,
-//! modification and change times) so a busy client is hashed once.
+//! modification and change times on Unix; path, size, creation and last-write times on Windows) so a
+//! busy client is hashed once. On Windows the path comes from `QueryFullProcessImageNameW` on a handle
+//! to the process (cis2-os), held open by the pipe server from before the process's creation time is
+//! checked until it is hashed, so a reused process id is never mistaken for the client; the file at
+//! that path is hashed.
 //!
 //! A program is named only when the file at the path the OS reports is the very file that runs (same
 //! device and inode): a deleted or replaced executable is unidentified, and a file really called
@@ -56,6 +60,9 @@ pub fn process_identity(pid: i32) -> Option<ProcessIdentity> {
     })
 }
 
+/// Elsewhere `None`, so the per-request re-check has nothing to compare. On Windows that loses
+/// nothing: the pipe server holds the client's process handle for the whole connection (its pid cannot
+/// be reused meanwhile) and a Windows process cannot replace its own image (there is no `exec`).
 #[cfg(not(target_os = "linux"))]
 pub fn process_identity(_pid: i32) -> Option<ProcessIdentity> {
     None
@@ -81,7 +88,11 @@ impl Peer {
 /// A file's identity for the hash cache: device, inode, size, modification time and change time
 /// (seconds, nanoseconds). The change time cannot be set back by the file's owner, so a file rewritten
 /// in place with its old modification time restored (`touch -r`) is hashed again.
+#[cfg(unix)]
 type FileKey = (u64, u64, u64, i64, i64, i64, i64);
+/// A file's identity on Windows: path, size, creation and last-write times.
+#[cfg(windows)]
+type FileKey = (PathBuf, u64, u64, u64);
 
 #[cfg(any(target_os = "linux", target_os = "macos"))]
 fn file_key(meta: &std::fs::Metadata) -> FileKey {
@@ -139,7 +150,7 @@ impl Identifier {
         })
     }
 
-    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
     fn executable(&self, pid: i32) -> (Option<PathBuf>, Option<String>) {
         let Some((Some(exe), key)) = exe_and_key(pid) else {
             return (None, None);
@@ -170,7 +181,7 @@ impl Identifier {
 
     /// Other systems: no way this crate knows yet; the peer stays unidentified and only policies that
     /// allow unidentified programs (client_policy = "allow") let it in. See docs/security.md.
-    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
     fn executable(&self, _pid: i32) -> (Option<PathBuf>, Option<String>) {
         (None, None)
     }
@@ -212,7 +223,31 @@ fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     Some((Some(path), file_key(&meta)))
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+/// The executable's path (`QueryFullProcessImageNameW` through a process handle) and its file identity.
+/// The caller holds the process open (ipc::pipe), so `pid` is the process that connected.
+#[cfg(windows)]
+fn exe_and_key(pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
+    use std::os::windows::fs::MetadataExt;
+    let process = cis2_os::Process::open(u32::try_from(pid).ok()?).ok()?;
+    let path = process.image_path().ok()?;
+    let meta = std::fs::metadata(&path).ok()?;
+    let key = (
+        path.clone(),
+        meta.file_size(),
+        meta.creation_time(),
+        meta.last_write_time(),
+    );
+    Some((Some(path), key))
+}
+
+/// On Windows, the file at the image path: a running program's file cannot be written while it runs
+/// (it can be renamed away; see docs/security.md).
+#[cfg(windows)]
+fn running_image(_pid: i32, exe: Option<&std::path::Path>) -> Option<PathBuf> {
+    exe.map(std::path::Path::to_path_buf)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
     None
 }
@@ -235,11 +270,13 @@ pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_os = "linux")]
     use std::path::Path;
+    #[cfg(target_os = "linux")]
     use std::process::{Child, Command};
 
     #[test]
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", windows))]
     fn identifies_this_very_process() {
         let peer = Identifier::default().identify(0, Some(std::process::id() as i32));
         let exe = std::env::current_exe().unwrap();

@@ -17,7 +17,8 @@ pub struct Launch {
     /// else the machine-wide one).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Socket path (default: $CIS2_AGENT_SOCK, else [agent] socket, else the per-user runtime folder).
+    /// Socket path (default: $CIS2_AGENT_SOCK, else [agent] socket, else the per-user runtime folder);
+    /// on Windows a pipe name (default \\.\pipe\cis2-agent-<user SID>).
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Sign in against the embedded sandbox provider (not NHS CIS2), whatever the config says.
@@ -62,6 +63,8 @@ pub struct Service {
 impl Drop for Service {
     fn drop(&mut self) {
         self.server.abort();
+        // A named pipe goes when its last handle closes; a Unix socket leaves a file.
+        #[cfg(unix)]
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -110,7 +113,7 @@ pub async fn start(
         tracing::warn!(%why, "running without workstation lock signals");
     }
     crate::smartcard::watch(agent.clone());
-    let bound = ipc::server::bind(&socket)
+    let bound = ipc::bind(&socket)
         .await
         .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;
     let socket = bound.path().to_path_buf();

@@ -3,7 +3,8 @@
 //! What a lock does is `[workstation] on_os_lock`: ignore, lock the agent's session, or sign out. An OS
 //! unlock never unlocks the agent: that needs the same clinician to sign in again.
 //!
-//! Windows (WTS session notifications) and macOS (screen-lock notifications) are not wired yet.
+//! On Windows: WTS session notifications (lock, unlock, logoff, switch user) on a message-only window.
+//! macOS (screen-lock notifications) is not wired yet.
 
 use crate::agent::Agent;
 use crate::config::SignalAction;
@@ -96,7 +97,48 @@ pub fn watch(agent: Agent) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(not(target_os = "linux"))]
+/// Windows: the session notifications of a message-only window (cis2-os's `session`): lock, logoff and
+/// switch user count as the workstation being locked; unlock as unlocked.
+#[cfg(windows)]
+pub fn watch(agent: Agent) -> Result<(), String> {
+    use cis2_os::session::{SessionEvent, SessionWatch};
+
+    if agent.config().workstation.on_os_lock == SignalAction::Ignore {
+        return Ok(());
+    }
+    let (events_tx, events_rx) = std::sync::mpsc::channel::<SessionEvent>();
+    let watch = SessionWatch::start(events_tx)
+        .map_err(|e| format!("cannot register for session notifications ({e})"))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<OsSignal>();
+    std::thread::Builder::new()
+        .name("cis2-session".into())
+        .spawn(move || {
+            let _watch = watch;
+            for event in events_rx {
+                let signal = match event {
+                    SessionEvent::Lock | SessionEvent::Logoff | SessionEvent::Disconnect => {
+                        OsSignal::Locked
+                    }
+                    SessionEvent::Unlock => OsSignal::Unlocked,
+                    SessionEvent::Other(_) => continue,
+                };
+                if tx.send(signal).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    tracing::info!("watching Windows session notifications for workstation lock");
+    tokio::spawn(async move {
+        while let Some(signal) = rx.recv().await {
+            tracing::info!(?signal, "workstation signal");
+            apply(&agent, signal).await;
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 pub fn watch(_agent: Agent) -> Result<(), String> {
-    Err("OS lock signals are only wired on Linux in this build".into())
+    Err("OS lock signals are only wired on Linux and Windows in this build".into())
 }

@@ -58,9 +58,7 @@ async fn allow_once_always_allow_and_deny() {
     })
     .await
     .unwrap();
-    let bound = ipc::server::bind(&dir.path().join("run/agent.sock"))
-        .await
-        .unwrap();
+    let bound = ipc::bind(&dir.path().join("run/agent.sock")).await.unwrap();
     let socket = bound.path().to_path_buf();
     tokio::spawn(ipc::serve(
         bound,

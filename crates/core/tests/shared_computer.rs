@@ -24,9 +24,7 @@ async fn sandbox_agent(dir: &Path) -> Agent {
 }
 
 async fn serve(dir: &Path, agent: &Agent, options: ipc::ServeOptions) -> PathBuf {
-    let bound = ipc::server::bind(&dir.join("run/agent.sock"))
-        .await
-        .unwrap();
+    let bound = ipc::bind(&dir.join("run/agent.sock")).await.unwrap();
     let socket = bound.path().to_path_buf();
     tokio::spawn(ipc::serve(bound, agent.clone(), options));
     socket

@@ -1,6 +1,8 @@
 //! The client side of the cis2-agent socket, for desktop programs written in Rust (and for `cis2ctl`
 //! and the tests): connect, call a method, read events. Blocking and dependency-light on purpose, so an
 //! EHR's helper process can link it without an async runtime. The protocol itself is in docs/ipc.md.
+//! On Windows the agent is a named pipe (`pipe.rs`): the client checks the pipe's server runs as this
+//! user, and keeps a small tokio runtime of its own for read timeouts.
 //!
 //! ```no_run
 //! let mut agent = cis2_ipc_client::Client::connect(&cis2_ipc_client::default_socket_path())?;
@@ -12,8 +14,12 @@
 //! ```
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
+#[cfg(unix)]
+use std::io::{BufRead, BufReader};
+#[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +32,36 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
+#[cfg(windows)]
+mod pipe;
+
+#[cfg(unix)]
+type Reader = BufReader<UnixStream>;
+#[cfg(unix)]
+type Writer = UnixStream;
+#[cfg(windows)]
+type Reader = pipe::Reader;
+#[cfg(windows)]
+type Writer = pipe::Writer;
+
+/// The OS default on Windows: the named pipe `\\.\pipe\cis2-agent-<SID of this user>`.
+#[cfg(windows)]
+pub fn os_default_socket_path() -> PathBuf {
+    pipe::default_pipe_name()
+}
+
+/// On Windows the default is the user's named pipe: the agent creates its first instance (or refuses
+/// to start) and clients check its server's user, so there is no shared folder to fall back from.
+#[cfg(windows)]
+pub fn resolve_os_default() -> DefaultSocket {
+    DefaultSocket {
+        path: pipe::default_pipe_name(),
+        squatted: None,
+    }
+}
+
 /// The OS default alone (no environment override); see [`resolve_os_default`] for the rule.
+#[cfg(unix)]
 pub fn os_default_socket_path() -> PathBuf {
     resolve_os_default().path
 }
@@ -46,6 +81,7 @@ pub struct DefaultSocket {
 /// not this user's own folder (another user can create it first in the shared /tmp), in which case
 /// `$HOME/.cache/cis2-agent/agent.sock`. The agent and its clients look at the same folder, so they
 /// agree; the agent says when it fell back.
+#[cfg(unix)]
 pub fn resolve_os_default() -> DefaultSocket {
     if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR")
         && !dir.is_empty()
@@ -78,6 +114,7 @@ pub fn resolve_os_default() -> DefaultSocket {
 }
 
 /// A uid with its user name when the system's user list has it (`1001 (mallory)`).
+#[cfg(unix)]
 pub fn describe_uid(uid: u32) -> String {
     let name = std::fs::read_to_string("/etc/passwd")
         .ok()
@@ -96,6 +133,7 @@ pub fn describe_uid(uid: u32) -> String {
 
 /// Checks that `path`'s folder is this user's own and closed to others (0700): anything else could be
 /// another user's fake agent, waiting for this user's requests.
+#[cfg(unix)]
 pub fn check_socket_folder(path: &Path) -> Result<(), ClientError> {
     let folder = path
         .parent()
@@ -139,8 +177,8 @@ fn server_uid(stream: &UnixStream) -> std::io::Result<u32> {
 }
 
 /// Elsewhere this crate does not yet ask the OS who the server is, so it connects to nothing rather
-/// than trust an unchecked server (macOS's `getpeereid` and Windows's pipe owner are to come).
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
+/// than trust an unchecked server (macOS's `getpeereid` is to come; Windows checks the pipe's server in `pipe.rs`).
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
 fn server_uid(_stream: &UnixStream) -> std::io::Result<u32> {
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
@@ -166,6 +204,13 @@ pub enum ClientError {
         "the program listening at {path} runs as {owner}, not as you: it is not your agent, so nothing was sent"
     )]
     NotYourAgent { path: PathBuf, owner: String },
+    /// Windows: the pipe's server runs as another user (a squatter), so nothing was sent to it.
+    #[cfg(windows)]
+    #[error("refusing the pipe {path}: {source}")]
+    NotOurAgent {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the connection to the agent failed: {0}")]
     Io(#[from] std::io::Error),
     /// The agent answered with a JSON-RPC error.
@@ -176,16 +221,37 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: Reader,
+    writer: Writer,
     next_id: u64,
     /// Events that arrived while waiting for an answer, in order.
     pending_events: std::collections::VecDeque<Value>,
 }
 
 impl Client {
+    #[cfg(windows)]
+    /// Connects to the named pipe after checking, before anything is sent, that its server process
+    /// runs as this user.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let (reader, writer) = pipe::connect(path).map_err(|(source, not_ours)| {
+            let path = path.to_path_buf();
+            if not_ours {
+                ClientError::NotOurAgent { path, source }
+            } else {
+                ClientError::NoAgent { path, source }
+            }
+        })?;
+        Ok(Client {
+            reader,
+            writer,
+            next_id: 1,
+            pending_events: Default::default(),
+        })
+    }
+
     /// Connects after checking, before anything is sent, that the socket's folder is this user's own
     /// (0700) and that the process listening is this user's.
+    #[cfg(unix)]
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         check_socket_folder(path)?;
         let stream = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
@@ -209,7 +275,10 @@ impl Client {
 
     /// How long a read may wait (`None`: forever; `login` can take minutes).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        #[cfg(unix)]
         self.writer.set_read_timeout(timeout)?;
+        #[cfg(windows)]
+        self.reader.set_timeout(timeout);
         Ok(())
     }
 

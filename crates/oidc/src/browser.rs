@@ -73,8 +73,10 @@ impl Browser {
         match self {
             Browser::Print | Browser::Callback(_) => Ok(()),
             Browser::Command(command) => {
-                // xdg: a colon-separated list of commands; the first is used.
-                let first = command.split(':').next().unwrap_or(command).trim();
+                // xdg: a colon-separated list of commands; the first is used. On Windows the list is
+                // separated by semicolons (as PATH is there): a colon is part of `C:\…`.
+                let separator = if cfg!(windows) { ';' } else { ':' };
+                let first = command.split(separator).next().unwrap_or(command).trim();
                 let mut words: Vec<String> = first.split_whitespace().map(str::to_string).collect();
                 if words.is_empty() {
                     return Err("$BROWSER is empty".into());

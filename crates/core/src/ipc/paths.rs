@@ -1,9 +1,13 @@
-//! Where the socket lives, and making its folder safe: 0700, owned by this user.
+//! Where the socket lives, and making its folder safe: 0700, owned by this user. On Windows the
+//! "socket" is a named pipe (`\\.\pipe\cis2-agent-<user SID>` by default) and has no folder.
 
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+#[cfg(unix)]
 pub fn current_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
@@ -31,6 +35,7 @@ pub fn default_socket_path() -> PathBuf {
 
 /// When `socket` is the default moved to the user's home because another user holds the shared
 /// folder: the sentence saying so, for the agent to print.
+#[cfg(unix)]
 pub fn fallback_note(socket: &Path) -> Option<String> {
     let default = cis2_ipc_client::resolve_os_default();
     let (folder, owner) = default.squatted.filter(|_| default.path == socket)?;
@@ -42,6 +47,14 @@ pub fn fallback_note(socket: &Path) -> Option<String> {
     ))
 }
 
+/// Windows: the pipe has no shared folder to fall back from (a squatted pipe name makes the agent
+/// refuse to start instead), so there is never a note.
+#[cfg(windows)]
+pub fn fallback_note(_socket: &Path) -> Option<String> {
+    None
+}
+
+#[cfg(unix)]
 /// Creates the socket's folder 0700, or checks an existing one is ours and private (and makes it so).
 pub fn prepare_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {

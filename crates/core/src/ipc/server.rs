@@ -1,26 +1,24 @@
-//! The socket server: accepts same-user peers only, frames lines (64 KiB at most), runs requests
-//! concurrently per connection, forwards events to subscribers through a bounded queue (a subscriber
-//! that falls behind gets a `resync` event, never silence and never a stalled agent), and bounds
-//! connections (in all, and per program), idle time, request time and the bytes queued for a client
-//! (one that stops reading its answers is disconnected). The calling program's identity is checked again
-//! at each request: a connection whose program has since started another one (`exec`) is closed.
+//! What every transport's server shares, once a listener has accepted a peer of this user: frames
+//! lines (64 KiB at most), runs requests concurrently per connection, forwards events to subscribers
+//! through a bounded queue (a subscriber that falls behind gets a `resync` event, never silence and
+//! never a stalled agent), and bounds connections (in all, and per program), idle time, request time
+//! and the bytes queued for a client (one that stops reading its answers is disconnected). The calling
+//! program's identity is checked again at each request: a connection whose program has since started
+//! another one (`exec`) is closed. The listeners are [`super::socket`] (Unix socket, Linux and macOS)
+//! and [`super::pipe`] (named pipe, Windows); each accepts same-user peers only and hands each
+//! connection here, as any byte stream, through [`spawn_connection`].
 
 use super::MAX_LINE_BYTES;
 use super::framing::{Line, read_line};
-use super::paths::{current_uid, prepare_dir};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
 use crate::peer::{Peer, process_identity};
 use serde_json::json;
 use std::collections::HashMap;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
 #[derive(Debug, Clone)]
@@ -56,105 +54,75 @@ impl Default for ServeOptions {
     }
 }
 
-/// A listening socket, bound and secured, not yet serving.
-pub struct Bound {
-    listener: UnixListener,
-    path: PathBuf,
+/// What a listener's connections share: the options, and the bounds on connections in all and per
+/// program.
+pub(super) struct Limits {
+    options: Arc<ServeOptions>,
+    connections: Arc<Semaphore>,
+    programs: ProgramSlots,
 }
 
-impl Bound {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// Binds the socket at `path`: folder 0700, socket 0600. A live agent already there is an error; a
-/// stale socket file is replaced.
-pub async fn bind(path: &Path) -> io::Result<Bound> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| io::Error::other("the socket path has no folder"))?;
-    prepare_dir(dir)?;
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("another agent is already listening on {}", path.display()),
-            ));
+impl Limits {
+    pub(super) fn new(options: ServeOptions) -> Limits {
+        Limits {
+            connections: Arc::new(Semaphore::new(options.max_connections)),
+            programs: ProgramSlots::default(),
+            options: Arc::new(options),
         }
-        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Bound {
-        listener,
-        path: path.to_path_buf(),
-    })
 }
 
-/// Serves `agent` on the bound socket until the task is dropped.
-pub async fn serve(bound: Bound, agent: Agent, options: ServeOptions) {
-    let uid = current_uid();
-    let connections = Arc::new(Semaphore::new(options.max_connections));
-    let programs = ProgramSlots::default();
-    let options = Arc::new(options);
-    loop {
-        let Ok((stream, _)) = bound.listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        // Refused before it can send anything: another user's process.
-        let pid = match stream.peer_cred() {
-            Ok(cred) if cred.uid() == uid => cred.pid(),
-            Ok(cred) => {
-                tracing::warn!(
-                    peer_uid = cred.uid(),
-                    "refused a connection from another user"
-                );
-                continue;
+/// Takes a connection slot for `stream` (or tells the client the agent is full), identifies the peer
+/// and serves it on a task of its own: `quick` answers from what is known at once (a cached hash),
+/// else `identify` runs off the runtime's threads (it may read and hash a file). `pid` is the peer's
+/// process as the listener learnt it: its identity is taken here at once, before anything can wait,
+/// and the identification must be of that same program. Then the per-program bound applies.
+pub(super) fn spawn_connection<S, Q, I>(
+    stream: S,
+    agent: &Agent,
+    limits: &Limits,
+    pid: Option<i32>,
+    quick: Q,
+    identify: I,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Q: FnOnce(&Agent) -> Option<Peer> + Send + 'static,
+    I: FnOnce(&Agent) -> Peer + Send + 'static,
+{
+    let connected_as = pid.and_then(process_identity);
+    let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+        tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS.to_string()));
+        return;
+    };
+    let agent = agent.clone();
+    let options = limits.options.clone();
+    let programs = limits.programs.clone();
+    tokio::spawn(async move {
+        let peer = match quick(&agent) {
+            Some(peer) => peer,
+            None => {
+                let slow = agent.clone();
+                tokio::task::spawn_blocking(move || identify(&slow))
+                    .await
+                    .unwrap_or_default()
             }
-            Err(_) => continue,
         };
-        // Taken at once, before anything can wait: the program that connected, to hold the
-        // identification (which may read the whole executable) to.
-        let connected_as = pid.and_then(process_identity);
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS.to_string()));
-            continue;
+        if peer.process != connected_as {
+            refuse(stream, PROGRAM_CHANGED.to_string()).await;
+            return;
+        }
+        let Some(_slot) = programs.take(&peer, options.max_connections_per_program) else {
+            let why = format!(
+                "{} already has {} connections to the agent open, the most one program may have; close some and try again.",
+                peer.describe(),
+                options.max_connections_per_program
+            );
+            refuse(stream, why).await;
+            return;
         };
-        let agent = agent.clone();
-        let options = options.clone();
-        let programs = programs.clone();
-        tokio::spawn(async move {
-            // Known executables are answered from the cache at once; a new one is hashed off the
-            // runtime's threads.
-            let peer = match agent.identify_cached(uid, pid) {
-                Some(peer) => peer,
-                None => {
-                    let identify = agent.clone();
-                    tokio::task::spawn_blocking(move || identify.identify(uid, pid))
-                        .await
-                        .unwrap_or_default()
-                }
-            };
-            if peer.process != connected_as {
-                refuse(stream, PROGRAM_CHANGED.to_string()).await;
-                return;
-            }
-            let Some(_slot) = programs.take(&peer, options.max_connections_per_program) else {
-                let why = format!(
-                    "{} already has {} connections to the agent open, the most one program may have; close some and try again.",
-                    peer.describe(),
-                    options.max_connections_per_program
-                );
-                refuse(stream, why).await;
-                return;
-            };
-            connection(stream, agent, Arc::new(peer), options).await;
-            drop(permit);
-        });
-    }
+        connection(stream, agent, Arc::new(peer), options).await;
+        drop(permit);
+    });
 }
 
 const TOO_MANY_CONNECTIONS: &str =
@@ -202,7 +170,9 @@ impl Drop for ProgramSlot {
 fn still_the_same_program(peer: &Peer) -> bool {
     match (peer.pid, peer.process) {
         (Some(pid), Some(identified)) => process_identity(pid) == Some(identified),
-        // Where the OS gives no process identity there is nothing to compare.
+        // Where the OS gives no process identity there is nothing to compare. On Windows (the pipe)
+        // that is always so: the pipe server held the client's process open while identifying it, so
+        // its id was not reused, and a Windows process cannot replace its own image (no `exec`).
         (_, None) => true,
         (None, Some(_)) => false,
     }
@@ -301,7 +271,7 @@ impl Mailbag {
 }
 
 /// Answers a connection that is not served with one error line, then closes it.
-async fn refuse(mut stream: UnixStream, why: String) {
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, why: String) {
     let line = protocol::error_response(&protocol::Id::null(), -32000, &why);
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
@@ -310,8 +280,12 @@ async fn refuse(mut stream: UnixStream, why: String) {
     .await;
 }
 
-async fn connection(stream: UnixStream, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>) {
-    let (read_half, mut write_half) = stream.into_split();
+/// Serves one connection of a known peer until it closes, idles out or the agent stops.
+async fn connection<S>(stream: S, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, mut write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
     let (tx, mut mailbag) = Outbox::new(options.queue, options.max_queued_bytes);
     let writer = tokio::spawn(async move {

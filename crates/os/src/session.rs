@@ -1,0 +1,235 @@
+//! Windows session notifications: a message-only window registered with
+//! `WTSRegisterSessionNotification`, on a thread of its own, turning `WM_WTSSESSION_CHANGE` into
+//! [`SessionEvent`]s on a channel. Wine accepts the registration but never sends the message: tests post
+//! it themselves ([`SessionWatch::post`]); real lock notifications need real Windows.
+
+use std::cell::RefCell;
+use std::io;
+use std::sync::mpsc;
+use windows_sys::Win32::Foundation::{HWND, LPARAM, LRESULT, POINT, WPARAM};
+use windows_sys::Win32::System::LibraryLoader::GetModuleHandleW;
+use windows_sys::Win32::System::RemoteDesktop::{
+    NOTIFY_FOR_THIS_SESSION, WTSRegisterSessionNotification, WTSUnRegisterSessionNotification,
+};
+use windows_sys::Win32::UI::WindowsAndMessaging::{
+    CreateWindowExW, DefWindowProcW, DestroyWindow, DispatchMessageW, GetMessageW, HWND_MESSAGE,
+    MSG, PostMessageW, PostQuitMessage, RegisterClassW, WM_CLOSE, WM_DESTROY, WM_WTSSESSION_CHANGE,
+    WNDCLASSW,
+};
+
+/// What the session did (`wParam` of `WM_WTSSESSION_CHANGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// `WTS_SESSION_LOCK` (7).
+    Lock,
+    /// `WTS_SESSION_UNLOCK` (8).
+    Unlock,
+    /// `WTS_SESSION_LOGOFF` (6).
+    Logoff,
+    /// `WTS_CONSOLE_DISCONNECT` (2) or `WTS_REMOTE_DISCONNECT` (4): switch user, or a remote session
+    /// left.
+    Disconnect,
+    /// Any other code (connect, logon, remote control).
+    Other(u32),
+}
+
+impl SessionEvent {
+    pub fn from_code(code: u32) -> SessionEvent {
+        match code {
+            7 => SessionEvent::Lock,
+            8 => SessionEvent::Unlock,
+            6 => SessionEvent::Logoff,
+            2 | 4 => SessionEvent::Disconnect,
+            other => SessionEvent::Other(other),
+        }
+    }
+}
+
+thread_local! {
+    /// Where the window procedure sends events; set on the window's own thread before it exists.
+    static SINK: RefCell<Option<mpsc::Sender<SessionEvent>>> = const { RefCell::new(None) };
+}
+
+unsafe extern "system" fn window_proc(
+    hwnd: HWND,
+    message: u32,
+    wparam: WPARAM,
+    lparam: LPARAM,
+) -> LRESULT {
+    match message {
+        WM_WTSSESSION_CHANGE => {
+            let event = SessionEvent::from_code(wparam as u32);
+            SINK.with(|sink| {
+                if let Some(tx) = sink.borrow().as_ref() {
+                    let _ = tx.send(event);
+                }
+            });
+            0
+        }
+        WM_CLOSE => {
+            // SAFETY: `hwnd` is this thread's window, given to its own procedure.
+            unsafe {
+                WTSUnRegisterSessionNotification(hwnd);
+                DestroyWindow(hwnd);
+            }
+            0
+        }
+        WM_DESTROY => {
+            // SAFETY: ends this thread's message loop; no pointers involved.
+            unsafe { PostQuitMessage(0) };
+            0
+        }
+        // SAFETY: the arguments are the ones the system gave this procedure, passed on unchanged.
+        _ => unsafe { DefWindowProcW(hwnd, message, wparam, lparam) },
+    }
+}
+
+/// A running watch; dropping it closes the window and ends its thread.
+pub struct SessionWatch {
+    /// The window's handle as a number (a handle is not `Send`; only `PostMessageW` uses it).
+    hwnd: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn create_window() -> io::Result<HWND> {
+    let class: Vec<u16> = "cis2-agent-session\0".encode_utf16().collect();
+    // SAFETY: a null name asks for this program's own module handle; nothing is freed.
+    let instance = unsafe { GetModuleHandleW(std::ptr::null()) };
+    let description = WNDCLASSW {
+        style: 0,
+        lpfnWndProc: Some(window_proc),
+        cbClsExtra: 0,
+        cbWndExtra: 0,
+        hInstance: instance,
+        hIcon: std::ptr::null_mut(),
+        hCursor: std::ptr::null_mut(),
+        hbrBackground: std::ptr::null_mut(),
+        lpszMenuName: std::ptr::null(),
+        lpszClassName: class.as_ptr(),
+    };
+    // SAFETY: `description` is fully set and its strings live through the call. A second
+    // registration (another watch in this process) fails harmlessly and the class is reused.
+    unsafe { RegisterClassW(&description) };
+    // SAFETY: the class is registered (now or before); HWND_MESSAGE makes a message-only window.
+    let hwnd = unsafe {
+        CreateWindowExW(
+            0,
+            class.as_ptr(),
+            class.as_ptr(),
+            0,
+            0,
+            0,
+            0,
+            0,
+            HWND_MESSAGE,
+            std::ptr::null_mut(),
+            instance,
+            std::ptr::null(),
+        )
+    };
+    if hwnd.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `hwnd` is the window just created on this thread.
+    if unsafe { WTSRegisterSessionNotification(hwnd, NOTIFY_FOR_THIS_SESSION) } == 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: as above; the window is not used after this.
+        unsafe { DestroyWindow(hwnd) };
+        return Err(e);
+    }
+    Ok(hwnd)
+}
+
+impl SessionWatch {
+    /// Starts the window's thread; session events arrive on `events`.
+    pub fn start(events: mpsc::Sender<SessionEvent>) -> io::Result<SessionWatch> {
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<usize>>();
+        let thread = std::thread::Builder::new()
+            .name("cis2-wts".into())
+            .spawn(move || {
+                SINK.with(|sink| *sink.borrow_mut() = Some(events));
+                let hwnd = match create_window() {
+                    Ok(hwnd) => hwnd,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(hwnd as usize));
+                let mut message = MSG {
+                    hwnd: std::ptr::null_mut(),
+                    message: 0,
+                    wParam: 0,
+                    lParam: 0,
+                    time: 0,
+                    pt: POINT { x: 0, y: 0 },
+                };
+                // SAFETY: `message` is a valid MSG to fill; 0 ends the loop (WM_QUIT), -1 is an error.
+                while unsafe { GetMessageW(&mut message, std::ptr::null_mut(), 0, 0) } > 0 {
+                    // SAFETY: `message` was just filled by GetMessageW.
+                    unsafe { DispatchMessageW(&message) };
+                }
+            })?;
+        let hwnd = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the session window's thread ended early"))??;
+        Ok(SessionWatch {
+            hwnd,
+            thread: Some(thread),
+        })
+    }
+
+    /// Posts `WM_WTSSESSION_CHANGE` with `code` to the window, as Windows sends it (for tests: Wine
+    /// never does).
+    pub fn post(&self, code: u32) -> io::Result<()> {
+        // SAFETY: the window lives until this value is dropped; posting copies the numbers.
+        let ok =
+            unsafe { PostMessageW(self.hwnd as HWND, WM_WTSSESSION_CHANGE, code as WPARAM, 0) };
+        if ok == 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for SessionWatch {
+    fn drop(&mut self) {
+        // SAFETY: the window is alive (its thread only ends after WM_CLOSE, sent here once).
+        unsafe { PostMessageW(self.hwnd as HWND, WM_CLOSE, 0, 0) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_posted_lock_and_unlock_arrive_in_order() {
+        let (tx, rx) = mpsc::channel();
+        let watch = SessionWatch::start(tx).unwrap();
+        watch.post(7).unwrap();
+        watch.post(8).unwrap();
+        watch.post(6).unwrap();
+        let next = || rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(next(), SessionEvent::Lock);
+        assert_eq!(next(), SessionEvent::Unlock);
+        assert_eq!(next(), SessionEvent::Logoff);
+        drop(watch);
+        assert!(
+            rx.recv_timeout(Duration::from_secs(2)).is_err(),
+            "the thread ended and dropped its sender"
+        );
+    }
+
+    #[test]
+    fn codes_map_to_events() {
+        assert_eq!(SessionEvent::from_code(2), SessionEvent::Disconnect);
+        assert_eq!(SessionEvent::from_code(4), SessionEvent::Disconnect);
+        assert_eq!(SessionEvent::from_code(5), SessionEvent::Other(5));
+    }
+}
