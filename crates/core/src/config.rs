@@ -2446,7 +2446,11 @@ allow_user_switch = false
         let x = config.provider.unwrap().exchange;
         assert_eq!(x.kid.as_deref(), Some("cis2-key-2026-11"));
         let e = bad(&format!("{base}kid = \"\"\n"));
-        check(&e, 8, &["kid = \"\" is not a key id", "RFC 7638 thumbprint"]);
+        check(
+            &e,
+            8,
+            &["kid = \"\" is not a key id", "RFC 7638 thumbprint"],
+        );
         let e = bad(&format!("{base}kid = 7\n"));
         check(
             &e,
