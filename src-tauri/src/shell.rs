@@ -4,7 +4,7 @@
 //! gone when the person closes it, so that WebKit's memory is not held all day in the tray.
 
 use crate::bridge::{self, ToWindow};
-use cis2_core::desktop::{Approvals, Desktop, View};
+use cis2_core::desktop::{Approvals, Desktop, NewSignIns, View};
 use cis2_core::service::{self, Launch};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -250,13 +250,19 @@ pub fn run(launch: Launch, minimized: bool) {
                     approvals: approvals.clone(),
                 };
                 let handle = app.handle().clone();
+                let sign_ins = Mutex::new(NewSignIns::default());
                 desktop.watch(move |view| {
                     update_tray(&handle, &view);
                     let windows = handle.state::<Arc<WindowProcess>>();
                     if let Ok(view_json) = serde_json::to_value(&view) {
                         windows.send(ToWindow::View { view: view_json });
                     }
-                    if !view.approvals.is_empty() {
+                    // Every new sign-in is shown (who, in which role), so a swap cannot go unseen.
+                    let new_sign_in = sign_ins
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_new(&view);
+                    if new_sign_in || !view.approvals.is_empty() {
                         open_window(&handle);
                     }
                 });

@@ -326,9 +326,94 @@ impl Desktop {
     }
 }
 
+/// Tells the app when a view shows a new sign-in — someone signed in after no one was, or another
+/// person or role than the window last showed — so that it opens the window then. On a shared
+/// computer a sign-in swapped for someone else's (issue: login CSRF) must not go unseen. The first
+/// view only sets the baseline: a session restored when the app starts is not a new sign-in.
+#[derive(Debug, Default)]
+pub struct NewSignIns {
+    baseline_set: bool,
+    shown: Option<(String, Option<String>)>,
+}
+
+impl NewSignIns {
+    pub fn is_new(&mut self, view: &View) -> bool {
+        let first = !std::mem::replace(&mut self.baseline_set, true);
+        match view.state {
+            SessionState::SignedIn => {
+                let who = (
+                    view.uid.clone().unwrap_or_default(),
+                    view.role.as_ref().map(|r| r.id.clone()),
+                );
+                let changed = self.shown.as_ref() != Some(&who);
+                self.shown = Some(who);
+                changed && !first
+            }
+            SessionState::SignedOut => {
+                self.shown = None;
+                false
+            }
+            SessionState::SigningIn | SessionState::Locked => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view_as(state: SessionState, uid: Option<&str>, role: Option<&str>) -> View {
+        View {
+            state,
+            sandbox: true,
+            environment: "sandbox".into(),
+            uid: uid.map(str::to_owned),
+            name: None,
+            role: role.map(|id| RoleView {
+                id: id.into(),
+                name: "Role".into(),
+                org_code: "RX1".into(),
+                org_name: None,
+            }),
+            roles: Vec::new(),
+            authenticated_with: None,
+            assurance: None,
+            seconds_left: None,
+            expiring: false,
+            locked_reason: None,
+            card_unlocks: false,
+            approvals: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_window_opens_at_each_new_sign_in_and_not_for_a_restored_or_unlocked_one() {
+        use SessionState::*;
+        let mut watch = NewSignIns::default();
+        // Restored at start: the baseline, not news.
+        assert!(!watch.is_new(&view_as(SignedIn, Some("A"), Some("r1"))));
+        assert!(!watch.is_new(&view_as(SignedIn, Some("A"), Some("r1"))));
+        // Locked and unlocked by the same person: not news.
+        assert!(!watch.is_new(&view_as(Locked, Some("A"), Some("r1"))));
+        assert!(!watch.is_new(&view_as(SignedIn, Some("A"), Some("r1"))));
+        // A role change is shown.
+        assert!(!watch.is_new(&view_as(SigningIn, Some("A"), Some("r1"))));
+        assert!(watch.is_new(&view_as(SignedIn, Some("A"), Some("r2"))));
+        // Another person after a lock (a hand-over, or a swapped sign-in) is shown.
+        assert!(!watch.is_new(&view_as(Locked, Some("A"), Some("r2"))));
+        assert!(watch.is_new(&view_as(SignedIn, Some("B"), Some("r2"))));
+        // Signed out, then the same person again: a new sign-in.
+        assert!(!watch.is_new(&view_as(SignedOut, None, None)));
+        assert!(watch.is_new(&view_as(SignedIn, Some("B"), Some("r2"))));
+    }
+
+    #[test]
+    fn a_first_sign_in_after_starting_signed_out_is_shown() {
+        let mut watch = NewSignIns::default();
+        assert!(!watch.is_new(&view_as(SessionState::SignedOut, None, None)));
+        assert!(watch.is_new(&view_as(SessionState::SignedIn, Some("A"), None)));
+    }
 
     #[test]
     fn authenticators_are_named_as_people_say_them() {
