@@ -568,10 +568,11 @@ async fn the_no_roles_expiring_and_locked_screens() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
     let desktop = start_desktop();
-    // Chris has no roles; the session may last 100 s (inside the 120 s warning); 4 s idle locks it.
+    // Chris has no roles; the session may last 100 s (inside the 120 s warning); 12 s idle locks it
+    // (long enough for a loaded machine to draw the no-roles screen before the lock replaces it).
     let config = write_config(
         dir.path(),
-        "[session]\nabsolute_secs = 100\ninactivity_secs = 4\ninactivity_action = \"lock\"\n",
+        "[session]\nabsolute_secs = 100\ninactivity_secs = 12\ninactivity_action = \"lock\"\n",
     );
     let (driver, _) = Driver::launch(
         &desktop,
