@@ -83,7 +83,11 @@ while not first.endswith(b"\n"):
     first += s.recv(65536)
 sys.stdout.write(first.decode())
 sys.stdout.flush()
-os.dup2(s.fileno(), 3)
+# The shell reads and writes fd 3. The socket may already be fd 3 (then dup2 is a no-op and would
+# leave it close-on-exec), so mark fd 3 inheritable either way.
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
 again = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "status"})
 os.execv("/bin/sh", ["sh", "-c", "echo '" + again + "' >&3; exec cat <&3"])
 "#;
@@ -98,8 +102,12 @@ os.execv("/bin/sh", ["sh", "-c", "echo '" + again + "' >&3; exec cat <&3"])
     })
     .await
     .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    let answers: Vec<serde_json::Value> = text
+    let text = format!(
+        "{}\n(stderr: {})",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
