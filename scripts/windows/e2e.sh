@@ -57,6 +57,25 @@ check "whoami names the sandbox clinician" "grep -q '555021935107' <<<'$whoami'"
 token="$(ctl token 2>/dev/null)"
 check "token gives an access token" "[ \${#token} -gt 20 ]"
 
+# 1b. Walking away: Windows' WM_WTSSESSION_CHANGE, posted to the agent's session window as Windows
+# sends it on Win+L (Wine never sends it; crates/os/examples/post-session-change.rs finds the window
+# by its class). on_os_lock = "lock" (the sandbox's default) locks the session; an OS unlock leaves it
+# locked, as logind's Unlock does on Linux: the clinician signs in again.
+post() { wine "$bin/examples/post-session-change.exe" "$1" >>"$work/post.out" 2>&1; }
+state() { ctl status --json 2>/dev/null | grep -o '"state": *"[a-z_]*"' | grep -o '[a-z_]*"$' | tr -d '"'; }
+wait_state() { for _ in $(seq 1 100); do [ "$(state)" = "$1" ] && return 0; sleep 0.1; done; return 1; }
+check "a posted session lock finds the agent's window" "post lock"
+check "and locks the agent (status: locked)" "wait_state locked"
+check "status says why" "ctl status --json 2>&1 | grep -q 'workstation was locked'"
+check "token is refused while locked" "! ctl token >/dev/null 2>&1"
+check "the agent watches the session (its log says so)" "grep -q 'watching Windows session notifications' '$work/sandbox.err'"
+check "a posted session unlock finds the agent's window" "post unlock"
+unlocked() { for _ in $(seq 1 100); do grep -q 'workstation was unlocked' "$work/sandbox.err" && return 0; sleep 0.1; done; return 1; }
+check "the agent took the unlock (its log says so)" "unlocked"
+check "and leaves it locked until the clinician signs in again (as on Linux)" "[ \"\$(state)\" = locked ]"
+check "signing in again unlocks" "ctl login >'$work/relogin.out' 2>&1 && wait_state signed_in"
+check "token is given again" "ctl token >/dev/null 2>&1"
+
 # 2. Squatting: a second agent on a held pipe refuses to start, says why, and exits non-zero.
 wine "$work/bin/cis2-agentd.exe" --sandbox --socket "$pipe" >"$work/squat.out" 2>"$work/squat.err"
 code=$?
@@ -126,7 +145,7 @@ check "the agent starts again on the same pipe after being killed" "start_agent 
 again="$(ctl token 2>/dev/null)"
 check "after the restart the same token comes back (Credential Manager + session.bin)" "[ -n '$again' ] && [ '$again' = '$token' ]"
 opened="$(grep -c . "$work/browser.log" 2>/dev/null)"
-check "the browser was opened twice in all (sandbox, provider), not again after the restart ($opened)" "[ '$opened' = 2 ]"
+check "the browser was opened three times in all (sandbox, its unlock, provider), not again after the restart ($opened)" "[ '$opened' = 3 ]"
 check "cis2ctl.exe logout" "ctl logout >/dev/null 2>&1"
 check "after logout nobody is signed in" "! ctl token >/dev/null 2>&1"
 
