@@ -329,11 +329,27 @@ mod tests {
             assert!(!same_path(listed, Path::new(other), true), "{other}");
         }
         let share = Path::new(r"\\fileserver\apps\ehr.exe");
-        assert!(same_path(share, Path::new(r"\\?\UNC\FileServer\Apps\ehr.exe"), true));
-        assert!(!same_path(share, Path::new(r"\fileserver\apps\ehr.exe"), true));
+        assert!(same_path(
+            share,
+            Path::new(r"\\?\UNC\FileServer\Apps\ehr.exe"),
+            true
+        ));
+        assert!(!same_path(
+            share,
+            Path::new(r"\fileserver\apps\ehr.exe"),
+            true
+        ));
         // Elsewhere case matters: /opt/EHR and /opt/ehr are two files.
-        assert!(!same_path(Path::new("/opt/ehr/ehr"), Path::new("/opt/EHR/ehr"), false));
-        assert!(same_path(Path::new("/opt/ehr/ehr"), Path::new("/opt/ehr/ehr"), false));
+        assert!(!same_path(
+            Path::new("/opt/ehr/ehr"),
+            Path::new("/opt/EHR/ehr"),
+            false
+        ));
+        assert!(same_path(
+            Path::new("/opt/ehr/ehr"),
+            Path::new("/opt/ehr/ehr"),
+            false
+        ));
     }
 
     /// On Windows the whole rule matches with the path as the OS reports it in another case.
@@ -346,11 +362,19 @@ mod tests {
         ));
         let d = Decisions::new(PathBuf::from(r"C:\nonexistent\clients.json"));
         assert!(matches!(
-            decide(&c, &d, &peer(r"\\?\c:\program files\ward ehr\EHR.exe", HASH_A)),
+            decide(
+                &c,
+                &d,
+                &peer(r"\\?\c:\program files\ward ehr\EHR.exe", HASH_A)
+            ),
             Verdict::Allowed(_)
         ));
         assert!(matches!(
-            decide(&c, &d, &peer(r"c:\program files\ward ehr\other.exe", HASH_A)),
+            decide(
+                &c,
+                &d,
+                &peer(r"c:\program files\ward ehr\other.exe", HASH_A)
+            ),
             Verdict::Denied(_)
         ));
     }

@@ -227,10 +227,18 @@ mod tests {
     #[test]
     fn only_a_stopped_or_missing_service_restarts_the_watch() {
         use pcsc::Error;
-        for gone in [Error::NoService, Error::ServiceStopped, Error::InvalidHandle] {
+        for gone in [
+            Error::NoService,
+            Error::ServiceStopped,
+            Error::InvalidHandle,
+        ] {
             assert!(service_gone(&gone), "{gone:?}");
         }
-        for stays in [Error::NoReadersAvailable, Error::Timeout, Error::UnknownReader] {
+        for stays in [
+            Error::NoReadersAvailable,
+            Error::Timeout,
+            Error::UnknownReader,
+        ] {
             assert!(!service_gone(&stays), "{stays:?}");
         }
     }
@@ -259,7 +267,9 @@ mod tests {
     #[ignore = "needs real Windows with a smartcard reader and a card: run with --ignored"]
     fn real_windows_a_card_in_a_reader_is_identified_through_winscard() {
         if cis2_os::under_wine() {
-            eprintln!("skipped under Wine: Wine has no smartcard reader (needs real Windows with one)");
+            eprintln!(
+                "skipped under Wine: Wine has no smartcard reader (needs real Windows with one)"
+            );
             return;
         }
         let ctx = pcsc::Context::establish(pcsc::Scope::User)

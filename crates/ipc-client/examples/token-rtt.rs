@@ -40,9 +40,8 @@ fn main() {
             let socket = socket.clone();
             let start = start.clone();
             std::thread::spawn(move || -> Result<Vec<Duration>, String> {
-                let ready = Client::connect(&socket).and_then(|mut client| {
-                    client.call("token", json!({})).map(|_| client)
-                });
+                let ready = Client::connect(&socket)
+                    .and_then(|mut client| client.call("token", json!({})).map(|_| client));
                 // Everyone reaches the barrier, a failed client too, or the others would wait forever.
                 start.wait();
                 let mut client = ready.map_err(|e| e.to_string())?;

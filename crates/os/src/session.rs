@@ -8,10 +8,10 @@ use std::io;
 use std::sync::mpsc;
 use windows_sys::Win32::Foundation::{HWND, LPARAM, LRESULT, POINT, WPARAM};
 use windows_sys::Win32::System::LibraryLoader::GetModuleHandleW;
-use windows_sys::Win32::System::Shutdown::LockWorkStation;
 use windows_sys::Win32::System::RemoteDesktop::{
     NOTIFY_FOR_THIS_SESSION, WTSRegisterSessionNotification, WTSUnRegisterSessionNotification,
 };
+use windows_sys::Win32::System::Shutdown::LockWorkStation;
 use windows_sys::Win32::UI::WindowsAndMessaging::{
     CreateWindowExW, DefWindowProcW, DestroyWindow, DispatchMessageW, FindWindowExW, GetMessageW,
     GetWindowThreadProcessId, HWND_MESSAGE, MSG, PostMessageW, PostQuitMessage, RegisterClassW,
@@ -212,8 +212,7 @@ pub fn post_to_agents(code: u32) -> io::Result<Vec<u32>> {
     loop {
         // SAFETY: `class` is NUL-terminated and outlives the call; HWND_MESSAGE searches the
         // message-only windows, `after` is null or a window this search returned.
-        let hwnd =
-            unsafe { FindWindowExW(HWND_MESSAGE, after, class.as_ptr(), std::ptr::null()) };
+        let hwnd = unsafe { FindWindowExW(HWND_MESSAGE, after, class.as_ptr(), std::ptr::null()) };
         if hwnd.is_null() {
             return Ok(posted);
         }
@@ -295,9 +294,11 @@ mod tests {
     /// Wine never sends the notification.
     #[test]
     #[ignore = "locks this workstation: run on real Windows with --ignored, then unlock it"]
-    fn a_real_workstation_lock_is_notified() {
+    fn real_windows_workstation_lock_is_notified() {
         if crate::under_wine() {
-            eprintln!("skipped under Wine: Wine never sends WM_WTSSESSION_CHANGE (needs real Windows)");
+            eprintln!(
+                "skipped under Wine: Wine never sends WM_WTSSESSION_CHANGE (needs real Windows)"
+            );
             return;
         }
         let (tx, rx) = mpsc::channel();
@@ -312,7 +313,7 @@ mod tests {
     fn under_wine_locking_the_workstation_is_an_error() {
         if !crate::under_wine() {
             eprintln!(
-                "skipped on real Windows: it would lock this workstation (see a_real_workstation_lock_is_notified)"
+                "skipped on real Windows: it would lock this workstation (see real_windows_workstation_lock_is_notified)"
             );
             return;
         }

@@ -21,8 +21,8 @@ use windows_sys::Win32::Security::{
 };
 use windows_sys::Win32::System::Pipes::{GetNamedPipeClientProcessId, GetNamedPipeServerProcessId};
 use windows_sys::Win32::System::Threading::{
-    GetCurrentThread, GetExitCodeProcess, GetProcessTimes, OpenProcess, OpenProcessToken, PROCESS_NAME_WIN32,
-    PROCESS_QUERY_LIMITED_INFORMATION, QueryFullProcessImageNameW,
+    GetCurrentThread, GetExitCodeProcess, GetProcessTimes, OpenProcess, OpenProcessToken,
+    PROCESS_NAME_WIN32, PROCESS_QUERY_LIMITED_INFORMATION, QueryFullProcessImageNameW,
 };
 
 /// `GetExitCodeProcess`'s answer for a process that has not ended.
@@ -333,7 +333,9 @@ mod tests {
             );
             return;
         }
-        let e = as_other.err().expect("the anonymous user must not open the pipe");
+        let e = as_other
+            .err()
+            .expect("the anonymous user must not open the pipe");
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     }
 
