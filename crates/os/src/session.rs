@@ -254,8 +254,17 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// `post_to_agents` reaches every session window of the desktop, so the tests that watch one take
+    /// turns: another test's window would get its events.
+    static ONE_WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_window() -> std::sync::MutexGuard<'static, ()> {
+        ONE_WINDOW.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn a_posted_lock_and_unlock_arrive_in_order() {
+        let _turn = one_window();
         let (tx, rx) = mpsc::channel();
         let watch = SessionWatch::start(tx).unwrap();
         watch.post(7).unwrap();
@@ -274,14 +283,15 @@ mod tests {
 
     #[test]
     fn another_program_finds_the_window_by_its_class_and_posts_to_it() {
+        let _turn = one_window();
         let (tx, rx) = mpsc::channel();
         let watch = SessionWatch::start(tx).unwrap();
         let posted = post_to_agents(7).unwrap();
-        assert!(
-            posted.contains(&std::process::id()),
-            "this process's window is among {posted:?}"
+        assert_eq!(
+            posted,
+            vec![std::process::id()],
+            "this process's one window, found by its class"
         );
-        // Other tests' windows may be found too; this one must have had the lock.
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(5)).unwrap(),
             SessionEvent::Lock
@@ -301,6 +311,7 @@ mod tests {
             );
             return;
         }
+        let _turn = one_window();
         let (tx, rx) = mpsc::channel();
         let _watch = SessionWatch::start(tx).unwrap();
         lock_workstation().unwrap();
