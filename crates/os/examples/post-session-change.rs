@@ -21,7 +21,7 @@ fn main() {
             }
         },
     };
-    match cis2_os::session::post_to_agents(code) {
+    match cis2_os::session::post_to_agents(code, None) {
         Ok(pids) if pids.is_empty() => {
             eprintln!("no agent's session window found (is cis2-agentd running with on_os_lock?)");
             std::process::exit(1);

@@ -203,9 +203,10 @@ impl SessionWatch {
 }
 
 /// Posts `WM_WTSSESSION_CHANGE` with `code` to the session window of every agent on this desktop
-/// (message-only windows of class [`WINDOW_CLASS`]), as Windows sends it on a lock or unlock. Returns
-/// the process ids of the windows posted to (none when no agent watches the session).
-pub fn post_to_agents(code: u32) -> io::Result<Vec<u32>> {
+/// (message-only windows of class [`WINDOW_CLASS`]), or only to process `only`'s, as Windows sends it
+/// on a lock or unlock. Returns the process ids of the windows posted to (none when no agent watches
+/// the session).
+pub fn post_to_agents(code: u32, only: Option<u32>) -> io::Result<Vec<u32>> {
     let class = wide(WINDOW_CLASS);
     let mut posted = Vec::new();
     let mut after: HWND = std::ptr::null_mut();
@@ -219,12 +220,15 @@ pub fn post_to_agents(code: u32) -> io::Result<Vec<u32>> {
         let mut pid = 0u32;
         // SAFETY: `pid` is a valid u32 to fill; a window gone meanwhile gives 0, which is harmless.
         unsafe { GetWindowThreadProcessId(hwnd, &mut pid) };
+        after = hwnd;
+        if only.is_some_and(|wanted| wanted != pid) {
+            continue;
+        }
         // SAFETY: posting copies the numbers; a window that went away meanwhile fails the call.
         if unsafe { PostMessageW(hwnd, WM_WTSSESSION_CHANGE, code as WPARAM, 0) } == 0 {
             return Err(io::Error::last_os_error());
         }
         posted.push(pid);
-        after = hwnd;
     }
 }
 
@@ -254,8 +258,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// `post_to_agents` reaches every session window of the desktop, so the tests that watch one take
-    /// turns: another test's window would get its events.
+    /// The tests that watch a session window of this process take turns: each would find the other's.
     static ONE_WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn one_window() -> std::sync::MutexGuard<'static, ()> {
@@ -286,7 +289,7 @@ mod tests {
         let _turn = one_window();
         let (tx, rx) = mpsc::channel();
         let watch = SessionWatch::start(tx).unwrap();
-        let posted = post_to_agents(7).unwrap();
+        let posted = post_to_agents(7, Some(std::process::id())).unwrap();
         assert_eq!(
             posted,
             vec![std::process::id()],
