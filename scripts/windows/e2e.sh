@@ -121,7 +121,7 @@ store = "keyring"
 data_dir = '$(win "$data")'
 [[clients]]
 name = "cis2ctl"
-path = '$ctl_path'
+path = '$(tr '[:lower:]' '[:upper:]' <<<"$ctl_path")'
 sha256 = "$ctl_hash"
 methods = ["status", "login", "whoami", "token", "logout"]
 EOF
@@ -129,7 +129,7 @@ pipe="\\\\.\\pipe\\cis2-e2e-real-$$"
 check "cis2-agentd.exe starts with the provider and a keyring store" "start_agent '$work/real' --config '$(win "$work/config.toml")' --socket '$pipe'"
 status="$(ctl status --json 2>&1)"
 check "status: the store is the keychain (Credential Manager)" "grep -q '\"kind\": *\"keyring\"' <<<'$status'"
-check "the listed cis2ctl.exe (path and hash) signs in" "ctl login >'$work/login2.out' 2>&1"
+check "the listed cis2ctl.exe (path written in upper case, and hash) signs in" "ctl login >'$work/login2.out' 2>&1"
 token="$(ctl token 2>/dev/null)"
 check "and gets a token" "[ \${#token} -gt 20 ]"
 check "the session is sealed in data_dir/session.bin" "[ -s '$data/session.bin' ]"
