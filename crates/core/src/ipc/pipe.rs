@@ -212,8 +212,7 @@ mod tests {
             .read(true)
             .write(true)
             .open(&remote)
-            .err()
-            .expect("a remote client must not open the agent's pipe");
+            .expect_err("a remote client must not open the agent's pipe");
         assert_eq!(
             e.raw_os_error(),
             Some(5),
