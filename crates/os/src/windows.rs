@@ -335,9 +335,7 @@ mod tests {
         let _server =
             create_pipe_server(&name, &format!("D:P(A;;GA;;;{sid})(A;;GA;;;SY)"), true).unwrap();
         let as_other = as_anonymous(|| ClientOptions::new().open(&name)).unwrap();
-        let e = as_other
-            .err()
-            .expect("the anonymous user must not open the pipe");
+        let e = as_other.expect_err("the anonymous user must not open the pipe");
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
     }
 
