@@ -1829,7 +1829,12 @@ fn read_agent(ctx: &Ctx<'_>, a: &RawAgent) -> Result<AgentConfig, ConfigError> {
 }
 
 fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, ConfigError> {
-    const PATH_EXAMPLE: &str = "\"/opt/ehr/bin/ehr\"";
+    // The example in the message is one the reader's OS would report.
+    const PATH_EXAMPLE: &str = if cfg!(windows) {
+        r"'C:\Program Files\Ward EHR\ehr.exe'"
+    } else {
+        "\"/opt/ehr/bin/ehr\""
+    };
     const SHA_EXAMPLE: &str = "\"<64 hex digits>\"";
     let label = format!("[[clients]] entry {}", i + 1);
     let entry_span = ctx.table_span("clients", Some(i));

@@ -172,15 +172,52 @@ impl Grant {
 }
 
 fn rule_matches(rule: &ClientRule, peer: &Peer) -> bool {
-    let path_ok = rule
-        .path
-        .as_ref()
-        .is_none_or(|p| peer.exe.as_deref() == Some(p.as_path()));
+    let path_ok = rule.path.as_ref().is_none_or(|p| {
+        peer.exe
+            .as_deref()
+            .is_some_and(|exe| same_path(p, exe, cfg!(windows)))
+    });
     let hash_ok = rule
         .sha256
         .as_ref()
         .is_none_or(|h| peer.sha256.as_deref() == Some(h.as_str()));
     (rule.path.is_some() || rule.sha256.is_some()) && path_ok && hash_ok
+}
+
+/// Whether the running program's path is the one a rule lists. Windows file names are not
+/// case-sensitive, and an admin may write the path with `/` or with the `\\?\` long-path prefix that
+/// some tools print, while the OS reports `C:\...` with its own casing: compared as Windows would,
+/// `C:\Program Files\EHR\ehr.exe` is every spelling of one file. Elsewhere paths compare exactly.
+fn same_path(listed: &Path, running: &Path, windows: bool) -> bool {
+    if windows {
+        windows_path_key(&listed.to_string_lossy()) == windows_path_key(&running.to_string_lossy())
+    } else {
+        listed == running
+    }
+}
+
+/// One spelling of a Windows path: `/` as `\`, repeated separators as one (a UNC path keeps its
+/// leading two), no `\\?\` or `\\?\UNC\` prefix, upper case (Windows' own comparison of names).
+fn windows_path_key(path: &str) -> String {
+    let path = path.replace('/', "\\");
+    let path = if let Some(rest) = path.strip_prefix(r"\\?\UNC\") {
+        format!(r"\\{rest}")
+    } else if let Some(rest) = path.strip_prefix(r"\\?\") {
+        rest.to_string()
+    } else {
+        path
+    };
+    let (lead, rest) = match path.strip_prefix(r"\\") {
+        Some(rest) => (r"\\", rest),
+        None => ("", path.as_str()),
+    };
+    let mut key = String::from(lead);
+    for c in rest.chars() {
+        if !(c == '\\' && key.ends_with('\\') && key.len() > lead.len()) {
+            key.extend(c.to_uppercase());
+        }
+    }
+    key
 }
 
 /// Decides for `peer` without asking anyone.
@@ -270,6 +307,76 @@ mod tests {
 
     fn base() -> String {
         "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example/realm\"\nclient_id = \"x\"\n[provider.exchange]\nmethod = \"none\"\n".into()
+    }
+
+    #[test]
+    fn windows_paths_compare_as_windows_compares_them() {
+        let listed = Path::new(r"C:\Program Files\Ward EHR\ehr.exe");
+        for running in [
+            r"C:\Program Files\Ward EHR\ehr.exe",
+            r"c:\program files\ward ehr\EHR.EXE",
+            r"\\?\C:\Program Files\Ward EHR\ehr.exe",
+            "C:/Program Files/Ward EHR/ehr.exe",
+            r"C:\Program Files\\Ward EHR\ehr.exe",
+        ] {
+            assert!(same_path(listed, Path::new(running), true), "{running}");
+        }
+        for other in [
+            r"C:\Program Files\Ward EHR\ehr2.exe",
+            r"D:\Program Files\Ward EHR\ehr.exe",
+            r"C:\Program Files\Ward EHR\ehr.exe.bak",
+        ] {
+            assert!(!same_path(listed, Path::new(other), true), "{other}");
+        }
+        let share = Path::new(r"\\fileserver\apps\ehr.exe");
+        assert!(same_path(
+            share,
+            Path::new(r"\\?\UNC\FileServer\Apps\ehr.exe"),
+            true
+        ));
+        assert!(!same_path(
+            share,
+            Path::new(r"\fileserver\apps\ehr.exe"),
+            true
+        ));
+        // Elsewhere case matters: /opt/EHR and /opt/ehr are two files.
+        assert!(!same_path(
+            Path::new("/opt/ehr/ehr"),
+            Path::new("/opt/EHR/ehr"),
+            false
+        ));
+        assert!(same_path(
+            Path::new("/opt/ehr/ehr"),
+            Path::new("/opt/ehr/ehr"),
+            false
+        ));
+    }
+
+    /// On Windows the whole rule matches with the path as the OS reports it in another case.
+    #[cfg(windows)]
+    #[test]
+    fn a_windows_rule_matches_the_reported_path_in_any_case() {
+        let c = config(&format!(
+            "{}[agent]\nclient_policy = \"deny\"\n[[clients]]\nname = \"EHR\"\npath = 'C:\\Program Files\\Ward EHR\\ehr.exe'\n",
+            base()
+        ));
+        let d = Decisions::new(PathBuf::from(r"C:\nonexistent\clients.json"));
+        assert!(matches!(
+            decide(
+                &c,
+                &d,
+                &peer(r"\\?\c:\program files\ward ehr\EHR.exe", HASH_A)
+            ),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            decide(
+                &c,
+                &d,
+                &peer(r"c:\program files\ward ehr\other.exe", HASH_A)
+            ),
+            Verdict::Denied(_)
+        ));
     }
 
     #[test]

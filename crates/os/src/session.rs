@@ -11,11 +11,20 @@ use windows_sys::Win32::System::LibraryLoader::GetModuleHandleW;
 use windows_sys::Win32::System::RemoteDesktop::{
     NOTIFY_FOR_THIS_SESSION, WTSRegisterSessionNotification, WTSUnRegisterSessionNotification,
 };
+use windows_sys::Win32::System::Shutdown::LockWorkStation;
 use windows_sys::Win32::UI::WindowsAndMessaging::{
-    CreateWindowExW, DefWindowProcW, DestroyWindow, DispatchMessageW, GetMessageW, HWND_MESSAGE,
-    MSG, PostMessageW, PostQuitMessage, RegisterClassW, WM_CLOSE, WM_DESTROY, WM_WTSSESSION_CHANGE,
-    WNDCLASSW,
+    CreateWindowExW, DefWindowProcW, DestroyWindow, DispatchMessageW, FindWindowExW, GetMessageW,
+    GetWindowThreadProcessId, HWND_MESSAGE, MSG, PostMessageW, PostQuitMessage, RegisterClassW,
+    WM_CLOSE, WM_DESTROY, WM_WTSSESSION_CHANGE, WNDCLASSW,
 };
+
+/// The window class of the session window: how a test (or an admin's tool) finds a running agent's
+/// window to post it a session change, since Wine never sends one.
+pub const WINDOW_CLASS: &str = "cis2-agent-session";
+
+fn wide(text: &str) -> Vec<u16> {
+    text.encode_utf16().chain(std::iter::once(0)).collect()
+}
 
 /// What the session did (`wParam` of `WM_WTSSESSION_CHANGE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +101,7 @@ pub struct SessionWatch {
 }
 
 fn create_window() -> io::Result<HWND> {
-    let class: Vec<u16> = "cis2-agent-session\0".encode_utf16().collect();
+    let class = wide(WINDOW_CLASS);
     // SAFETY: a null name asks for this program's own module handle; nothing is freed.
     let instance = unsafe { GetModuleHandleW(std::ptr::null()) };
     let description = WNDCLASSW {
@@ -193,6 +202,47 @@ impl SessionWatch {
     }
 }
 
+/// Posts `WM_WTSSESSION_CHANGE` with `code` to the session window of every agent on this desktop
+/// (message-only windows of class [`WINDOW_CLASS`]), or only to process `only`'s, as Windows sends it
+/// on a lock or unlock. Returns the process ids of the windows posted to (none when no agent watches
+/// the session).
+pub fn post_to_agents(code: u32, only: Option<u32>) -> io::Result<Vec<u32>> {
+    let class = wide(WINDOW_CLASS);
+    let mut posted = Vec::new();
+    let mut after: HWND = std::ptr::null_mut();
+    loop {
+        // SAFETY: `class` is NUL-terminated and outlives the call; HWND_MESSAGE searches the
+        // message-only windows, `after` is null or a window this search returned.
+        let hwnd = unsafe { FindWindowExW(HWND_MESSAGE, after, class.as_ptr(), std::ptr::null()) };
+        if hwnd.is_null() {
+            return Ok(posted);
+        }
+        let mut pid = 0u32;
+        // SAFETY: `pid` is a valid u32 to fill; a window gone meanwhile gives 0, which is harmless.
+        unsafe { GetWindowThreadProcessId(hwnd, &mut pid) };
+        after = hwnd;
+        if only.is_some_and(|wanted| wanted != pid) {
+            continue;
+        }
+        // SAFETY: posting copies the numbers; a window that went away meanwhile fails the call.
+        if unsafe { PostMessageW(hwnd, WM_WTSSESSION_CHANGE, code as WPARAM, 0) } == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        posted.push(pid);
+    }
+}
+
+/// Locks the workstation as Win+L does (`LockWorkStation`): only the real-Windows test of lock
+/// notifications calls it. Wine does not implement it and says so with an error.
+pub fn lock_workstation() -> io::Result<()> {
+    // SAFETY: no arguments; the call only asks the system to show the lock screen.
+    if unsafe { LockWorkStation() } == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 impl Drop for SessionWatch {
     fn drop(&mut self) {
         // SAFETY: the window is alive (its thread only ends after WM_CLOSE, sent here once).
@@ -208,8 +258,16 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The tests that watch a session window of this process take turns: each would find the other's.
+    static ONE_WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_window() -> std::sync::MutexGuard<'static, ()> {
+        ONE_WINDOW.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn a_posted_lock_and_unlock_arrive_in_order() {
+        let _turn = one_window();
         let (tx, rx) = mpsc::channel();
         let watch = SessionWatch::start(tx).unwrap();
         watch.post(7).unwrap();
@@ -224,6 +282,56 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(2)).is_err(),
             "the thread ended and dropped its sender"
         );
+    }
+
+    #[test]
+    fn another_program_finds_the_window_by_its_class_and_posts_to_it() {
+        let _turn = one_window();
+        let (tx, rx) = mpsc::channel();
+        let watch = SessionWatch::start(tx).unwrap();
+        let posted = post_to_agents(7, Some(std::process::id())).unwrap();
+        assert_eq!(
+            posted,
+            vec![std::process::id()],
+            "this process's one window, found by its class"
+        );
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            SessionEvent::Lock
+        );
+        drop(watch);
+    }
+
+    /// Real notifications need a real session to lock: this one locks the workstation it runs on, so
+    /// it runs only when asked (`--ignored`) on real Windows; under Wine it skips, saying so, because
+    /// Wine never sends the notification.
+    #[test]
+    #[ignore = "locks this workstation: run on real Windows with --ignored, then unlock it"]
+    fn real_windows_workstation_lock_is_notified() {
+        if crate::under_wine() {
+            eprintln!(
+                "skipped under Wine: Wine never sends WM_WTSSESSION_CHANGE (needs real Windows)"
+            );
+            return;
+        }
+        let _turn = one_window();
+        let (tx, rx) = mpsc::channel();
+        let _watch = SessionWatch::start(tx).unwrap();
+        lock_workstation().unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(first, SessionEvent::Lock);
+    }
+
+    /// Wine has no lock screen: the call must come back as an error, not lock or crash anything.
+    #[test]
+    fn under_wine_locking_the_workstation_is_an_error() {
+        if !crate::under_wine() {
+            eprintln!(
+                "skipped on real Windows: it would lock this workstation (see real_windows_workstation_lock_is_notified)"
+            );
+            return;
+        }
+        assert!(lock_workstation().is_err());
     }
 
     #[test]

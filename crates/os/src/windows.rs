@@ -15,13 +15,14 @@ use windows_sys::Win32::Security::Authorization::{
     SE_KERNEL_OBJECT,
 };
 use windows_sys::Win32::Security::{
-    DACL_SECURITY_INFORMATION, GetTokenInformation, OWNER_SECURITY_INFORMATION,
-    PSECURITY_DESCRIPTOR, SECURITY_ATTRIBUTES, TOKEN_QUERY, TOKEN_USER, TokenUser,
+    DACL_SECURITY_INFORMATION, GetTokenInformation, ImpersonateAnonymousToken,
+    OWNER_SECURITY_INFORMATION, PSECURITY_DESCRIPTOR, RevertToSelf, SECURITY_ATTRIBUTES,
+    TOKEN_QUERY, TOKEN_USER, TokenUser,
 };
 use windows_sys::Win32::System::Pipes::{GetNamedPipeClientProcessId, GetNamedPipeServerProcessId};
 use windows_sys::Win32::System::Threading::{
-    GetExitCodeProcess, GetProcessTimes, OpenProcess, OpenProcessToken, PROCESS_NAME_WIN32,
-    PROCESS_QUERY_LIMITED_INFORMATION, QueryFullProcessImageNameW,
+    GetCurrentThread, GetExitCodeProcess, GetProcessTimes, OpenProcess, OpenProcessToken,
+    PROCESS_NAME_WIN32, PROCESS_QUERY_LIMITED_INFORMATION, QueryFullProcessImageNameW,
 };
 
 /// `GetExitCodeProcess`'s answer for a process that has not ended.
@@ -302,10 +303,41 @@ pub fn security_sddl(handle: &impl AsRawHandle) -> io::Result<String> {
     Ok(from_wide_nul(text.0.cast()))
 }
 
+/// Runs `f` on this thread as the anonymous user, then as this process's user again: how a test on
+/// one machine asks "would another user be let in?" of a DACL without a second account.
+pub fn as_anonymous<T>(f: impl FnOnce() -> T) -> io::Result<T> {
+    // SAFETY: the pseudo-handle of the calling thread, which needs no closing.
+    check(unsafe { ImpersonateAnonymousToken(GetCurrentThread()) })?;
+    let result = f();
+    // SAFETY: ends this thread's impersonation; no arguments.
+    check(unsafe { RevertToSelf() })?;
+    Ok(result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::windows::named_pipe::ClientOptions;
+
+    /// Only real Windows enforces a DACL (Wine runs every program as one user and lets all in).
+    #[tokio::test]
+    async fn real_windows_the_pipe_dacl_refuses_another_user() {
+        if under_wine() {
+            // Wine has no anonymous token either: the call fails and leaves the thread as it was.
+            assert!(as_anonymous(|| ()).is_err());
+            eprintln!(
+                "skipped under Wine: Wine enforces no DACL, so another user's refusal needs real Windows"
+            );
+            return;
+        }
+        let sid = current_user_sid().unwrap();
+        let name = pipe_name("dacl");
+        let _server =
+            create_pipe_server(&name, &format!("D:P(A;;GA;;;{sid})(A;;GA;;;SY)"), true).unwrap();
+        let as_other = as_anonymous(|| ClientOptions::new().open(&name)).unwrap();
+        let e = as_other.expect_err("the anonymous user must not open the pipe");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    }
 
     #[test]
     fn this_process_path_time_and_user() {

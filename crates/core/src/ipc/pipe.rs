@@ -193,4 +193,30 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(e.to_string().contains("refusing to start"), "{e}");
     }
+
+    /// A client coming over the network (SMB, here the loopback `\\127.0.0.1\pipe\…`) is refused by
+    /// `PIPE_REJECT_REMOTE_CLIENTS`. Wine has no SMB server behind pipe paths, so this needs real Windows
+    /// (with the Server service running, as it is by default).
+    #[tokio::test]
+    async fn real_windows_a_remote_client_is_refused() {
+        if cis2_os::under_wine() {
+            eprintln!(
+                "skipped under Wine: Wine serves no pipe over SMB, so remote clients need real Windows"
+            );
+            return;
+        }
+        let local = format!(r"\\.\pipe\cis2-core-remote-{}", std::process::id());
+        let _bound = bind(Path::new(&local)).await.unwrap();
+        let remote = local.replacen(r"\\.\", r"\\127.0.0.1\", 1);
+        let e = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&remote)
+            .expect_err("a remote client must not open the agent's pipe");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(5),
+            "refused as access denied, not for another reason (is the Server service running?): {e}"
+        );
+    }
 }
