@@ -78,8 +78,41 @@ check "the installed cis2-agentd.exe --sandbox starts" "start_agent '$work/sandb
 check "on the user's default pipe" "grep -q 'listening on \\\\\\\\.\\\\pipe\\\\cis2-agent-S-1-5-' '$work/sandbox.out'"
 status="$(ctl status --json 2>&1)"
 check "the installed cis2ctl.exe status answers over it: sandbox, signed out" \
-  "grep -q '\"environment\": *\"sandbox\"' <<<'$status' && grep -q '\"signed_in\": *false' <<<'$status'"
+  "grep -q '\"environment\": *\"sandbox\"' <<<'$status' && grep -q '\"state\": *\"signed_out\"' <<<'$status'"
 kill -9 "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null
+
+# The desktop app's long-lived process (the agent and the tray icon; no WebView2, which only the
+# window process needs) runs under Wine too. Its tray needs a display: a private Xvfb.
+if ! command -v Xvfb >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq xvfb
+fi
+Xvfb -displayfd 3 -screen 0 1024x768x24 -nolisten tcp 3>"$work/display" >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [ -s "$work/display" ] && break; sleep 0.1; done
+tray_pipe='\\.\pipe\cis2-installer-tray'
+# The tray lives in Wine's desktop process (explorer.exe), which the first program of a session starts
+# with that program's display: let the headless session end so that the app starts a new one.
+timeout 60 wineserver -w
+DISPLAY=":$(cat "$work/display")" wine "$app/cis2-agent.exe" --sandbox --minimized --socket "$tray_pipe" \
+  >"$work/tray.out" 2>"$work/tray.err" &
+tray_pid=$!
+pids+=("$tray_pid")
+for _ in $(seq 1 300); do
+  grep -q "tray icon shown" "$work/tray.err" 2>/dev/null && break
+  grep -q "panicked" "$work/tray.err" 2>/dev/null && break
+  kill -0 "$tray_pid" 2>/dev/null || break
+  sleep 0.1
+done
+check "the installed desktop app starts in the tray (--minimized, Xvfb)" \
+  "grep -q 'tray icon shown' '$work/tray.err'" || sed 's/^/# /' "$work/tray.err"
+check "with its agent on the pipe" "grep -qF 'listening on $tray_pipe' '$work/tray.out'"
+tray_status="$(ctl --socket "$tray_pipe" status --json 2>&1)"
+check "the installed cis2ctl.exe status answers the desktop app" \
+  "grep -q '\"environment\": *\"sandbox\"' <<<'$tray_status'"
+kill -9 "$tray_pid" 2>/dev/null; wait "$tray_pid" 2>/dev/null
 
 # 3. The admin drops a machine-wide config (as Group Policy or Intune would), then reinstalls with
 #    start at sign-in: the config stays byte for byte, and the installed agent reads it.
