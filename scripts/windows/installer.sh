@@ -31,7 +31,7 @@ trap cleanup EXIT
 passed=0 failed=0
 ok() { echo "ok - $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL - $1"; failed=$((failed + 1)); }
-check() { if eval "$2"; then ok "$1"; else fail "$1"; fi; }
+check() { if eval "$2"; then ok "$1"; else fail "$1"; return 1; fi; }
 
 c="$prefix/drive_c"
 app="$c/Program Files/CIS2 Agent"
@@ -46,18 +46,15 @@ all_installed() { for f in "${installed[@]}"; do [ -s "$app/$f" ] || return 1; d
 none_installed() { for f in "${installed[@]}"; do [ ! -e "$app/$f" ] || return 1; done; }
 ctl() { wine "$app/cis2ctl.exe" "$@"; }
 
-# Starts the installed cis2-agentd.exe with ARGS; waits for "listening on"; sets $agent_pid.
+# True once FILE has a line matching PATTERN; false if process PID ends first, or after 30 s.
+says() { timeout 30 grep -q -m1 "$2" <(tail -n +1 -s 0.1 -F --pid="$3" "$1" 2>/dev/null); }
+# Starts the installed cis2-agentd.exe with ARGS, until it listens; sets $agent_pid.
 start_agent() {
   local log="$1"; shift
   wine "$app/cis2-agentd.exe" "$@" >"$log.out" 2>"$log.err" &
   agent_pid=$!
   pids+=("$agent_pid")
-  for _ in $(seq 1 300); do
-    grep -q "^listening on" "$log.out" 2>/dev/null && return 0
-    kill -0 "$agent_pid" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
+  says "$log.out" "^listening on" "$agent_pid"
 }
 
 # 1. A silent per-machine install.
@@ -91,7 +88,7 @@ if ! command -v Xvfb >/dev/null; then
 fi
 Xvfb -displayfd 3 -screen 0 1024x768x24 -nolisten tcp 3>"$work/display" >/dev/null 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/display" ] && break; sleep 0.1; done
+says "$work/display" . "$!"
 tray_pipe='\\.\pipe\cis2-installer-tray'
 # The tray lives in Wine's desktop process (explorer.exe), which the first program of a session starts
 # with that program's display: let the headless session end so that the app starts a new one.
@@ -100,12 +97,8 @@ DISPLAY=":$(cat "$work/display")" wine "$app/cis2-agent.exe" --sandbox --minimiz
   >"$work/tray.out" 2>"$work/tray.err" &
 tray_pid=$!
 pids+=("$tray_pid")
-for _ in $(seq 1 300); do
-  grep -q "tray icon shown" "$work/tray.err" 2>/dev/null && break
-  grep -q "panicked" "$work/tray.err" 2>/dev/null && break
-  kill -0 "$tray_pid" 2>/dev/null || break
-  sleep 0.1
-done
+# A tray that fails panics, and Wine may keep the process about: stop waiting at the panic too.
+says "$work/tray.err" "tray icon shown\|panicked" "$tray_pid"
 check "the installed desktop app starts in the tray (--minimized, Xvfb)" \
   "grep -q 'tray icon shown' '$work/tray.err'" || sed 's/^/# /' "$work/tray.err"
 check "with its agent on the pipe" "grep -qF 'listening on $tray_pipe' '$work/tray.out'"
