@@ -278,6 +278,8 @@ pub fn run(launch: Launch, minimized: bool) {
             println!("listening on {}", running.socket().display());
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
             build_tray(app.handle(), &desktop)?;
+            // The sign for scripts that the whole app is up: the socket alone is up before the tray.
+            tracing::info!("tray icon shown");
             app.manage(desktop);
             if !minimized {
                 open_window(app.handle());
