@@ -41,9 +41,10 @@ public sealed class Cis2Client : IDisposable
     static extern int cis2_get_token(IntPtr c, uint minValidSecs, byte[] buf, UIntPtr cap, out UIntPtr used);
     [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
     static extern int cis2_get_token_no_auth(IntPtr c, uint minValidSecs, byte[] buf, UIntPtr cap, out UIntPtr used);
-    [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+    // CharSet.Unicode: without it char[] is marshalled as 8-bit ANSI, not UTF-16.
+    [DllImport(Lib, CallingConvention = CallingConvention.Cdecl, CharSet = CharSet.Unicode)]
     static extern int cis2_whoami_json_w(IntPtr c, char[] buf, UIntPtr capUnits, out UIntPtr usedUnits);
-    [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+    [DllImport(Lib, CallingConvention = CallingConvention.Cdecl, CharSet = CharSet.Unicode)]
     static extern int cis2_get_token_w(IntPtr c, uint minValidSecs, char[] buf, UIntPtr capUnits, out UIntPtr usedUnits);
     [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
     static extern int cis2_subscribe(IntPtr c, EventCallback onEvent, IntPtr user);

@@ -232,7 +232,10 @@ impl StandinLogind {
 
     pub fn emit(&self, member: &str) {
         let command = self.emit_command(member);
-        let out = Command::new(&command[0]).args(&command[1..]).output().unwrap();
+        let out = Command::new(&command[0])
+            .args(&command[1..])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }

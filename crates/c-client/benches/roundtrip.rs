@@ -85,7 +85,13 @@ fn main() {
     let mut token = |min_valid: u32| {
         // SAFETY: a live handle, a buffer of buf.len() bytes, a local `used`.
         let rc = unsafe {
-            cis2_get_token_no_auth(client, min_valid, buf.as_mut_ptr().cast(), buf.len(), &mut used)
+            cis2_get_token_no_auth(
+                client,
+                min_valid,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut used,
+            )
         };
         assert_eq!(rc, CIS2_OK);
     };
@@ -134,13 +140,17 @@ fn main() {
         unsafe {
             let client = cis2_open(endpoint.as_ptr());
             assert!(!client.is_null());
-            let rc = cis2_get_token_no_auth(client, 60, buf.as_mut_ptr().cast(), buf.len(), &mut used);
+            let rc =
+                cis2_get_token_no_auth(client, 60, buf.as_mut_ptr().cast(), buf.len(), &mut used);
             assert_eq!(rc, CIS2_OK);
             opens.push(start.elapsed().as_secs_f64() * 1e6);
             cis2_close(client);
         }
     }
-    println!("first cis2_open → token in this process: {:.1} µs", opens[0]);
+    println!(
+        "first cis2_open → token in this process: {:.1} µs",
+        opens[0]
+    );
     percentiles("cis2_open → token (new handle each)", opens);
     agent.kill();
 }

@@ -2,7 +2,7 @@
 //! references in one small block, calls the safe [`crate::client`], and runs inside `catch_unwind`, so
 //! a panic becomes `CIS2_E_PROTOCOL` with a message instead of crossing into the EHR.
 
-use crate::client::{Cis2Client, Error, EventCallback};
+use crate::client::{Cis2Client, Error};
 use crate::codes::*;
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
@@ -316,7 +316,7 @@ pub unsafe extern "C" fn cis2_get_token_w(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cis2_subscribe(
     c: *mut Cis2Client,
-    on_event: Option<EventCallback>,
+    on_event: Option<extern "C" fn(event_json: *const c_char, user: *mut c_void)>,
     user: *mut c_void,
 ) -> c_int {
     guard(|| {

@@ -13,9 +13,17 @@ fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Where cargo put libcis2_client.so (the folder of the workspace's programs).
+/// Where cargo put libcis2_client.so: beside this test in deps/, built with it (a `cargo build` of the
+/// crate also copies it up to the programs' folder, which may hold an older one).
 fn lib_dir() -> PathBuf {
-    bin("libcis2_client.so").parent().unwrap().to_path_buf()
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    assert!(
+        deps.join("libcis2_client.so").exists(),
+        "libcis2_client.so is missing beside {}",
+        exe.display()
+    );
+    deps.to_path_buf()
 }
 
 /// The C test program, built once per test run: an EHR of its own, in a folder of its own.
@@ -26,7 +34,15 @@ fn c_program() -> &'static Path {
         let program = dir.join("ward-ehr");
         let lib = lib_dir();
         let out = Command::new("gcc")
-            .args(["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I"])
+            .args([
+                "-std=gnu11",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-O1",
+                "-pthread",
+                "-I",
+            ])
             .arg(crate_dir())
             .arg("-o")
             .arg(&program)
@@ -175,8 +191,16 @@ fn c_the_policy_sees_the_ehrs_own_executable() {
     // Refused: the agent serves only listed programs, and this one is not listed.
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = sandbox_with(dir.path(), "client_policy = \"deny\"", "", &[]);
-    run_c("denied", &agent.socket, &[("CIS2_TEST_SELF", program.clone())]);
-    assert_eq!(agent.browser_opened(), 0, "a refused program starts no sign-in");
+    run_c(
+        "denied",
+        &agent.socket,
+        &[("CIS2_TEST_SELF", program.clone())],
+    );
+    assert_eq!(
+        agent.browser_opened(),
+        0,
+        "a refused program starts no sign-in"
+    );
 
     // Allowed by its path: the audit log records the program itself, not a helper.
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +238,7 @@ fn python_ctypes_signs_in_and_hears_the_sign_out() {
     let out = Command::new("/usr/bin/python3")
         .arg(&sample)
         .arg(&agent.socket)
-        .env("CIS2_CLIENT_LIBRARY", bin("libcis2_client.so"))
+        .env("CIS2_CLIENT_LIBRARY", lib_dir().join("libcis2_client.so"))
         .env("CIS2_TEST_LOGOUT_CMD", ctl_command(&agent, "logout"))
         .output()
         .expect("python3 runs");
