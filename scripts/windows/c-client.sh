@@ -4,7 +4,8 @@
 # x86_64-w64-mingw32-gcc, and runs its scenarios against cis2-agentd.exe --sandbox over the named pipe.
 # Called by scripts/test-windows with the folder of the cross-built programs and a prepared WINEPREFIX
 # (scripts/wine-prefix); set CARGO_LOCK as for scripts/test-windows.
-# Usage: scripts/windows/c-client.sh BIN_DIR
+# Usage: scripts/windows/c-client.sh BIN_DIR [--built]   (--built: the caller has already built
+# cis2-c-client, cis2-agentd, cis2ctl and cis2-mock-idp for x86_64-pc-windows-gnu into BIN_DIR)
 # Each scenario prints the C program's "ok - …" lines; the last line is "windows c-client: N passed,
 # M failed", non-zero exit when anything failed. Not under Wine (say so, checked on Linux instead):
 # the workstation lock (Wine sends no WTS lock notification) and stopping the agent from the program.
@@ -17,7 +18,9 @@ export WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml="
 unset DISPLAY CIS2_AGENT_SOCK CIS2_AGENT_CONFIG
 locked() { if [ -n "${CARGO_LOCK:-}" ]; then flock "$CARGO_LOCK" "$@"; else "$@"; fi; }
 
-locked cargo build --locked --target "$target" -p cis2-c-client -p cis2-agentd -p cis2ctl -p cis2-mock-idp || exit 1
+if [ "${2:-}" != "--built" ]; then
+  locked cargo build --locked --target "$target" -p cis2-c-client -p cis2-agentd -p cis2ctl -p cis2-mock-idp || exit 1
+fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/cis2-win-c.XXXXXX")"
 pids=()
 cleanup() {
