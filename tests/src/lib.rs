@@ -195,6 +195,51 @@ impl Drop for PrivateBus {
     }
 }
 
+/// A private system bus with the stand-in logind (tests/standins/logind.py), which emits the session's
+/// Lock and Unlock signals when asked: an agent given `DBUS_SYSTEM_BUS_ADDRESS = bus.address` hears
+/// them through the code that listens to the real logind. Stopped on drop.
+pub struct StandinLogind {
+    _logind: Process,
+    pub bus: PrivateBus,
+}
+
+impl StandinLogind {
+    pub fn start() -> StandinLogind {
+        let bus = PrivateBus::start();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins/logind.py");
+        let mut command = Command::new("/usr/bin/python3");
+        command.arg(script).arg(&bus.address);
+        let mut logind = Process::start(command);
+        logind.wait_for("ready", Duration::from_secs(20));
+        StandinLogind {
+            _logind: logind,
+            bus,
+        }
+    }
+
+    /// The `dbus-send` command (program and arguments) that makes it emit `member` (`EmitLock`,
+    /// `EmitUnlock`), for a test program to run at the moment it chooses.
+    pub fn emit_command(&self, member: &str) -> Vec<String> {
+        vec![
+            "dbus-send".into(),
+            format!("--bus={}", self.bus.address),
+            "--print-reply".into(),
+            "--dest=org.freedesktop.login1".into(),
+            "/org/freedesktop/login1/session/_31".into(),
+            format!("test.Control.{member}"),
+        ]
+    }
+
+    pub fn emit(&self, member: &str) {
+        let command = self.emit_command(member);
+        let out = Command::new(&command[0])
+            .args(&command[1..])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
 impl SecretService {
     pub fn start() -> SecretService {
         let home = tempfile::tempdir().unwrap();

@@ -2,42 +2,9 @@
 //! that emits the session's Lock and Unlock signals; the agent listens with the code that listens to
 //! the real logind, only the bus address differs.
 
-use cis2_system_tests::{Agent, PrivateBus, Process, json, stderr};
-use std::path::Path;
+use cis2_system_tests::{Agent, Process, StandinLogind, json, stderr};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Bus {
-    _logind: Process,
-    bus: PrivateBus,
-}
-
-fn bus_with_logind() -> Bus {
-    let bus = PrivateBus::start();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("standins/logind.py");
-    let mut command = Command::new("/usr/bin/python3");
-    command.arg(script).arg(&bus.address);
-    let mut logind = Process::start(command);
-    logind.wait_for("ready", Duration::from_secs(20));
-    Bus {
-        _logind: logind,
-        bus,
-    }
-}
-
-fn emit(bus: &Bus, member: &str) {
-    let out = Command::new("dbus-send")
-        .args([
-            &format!("--bus={}", bus.bus.address),
-            "--print-reply",
-            "--dest=org.freedesktop.login1",
-            "/org/freedesktop/login1/session/_31",
-            &format!("test.Control.{member}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-}
 
 fn state(agent: &Agent) -> String {
     json(&agent.ctl(&["status", "--json"]))["state"]
@@ -59,7 +26,7 @@ fn within(limit: Duration, agent: &Agent, wanted: &str) -> Option<Duration> {
 
 #[test]
 fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_it() {
-    let bus = bus_with_logind();
+    let bus = StandinLogind::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -79,7 +46,7 @@ fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_i
         Process::start(command)
     };
     std::thread::sleep(Duration::from_millis(200));
-    emit(&bus, "EmitLock");
+    bus.emit("EmitLock");
     let took = within(Duration::from_secs(1), &agent, "locked").expect("locked within 1 second");
     eprintln!("OS lock to agent locked: {took:?}");
     let status = json(&agent.ctl(&["status", "--json"]));
@@ -98,7 +65,7 @@ fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_i
         Duration::from_secs(5),
     );
     // The OS unlock alone does not unlock the agent.
-    emit(&bus, "EmitUnlock");
+    bus.emit("EmitUnlock");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(state(&agent), "locked");
     // The same clinician signing in again does.
@@ -109,7 +76,7 @@ fn an_os_lock_locks_the_session_within_a_second_and_only_the_clinician_unlocks_i
 
 #[test]
 fn with_sign_out_configured_an_os_lock_ends_the_session() {
-    let bus = bus_with_logind();
+    let bus = StandinLogind::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -123,6 +90,6 @@ fn with_sign_out_configured_an_os_lock_ends_the_session() {
         &[("DBUS_SYSTEM_BUS_ADDRESS", bus.bus.address.as_str())],
     );
     assert!(agent.ctl(&["login"]).status.success());
-    emit(&bus, "EmitLock");
+    bus.emit("EmitLock");
     within(Duration::from_secs(1), &agent, "signed_out").expect("signed out within 1 second");
 }

@@ -220,6 +220,24 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// Ends a [`Client`]'s connection from another thread (see [`Client::shutdown_handle`]).
+pub struct Shutdown {
+    #[cfg(unix)]
+    stream: UnixStream,
+    #[cfg(windows)]
+    closed: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Shutdown {
+    /// Ends the connection in both directions; idempotent.
+    pub fn shutdown(&self) {
+        #[cfg(unix)]
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        #[cfg(windows)]
+        self.closed.send_replace(true);
+    }
+}
+
 pub struct Client {
     reader: Reader,
     writer: Writer,
@@ -271,6 +289,19 @@ impl Client {
             next_id: 1,
             pending_events: Default::default(),
         })
+    }
+
+    /// A handle that ends this connection from another thread: a read blocked on it (a thread waiting
+    /// in [`Client::next_event`]) returns an error at once, so a library can stop its event thread.
+    pub fn shutdown_handle(&self) -> Result<Shutdown, ClientError> {
+        #[cfg(unix)]
+        return Ok(Shutdown {
+            stream: self.writer.try_clone()?,
+        });
+        #[cfg(windows)]
+        return Ok(Shutdown {
+            closed: self.reader.closer(),
+        });
     }
 
     /// How long a read may wait (`None`: forever; `login` can take minutes).

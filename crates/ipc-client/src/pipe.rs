@@ -26,6 +26,8 @@ pub struct Reader {
     runtime: Arc<tokio::runtime::Runtime>,
     half: BufReader<ReadHalf<NamedPipeClient>>,
     timeout: Option<Duration>,
+    /// Set by a `Shutdown` from another thread: a pipe read cannot be interrupted otherwise.
+    closed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub struct Writer {
@@ -64,6 +66,7 @@ pub fn connect(path: &Path) -> Result<(Reader, Writer), (io::Error, bool)> {
             runtime: runtime.clone(),
             half: BufReader::new(read),
             timeout: None,
+            closed: Arc::new(tokio::sync::watch::channel(false).0),
         },
         Writer {
             runtime,
@@ -93,9 +96,24 @@ impl Reader {
         self.timeout = timeout;
     }
 
-    /// Like `BufRead::read_line`, with the timeout.
+    pub fn closer(&self) -> Arc<tokio::sync::watch::Sender<bool>> {
+        self.closed.clone()
+    }
+
+    /// Like `BufRead::read_line`, with the timeout; ends at once when the connection is shut down.
     pub fn read_line(&mut self, line: &mut String) -> io::Result<usize> {
-        let read = self.half.read_line(line);
+        let mut closed = self.closed.subscribe();
+        let half = &mut self.half;
+        // A line cut short by the shutdown is lost with the connection, which is what was asked for.
+        let read = async move {
+            tokio::select! {
+                read = half.read_line(line) => read,
+                _ = closed.wait_for(|closed| *closed) => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the connection was shut down by this program",
+                )),
+            }
+        };
         match self.timeout {
             None => self.runtime.block_on(read),
             Some(timeout) => self
