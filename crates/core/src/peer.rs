@@ -137,6 +137,12 @@ pub fn script_of(args: &[std::ffi::OsString], cwd: &std::path::Path) -> Option<P
 impl Peer {
     pub fn describe(&self) -> String {
         match &self.exe {
+            Some(exe) if self.script.is_some() => format!(
+                "{} running {} (pid {})",
+                exe.display(),
+                self.script.as_deref().unwrap_or(exe).display(),
+                self.pid.unwrap_or(0)
+            ),
             Some(exe) => format!("{} (pid {})", exe.display(), self.pid.unwrap_or(0)),
             None => format!("an unidentified program (pid {})", self.pid.unwrap_or(0)),
         }
