@@ -49,6 +49,7 @@ function approvalsHtml(view) {
     <section class="app-approval" role="alertdialog" aria-labelledby="approval-${a.id}-title" id="approval-${a.id}">
       <h2 class="nhsuk-heading-s" id="approval-${a.id}-title" tabindex="-1">${escapeHtml(a.program)} wants to use your Care Identity sign-in</h2>
       <p>Program: <code>${escapeHtml(a.path)}</code></p>
+      ${a.warning ? `<div class="nhsuk-warning-callout" id="approval-${a.id}-warning"><h3 class="nhsuk-warning-callout__label">This program runs other programs</h3><p>${escapeHtml(a.warning)}</p></div>` : ""}
       <p>Only allow programs you expect, such as your clinical system.</p>
       <div class="app-buttons">
         ${button(`allow-once-${a.id}`, "Allow once")}

@@ -294,10 +294,14 @@ pub fn run(launch: Launch, minimized: bool) {
             code: None, api, ..
         } => api.prevent_exit(),
         tauri::RunEvent::Exit => {
-            service_slot
+            let running = service_slot
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
+            // Subscribers are told (`agent_stopping`) before their connections close.
+            if let Some(running) = running {
+                tauri::async_runtime::block_on(running.stop());
+            }
         }
         _ => {}
     });

@@ -360,3 +360,35 @@ fn a_second_agent_on_the_same_socket_is_refused() {
         "the first agent is untouched"
     );
 }
+
+#[test]
+fn sigterm_tells_subscribers_agent_stopping_before_the_connection_closes() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &["--sandbox"], &[]);
+    let mut stream = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"subscribe\"}\n")
+        .unwrap();
+    let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+    let subscribed: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(subscribed["result"], serde_json::json!({}));
+    let killed = Command::new("kill")
+        .args(["-TERM", &agent.process.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let last: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        last["params"],
+        serde_json::json!({"type": "agent_stopping", "session_survives": false}),
+        "{last}"
+    );
+    assert!(lines.next().is_none(), "then the connection closes");
+    let status = agent.process.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!agent.socket.exists(), "the socket file is removed");
+}

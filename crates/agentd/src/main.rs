@@ -33,7 +33,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     tokio::signal::ctrl_c()
         .await
         .map_err(|e| (1, e.to_string()))?;
-    drop(running);
+    running.stop().await;
     Ok(())
 }
 

@@ -42,6 +42,10 @@ pub enum AgentError {
     Unreachable(String),
     #[error("{0}")]
     BadParams(String),
+    /// The provider's tokens do not last the `min_valid_secs` asked for: not a malformed request, so a
+    /// client can tell it apart (and ask for less) by its code.
+    #[error("{0}")]
+    TokenTooShort(String),
 }
 
 impl AgentError {
@@ -53,6 +57,7 @@ impl AgentError {
             AgentError::Locked(_) => -32004,
             AgentError::Unreachable(_) => -32005,
             AgentError::BadParams(_) => -32602,
+            AgentError::TokenTooShort(_) => -32006,
         }
     }
 
@@ -105,6 +110,9 @@ pub struct TokenAnswer {
     pub access_token: String,
     pub token_type: &'static str,
     pub expires_at: u64,
+    /// How long the provider's tokens last, as this one was issued (its expiry less when it arrived);
+    /// `None` for a token restored after a restart, whose arrival is not known.
+    pub lifetime_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenAnswer {
@@ -112,8 +120,20 @@ impl std::fmt::Debug for TokenAnswer {
         f.debug_struct("TokenAnswer")
             .field("access_token", &"[redacted]")
             .field("expires_at", &self.expires_at)
+            .field("lifetime_secs", &self.lifetime_secs)
             .finish()
     }
+}
+
+/// The `activity` result: the inactivity rule, so a client can tell how often to report work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActivityAnswer {
+    pub inactivity_secs: u64,
+    /// `"lock"`, `"sign_out"` or `"none"`.
+    pub inactivity_action: &'static str,
+    /// When the session locks or ends if no program reports activity before then (`None` when the
+    /// action is `"none"`).
+    pub acts_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -127,13 +147,36 @@ pub struct TokenRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    SignedIn { user: User },
-    SignedOut { reason: String },
-    TokenRefreshed { expires_at: u64 },
-    RoleChanged { user: User },
-    SessionExpiring { expires_at: u64 },
-    Locked { reason: String },
+    SignedIn {
+        user: User,
+    },
+    SignedOut {
+        reason: String,
+    },
+    TokenRefreshed {
+        expires_at: u64,
+    },
+    RoleChanged {
+        user: User,
+    },
+    SessionExpiring {
+        expires_at: u64,
+    },
+    Locked {
+        reason: String,
+    },
     Unlocked,
+    /// The agent is stopping (SIGTERM, Ctrl-C, the app quitting): the last event on every connection
+    /// before it closes. `session_survives`: the session was saved where a restarted agent finds it.
+    AgentStopping {
+        session_survives: bool,
+    },
+}
+
+/// Whether two users hold different selected roles (compared by `person_roleid`, which names the role
+/// assignment; a renamed organisation is not a role change).
+fn role_differs(before: &User, after: &User) -> bool {
+    before.selected_role.as_ref().map(|r| &r.id) != after.selected_role.as_ref().map(|r| &r.id)
 }
 
 /// How to build an agent.
@@ -191,6 +234,9 @@ struct Inner {
     life: Mutex<Life>,
     /// What the PC/SC watcher last said.
     readers: Mutex<Readers>,
+    /// Set when the agent stops: every connection sends its last events and closes; each holds a
+    /// receiver until it has, so the stop can wait for them.
+    stopping: watch::Sender<bool>,
     /// The embedded provider in sandbox mode; kept alive with the agent.
     _sandbox: Option<SandboxProvider>,
 }
@@ -424,7 +470,10 @@ impl Agent {
                 flight_task: Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 events,
-                identifier: Identifier::default(),
+                identifier: Identifier::persistent(
+                    data_dir.join("exe-hashes.json"),
+                    store.audit_seal_key(),
+                ),
                 decisions: Decisions::new(data_dir.join("clients.json")),
                 audit,
                 approver,
@@ -432,6 +481,7 @@ impl Agent {
                 store,
                 life: Mutex::new(Life::default()),
                 readers: Mutex::new(Readers::default()),
+                stopping: watch::channel(false).0,
                 _sandbox: sandbox,
             }),
         };
@@ -487,10 +537,11 @@ impl Agent {
         method: &str,
         connection: &mut ConnectionGrant,
     ) -> Result<Grant, AgentError> {
-        if method == "status" {
+        // Answered for everyone, and no sign of the clinician at work: not activity either.
+        if policy::OPEN_METHODS.contains(&method) {
             return Ok(Grant {
-                source: "status is answered for every program of this user".into(),
-                methods: vec!["status".into()],
+                source: format!("{method} is answered for every program of this user"),
+                methods: vec![method.into()],
                 audiences: Vec::new(),
                 scopes: Vec::new(),
             });
@@ -627,7 +678,10 @@ impl Agent {
                 "The session ended while the role was being changed; sign in again.".into(),
             ));
         }
-        self.emit(Event::RoleChanged { user });
+        // The same role picked again is no change: an EHR told `role_changed` would act for nothing.
+        if role_differs(&current.user, &user) {
+            self.emit(Event::RoleChanged { user });
+        }
         Ok(self.settled_status())
     }
 
@@ -828,6 +882,56 @@ impl Agent {
     fn touch(&self) {
         let now = self.inner.clock.now();
         self.life().last_activity = now;
+    }
+
+    /// The `activity` method: the clinician is working in the calling program. The inactivity clock
+    /// was started again by the policy check that let the call in; a locked session stays locked.
+    pub fn activity(&self) -> Result<ActivityAnswer, AgentError> {
+        self.check_unlocked()?;
+        if self.session().is_none() {
+            return Err(AgentError::not_signed_in());
+        }
+        let policy = &self.inner.config.session;
+        let action = policy.inactivity_action;
+        let last = self.life().last_activity;
+        Ok(ActivityAnswer {
+            inactivity_secs: policy.inactivity_secs,
+            inactivity_action: action.as_str(),
+            acts_at: (action != crate::config::InactivityAction::None)
+                .then(|| last + policy.inactivity_secs),
+        })
+    }
+
+    /// A receiver that turns `true` when the agent stops. Each connection holds one until it has sent
+    /// its last events, which is what [`Agent::stop`] waits for.
+    pub fn stopping_signal(&self) -> watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
+    }
+
+    /// Whether [`Agent::stop`] has been called.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stopping.borrow()
+    }
+
+    /// Tells every subscriber the agent is stopping (`agent_stopping`, whether the session survives),
+    /// then has every connection close once that event is written; waits for them at most `grace`.
+    /// Without it a client would see its connection close and could not tell a stop from a crash.
+    pub async fn stop(&self, grace: Duration) {
+        let session_survives = self.session().is_some()
+            && !self.is_sandbox()
+            && self.inner.store.status().kind == "keyring";
+        tracing::info!(session_survives, "the agent is stopping");
+        self.emit(Event::AgentStopping { session_survives });
+        self.inner.stopping.send_replace(true);
+        if tokio::time::timeout(grace, self.inner.stopping.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some connections had not closed {} ms after the stop; they are dropped",
+                grace.as_millis()
+            );
+        }
     }
 
     /// Locks the session (inactivity, a workstation signal): tokens and identity are withheld until the
@@ -1228,19 +1332,25 @@ impl Agent {
         let previous = self
             .session()
             .as_ref()
-            .map(|s| (s.sub.clone(), s.user.uid.clone()));
+            .map(|s| (s.sub.clone(), s.user.uid.clone(), s.user.clone()));
         let was_locked = self.life().locked.is_some();
         match previous {
-            Some((sub, _)) if sub == signed_in.sub => {
+            Some((sub, _, before)) if sub == signed_in.sub => {
                 let user = signed_in.user.clone();
                 self.install(signed_in, true);
-                self.emit(if was_locked {
-                    Event::Unlocked
+                let role_changed = role_differs(&before, &user);
+                if was_locked {
+                    self.emit(Event::Unlocked);
                 } else {
-                    Event::SignedIn { user }
-                });
+                    self.emit(Event::SignedIn { user: user.clone() });
+                }
+                // Unlocking (or re-authenticating) may pick another role at the provider: a client
+                // still showing the old one must be told.
+                if role_changed {
+                    self.emit(Event::RoleChanged { user });
+                }
             }
-            Some((_, uid)) if !self.inner.config.workstation.allow_user_switch => {
+            Some((_, uid, _)) if !self.inner.config.workstation.allow_user_switch => {
                 return Err(AgentError::SignInFailed(format!(
                     "{uid} is signed in here{}. They must sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
                     if was_locked {
@@ -1298,7 +1408,7 @@ impl Agent {
         let now = self.inner.clock.now();
         let Some(refresh_token) = current.refresh_token.clone() else {
             return if current.expires_at > now + min_valid {
-                Ok(answer_from(&current))
+                Ok(answer_from(&current, self.life().tokens_installed_at))
             } else {
                 Err(AgentError::NotSignedIn(if current.expires_at > now {
                     format!(
@@ -1334,7 +1444,9 @@ impl Agent {
         match result {
             Ok(renewed) => {
                 crash_point("after_refresh_answer");
-                let answer = answer_from(&renewed);
+                let answer = answer_from(&renewed, now);
+                let role_before = current.user.clone();
+                let renewed_user = renewed.user.clone();
                 let expires_at = renewed.expires_at;
                 // Saved before the old refresh token is dropped: a crash loses nothing. Dropped if
                 // the clinician changed while the provider answered.
@@ -1345,8 +1457,11 @@ impl Agent {
                 }
                 crash_point("after_refresh_saved");
                 self.emit(Event::TokenRefreshed { expires_at });
+                if role_differs(&role_before, &renewed_user) {
+                    self.emit(Event::RoleChanged { user: renewed_user });
+                }
                 if expires_at <= now + min_valid {
-                    return Err(AgentError::BadParams(format!(
+                    return Err(AgentError::TokenTooShort(format!(
                         "min_valid_secs = {min_valid} is longer than the provider's tokens last ({} s); ask for less.",
                         expires_at.saturating_sub(now)
                     )));
@@ -1377,7 +1492,7 @@ impl Agent {
                 // Anything else leaves the session as it was: serve what is still valid, else say why.
                 if current.expires_at > now + min_valid {
                     tracing::warn!(error = %why, "refresh failed; serving the cached token");
-                    Ok(answer_from(&current))
+                    Ok(answer_from(&current, self.life().tokens_installed_at))
                 } else if err.as_ref().is_none_or(SignInError::is_outage) {
                     Err(AgentError::Unreachable(format!(
                         "The token could not be renewed because the Care Identity Service could not be reached ({why}); the session is kept — try again shortly."
@@ -1418,7 +1533,8 @@ impl Agent {
         } else {
             min_valid
         };
-        Ok((current.expires_at > now + needed).then(|| answer_from(current)))
+        Ok((current.expires_at > now + needed)
+            .then(|| answer_from(current, self.life().tokens_installed_at)))
     }
 
     /// How long before `expires_at` the token is renewed ahead of need: `refresh_margin_secs`, or half
@@ -1693,10 +1809,11 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn answer_from(session: &SignedIn) -> TokenAnswer {
+fn answer_from(session: &SignedIn, installed_at: u64) -> TokenAnswer {
     TokenAnswer {
         access_token: session.access_token.expose().to_string(),
         token_type: "Bearer",
         expires_at: session.expires_at,
+        lifetime_secs: (installed_at != 0).then(|| session.expires_at.saturating_sub(installed_at)),
     }
 }

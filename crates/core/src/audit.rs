@@ -91,6 +91,23 @@ impl SealKey {
         hex::encode(self.mac(lines, last).finalize().into_bytes())
     }
 
+    /// An HMAC tag of `data` for another file of the data folder (`purpose` keeps the uses apart).
+    pub(crate) fn tag(&self, purpose: &str, data: &[u8]) -> String {
+        hex::encode(self.tag_mac(purpose, data).finalize().into_bytes())
+    }
+
+    /// Whether `tag` is [`tag`](Self::tag)'s for this `data`, compared in constant time.
+    pub(crate) fn verifies_tag(&self, purpose: &str, data: &[u8], tag: &str) -> bool {
+        hex::decode(tag).is_ok_and(|tag| self.tag_mac(purpose, data).verify_slice(&tag).is_ok())
+    }
+
+    fn tag_mac(&self, purpose: &str, data: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0[..]).expect("any key length");
+        mac.update(format!("cis2-agent {purpose} v1\n").as_bytes());
+        mac.update(data);
+        mac
+    }
+
     /// Compares in constant time.
     fn verifies(&self, lines: u64, last: &str, seal: &str) -> bool {
         hex::decode(seal).is_ok_and(|seal| self.mac(lines, last).verify_slice(&seal).is_ok())

@@ -64,14 +64,16 @@ pub const DEFAULT_PROMPT: &str = "login";
 /// `[provider] login_timeout_secs` when the file gives none.
 pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 300;
 /// The IPC methods a `[[clients]]` rule may list in `methods`.
-pub const CLIENT_METHODS: [&str; 7] = [
+pub const CLIENT_METHODS: [&str; 9] = [
     "status",
+    "version",
     "login",
     "whoami",
     "token",
     "change_role",
     "logout",
     "subscribe",
+    "activity",
 ];
 /// The largest number of seconds any duration in the file may have (366 days). Larger values are
 /// refused so that adding them to a clock reading can never overflow.
@@ -294,6 +296,10 @@ pub struct ClientRule {
     pub path: Option<PathBuf>,
     /// The executable's SHA-256, 64 lower-case hex digits.
     pub sha256: Option<String>,
+    /// Extra key: an interpreter's script, as its command line names it (absolute).
+    pub script: Option<PathBuf>,
+    /// Extra key: the script's SHA-256, 64 lower-case hex digits.
+    pub script_sha256: Option<String>,
     /// `None` = the default: every method but `logout`. Entries are among [`CLIENT_METHODS`].
     pub methods: Option<Vec<String>>,
     /// Token audiences it may ask for (empty: the default token only).
@@ -641,6 +647,8 @@ struct RawClient {
     name: Leaf,
     path: Leaf,
     sha256: Leaf,
+    script: Leaf,
+    script_sha256: Leaf,
     methods: Leaf,
     audiences: Leaf,
     scopes: Leaf,
@@ -1879,27 +1887,45 @@ fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, Con
         found => found.map(|(raw, _)| PathBuf::from(raw)),
     };
 
-    let sha256 = match ctx.string("sha256", &c.sha256, SHA_EXAMPLE)? {
-        Some((raw, span)) => {
-            let hex = raw.trim();
-            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "sha256 = {} in {label} is not valid: it must be the executable's SHA-256 \
-                         as 64 hexadecimal digits.",
-                        ctx.snippet(&span)
-                    ),
-                    format!(
-                        "Write sha256 = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
-                         `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
-                         (Windows)."
-                    ),
-                ));
+    let hash = |key: &str, leaf: &Leaf, what: &str| -> Result<Option<String>, ConfigError> {
+        Ok(match ctx.string(key, leaf, SHA_EXAMPLE)? {
+            Some((raw, span)) => {
+                let hex = raw.trim();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(ctx.err(
+                        &span,
+                        format!(
+                            "{key} = {} in {label} is not valid: it must be the {what}'s SHA-256 \
+                             as 64 hexadecimal digits.",
+                            ctx.snippet(&span)
+                        ),
+                        format!(
+                            "Write {key} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
+                             `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
+                             (Windows)."
+                        ),
+                    ));
+                }
+                Some(hex.to_ascii_lowercase())
             }
-            Some(hex.to_ascii_lowercase())
+            None => None,
+        })
+    };
+    let sha256 = hash("sha256", &c.sha256, "executable")?;
+    let script_sha256 = hash("script_sha256", &c.script_sha256, "script")?;
+    let script = match ctx.string("script", &c.script, "\"/opt/ehr/ehr.py\"")? {
+        Some((raw, span)) if !Path::new(&raw).is_absolute() => {
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "script = {} in {label} is not valid: it must be the full path of the \
+                     script the interpreter runs.",
+                    ctx.snippet(&span)
+                ),
+                "Write script = \"/opt/ehr/ehr.py\" (the absolute path).",
+            ));
         }
-        None => None,
+        found => found.map(|(raw, _)| PathBuf::from(raw)),
     };
 
     if path.is_none() && sha256.is_none() {
@@ -1912,6 +1938,21 @@ fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, Con
                 "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} (its \
                  SHA-256)."
             ),
+        ));
+    }
+
+    if (script.is_some() || script_sha256.is_some())
+        && let Some(exe) = path.as_deref().filter(|p| !crate::peer::is_interpreter(p))
+    {
+        return Err(ctx.err(
+            &entry_span,
+            format!(
+                "{label} (\"{name}\") names a script, but {} is not an interpreter this agent \
+                 knows (python, node, java, ruby, perl, php, dotnet, a shell…): a native program \
+                 is never matched by its command line.",
+                exe.display()
+            ),
+            "Remove script and script_sha256, or set path to the interpreter that runs the script.",
         ));
     }
 
@@ -1954,6 +1995,8 @@ fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, Con
         name,
         path,
         sha256,
+        script,
+        script_sha256,
         methods,
         audiences: audiences.map(|(list, _)| list).unwrap_or_default(),
         scopes: scopes.map(|(list, _)| list).unwrap_or_default(),
@@ -2199,6 +2242,27 @@ allow_user_switch = false
         );
         assert!(w.same_card_unlocks);
         assert!(!w.allow_user_switch);
+    }
+
+    #[test]
+    fn a_script_rule_is_read_and_refused_for_a_native_program_or_a_relative_path() {
+        let base = "[[clients]]\nname = \"Ward script\"\npath = \"/usr/bin/python3.11\"\n";
+        let c = ok(&format!(
+            "{base}script = \"/opt/ward/ward.py\"\nscript_sha256 = \"{}\"\n",
+            HEX.to_uppercase()
+        ))
+        .clients
+        .remove(0);
+        assert_eq!(c.script.as_deref(), Some(Path::new("/opt/ward/ward.py")));
+        assert_eq!(c.script_sha256.as_deref(), Some(HEX));
+        let e = bad(&format!("{base}script = \"ward.py\"\n"));
+        check(&e, 4, &["script = \"ward.py\"", "absolute path"]);
+        let e = bad(&format!("{base}script_sha256 = \"abc\"\n"));
+        check(&e, 4, &["script_sha256", "64 hexadecimal digits"]);
+        let e = bad(
+            "[[clients]]\nname = \"EHR\"\npath = \"/opt/ehr/bin/ehr\"\nscript = \"/opt/x.py\"\n",
+        );
+        assert!(e.to_string().contains("is not an interpreter"), "{e}");
     }
 
     #[test]
@@ -2741,7 +2805,7 @@ allow_user_switch = false
             12,
             &[
                 "unknown key \"hash\" in [[clients]] entry 2.",
-                "Valid keys: name, path, sha256, methods, audiences, scopes.",
+                "Valid keys: name, path, sha256, script, script_sha256, methods, audiences, scopes.",
             ],
         );
 
@@ -2883,7 +2947,7 @@ allow_user_switch = false
             &[
                 "methods entry \"tokens\" in [[clients]] entry 1 is not a method",
                 "Did you mean \"token\"?",
-                "Valid methods: status, login, whoami, token, change_role, logout, subscribe.",
+                "Valid methods: status, version, login, whoami, token, change_role, logout, subscribe, activity.",
             ],
         );
 

@@ -57,6 +57,30 @@ pub struct ApprovalView {
     /// The executable's file name: what a person recognises. Never a name the client sent.
     pub program: String,
     pub path: String,
+    /// Said over the buttons when the program is an interpreter: allowing it may allow far more
+    /// than the person thinks.
+    pub warning: Option<String>,
+}
+
+/// The warning for an interpreter's prompt: "Always allow" is remembered for the interpreter's hash,
+/// so it lets in every script it runs, not only this one.
+fn interpreter_warning(peer: &Peer) -> Option<String> {
+    if !peer.interpreter {
+        return None;
+    }
+    let program = peer.program_name().unwrap_or_else(|| "This program".into());
+    Some(match &peer.script {
+        Some(script) => format!(
+            "{program} is an interpreter, running {}. It runs whatever script it is given: \
+             \"Always allow\" lets in every script {program} runs, not only this one. Allow once \
+             unless you are sure.",
+            script.display()
+        ),
+        None => format!(
+            "{program} is an interpreter and runs whatever it is given: allowing it lets in \
+             every script it runs. Allow once unless you are sure."
+        ),
+    })
 }
 
 /// `amr` values as a person would name them.
@@ -163,7 +187,12 @@ impl Approver for Approvals {
                 return Answer::Deny;
             }
             pending.push(Pending {
-                view: ApprovalView { id, program, path },
+                view: ApprovalView {
+                    id,
+                    program,
+                    path,
+                    warning: interpreter_warning(peer),
+                },
                 answer: tx,
             });
         }
@@ -449,6 +478,28 @@ mod tests {
         assert_eq!(level(None, None), None);
     }
 
+    #[test]
+    fn an_interpreter_s_prompt_warns_that_always_allow_covers_every_script() {
+        let mut peer = Peer {
+            exe: Some("/usr/bin/python3.11".into()),
+            interpreter: true,
+            script: Some("/opt/ward/ward.py".into()),
+            ..Peer::default()
+        };
+        let warning = interpreter_warning(&peer).expect("an interpreter is warned about");
+        assert!(
+            warning.contains("python3.11 is an interpreter, running /opt/ward/ward.py")
+                && warning.contains("lets in every script python3.11 runs"),
+            "{warning}"
+        );
+        peer.script = None;
+        assert!(
+            interpreter_warning(&peer)
+                .unwrap()
+                .contains("every script it runs")
+        );
+    }
+
     #[tokio::test]
     async fn a_prompt_waits_for_its_answer_and_goes_away() {
         let approvals = Arc::new(Approvals::default());
@@ -468,6 +519,7 @@ mod tests {
         }
         let listed = approvals.list();
         assert_eq!(listed[0].program, "ward-ehr");
+        assert_eq!(listed[0].warning, None, "a native program needs no warning");
         assert_eq!(listed[0].path, "/opt/ward-ehr/bin/ward-ehr");
         assert!(
             !approvals.answer(listed[0].id + 1, Answer::AllowOnce),

@@ -32,6 +32,15 @@ pub struct Peer {
     pub sha256: Option<String>,
     /// The process as it was when identified; `None` where the OS gives no way to tell.
     pub process: Option<ProcessIdentity>,
+    /// The executable is an interpreter (python, node, java, …): it runs whatever script it is given,
+    /// so its identity says little about the program.
+    pub interpreter: bool,
+    /// An interpreter's script, from its command line (Linux): the first argument that is not an
+    /// option, an existing file. Weaker than the executable's identity: the process itself wrote its
+    /// command line and chose what to load.
+    pub script: Option<PathBuf>,
+    /// SHA-256 of that script file.
+    pub script_sha256: Option<String>,
 }
 
 /// What makes a running process the same program over time: the executable file behind it (device,
@@ -68,9 +77,72 @@ pub fn process_identity(_pid: i32) -> Option<ProcessIdentity> {
     None
 }
 
+/// Executable names (before any version suffix: `python3.11` is `python`) that run a script named on
+/// their command line.
+const INTERPRETERS: [&str; 14] = [
+    "python", "node", "nodejs", "ruby", "perl", "php", "java", "dotnet", "bash", "sh", "dash",
+    "zsh", "pwsh", "deno",
+];
+
+/// Whether the executable at `exe` is an interpreter by its name (`python3.11`, `node`, `java`).
+pub fn is_interpreter(exe: &std::path::Path) -> bool {
+    let Some(name) = exe.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let stem = name
+        .strip_suffix(".exe")
+        .unwrap_or(name)
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    INTERPRETERS.contains(&stem)
+}
+
+/// Options after which an interpreter runs code from the command line itself, not from a script
+/// file: a command line with one of them names no script.
+const CODE_OPTIONS: [&str; 9] = [
+    "-c",
+    "-e",
+    "-m",
+    "-p",
+    "-r",
+    "-i",
+    "--eval",
+    "--print",
+    "--require",
+];
+
+/// The script an interpreter's command line names: the first argument after the interpreter that is
+/// not an option (`java -jar X`: `X`), resolved against the process's folder, if it is a file. `None`
+/// when an option says the code comes from elsewhere (`python3 -c …`, `node -e …`).
+pub fn script_of(args: &[std::ffi::OsString], cwd: &std::path::Path) -> Option<PathBuf> {
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        let text = arg.to_string_lossy();
+        if CODE_OPTIONS.contains(&text.as_ref()) || text == "-" {
+            return None;
+        }
+        if text == "-jar" {
+            return rest.next().map(|jar| cwd.join(jar));
+        }
+        if text.starts_with('-') {
+            continue;
+        }
+        let path = cwd.join(arg);
+        return std::fs::metadata(&path)
+            .is_ok_and(|m| m.is_file())
+            .then_some(path);
+    }
+    None
+}
+
 impl Peer {
     pub fn describe(&self) -> String {
         match &self.exe {
+            Some(exe) if self.script.is_some() => format!(
+                "{} running {} (pid {})",
+                exe.display(),
+                self.script.as_deref().unwrap_or(exe).display(),
+                self.pid.unwrap_or(0)
+            ),
             Some(exe) => format!("{} (pid {})", exe.display(), self.pid.unwrap_or(0)),
             None => format!("an unidentified program (pid {})", self.pid.unwrap_or(0)),
         }
@@ -110,10 +182,174 @@ fn file_key(meta: &std::fs::Metadata) -> FileKey {
 
 #[derive(Default)]
 pub struct Identifier {
-    cache: Mutex<HashMap<FileKey, String>>,
+    /// The file identity (as [`key_text`]) → SHA-256.
+    cache: Mutex<HashMap<String, String>>,
+    /// Where the cache is kept across restarts, when it is.
+    saved: Option<SavedHashes>,
+}
+
+/// The hash cache on disk (`exe-hashes.json` in the data folder), so that a 100 MB interpreter is
+/// hashed once per install rather than once per agent start. An entry is only ever used for a file
+/// whose whole identity (the [`FileKey`]) is the one recorded; the file is ignored unless it is this
+/// user's, writable by nobody else, well-formed, and — with a seal key (the keychain store) — sealed
+/// by this agent's key.
+struct SavedHashes {
+    path: PathBuf,
+    seal: Option<crate::audit::SealKey>,
+    /// One writer at a time: two would share the temporary file.
+    writing: Mutex<()>,
+}
+
+/// The most entries kept: one per executable version seen, so old ones are dropped past this.
+const MAX_SAVED_HASHES: usize = 4096;
+const SEAL_PURPOSE: &str = "executable hash cache";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HashFile {
+    format: u32,
+    /// The file identity (as text) → SHA-256 (lower-case hex).
+    entries: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<String>,
+}
+
+fn key_text(key: &FileKey) -> String {
+    format!("{key:?}")
+}
+
+impl SavedHashes {
+    fn entries_bytes(entries: &std::collections::BTreeMap<String, String>) -> Vec<u8> {
+        serde_json::to_vec(entries).unwrap_or_default()
+    }
+
+    /// The entries of the file, or none when it cannot be trusted (with why, for the log).
+    fn load(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if !meta.is_file() {
+            return Err("it is not a plain file".into());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if meta.uid() != rustix::process::geteuid().as_raw() {
+                return Err(format!(
+                    "it belongs to uid {}, not to this user",
+                    meta.uid()
+                ));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(format!(
+                    "other users may write it (mode {:o})",
+                    meta.mode() & 0o777
+                ));
+            }
+        }
+        let text = std::fs::read(&self.path).map_err(|e| e.to_string())?;
+        let file: HashFile =
+            serde_json::from_slice(&text).map_err(|e| format!("not valid: {e}"))?;
+        if file.format != 1 {
+            return Err(format!("format {} is not this agent's", file.format));
+        }
+        if let Some(seal) = &self.seal {
+            let bytes = Self::entries_bytes(&file.entries);
+            if !file
+                .seal
+                .as_deref()
+                .is_some_and(|tag| seal.verifies_tag(SEAL_PURPOSE, &bytes, tag))
+            {
+                return Err("it is not sealed by this agent's key".into());
+            }
+        }
+        let is_hash = |h: &String| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        Ok(file
+            .entries
+            .into_iter()
+            .filter(|(_, hash)| is_hash(hash))
+            .take(MAX_SAVED_HASHES)
+            .collect())
+    }
+
+    /// Writes `entries` atomically, mode 0600.
+    fn save(&self, entries: std::collections::BTreeMap<String, String>) -> std::io::Result<()> {
+        let seal = self
+            .seal
+            .as_ref()
+            .map(|key| key.tag(SEAL_PURPOSE, &Self::entries_bytes(&entries)));
+        let text = serde_json::to_vec(&HashFile {
+            format: 1,
+            entries,
+            seal,
+        })
+        .map_err(std::io::Error::other)?;
+        let _one_writer = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        crate::store::write_atomically(&self.path, &text)
+    }
 }
 
 impl Identifier {
+    /// An identifier whose hashes are kept in `path` across restarts (sealed with `seal` when given);
+    /// what the file holds now is loaded, or ignored with a warning when it cannot be trusted.
+    pub fn persistent(path: PathBuf, seal: Option<crate::audit::SealKey>) -> Identifier {
+        let saved = SavedHashes {
+            path,
+            seal,
+            writing: Mutex::new(()),
+        };
+        let loaded = saved.load().unwrap_or_else(|why| {
+            tracing::warn!(
+                file = %saved.path.display(),
+                %why,
+                "the saved executable hashes are ignored; programs are hashed again"
+            );
+            Default::default()
+        });
+        Identifier {
+            cache: Mutex::new(loaded.into_iter().collect()),
+            saved: Some(saved),
+        }
+    }
+
+    fn cached(&self, key: &FileKey) -> Option<String> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key_text(key))
+            .cloned()
+    }
+
+    /// Remembers a new hash, and saves the cache when it is kept across restarts.
+    fn remember(&self, key: &FileKey, hash: &str) {
+        let entries = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= MAX_SAVED_HASHES {
+                // Which entry goes does not matter: a dropped one is hashed again when next met.
+                if let Some(old) = cache.keys().next().cloned() {
+                    cache.remove(&old);
+                }
+            }
+            cache.insert(key_text(key), hash.to_string());
+            self.saved.as_ref().map(|_| {
+                cache
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            })
+        };
+        if let (Some(saved), Some(entries)) = (&self.saved, entries)
+            && let Err(e) = saved.save(entries)
+        {
+            tracing::warn!(error = %e, "the executable hashes could not be saved; they are hashed again after a restart");
+        }
+    }
+
     pub fn identify(&self, uid: u32, pid: Option<i32>) -> Peer {
         let mut peer = Peer {
             uid,
@@ -125,8 +361,33 @@ impl Identifier {
             let (exe, sha256) = self.executable(pid);
             peer.exe = exe;
             peer.sha256 = sha256;
+            self.add_script(&mut peer, pid, true);
         }
         peer
+    }
+
+    /// For an interpreter: its script and, `may_hash` or when cached, the script's hash.
+    fn add_script(&self, peer: &mut Peer, pid: i32, may_hash: bool) {
+        peer.interpreter = peer.exe.as_deref().is_some_and(is_interpreter);
+        if !peer.interpreter {
+            return;
+        }
+        peer.script = command_line_script(pid);
+        peer.script_sha256 = peer.script.as_deref().and_then(|script| {
+            let key = script_key(script)?;
+            if let Some(hash) = self.cached(&key) {
+                return Some(hash);
+            }
+            if !may_hash {
+                return None;
+            }
+            let hash = file_sha256(script).ok()?;
+            // Cached only if the file is still the one whose identity was taken.
+            if script_key(script).as_ref() == Some(&key) {
+                self.remember(&key, &hash);
+            }
+            Some(hash)
+        });
     }
 
     /// Like [`identify`](Self::identify), but only when the executable's hash is cached: no file read.
@@ -135,19 +396,21 @@ impl Identifier {
         let process = process_identity(pid_value);
         let (exe, key) = exe_and_key(pid_value)?;
         exe.as_ref()?;
-        let sha256 = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)?
-            .clone();
-        Some(Peer {
+        let sha256 = self.cached(&key)?;
+        let mut peer = Peer {
             uid,
             pid,
             exe,
             sha256: Some(sha256),
             process,
-        })
+            ..Peer::default()
+        };
+        self.add_script(&mut peer, pid_value, false);
+        // A script not hashed yet: the slow path hashes it.
+        if peer.script.is_some() && peer.script_sha256.is_none() {
+            return None;
+        }
+        Some(peer)
     }
 
     #[cfg(any(target_os = "linux", target_os = "macos", windows))]
@@ -156,23 +419,15 @@ impl Identifier {
             return (None, None);
         };
         let exe = Some(exe);
-        if let Some(hash) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return (exe, Some(hash.clone()));
+        if let Some(hash) = self.cached(&key) {
+            return (exe, Some(hash));
         }
         let Some(image) = running_image(pid, exe.as_deref()) else {
             return (exe, None);
         };
         match file_sha256(&image) {
             Ok(hash) => {
-                self.cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, hash.clone());
+                self.remember(&key, &hash);
                 (exe, Some(hash))
             }
             Err(_) => (exe, None),
@@ -249,6 +504,39 @@ fn running_image(_pid: i32, exe: Option<&std::path::Path>) -> Option<PathBuf> {
 
 #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 fn exe_and_key(_pid: i32) -> Option<(Option<PathBuf>, FileKey)> {
+    None
+}
+
+/// The script named on process `pid`'s command line (Linux: `/proc/<pid>/cmdline`, relative to
+/// `/proc/<pid>/cwd`).
+#[cfg(target_os = "linux")]
+fn command_line_script(pid: i32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    let args: Vec<std::ffi::OsString> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| std::ffi::OsString::from_vec(a.to_vec()))
+        .collect();
+    script_of(&args, &cwd)
+}
+
+/// Elsewhere the command line is not read: interpreters' scripts stay unknown (rules on a script
+/// match nothing there).
+#[cfg(not(target_os = "linux"))]
+fn command_line_script(_pid: i32) -> Option<PathBuf> {
+    None
+}
+
+/// A script file's identity for the hash cache.
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn script_key(path: &std::path::Path) -> Option<FileKey> {
+    std::fs::metadata(path).ok().map(|m| file_key(&m))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn script_key(_path: &std::path::Path) -> Option<FileKey> {
     None
 }
 
@@ -337,6 +625,89 @@ mod tests {
             assert_eq!(peer.sha256, None, "{peer:?}");
             assert!(peer.describe().starts_with("an unidentified program"));
         }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn hashes_survive_a_restart_and_an_untrusted_cache_file_is_ignored() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("exe-hashes.json");
+        let seal = crate::audit::SealKey::derived_from(b"the keychain's key");
+        let me = Some(std::process::id() as i32);
+        let first = Identifier::persistent(cache.clone(), Some(seal.clone()));
+        assert!(first.identify_cached(0, me).is_none(), "nothing known yet");
+        let hashed = first.identify(0, me);
+        assert!(hashed.sha256.is_some());
+        assert_eq!(
+            std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A restarted agent knows the hash without reading the executable.
+        let restarted = Identifier::persistent(cache.clone(), Some(seal.clone()));
+        assert_eq!(restarted.identify_cached(0, me), Some(hashed.clone()));
+
+        // Sealed by another key (or not sealed at all): not this agent's file.
+        let other_key = crate::audit::SealKey::derived_from(b"another agent");
+        assert!(
+            Identifier::persistent(cache.clone(), Some(other_key))
+                .identify_cached(0, me)
+                .is_none()
+        );
+        // Unsealed stores (no keychain) trust the file as they trust the data folder.
+        let unsealed = Identifier::persistent(dir.path().join("plain.json"), None);
+        unsealed.identify(0, me);
+        assert!(
+            Identifier::persistent(dir.path().join("plain.json"), None)
+                .identify_cached(0, me)
+                .is_some()
+        );
+        assert!(
+            Identifier::persistent(dir.path().join("plain.json"), Some(seal.clone()))
+                .identify_cached(0, me)
+                .is_none(),
+            "a sealing agent does not take an unsealed file"
+        );
+        // Writable by others: ignored.
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(
+            Identifier::persistent(cache.clone(), Some(seal.clone()))
+                .identify_cached(0, me)
+                .is_none()
+        );
+        // Corrupt: ignored, and the next hash writes a good file again.
+        std::fs::write(&cache, b"{not json").unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let fresh = Identifier::persistent(cache.clone(), Some(seal.clone()));
+        assert!(fresh.identify_cached(0, me).is_none());
+        assert_eq!(fresh.identify(0, me).sha256, hashed.sha256);
+        assert!(
+            Identifier::persistent(cache.clone(), Some(seal))
+                .identify_cached(0, me)
+                .is_some()
+        );
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_saved_hash_is_used_only_for_the_very_file_it_was_taken_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("exe-hashes.json");
+        let path = dir.path().join("prog");
+        let mut child = run_copy_of_sleep(&path);
+        let before =
+            Identifier::persistent(cache.clone(), None).identify(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(before.sha256.is_some());
+        // Another file at the same path (a new inode and change time): the saved hash is not its.
+        std::fs::remove_file(&path).unwrap();
+        let mut child = run_copy_of_sleep(&path);
+        let after = Identifier::persistent(cache, None);
+        let cached = after.identify_cached(0, Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(cached, None);
     }
 
     #[test]

@@ -13,14 +13,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Methods a listed client may call when its rule does not say (all but logout).
-pub const DEFAULT_METHODS: [&str; 6] = [
+pub const DEFAULT_METHODS: [&str; 8] = [
     "status",
+    "version",
     "login",
     "whoami",
     "token",
     "change_role",
     "subscribe",
+    "activity",
 ];
+
+/// Methods answered for every program of this user, whatever the policy: they tell nothing about the
+/// clinician (`status` withholds the user from programs that may not call `whoami`).
+pub const OPEN_METHODS: [&str; 2] = ["status", "version"];
 
 /// What a person decided for a program (the desktop app's prompt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +173,7 @@ impl Grant {
     }
 
     pub fn permits(&self, method: &str) -> bool {
-        method == "status" || self.methods.iter().any(|m| m == method)
+        OPEN_METHODS.contains(&method) || self.methods.iter().any(|m| m == method)
     }
 }
 
@@ -181,7 +187,21 @@ fn rule_matches(rule: &ClientRule, peer: &Peer) -> bool {
         .sha256
         .as_ref()
         .is_none_or(|h| peer.sha256.as_deref() == Some(h.as_str()));
-    (rule.path.is_some() || rule.sha256.is_some()) && path_ok && hash_ok
+    // A rule on a script also needs the interpreter to be one (and the script to be that file):
+    // weaker than an executable's identity, and documented as such (docs/security.md).
+    let script_ok = rule
+        .script
+        .as_ref()
+        .is_none_or(|p| peer.interpreter && peer.script.as_deref() == Some(p.as_path()));
+    let script_hash_ok = rule
+        .script_sha256
+        .as_ref()
+        .is_none_or(|h| peer.interpreter && peer.script_sha256.as_deref() == Some(h.as_str()));
+    (rule.path.is_some() || rule.sha256.is_some())
+        && path_ok
+        && hash_ok
+        && script_ok
+        && script_hash_ok
 }
 
 /// Whether the running program's path is the one a rule lists. Windows file names are not
@@ -280,7 +300,22 @@ pub fn how_to_list(config: &Config, peer: &Peer) -> String {
     if let Some(sha) = &peer.sha256 {
         entry.push_str(&format!("sha256 = \"{sha}\"\n"));
     }
-    format!(" To allow it, add to {file}:\n{entry}")
+    if let Some(script) = &peer.script {
+        entry.push_str(&format!("script = \"{}\"\n", script.display()));
+    }
+    if let Some(sha) = &peer.script_sha256 {
+        entry.push_str(&format!("script_sha256 = \"{sha}\"\n"));
+    }
+    let warning = if peer.interpreter && peer.script.is_none() {
+        " It is an interpreter, which runs whatever it is given, and its command line names no \
+         script file: an entry for it lets in everything it runs."
+    } else if peer.interpreter {
+        " It is an interpreter: the entry names its script too (script, script_sha256), which is \
+         weaker than an executable's identity (see docs/security.md)."
+    } else {
+        ""
+    };
+    format!(" To allow it, add to {file}:\n{entry}{warning}")
 }
 
 #[cfg(test)]
@@ -290,6 +325,43 @@ mod tests {
 
     fn config(text: &str) -> Config {
         crate::config::parse(text, Path::new("/etc/cis2-agent/config.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_script_rule_matches_only_that_script_under_that_interpreter() {
+        let script_hash = HASH_B;
+        let cfg = config(&format!(
+            "{}[agent]\nclient_policy = \"deny\"\n[[clients]]\nname = \"Ward script\"\npath = \"/usr/bin/python3.11\"\n\
+             script = \"/opt/ward/ward.py\"\nscript_sha256 = \"{script_hash}\"\n",
+            base()
+        ));
+        let d = Decisions::new(PathBuf::from("/nonexistent/clients.json"));
+        let mut python = peer("/usr/bin/python3.11", HASH_A);
+        python.interpreter = true;
+        assert!(
+            matches!(decide(&cfg, &d, &python), Verdict::Denied(_)),
+            "the interpreter alone is not the script"
+        );
+        python.script = Some(PathBuf::from("/opt/ward/ward.py"));
+        python.script_sha256 = Some(script_hash.into());
+        assert!(matches!(decide(&cfg, &d, &python), Verdict::Allowed(_)));
+        let mut changed = python.clone();
+        changed.script_sha256 = Some(HASH_A.into());
+        assert!(matches!(decide(&cfg, &d, &changed), Verdict::Denied(_)));
+        let mut elsewhere = python.clone();
+        elsewhere.script = Some(PathBuf::from("/tmp/ward.py"));
+        assert!(matches!(decide(&cfg, &d, &elsewhere), Verdict::Denied(_)));
+        // A native program is never matched by its arguments.
+        let mut native = python.clone();
+        native.interpreter = false;
+        assert!(matches!(decide(&cfg, &d, &native), Verdict::Denied(_)));
+        // What to add, for an interpreter with a script, names the script and says it is weaker.
+        let told = how_to_list(&cfg, &python);
+        assert!(told.contains("script = \"/opt/ward/ward.py\""), "{told}");
+        assert!(
+            told.contains("weaker than an executable's identity"),
+            "{told}"
+        );
     }
 
     fn peer(path: &str, sha: &str) -> Peer {

@@ -134,6 +134,12 @@ impl Service {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Stops as a client can tell from a crash: every subscriber gets `agent_stopping` and each
+    /// connection closes once it is written (waiting 2 s at most), then the socket goes.
+    pub async fn stop(self) {
+        self.agent.stop(std::time::Duration::from_secs(2)).await;
+    }
 }
 
 /// Says who is signed in at every new sign-in (and role change), as a line on stdout: on a shared

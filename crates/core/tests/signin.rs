@@ -1277,3 +1277,145 @@ async fn a_role_change_is_signing_in_and_a_login_meanwhile_joins_it() {
     assert_eq!(h.opened.load(Ordering::SeqCst), 2, "one browser flow");
     assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }
+
+fn drained(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+fn role_changes(seen: &[Event]) -> Vec<Option<String>> {
+    seen.iter()
+        .filter_map(|e| match e {
+            Event::RoleChanged { user } => Some(user.selected_role.as_ref().map(|r| r.id.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn unlocking_with_another_role_says_role_changed_and_the_same_role_does_not() {
+    let h = harness(Setup {
+        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        ..Setup::default()
+    })
+    .await;
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.script.lock().unwrap().role = Some("555021935107001".into());
+    let mut events = h.agent.subscribe();
+    h.login().await.unwrap();
+    // Locked, then unlocked by the same clinician in the same role: no role_changed.
+    h.advance(901);
+    assert!(eventually(|| h.agent.status().state == SessionState::Locked).await);
+    h.login().await.unwrap();
+    let seen = drained(&mut events);
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                Event::SignedIn { .. },
+                Event::Locked { .. },
+                Event::Unlocked
+            ]
+        ),
+        "{seen:?}"
+    );
+    // Locked again, and unlocked in another role: an EHR showing the old role must hear of it.
+    h.advance(901);
+    assert!(eventually(|| h.agent.status().state == SessionState::Locked).await);
+    h.script.lock().unwrap().role = Some("555021935107003".into());
+    h.login().await.unwrap();
+    let seen = drained(&mut events);
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                Event::Locked { .. },
+                Event::Unlocked,
+                Event::RoleChanged { .. }
+            ]
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(role_changes(&seen), vec![Some("555021935107003".into())]);
+    assert_eq!(
+        h.agent.whoami().unwrap().selected_role.map(|r| r.id),
+        Some("555021935107003".into())
+    );
+}
+
+#[tokio::test]
+async fn a_role_change_that_picks_the_same_role_says_nothing() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.script.lock().unwrap().role = Some("555021935107002".into());
+    h.login().await.unwrap();
+    let mut events = h.agent.subscribe();
+    let same = h.agent.change_role().await.unwrap();
+    assert_eq!(
+        same.selected_role.map(|r| r.id),
+        Some("555021935107002".into())
+    );
+    assert_eq!(
+        role_changes(&drained(&mut events)),
+        Vec::<Option<String>>::new()
+    );
+    h.script.lock().unwrap().role = Some("555021935107001".into());
+    h.agent.change_role().await.unwrap();
+    assert_eq!(
+        role_changes(&drained(&mut events)),
+        vec![Some("555021935107001".into())]
+    );
+}
+
+#[tokio::test]
+async fn tokens_shorter_than_asked_have_their_own_code_and_the_lifetime_is_told() {
+    let h = harness(Setup::tokens_lasting(600)).await;
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.login().await.unwrap();
+    let token = h.agent.token(TokenRequest::default()).await.unwrap();
+    assert_eq!(token.lifetime_secs, Some(600));
+    let refused = h
+        .agent
+        .token(TokenRequest {
+            min_valid_secs: Some(7200),
+            ..TokenRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), -32006, "{refused}");
+    assert!(
+        refused.to_string().contains("(600 s); ask for less"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn activity_keeps_the_session_unlocked_and_a_locked_one_stays_locked() {
+    let h = harness(Setup {
+        // (Still in [agent]:) every program may call, as a sandbox lets them.
+        session_toml: "client_policy = \"allow\"\n[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let peer = cis2_core::peer::Peer::default();
+    let mut grant = cis2_core::agent::ConnectionGrant::default();
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.login().await.unwrap();
+    let started = h.agent.now();
+    for _ in 0..3 {
+        h.advance(600);
+        // What the IPC server does for the `activity` method: the policy check, then the call.
+        h.agent
+            .authorize(&peer, "activity", &mut grant)
+            .await
+            .unwrap();
+        let answer = h.agent.activity().unwrap();
+        assert_eq!(answer.inactivity_secs, 900);
+        assert_eq!(answer.inactivity_action, "lock");
+        assert_eq!(answer.acts_at, Some(h.agent.now() + 900));
+    }
+    assert!(h.agent.now() >= started + 1800);
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    h.advance(901);
+    assert!(eventually(|| h.agent.status().state == SessionState::Locked).await);
+    assert_eq!(h.agent.activity().unwrap_err().code(), -32004);
+}

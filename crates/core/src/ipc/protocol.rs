@@ -17,7 +17,41 @@ pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
 
 /// The methods of the protocol: the same list `[[clients]] methods` is checked against.
-pub const METHODS: [&str; 7] = crate::config::CLIENT_METHODS;
+pub const METHODS: [&str; 9] = crate::config::CLIENT_METHODS;
+
+/// The event types a subscriber may receive (`resync` comes from the connection, the rest from the
+/// agent).
+pub const EVENTS: [&str; 9] = [
+    "signed_in",
+    "signed_out",
+    "token_refreshed",
+    "role_changed",
+    "session_expiring",
+    "locked",
+    "unlocked",
+    "agent_stopping",
+    "resync",
+];
+
+/// The protocol's revision, as `version` reports it. 1: the contract's first methods and events; 2:
+/// `version`, `activity`, the `agent_stopping` event, error -32006 and `token`'s `lifetime_secs`.
+pub const PROTOCOL_REVISION: u32 = 2;
+
+/// The error codes this agent sends, as `version` reports them.
+pub const ERROR_CODES: [i64; 12] = [
+    PARSE_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    INVALID_PARAMS,
+    INTERNAL_ERROR,
+    -32000,
+    -32001,
+    -32002,
+    -32003,
+    -32004,
+    -32005,
+    -32006,
+];
 
 /// A request that passed the JSON-RPC checks.
 #[derive(Debug, Clone)]
@@ -321,7 +355,7 @@ pub async fn call(
         _ => (None, None),
     };
     let outcome = run(agent, peer, connection, request).await;
-    if method != "status" {
+    if !crate::policy::OPEN_METHODS.contains(&method) {
         let result = match &outcome {
             Ok(_) => "ok".to_string(),
             Err(AgentError::NotAllowed(_)) => "denied".to_string(),
@@ -425,12 +459,31 @@ async fn run(
             answer
         }
         "change_role" => agent.change_role().await.map(|u| json!(u)),
+        "activity" => agent.activity().map(|a| json!(a)),
+        "version" => Ok(version(agent)),
         "logout" => agent.logout().await.map(|()| json!({})),
         "subscribe" => Ok(json!({})),
         other => Err(AgentError::BadParams(format!(
             "There is no method {other:?}."
         ))),
     }
+}
+
+/// The `version` result: what this agent is and supports, so a client can adapt rather than guess.
+fn version(agent: &Agent) -> Value {
+    json!({
+        "agent": "cis2-agent",
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": PROTOCOL_REVISION,
+        "environment": agent.status().environment,
+        "transport": if cfg!(windows) { "named_pipe" } else { "unix_socket" },
+        "methods": METHODS,
+        "events": EVENTS,
+        "error_codes": ERROR_CODES,
+        // The providers this release supports issue no down-scoped tokens (`token`'s `audience`
+        // and `scope` never give one).
+        "down_scoped_tokens": false,
+    })
 }
 
 #[cfg(test)]

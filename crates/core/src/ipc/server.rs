@@ -270,12 +270,23 @@ impl Mailbag {
     }
 }
 
-/// Answers a connection that is not served with one error line, then closes it.
-async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, why: String) {
+/// Answers a connection that is not served with one error line, then closes it. What the client sends
+/// meanwhile is read and dropped for a moment: closing at once would make a client that writes its
+/// request before reading fail with EPIPE and never see why.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: S, why: String) {
+    use tokio::io::AsyncReadExt;
+    let (mut read_half, mut write_half) = tokio::io::split(stream);
     let line = protocol::error_response(&protocol::Id::null(), -32000, &why);
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
-        stream.write_all(format!("{line}\n").as_bytes()),
+        write_half.write_all(format!("{line}\n").as_bytes()),
+    )
+    .await;
+    let _ = write_half.shutdown().await;
+    let mut ignored = (&mut read_half).take(MAX_LINE_BYTES as u64);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::copy(&mut ignored, &mut tokio::io::sink()),
     )
     .await;
 }
@@ -285,16 +296,33 @@ async fn connection<S>(stream: S, agent: Agent, peer: Arc<Peer>, options: Arc<Se
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // Held until this connection has written its last line: the agent's stop waits for that.
+    let mut stopping = agent.stopping_signal();
     let (read_half, mut write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
     let (tx, mut mailbag) = Outbox::new(options.queue, options.max_queued_bytes);
-    let writer = tokio::spawn(async move {
-        while let Some(line) = mailbag.next().await {
-            if write_half.write_all(line.as_bytes()).await.is_err() {
-                break;
+    // Told when the agent stops: what is queued goes out, then the connection closes, whatever
+    // requests are still running (they hold senders, so the queue alone would never end).
+    let finish = Arc::new(Notify::new());
+    let writer = {
+        let finish = finish.clone();
+        tokio::spawn(async move {
+            loop {
+                let line = tokio::select! {
+                    line = mailbag.next() => line,
+                    () = finish.notified() => {
+                        mailbag.lines.close();
+                        mailbag.next().await
+                    }
+                };
+                let Some(line) = line else { break };
+                if write_half.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
             }
-        }
-    });
+            let _ = write_half.shutdown().await;
+        })
+    };
     let stalled = tx.stalled.clone();
     let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
     let subscribed = Arc::new(AtomicBool::new(false));
@@ -302,6 +330,7 @@ where
     let grant = Arc::new(tokio::sync::Mutex::new(ConnectionGrant::default()));
     // Orders this connection's identity-bearing answers against its events (see `deliver`).
     let order = Arc::new(tokio::sync::Mutex::new(()));
+    let mut agent_stopped = false;
     loop {
         let idle = !subscribed.load(Ordering::Relaxed)
             && in_flight.available_permits() == options.max_in_flight;
@@ -317,6 +346,10 @@ where
             },
             () = stalled.notified() => {
                 tracing::warn!(peer = ?peer.describe(), "disconnected a client that stopped reading its answers");
+                break;
+            }
+            _ = stopping.wait_for(|stopping| *stopping) => {
+                agent_stopped = true;
                 break;
             }
         };
@@ -427,12 +460,23 @@ where
             drop(permit);
         });
     }
-    if let Some(task) = subscription
+    let forwarder = subscription
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        task.abort();
+        .take();
+    if let Some(mut task) = forwarder {
+        // Stopping: the forwarder ends once it has queued `agent_stopping`, the subscriber's last
+        // event; otherwise nobody is left to read events.
+        if !agent_stopped
+            || tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+    }
+    if agent_stopped {
+        finish.notify_one();
     }
     drop(tx);
     // Let queued answers go out, then stop. A writer still blocked on a client that does not read is
@@ -465,6 +509,13 @@ async fn forward_events(
                 }
             }
             received = events.recv() => match received {
+                // The last event, sent even over an owed resync: after it the connection closes.
+                Ok(event @ crate::agent::Event::AgentStopping { .. }) => {
+                    let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                    let _in_order = order.lock().await;
+                    let _ = outbox.try_queue(format!("{line}\n"));
+                    return;
+                }
                 Ok(event) if !owe_resync => {
                     let line = json!({"jsonrpc": "2.0", "method": "event", "params": event});
                     let _in_order = order.lock().await;
@@ -486,6 +537,93 @@ async fn forward_events(
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[cfg(feature = "sandbox")]
+    #[tokio::test]
+    async fn a_stopping_agent_tells_subscribers_then_closes_even_with_a_request_running() {
+        use crate::agent::AgentOptions;
+        use crate::browser::Browser;
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::sandbox();
+        config.agent.data_dir = Some(dir.path().to_path_buf());
+        let agent = Agent::start(AgentOptions::new(config, Browser::from_env(true)))
+            .await
+            .unwrap();
+        let (client, server_end) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(connection(
+            server_end,
+            agent.clone(),
+            Arc::new(Peer::default()),
+            Arc::new(ServeOptions::default()),
+        ));
+        let (read, mut write) = tokio::io::split(client);
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"subscribe\"}\n")
+            .await
+            .unwrap();
+        let answer: Value =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(answer["id"], 1);
+        // A sign-in waiting for a browser nobody uses: it must not hold the connection open.
+        write
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"login\",\"params\":{\"timeout_secs\":600}}\n")
+            .await
+            .unwrap();
+        while agent.status().state != crate::agent::SessionState::SigningIn {
+            tokio::task::yield_now().await;
+        }
+        agent.stop(Duration::from_secs(30)).await;
+        // `stop` returned: the connection has written its last line and closed.
+        served.await.unwrap();
+        let last: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(last["method"], "event");
+        assert_eq!(
+            last["params"],
+            json!({"type": "agent_stopping", "session_survives": false})
+        );
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            None,
+            "then the connection closes"
+        );
+        // A connection made after the stop closes at once.
+        let (late, late_end) = tokio::io::duplex(1024);
+        connection(
+            late_end,
+            agent.clone(),
+            Arc::new(Peer::default()),
+            Arc::new(ServeOptions::default()),
+        )
+        .await;
+        drop(late);
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_that_writes_first_still_reads_why() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let (client, server_end) = tokio::io::duplex(1024);
+        let refusing = tokio::spawn(refuse(server_end, TOO_MANY_CONNECTIONS.to_string()));
+        let (read, mut write) = tokio::io::split(client);
+        let mut reader = BufReader::new(read);
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        // The refusal is written; the client sends its request only now, as one that writes
+        // without reading first would, and its write still goes through.
+        write
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}\n")
+            .await
+            .expect("the agent still reads what the refused client sends");
+        drop(write);
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(answer["error"]["code"], -32000);
+        assert_eq!(answer["error"]["message"], TOO_MANY_CONNECTIONS);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing after the refusal");
+        refusing.await.unwrap();
+    }
 
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_resync_once_its_queue_drains() {
