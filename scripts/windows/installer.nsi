@@ -4,6 +4,7 @@
 ; Command line (an NSIS installer's own switches, and ours):
 ;   /S               silent (SCCM, Intune): no pages, no questions
 ;   /AUTOSTART       also tick "Start at sign-in" (the desktop app starts in the tray at every user's sign-in)
+;   /AUTOSTART=0     untick it (without either, an upgrade keeps what the installed version had)
 ;   /D=C:\path       another install folder (NSIS's own switch: last on the line, no quotes)
 ; The uninstaller (registered in Add/Remove Programs) takes /S too.
 ;
@@ -108,8 +109,9 @@ Section "CIS2 Agent (required)" SecMain
   WriteRegDWORD HKLM "${UNINSTALL_KEY}" "EstimatedSize" $0
 SectionEnd
 
-; Off unless ticked or /AUTOSTART: the machine-wide Run entry starts the app in the tray (window
-; closed) at every user's sign-in. An install without it removes an earlier install's entry.
+; The machine-wide Run entry starts the app in the tray (window closed) at every user's sign-in. Off on a
+; first install unless ticked or /AUTOSTART; an upgrade keeps the installed choice unless told
+; (/AUTOSTART, /AUTOSTART=0), so that an SCCM upgrade with plain /S changes nothing an admin set.
 Section /o "Start at sign-in for every user" SecAutostart
   WriteRegStr HKLM "${RUN_KEY}" "${PRODUCT}" '"$INSTDIR\cis2-agent.exe" --minimized'
 SectionEnd
@@ -122,16 +124,25 @@ SectionEnd
 
 !insertmacro MUI_FUNCTION_DESCRIPTION_BEGIN
   !insertmacro MUI_DESCRIPTION_TEXT ${SecMain} "The desktop app (tray and sign-in window), cis2-agentd and cis2ctl."
-  !insertmacro MUI_DESCRIPTION_TEXT ${SecAutostart} "Start CIS2 Agent in the tray when anyone signs in to this computer (command line: /AUTOSTART)."
+  !insertmacro MUI_DESCRIPTION_TEXT ${SecAutostart} "Start CIS2 Agent in the tray when anyone signs in to this computer (command line: /AUTOSTART, or /AUTOSTART=0 for off)."
 !insertmacro MUI_FUNCTION_DESCRIPTION_END
 
 Function .onInit
   SetRegView 64
+  ClearErrors
+  ReadRegStr $R1 HKLM "${RUN_KEY}" "${PRODUCT}"
+  ${IfNot} ${Errors}
+    !insertmacro SelectSection ${SecAutostart}
+  ${EndIf}
   ${GetParameters} $R0
   ClearErrors
   ${GetOptions} "$R0" "/AUTOSTART" $R1
   ${IfNot} ${Errors}
-    !insertmacro SelectSection ${SecAutostart}
+    ${If} $R1 == "=0"
+      !insertmacro UnselectSection ${SecAutostart}
+    ${Else}
+      !insertmacro SelectSection ${SecAutostart}
+    ${EndIf}
   ${EndIf}
 FunctionEnd
 

@@ -118,6 +118,11 @@ check "the admin's config is unchanged" "cmp -s '$config' '$work/config.toml'"
 run="$(reg_value "$run_key" 'CIS2 Agent')"
 check "start at sign-in: the machine's Run key starts the app in the tray ($run)" \
   "[ \"\$run\" = '\"C:\\Program Files\\CIS2 Agent\\cis2-agent.exe\" --minimized' ]"
+check "an upgrade with plain /S keeps start at sign-in" \
+  "wine '$setup' /S && [ \"\$(reg_value '$run_key' 'CIS2 Agent')\" = \"\$run\" ]"
+check "/AUTOSTART=0 turns it off" "wine '$setup' /S /AUTOSTART=0 && ! reg_value '$run_key' 'CIS2 Agent' >/dev/null"
+check "/AUTOSTART turns it on again" "wine '$setup' /S /AUTOSTART && reg_value '$run_key' 'CIS2 Agent' >/dev/null"
+check "the admin's config is still unchanged after three more installs" "cmp -s '$config' '$work/config.toml'"
 check "the installed cis2-agentd.exe, with no options, reads the machine-wide config" \
   "start_agent '$work/machine' && grep -qF 'listening on $pipe' '$work/machine.out'"
 check "and the installed cis2ctl.exe finds it through the same config" "ctl status >/dev/null 2>&1"
