@@ -272,12 +272,24 @@ impl Driver {
     }
 
     async fn click(&self, css: &str) {
-        self.wait_for(css, "").await;
-        let element = self.find(css).await.unwrap();
-        let answer = self
-            .command(&format!("/element/{element}/click"), Some(json!({})))
-            .await;
-        assert!(answer.is_null(), "click on {css}: {answer}");
+        // The page redraws a list when an event arrives, so an element found a moment ago may be gone
+        // by the click ("stale element reference"): find it again, as a person would look again.
+        for _ in 0..20 {
+            self.wait_for(css, "").await;
+            let Some(element) = self.find(css).await else {
+                continue;
+            };
+            let answer = self
+                .command(&format!("/element/{element}/click"), Some(json!({})))
+                .await;
+            if answer["error"] == "stale element reference" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert!(answer.is_null(), "click on {css}: {answer}");
+            return;
+        }
+        panic!("{css} was redrawn under every one of 20 clicks");
     }
 
     /// Each of `controls` is inside the viewport, which is the window's default size, not covered
