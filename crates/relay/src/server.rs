@@ -442,7 +442,7 @@ async fn exchange(State(relay): State<Shared>, headers: HeaderMap, body: ReadBod
             } else {
                 format!(
                     "this relay exchanges for no audience {:?}; it knows {}",
-                    request.audience.escape_debug().to_string(),
+                    request.audience,
                     known.join(", ")
                 )
             },

@@ -963,6 +963,19 @@ async fn platform_setup(key: &SigningKey, registered: &SigningKey) -> (Setup, te
     (setup, keys)
 }
 
+/// Ben signed in through the relay: the session's ID token.
+async fn signed_in_id_token(setup: &Setup) -> String {
+    let (code, verifier, redirect_uri, _) = code_for(setup).await;
+    let (status, signed_in) = post_json(
+        setup,
+        "v1/token",
+        &json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect_uri}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{signed_in}");
+    signed_in["id_token"].as_str().unwrap().to_string()
+}
+
 async fn exchange(setup: &Setup, id_token: &str, audience: &str) -> (u16, Value) {
     post_json(
         setup,
@@ -976,15 +989,7 @@ async fn exchange(setup: &Setup, id_token: &str, audience: &str) -> (u16, Value)
 async fn an_id_token_becomes_an_api_platform_token_and_bad_ones_are_refused_clearly() {
     let key = SigningKey::generate(Alg::RS512);
     let (setup, _keys) = platform_setup(&key, &key).await;
-    let (code, verifier, redirect_uri, _) = code_for(&setup).await;
-    let (status, signed_in) = post_json(
-        &setup,
-        "v1/token",
-        &json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect_uri}).to_string(),
-    )
-    .await;
-    assert_eq!(status, 200, "{signed_in}");
-    let id_token = signed_in["id_token"].as_str().unwrap().to_string();
+    let id_token = signed_in_id_token(&setup).await;
 
     let (status, first) = exchange(&setup, &id_token, "apim").await;
     assert_eq!(status, 200, "{first}");
@@ -1068,19 +1073,42 @@ async fn a_platform_that_refuses_the_relays_assertion_is_the_relays_misconfigura
         &SigningKey::generate(Alg::RS512),
     )
     .await;
-    let (code, verifier, redirect_uri, _) = code_for(&setup).await;
-    let (_, signed_in) = post_json(
-        &setup,
-        "v1/token",
-        &json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect_uri}).to_string(),
-    )
-    .await;
-    let (status, refused) = exchange(&setup, signed_in["id_token"].as_str().unwrap(), "apim").await;
+    let id_token = signed_in_id_token(&setup).await;
+    let (status, refused) = exchange(&setup, &id_token, "apim").await;
     assert_eq!(status, 502, "{refused}");
     assert_eq!(refused["error"], "relay_misconfigured");
     let description = refused["error_description"].as_str().unwrap();
     assert!(
         description.contains("API Platform") && description.contains("JWT is not valid"),
         "{description}"
+    );
+}
+
+/// The exchange's latency through the relay, in process against the sandbox on loopback (a debug build:
+/// for comparing changes, not capacity). Run: `cargo test -p cis2-relay --test api exchange_latency --
+/// --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints p50/p99"]
+async fn exchange_latency() {
+    let key = SigningKey::generate(Alg::RS512);
+    let (setup, _keys) = platform_setup(&key, &key).await;
+    let id_token = signed_in_id_token(&setup).await;
+    for _ in 0..20 {
+        assert_eq!(exchange(&setup, &id_token, "apim").await.0, 200);
+    }
+    let mut took = Vec::new();
+    for _ in 0..500 {
+        let started = std::time::Instant::now();
+        let (status, answer) = exchange(&setup, &id_token, "apim").await;
+        took.push(started.elapsed());
+        assert_eq!(status, 200, "{answer}");
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "exchange through the relay, 500 sequential: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.50),
+        at(0.99),
+        took[took.len() - 1]
     );
 }
