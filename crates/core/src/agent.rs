@@ -2,6 +2,8 @@
 //! token, logout, and the event stream. One session object owns the state; concurrent `login` calls
 //! share one browser flow, and concurrent `token` calls share one refresh (single-flight).
 
+mod audience;
+
 use crate::audit::{AuditError, AuditLog, AuditOptions, ClientInfo, Record};
 use crate::browser::Browser;
 use crate::clock::{SharedClock, SystemClock};
@@ -224,6 +226,8 @@ struct Inner {
     /// The task running the current browser sign-in, so that it can be cancelled.
     flight_task: Mutex<Option<tokio::task::AbortHandle>>,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// API Platform tokens by audience (`token` with `audience`).
+    audiences: audience::AudienceTokens,
     events: broadcast::Sender<Event>,
     identifier: Identifier,
     decisions: Decisions,
@@ -469,6 +473,7 @@ impl Agent {
                 login_flight: tokio::sync::Mutex::new(None),
                 flight_task: Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
+                audiences: audience::AudienceTokens::default(),
                 events,
                 identifier: Identifier::persistent(
                     data_dir.join("exe-hashes.json"),
@@ -940,6 +945,7 @@ impl Agent {
         if self.session().is_none() {
             return;
         }
+        self.inner.audiences.clear();
         let mut life = self.life();
         if life.locked.is_none() {
             life.locked = Some(reason.to_string());
@@ -1376,6 +1382,11 @@ impl Agent {
     /// refresh margin) and a refresh token is held.
     pub async fn token(&self, request: TokenRequest) -> Result<TokenAnswer, AgentError> {
         self.check_unlocked()?;
+        if let (Some(audience), None) = (&request.audience, &request.scope) {
+            return self
+                .audience_token(audience, request.min_valid_secs.unwrap_or(0))
+                .await;
+        }
         if request.audience.is_some() || request.scope.is_some() {
             return Err(AgentError::BadParams(
                 "This provider does not issue down-scoped tokens: ask without audience and scope for the session's token.".into(),
@@ -1563,6 +1574,7 @@ impl Agent {
             if ended.is_some() {
                 self.next_generation();
             }
+            self.inner.audiences.clear();
             if let Err(e) = self.inner.store.clear() {
                 tracing::error!(error = %e, "the saved session could not be removed");
             }

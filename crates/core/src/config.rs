@@ -264,6 +264,18 @@ pub struct ProviderConfig {
     pub login_timeout_secs: u64,
     /// `[provider.exchange]`.
     pub exchange: Exchange,
+    /// `[[provider.audiences]]`: API Platform tokens the agent serves for `token` with `audience`,
+    /// exchanged through the relay (so only with `method = "relay"`).
+    pub audiences: Vec<AudienceRoute>,
+}
+
+/// One `[[provider.audiences]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudienceRoute {
+    /// What programs ask for (`"audience": name`).
+    pub name: String,
+    /// The relay's `[[api_platform]] audience` it is exchanged at; default `name`.
+    pub route: String,
 }
 
 /// `[agent]`.
@@ -618,6 +630,14 @@ struct RawProvider {
     redirect_ports: Leaf,
     login_timeout_secs: Leaf,
     exchange: Option<RawExchange>,
+    audiences: Option<Vec<RawAudience>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudience {
+    name: Leaf,
+    route: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1606,6 +1626,7 @@ fn read_provider(
         Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
     )?;
     let exchange = read_exchange(ctx, p.exchange, env, &p_span)?;
+    let audiences = read_audiences(ctx, p.audiences.as_deref().unwrap_or_default(), &exchange)?;
 
     Ok(ProviderConfig {
         issuer,
@@ -1618,7 +1639,68 @@ fn read_provider(
         redirect_ports,
         login_timeout_secs,
         exchange,
+        audiences,
     })
+}
+
+fn read_audiences(
+    ctx: &Ctx<'_>,
+    raw: &[RawAudience],
+    exchange: &Exchange,
+) -> Result<Vec<AudienceRoute>, ConfigError> {
+    let mut out: Vec<AudienceRoute> = Vec::new();
+    for entry in raw {
+        let word = |key: &str, leaf: &Leaf| -> Result<Option<(String, Span)>, ConfigError> {
+            let Some((value, span)) = ctx.string(key, leaf, "\"apim\"")? else {
+                return Ok(None);
+            };
+            if value.is_empty()
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(ctx.err(
+                    &span,
+                    format!(
+                        "[[provider.audiences]] {key} = {} is not valid: it must be letters, digits, - _ or .",
+                        ctx.snippet(&span)
+                    ),
+                    format!("Write {key} = \"apim\"."),
+                ));
+            }
+            Ok(Some((value, span)))
+        };
+        let Some((name, span)) = word("name", &entry.name)? else {
+            return Err(ctx.err(
+                &ctx.table_span("provider.audiences", None),
+                "A [[provider.audiences]] entry has no name.",
+                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
+            ));
+        };
+        if exchange.method != ExchangeMethod::Relay {
+            return Err(ctx.err(
+                &span,
+                format!(
+                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are exchanged by \
+                     cis2-relay, which holds the platform key, and [provider.exchange] method is \"{}\".",
+                    exchange.method.as_str()
+                ),
+                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the [[provider.audiences]] entry.",
+            ));
+        }
+        if out.iter().any(|a| a.name == name) {
+            return Err(ctx.err(
+                &span,
+                format!("[[provider.audiences]] name {name:?} is given twice."),
+                "Give each [[provider.audiences]] entry its own name.",
+            ));
+        }
+        let route = word("route", &entry.route)?
+            .map(|(route, _)| route)
+            .unwrap_or_else(|| name.clone());
+        out.push(AudienceRoute { name, route });
+    }
+    Ok(out)
 }
 
 fn read_ports(ctx: &Ctx<'_>, leaf: &Leaf) -> Result<Vec<u16>, ConfigError> {
@@ -2401,6 +2483,47 @@ allow_user_switch = false
 
         let e = bad(&int_with("").replace("\"123456789012.apps.national\"", "\"\""));
         check(&e, 3, &["client_id = \"\" is not valid"]);
+    }
+
+    #[test]
+    fn audiences_are_named_routes_through_the_relay() {
+        let c = ok(&int_with(
+            "[[provider.audiences]]\nname = \"apim\"\n[[provider.audiences]]\nname = \"pds\"\nroute = \"apim-int\"\n",
+        ));
+        assert_eq!(
+            c.provider.expect("a provider").audiences,
+            [
+                AudienceRoute {
+                    name: "apim".into(),
+                    route: "apim".into()
+                },
+                AudienceRoute {
+                    name: "pds".into(),
+                    route: "apim-int".into()
+                },
+            ]
+        );
+        assert!(
+            ok(&int_with(""))
+                .provider
+                .is_some_and(|p| p.audiences.is_empty())
+        );
+        let twice =
+            "[[provider.audiences]]\nname = \"apim\"\n[[provider.audiences]]\nname = \"apim\"\n";
+        check(&bad(&int_with(twice)), 9, &["given twice"]);
+        check(
+            &bad(&int_with("[[provider.audiences]]\nname = \"a b\"\n")),
+            7,
+            &["letters, digits", "name = \"apim\""],
+        );
+        check(
+            &bad(&int_with("[[provider.audiences]]\nnme = \"apim\"\n")),
+            7,
+            &["nme"],
+        );
+        let direct = "environment = \"custom\"\n[provider]\nissuer = \"https://idp.example/r\"\n\
+                      client_id = \"x\"\n[[provider.audiences]]\nname = \"apim\"\n";
+        check(&bad(direct), 6, &["needs the relay", "method = \"relay\""]);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn router(provider: Arc<Provider>, admin_secret: Option<String>) -> Router {
         ));
     Router::new()
         .nest(REALM_PATH, realm)
+        .route("/oauth2/token", post(api_token))
         .route("/sandbox/login", post(login))
         .route("/sandbox/select-role", post(select_role))
         .nest("/admin", admin)
@@ -280,6 +281,25 @@ async fn token_answer(provider: &Provider, headers: &HeaderMap, body: &Bytes) ->
         Err(message) => return oauth_error(OAuthError::new(400, "invalid_request", message)),
     };
     match provider.token(&form).await {
+        Ok(body) => (no_store(), axum::Json(body)).into_response(),
+        Err(err) => oauth_error(err),
+    }
+}
+
+/// The API-Platform-like token exchange (`Provider::api_exchange`).
+async fn api_token(State(provider): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    if !is_form(&headers) {
+        return oauth_error(OAuthError::new(
+            400,
+            "invalid_request",
+            "the token request must be application/x-www-form-urlencoded",
+        ));
+    }
+    let form = match single_valued(&body) {
+        Ok(form) => form,
+        Err(message) => return oauth_error(OAuthError::new(400, "invalid_request", message)),
+    };
+    match provider.api_exchange(&form).await {
         Ok(body) => (no_store(), axum::Json(body)).into_response(),
         Err(err) => oauth_error(err),
     }

@@ -259,6 +259,11 @@ pub struct Delivery {
     pub error: Option<String>,
 }
 
+/// RFC 8693's grant type and token types.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
 struct Inner {
     users: Vec<User>,
     clients: HashMap<String, Client>,
@@ -889,6 +894,103 @@ impl Provider {
         }
     }
 
+    // ---- the API Platform's token exchange ----------------------------------------------------
+
+    /// The API-Platform-like token URL this provider serves beside CIS2 (outside the realm, as the
+    /// platform is another service): `http://host:port/oauth2/token`.
+    pub fn api_token_endpoint(&self) -> String {
+        let base = self.issuer.strip_suffix(REALM_PATH).unwrap_or(&self.issuer);
+        format!("{base}/oauth2/token")
+    }
+
+    /// `POST /oauth2/token`: RFC 8693 as the NHS API Platform does it for "CIS2 separate authentication
+    /// and authorisation". The application (registered as a client whose `client_id` is its API key and
+    /// whose keys verify its assertions) signs an RS512 assertion for this URL; the subject token must be
+    /// an ID token this provider signed, for one of its clients, not expired. The access token is
+    /// opaque and new at each exchange.
+    pub async fn api_exchange(&self, form: &HashMap<String, String>) -> Result<Value, OAuthError> {
+        match form.get("grant_type").map(String::as_str) {
+            Some(TOKEN_EXCHANGE) => {}
+            Some(other) => {
+                return Err(OAuthError::new(
+                    400,
+                    "unsupported_grant_type",
+                    format!("grant_type {other} is not supported; use {TOKEN_EXCHANGE}"),
+                ));
+            }
+            None => return Err(OAuthError::request("grant_type is required")),
+        }
+        if form.get("client_assertion_type").map(String::as_str) != Some(CLIENT_ASSERTION_TYPE) {
+            return Err(OAuthError::client(format!(
+                "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
+            )));
+        }
+        let jwt = form
+            .get("client_assertion")
+            .ok_or_else(|| OAuthError::client("client_assertion is required"))?;
+        let api_key = UnverifiedJwt::parse(jwt)
+            .ok()
+            .and_then(|t| {
+                t.claims
+                    .get("iss")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| OAuthError::client("JWT is not valid: no iss"))?;
+        let app = self
+            .client(&api_key)
+            .ok_or_else(|| OAuthError::client("JWT is not valid: the API key is not registered"))?;
+        if app.jwks.is_none() && app.jwks_uri.is_none() {
+            return Err(OAuthError::client(
+                "JWT is not valid: the application registered no public key",
+            ));
+        }
+        self.check_assertion_for(&app, jwt, &self.api_token_endpoint(), &[Alg::RS512])
+            .await?;
+        if form.get("subject_token_type").map(String::as_str) != Some(ID_TOKEN_TYPE) {
+            return Err(OAuthError::request(format!(
+                "subject_token_type must be {ID_TOKEN_TYPE}"
+            )));
+        }
+        let subject = form
+            .get("subject_token")
+            .ok_or_else(|| OAuthError::request("subject_token is required"))?;
+        let now = self.now();
+        let claims = {
+            let inner = self.lock();
+            UnverifiedJwt::parse(subject)
+                .and_then(|t| t.verify(&[Alg::RS256, Alg::RS512, Alg::PS256], &inner.keys.jwks()))
+                .map_err(|e| OAuthError::grant(format!("the subject token is not valid: {e}")))?
+        };
+        let text = |name: &str| claims.get(name).and_then(Value::as_str);
+        if text("iss") != Some(self.issuer.as_str()) {
+            return Err(OAuthError::grant(
+                "the subject token was not issued by CIS2 Authentication (iss)",
+            ));
+        }
+        let audiences: Vec<&str> = match claims.get("aud") {
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        if !audiences.iter().any(|a| self.client(a).is_some()) {
+            return Err(OAuthError::grant(
+                "the subject token's audience is no client registered with CIS2 Authentication",
+            ));
+        }
+        match claims.get("exp").and_then(Value::as_u64) {
+            Some(exp) if exp > now => {}
+            _ => return Err(OAuthError::grant("the subject token has expired")),
+        }
+        // The platform writes expires_in as a string.
+        Ok(json!({
+            "access_token": random_token(24),
+            "token_type": "Bearer",
+            "issued_token_type": ACCESS_TOKEN_TYPE,
+            "expires_in": self.lifetimes.access_token.to_string(),
+        }))
+    }
+
     // ---- the token endpoint -------------------------------------------------------------------
 
     /// `POST /access_token` with its form already split into single-valued parameters.
@@ -1002,10 +1104,28 @@ impl Provider {
     }
 
     async fn check_client_assertion(&self, client: &Client, jwt: &str) -> Result<(), OAuthError> {
+        self.check_assertion_for(
+            client,
+            jwt,
+            &self.token_endpoint(),
+            &[Alg::RS256, Alg::RS512, Alg::PS256],
+        )
+        .await
+    }
+
+    /// An RFC 7523 client assertion by `client` for the endpoint `token_endpoint`, signed with one of
+    /// `algs` by one of the client's keys.
+    async fn check_assertion_for(
+        &self,
+        client: &Client,
+        jwt: &str,
+        token_endpoint: &str,
+        algs: &[Alg],
+    ) -> Result<(), OAuthError> {
         let invalid = |why: &str| OAuthError::client(format!("JWT is not valid: {why}"));
         let keys = self.client_keys(client).await?;
         let claims = UnverifiedJwt::parse(jwt)
-            .and_then(|t| t.verify(&[Alg::RS256, Alg::RS512, Alg::PS256], &keys))
+            .and_then(|t| t.verify(algs, &keys))
             .map_err(|e| invalid(&e.to_string()))?;
         let text = |name: &str| claims.get(name).and_then(Value::as_str);
         if text("iss") != Some(client.client_id.as_str())
@@ -1013,10 +1133,9 @@ impl Provider {
         {
             return Err(invalid("iss and sub must both be the client_id"));
         }
-        let token_endpoint = self.token_endpoint();
         let aud_ok = match claims.get("aud") {
-            Some(Value::String(aud)) => aud == &token_endpoint,
-            Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(&token_endpoint)),
+            Some(Value::String(aud)) => aud == token_endpoint,
+            Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(token_endpoint)),
             _ => false,
         };
         if !aud_ok {

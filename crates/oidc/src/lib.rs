@@ -17,4 +17,5 @@ pub mod loopback;
 pub mod relay;
 pub mod rp;
 pub mod secret;
+pub mod token_exchange;
 pub mod validate;

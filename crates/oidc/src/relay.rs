@@ -29,6 +29,14 @@ pub struct RelayTokens {
     pub events_ticket: Option<Secret>,
 }
 
+/// The relay's answer to `/v1/exchange`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelayExchanged {
+    pub access_token: Secret,
+    /// Seconds left when the relay answered (preferred to a desktop clock's view of `expires_at`).
+    pub expires_in: u64,
+}
+
 /// How long the event stream may stay silent before the agent treats it as dead (the relay sends a
 /// keep-alive comment every 15 seconds).
 pub const EVENTS_IDLE_LIMIT: Duration = Duration::from_secs(45);
@@ -125,6 +133,28 @@ impl RelayClient {
             )
             .await?;
         Ok(answer.revoked)
+    }
+
+    /// The API Platform access token for the session of `id_token`, exchanged by the relay for the
+    /// relay's audience `audience` (`POST /v1/exchange`), and how long the relay took.
+    pub async fn exchange(
+        &self,
+        id_token: &Secret,
+        audience: &str,
+    ) -> Result<(RelayExchanged, Duration), ProviderError> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            id_token: &'a str,
+            audience: &'a str,
+        }
+        self.post(
+            "v1/exchange",
+            &Body {
+                id_token: id_token.expose(),
+                audience,
+            },
+        )
+        .await
     }
 
     async fn post<T: serde::de::DeserializeOwned>(

@@ -24,6 +24,23 @@ pub struct RelayConfig {
     /// than the key's RFC 7638 thumbprint (the default).
     pub kids: std::collections::HashMap<PathBuf, String>,
     pub limits: Limits,
+    /// `[[api_platform]]`: the audiences `/v1/exchange` serves (empty: it answers 404 for each).
+    pub api_platform: Vec<ApiPlatform>,
+}
+
+/// One `[[api_platform]]` registration: where and as whom the relay exchanges an agent's ID token.
+#[derive(Debug, Clone)]
+pub struct ApiPlatform {
+    /// The name agents ask for (`"audience"` in `/v1/exchange`).
+    pub audience: String,
+    /// The platform's token URL, e.g. `https://int.api.service.nhs.uk/oauth2/token`: the assertion's `aud`.
+    pub token_url: String,
+    /// The application's API key: the assertion's `iss` and `sub`.
+    pub api_key: String,
+    /// The private key registered with the platform (signs RS512).
+    pub key: PathBuf,
+    /// The `kid` it is registered under.
+    pub kid: String,
 }
 
 /// `[limits]`: what one address may ask and how long anything may take.
@@ -63,6 +80,18 @@ struct File {
     signing: SigningSection,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    api_platform: Vec<ApiPlatformSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiPlatformSection {
+    audience: String,
+    token_url: String,
+    api_key: String,
+    key: PathBuf,
+    kid: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,6 +387,8 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         }
     }
 
+    let api_platform = api_platforms(text, &parsed.api_platform, &resolve, &error)?;
+
     Ok(RelayConfig {
         listen,
         tls,
@@ -371,7 +402,121 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         active,
         kids,
         limits,
+        api_platform,
     })
+}
+
+/// Checks the `[[api_platform]]` entries; each key file is read to check it is a usable RSA key.
+fn api_platforms(
+    text: &str,
+    entries: &[ApiPlatformSection],
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    error: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Vec<ApiPlatform>, ConfigError> {
+    // Each entry's own lines: a mistake is reported at its key within that entry.
+    let starts: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[api_platform]]")
+        .map(|(i, _)| i)
+        .collect();
+    let mut out: Vec<ApiPlatform> = Vec::new();
+    for (n, entry) in entries.iter().enumerate() {
+        let at = |key: &str, message: String| {
+            let from = starts.get(n).copied().unwrap_or(0);
+            let line = text
+                .lines()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| {
+                    l.trim_start()
+                        .strip_prefix(key)
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+                })
+                .map(|(i, _)| i + 1)
+                .unwrap_or(from + 1);
+            error(line, format!("[[api_platform]] {message}"))
+        };
+        let name_ok = (1..=64).contains(&entry.audience.len())
+            && entry
+                .audience
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(at(
+                "audience",
+                format!(
+                    "audience = {:?} must be 1 to 64 letters, digits, - _ or .; write e.g. audience = \"apim\"",
+                    entry.audience
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.audience == entry.audience) {
+            return Err(at(
+                "audience",
+                format!(
+                    "audience = {:?} is given twice; each [[api_platform]] needs its own name",
+                    entry.audience
+                ),
+            ));
+        }
+        let url_ok = match url::Url::parse(&entry.token_url) {
+            Ok(u) => {
+                u.scheme() == "https"
+                    || (u.scheme() == "http"
+                        && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
+            }
+            Err(_) => false,
+        };
+        if !url_ok {
+            return Err(at(
+                "token_url",
+                format!(
+                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the                      sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
+                    entry.token_url
+                ),
+            ));
+        }
+        if entry.api_key.trim().is_empty() || entry.api_key.chars().any(char::is_whitespace) {
+            return Err(at(
+                "api_key",
+                "api_key must be the application's API key from the API Platform's developer                  portal (one word)"
+                    .into(),
+            ));
+        }
+        let key = resolve(&entry.key);
+        let pem = std::fs::read_to_string(&key).map_err(|e| {
+            at(
+                "key",
+                format!("cannot read the key file {}: {e}", key.display()),
+            )
+        })?;
+        SigningKey::from_pem(&pem, Alg::RS512).map_err(|e| {
+            at(
+                "key",
+                format!(
+                    "{} is not a usable RSA private key ({e}); create one with                      `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096`",
+                    key.display()
+                ),
+            )
+        })?;
+        if let Err(e) = cis2_jose::check_kid(&entry.kid) {
+            return Err(at(
+                "kid",
+                format!(
+                    "kid: {e}; write the kid the key was registered under, e.g. kid = \"int-1\""
+                ),
+            ));
+        }
+        out.push(ApiPlatform {
+            audience: entry.audience.clone(),
+            token_url: entry.token_url.clone(),
+            api_key: entry.api_key.clone(),
+            key,
+            kid: entry.kid.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// Whether `uri` is one of the allowed redirect URIs. Loopback entries (`http://127.0.0.1`,
@@ -518,6 +663,42 @@ mod tests {
         for (text, line, words) in cases {
             let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
             assert_eq!(err.file, Path::new("relay.toml"));
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(words), "{err}");
+        }
+    }
+
+    #[test]
+    fn api_platform_registrations_load_and_their_mistakes_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        write_key(dir.path(), "apim.pem");
+        let entry = "[[api_platform]]\naudience = \"apim\"\n\
+                     token_url = \"https://int.api.service.nhs.uk/oauth2/token\"\n\
+                     api_key = \"abc123\"\nkey = \"apim.pem\"\nkid = \"int-1\"\n";
+        let config = parse(&good(entry), "relay.toml", dir.path()).unwrap();
+        assert_eq!(config.api_platform.len(), 1);
+        assert_eq!(config.api_platform[0].audience, "apim");
+        assert_eq!(config.api_platform[0].key, dir.path().join("apim.pem"));
+        assert_eq!(config.api_platform[0].kid, "int-1");
+        assert!(
+            parse(&good(""), "relay.toml", dir.path())
+                .unwrap()
+                .api_platform
+                .is_empty()
+        );
+        let cases = [
+            (entry.replace("\"apim\"", "\"a b\""), 11, "audience"),
+            (entry.replace("https://int", "http://int"), 12, "https://"),
+            (entry.replace("\"abc123\"", "\"\""), 13, "API key"),
+            (entry.replace("apim.pem", "none.pem"), 14, "cannot read"),
+            (entry.replace("\"int-1\"", "\"a.b\""), 15, "kid"),
+            (entry.replace("kid =", "kidd ="), 15, "unknown field"),
+            (format!("{entry}{entry}"), 17, "twice"),
+        ];
+        for (extra, line, words) in cases {
+            let err = parse(&good(&extra), "relay.toml", dir.path()).unwrap_err();
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(words), "{err}");
         }

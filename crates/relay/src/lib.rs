@@ -87,6 +87,16 @@ pub async fn start_with_clock(
         keys.push(key);
     }
     let active = active.ok_or("the active key is not among the keys")?;
+    let mut platforms = Vec::new();
+    for platform in &config.api_platform {
+        let path = &platform.key;
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+        let key = SigningKey::from_pem(&pem, cis2_jose::Alg::RS512)
+            .and_then(|k| k.with_kid(&platform.kid))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        platforms.push((platform.clone(), key));
+    }
     let tickets = ticket::Tickets::new(&keys, &active);
     let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)?;
     let rp = RelyingParty {
@@ -123,9 +133,9 @@ pub async fn start_with_clock(
         .local_addr()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let url = format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" });
-    let relay = Arc::new(server::Relay::new(
-        config, rp, &keys, tickets, fanout, clock,
-    ));
+    let relay = Arc::new(
+        server::Relay::new(config, rp, &keys, tickets, fanout, clock).with_platforms(platforms),
+    );
     let app = server::router(relay.clone());
     let limits = cis2_tls::ServeLimits {
         header_read_timeout: Duration::from_secs(relay.config.limits.read_timeout_secs),

@@ -2,7 +2,7 @@
 //! party, the public keys, back-channel logout in and logout events out, health and metrics. Every
 //! refusal is a JSON `{error, error_description}`; nothing here logs or echoes a token or a code.
 
-use crate::config::{RelayConfig, redirect_allowed};
+use crate::config::{ApiPlatform, RelayConfig, redirect_allowed};
 use crate::fanout::{Ended, Fanout, matches};
 use crate::limiter::RateLimiter;
 use crate::metrics::Metrics;
@@ -50,6 +50,8 @@ pub struct Relay {
     /// Becomes true when the relay stops: every event stream then ends.
     closing: watch::Sender<bool>,
     session_streams: Mutex<SessionStreams>,
+    /// `[[api_platform]]` by audience name, each with its RS512 key under its registered `kid`.
+    platforms: HashMap<String, (ApiPlatform, SigningKey)>,
 }
 
 impl Relay {
@@ -75,7 +77,17 @@ impl Relay {
             seen_logout_ids: Mutex::new(HashMap::new()),
             closing: watch::Sender::new(false),
             session_streams: Mutex::new(SessionStreams::default()),
+            platforms: HashMap::new(),
         }
+    }
+
+    /// The API Platform registrations `/v1/exchange` serves.
+    pub fn with_platforms(mut self, platforms: Vec<(ApiPlatform, SigningKey)>) -> Relay {
+        self.platforms = platforms
+            .into_iter()
+            .map(|(p, key)| (p.audience.clone(), (p, key)))
+            .collect();
+        self
     }
 
     /// Ends every event stream now and refuses new ones, as when the relay stops: agents reconnect,
@@ -93,6 +105,7 @@ pub fn router(relay: Shared) -> Router {
         .route("/v1/token", post(token))
         .route("/v1/refresh", post(refresh))
         .route("/v1/revoke", post(revoke))
+        .route("/v1/exchange", post(exchange))
         .route("/v1/events", get(events))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/backchannel-logout", post(backchannel_logout))
@@ -134,6 +147,7 @@ fn endpoint_name(path: Option<&str>) -> &'static str {
         Some("/v1/token") => "token",
         Some("/v1/refresh") => "refresh",
         Some("/v1/revoke") => "revoke",
+        Some("/v1/exchange") => "exchange",
         Some("/v1/events") => "events",
         Some("/.well-known/jwks.json") => "jwks",
         Some("/backchannel-logout") => "backchannel_logout",
@@ -159,7 +173,10 @@ async fn limit_and_count(
     );
     // Back-channel logout is not limited: its tokens are signature-checked, and CIS2's own calls must
     // never be refused because someone else flooded the token endpoint from the same address.
-    let limited = matches!(endpoint, "token" | "refresh" | "revoke" | "events");
+    let limited = matches!(
+        endpoint,
+        "token" | "refresh" | "revoke" | "exchange" | "events"
+    );
     let allowed = if limited {
         relay.limiter.check(peer.0.ip())
     } else {
@@ -392,6 +409,100 @@ async fn revoke(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody)
     };
     no_store(response.headers_mut());
     response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeRequest {
+    id_token: Secret,
+    audience: String,
+}
+
+/// RFC 8693 at the API Platform on an agent's behalf: the agent sends its live session's ID token and
+/// the audience's name; the relay checks the ID token by the sign-in's rules (a token it would not have
+/// accepted at sign-in is never presented as this application's), signs the client assertion with the
+/// platform key only it holds and answers the platform's access token. The platform's refresh token,
+/// if any, stays here unused: the agent renews by exchanging again.
+async fn exchange(State(relay): State<Shared>, headers: HeaderMap, body: ReadBody) -> Response {
+    let request: ExchangeRequest = match json_body(&headers, body) {
+        Ok(request) => request,
+        Err(refusal) => return *refusal,
+    };
+    if !is_token_text(request.id_token.expose()) {
+        return bad("id_token must be 1 to 4096 visible ASCII characters");
+    }
+    let Some((platform, key)) = relay.platforms.get(&request.audience) else {
+        let mut known: Vec<&str> = relay.platforms.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "unknown_audience",
+            &if known.is_empty() {
+                "this relay exchanges for no audience ([[api_platform]] is not configured)".into()
+            } else {
+                format!(
+                    "this relay exchanges for no audience {:?}; it knows {}",
+                    request.audience,
+                    known.join(", ")
+                )
+            },
+        );
+    };
+    let work = async {
+        relay.rp.check_id_token(&request.id_token).await?;
+        let client = cis2_oidc::token_exchange::PlatformClient {
+            http: relay.rp.discovery.http(),
+            token_url: &platform.token_url,
+            api_key: &platform.api_key,
+            key,
+        };
+        client
+            .exchange(&request.id_token, relay.clock.now())
+            .await
+            .map_err(SignInError::Exchange)
+    };
+    let outcome = match within_time_limit(&relay, work).await {
+        Ok(outcome) => outcome,
+        Err(too_slow) => return *too_slow,
+    };
+    match outcome {
+        Ok((answer, took)) => {
+            relay.metrics.provider(took);
+            let now = relay.clock.now();
+            let lifetime = answer.lifetime();
+            let mut response = axum::Json(json!({
+                "access_token": answer.access_token.expose(),
+                "token_type": answer.token_type.as_deref().unwrap_or("Bearer"),
+                "issued_token_type": answer.issued_token_type.as_deref()
+                    .unwrap_or(cis2_oidc::token_exchange::ACCESS_TOKEN_TYPE),
+                "expires_in": lifetime,
+                "expires_at": now + lifetime,
+                "audience": platform.audience,
+            }))
+            .into_response();
+            no_store(response.headers_mut());
+            response
+        }
+        Err(error) => {
+            let (status, code) = match &error {
+                // The ID token the agent sent is not one this relay accepts: the agent's to fix (sign in
+                // again), not the provider's.
+                SignInError::IdToken(IdTokenError::NoKeys) => {
+                    (StatusCode::BAD_GATEWAY, "temporarily_unavailable")
+                }
+                SignInError::IdToken(_) => (StatusCode::BAD_REQUEST, "invalid_grant"),
+                other => classify(other),
+            };
+            tracing::info!(error = %escaped(&error), status = status.as_u16(), audience = %platform.audience, "token exchange refused");
+            let description = match &error {
+                SignInError::Exchange(e) => {
+                    format!("the API Platform refused the exchange: {e}")
+                }
+                other => other.to_string(),
+            };
+            refuse(status, code, &description)
+        }
+    }
 }
 
 /// Text that came from outside (a token's `kid` or `iss`, a provider's error description) made safe for

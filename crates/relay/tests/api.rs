@@ -49,8 +49,10 @@ async fn setup(extra: &str) -> Setup {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let extra = extra.replace("{api_token_url}", &provider.provider.api_token_endpoint());
     let config =
-        cis2_relay::config::load(&write_relay_config(dir.path(), &provider.issuer, extra)).unwrap();
+        cis2_relay::config::load(&write_relay_config(dir.path(), &provider.issuer, &extra))
+            .unwrap();
     let relay = cis2_relay::start(config).await.unwrap();
     let client: Client = serde_json::from_value(json!({
         "client_id": CLIENT_ID,
@@ -933,5 +935,180 @@ async fn an_unauthenticated_logout_token_cannot_forge_a_log_line_and_its_refusal
     assert!(
         refusal.contains("2026-12-07T00:00:00.000000Z  INFO"),
         "the kid stays inside its own line, escaped: {refusal}"
+    );
+}
+
+const API_KEY: &str = "apim-app-key-1";
+
+/// The relay with an `[[api_platform]]` registration at the sandbox's API-Platform-like token URL, the
+/// application registered there under `registered` (the public key the platform holds).
+async fn platform_setup(key: &SigningKey, registered: &SigningKey) -> (Setup, tempfile::TempDir) {
+    let keys = tempfile::tempdir().unwrap();
+    let path = keys.path().join("apim.pem");
+    std::fs::write(&path, key.to_pkcs8_pem()).unwrap();
+    let setup = setup(&format!(
+        "[[api_platform]]\naudience = \"apim\"\ntoken_url = \"{{api_token_url}}\"\n\
+         api_key = \"{API_KEY}\"\nkey = \"{}\"\nkid = \"int-1\"\n",
+        path.display()
+    ))
+    .await;
+    let app: Client = serde_json::from_value(json!({
+        "client_id": API_KEY,
+        "auth_method": "private_key_jwt",
+        "jwks": {"keys": [registered.with_kid("int-1").unwrap().public_jwk()]},
+        "redirect_uris": ["https://ehr.example/unused"],
+    }))
+    .unwrap();
+    setup.provider.provider.register_client(app).unwrap();
+    (setup, keys)
+}
+
+/// Ben signed in through the relay: the session's ID token.
+async fn signed_in_id_token(setup: &Setup) -> String {
+    let (code, verifier, redirect_uri, _) = code_for(setup).await;
+    let (status, signed_in) = post_json(
+        setup,
+        "v1/token",
+        &json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect_uri}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{signed_in}");
+    signed_in["id_token"].as_str().unwrap().to_string()
+}
+
+async fn exchange(setup: &Setup, id_token: &str, audience: &str) -> (u16, Value) {
+    post_json(
+        setup,
+        "v1/exchange",
+        &json!({"id_token": id_token, "audience": audience}).to_string(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_id_token_becomes_an_api_platform_token_and_bad_ones_are_refused_clearly() {
+    let key = SigningKey::generate(Alg::RS512);
+    let (setup, _keys) = platform_setup(&key, &key).await;
+    let id_token = signed_in_id_token(&setup).await;
+
+    let (status, first) = exchange(&setup, &id_token, "apim").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["audience"], "apim");
+    assert_eq!(first["token_type"], "Bearer");
+    assert!(first["expires_in"].as_u64().unwrap() > 60, "{first}");
+    let text = first.to_string();
+    assert!(!text.contains(&id_token), "the ID token is never echoed");
+    assert!(first.get("refresh_token").is_none());
+    // Each exchange is a new token (the platform issues one per call).
+    let (status, second) = exchange(&setup, &id_token, "apim").await;
+    assert_eq!(status, 200);
+    assert_ne!(first["access_token"], second["access_token"]);
+
+    let (status, unknown) = exchange(&setup, &id_token, "pds").await;
+    assert_eq!(
+        (status, &unknown["error"]),
+        (404, &json!("unknown_audience"))
+    );
+    assert!(
+        unknown["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("apim")
+    );
+
+    // Refused ID tokens: each a 400 invalid_grant saying which rule failed, and no call to the platform
+    // with it (the platform would have refused them too; the relay says why first).
+    let now = setup.provider.provider.now();
+    let claims = cis2_jose::UnverifiedJwt::parse(&id_token).unwrap().claims;
+    let forged = |changes: Value| {
+        let mut claims = claims.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            claims.insert(k.clone(), v.clone());
+        }
+        setup.provider_key.sign(&Value::Object(claims))
+    };
+    let mut tampered = id_token.clone().into_bytes();
+    let dot = id_token.find('.').unwrap();
+    tampered[dot + 3] = if tampered[dot + 3] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (token, words) in [
+        (
+            forged(json!({"exp": now - 600, "iat": now - 4000})),
+            "expired",
+        ),
+        (
+            forged(json!({"iss": "https://elsewhere.example:443/realms/x"})),
+            "issued by",
+        ),
+        (
+            forged(json!({"aud": "another.apps.national"})),
+            "not for this application",
+        ),
+        (tampered, "ID token"),
+    ] {
+        let (status, refused) = exchange(&setup, &token, "apim").await;
+        assert_eq!(status, 400, "{words}: {refused}");
+        assert_eq!(refused["error"], "invalid_grant", "{refused}");
+        let description = refused["error_description"].as_str().unwrap();
+        assert!(description.contains(words), "{words}: {description}");
+        assert!(!refused.to_string().contains(&token));
+    }
+    let (status, malformed) = post_json(&setup, "v1/exchange", r#"{"id_token": "a"}"#).await;
+    assert_eq!(
+        (status, &malformed["error"]),
+        (400, &json!("invalid_request"))
+    );
+    assert!(metrics(&setup).await.contains("endpoint=\"exchange\""));
+}
+
+#[tokio::test]
+async fn a_platform_that_refuses_the_relays_assertion_is_the_relays_misconfiguration() {
+    // The platform holds another public key than the relay signs with.
+    let (setup, _keys) = platform_setup(
+        &SigningKey::generate(Alg::RS512),
+        &SigningKey::generate(Alg::RS512),
+    )
+    .await;
+    let id_token = signed_in_id_token(&setup).await;
+    let (status, refused) = exchange(&setup, &id_token, "apim").await;
+    assert_eq!(status, 502, "{refused}");
+    assert_eq!(refused["error"], "relay_misconfigured");
+    let description = refused["error_description"].as_str().unwrap();
+    assert!(
+        description.contains("API Platform") && description.contains("JWT is not valid"),
+        "{description}"
+    );
+}
+
+/// The exchange's latency through the relay, in process against the sandbox on loopback (a debug build:
+/// for comparing changes, not capacity). Run: `cargo test -p cis2-relay --test api exchange_latency --
+/// --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints p50/p99"]
+async fn exchange_latency() {
+    let key = SigningKey::generate(Alg::RS512);
+    let (setup, _keys) = platform_setup(&key, &key).await;
+    let id_token = signed_in_id_token(&setup).await;
+    for _ in 0..20 {
+        assert_eq!(exchange(&setup, &id_token, "apim").await.0, 200);
+    }
+    let mut took = Vec::new();
+    for _ in 0..500 {
+        let started = std::time::Instant::now();
+        let (status, answer) = exchange(&setup, &id_token, "apim").await;
+        took.push(started.elapsed());
+        assert_eq!(status, 200, "{answer}");
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "exchange through the relay, 500 sequential: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.50),
+        at(0.99),
+        took[took.len() - 1]
     );
 }
