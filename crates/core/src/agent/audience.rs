@@ -90,6 +90,16 @@ impl AudienceTokens {
 }
 
 impl Agent {
+    /// The audiences `token` serves here (`[[provider.audiences]]` names), for `version`.
+    pub fn audience_names(&self) -> Vec<String> {
+        self.inner
+            .config
+            .provider
+            .as_ref()
+            .map(|p| p.audiences.iter().map(|a| a.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// The API Platform token for the configured audience `name`, lasting at least `min_valid` s.
     pub(super) async fn audience_token(
         &self,

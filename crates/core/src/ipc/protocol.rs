@@ -480,9 +480,8 @@ fn version(agent: &Agent) -> Value {
         "methods": METHODS,
         "events": EVENTS,
         "error_codes": ERROR_CODES,
-        // The providers this release supports issue no down-scoped tokens (`token`'s `audience`
-        // and `scope` never give one).
-        "down_scoped_tokens": false,
+        // What `token`'s `audience` can name here (API Platform tokens through the relay).
+        "audiences": agent.audience_names(),
     })
 }
 
