@@ -81,6 +81,7 @@ impl AudienceTokens {
             access_token: entry.token.expose().to_string(),
             token_type: "Bearer",
             expires_at: entry.expires_at,
+            lifetime_secs: Some(entry.lifetime),
         })
     }
 
@@ -174,6 +175,7 @@ impl Agent {
             access_token: answer.access_token.expose().to_string(),
             token_type: "Bearer",
             expires_at: entry.expires_at,
+            lifetime_secs: Some(lifetime),
         };
         // A sign-out, lock or role change while the exchange ran: the token is not for the session now.
         if current().is_ok_and(|(now_key, _)| now_key == key) && self.check_unlocked().is_ok() {
