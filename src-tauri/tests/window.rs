@@ -580,18 +580,16 @@ async fn the_no_roles_expiring_and_locked_screens() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
     let desktop = start_desktop();
-    // Chris has no roles; the session may last 100 s (inside the 120 s warning); 12 s idle locks it
-    // (long enough for a loaded machine to draw the no-roles screen before the lock replaces it).
+    // Chris has no roles; the session may last 100 s (inside the 120 s warning). The lock comes from
+    // the stand-in logind when the test says so, not from a timer a loaded machine could outrun.
+    let logind = cis2_system_tests::StandinLogind::start();
     let config = write_config(
         dir.path(),
-        "[session]\nabsolute_secs = 100\ninactivity_secs = 12\ninactivity_action = \"lock\"\n",
+        "[session]\nabsolute_secs = 100\n[workstation]\non_os_lock = \"lock\"\n",
     );
-    let (driver, _) = Driver::launch(
-        &desktop,
-        &base_env(dir.path(), "555021935109"),
-        &["--config".into(), config],
-    )
-    .await;
+    let mut env = base_env(dir.path(), "555021935109");
+    env.push(("DBUS_SYSTEM_BUS_ADDRESS", logind.bus.address.clone()));
+    let (driver, _) = Driver::launch(&desktop, &env, &["--config".into(), config]).await;
     driver.click("#login").await;
     driver.wait_for("#no-roles", "You have no roles").await;
     driver.wait_for("#expiring", "Your session ends in").await;
@@ -599,8 +597,9 @@ async fn the_no_roles_expiring_and_locked_screens() {
     driver
         .assert_fits("no roles and expiring", &["#renew", "#logout"])
         .await;
+    logind.emit("EmitLock");
     driver
-        .wait_for("#locked-reason", "no program used the session")
+        .wait_for("#locked-reason", "workstation was locked")
         .await;
     driver.screenshot("08-locked").await;
     driver.assert_fits("locked", &["#unlock", "#logout"]).await;

@@ -93,6 +93,10 @@ fn exits(client: &mut Process) -> Option<i32> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if let Some(status) = client.child.try_wait().unwrap() {
+            // A signal has no exit code: say which, so a failure shows how mono ended.
+            if status.code().is_none() {
+                eprintln!("the C# example ended without an exit code: {status:?}");
+            }
             return status.code();
         }
         std::thread::sleep(Duration::from_millis(50));
