@@ -94,6 +94,21 @@ pub struct Agent {
 impl Agent {
     /// `args`: extra flags (`--sandbox`, `--config FILE`…); `env`: extra environment.
     pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_inner(dir, args, env, None)
+    }
+
+    /// [`Agent::start`] with the agent's stderr (its log) written to the file `log`.
+    pub fn start_logged(dir: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Agent {
+        let file = std::fs::File::create(log).expect("the log file can be created");
+        Agent::start_inner(dir, args, env, Some(Stdio::from(file)))
+    }
+
+    fn start_inner(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Option<Stdio>,
+    ) -> Agent {
         let socket = dir.join("run").join("agent.sock");
         let browser_log = dir.join("browser.log");
         let mut command = Command::new(bin("cis2-agentd"));
@@ -108,6 +123,9 @@ impl Agent {
             .env("XDG_DATA_HOME", dir.join("data"));
         for (k, v) in env {
             command.env(k, v);
+        }
+        if let Some(stderr) = stderr {
+            command.stderr(stderr);
         }
         let mut process = Process::start(command);
         let listening = process.wait_for("listening on ", Duration::from_secs(30));

@@ -1,0 +1,513 @@
+//! API Platform tokens (issue 18) through the processes: `cis2-mock-idp` (CIS2 and the API-Platform-like
+//! `/oauth2/token`), `cis2-relay` with an `[[api_platform]]` registration, `cis2-agentd` with
+//! `[[provider.audiences]]`, `cis2ctl` and the scripted browser. A recording forwarder between the
+//! agent and the relay counts the exchanges and catches the session's ID token, so the test can check it
+//! never reaches a program or a log.
+
+use cis2_ipc_client::{Client, ClientError};
+use cis2_jose::{Alg, SigningKey};
+use cis2_system_tests::{Agent, Process, bin, json, stderr, stdout};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CLIENT_ID: &str = "200000000009.apps.national";
+const API_KEY: &str = "apim-app-key-1";
+const AMELIA: &str = "555021935107";
+const FIRST_ROLE: &str = "555021935107001";
+const SECOND_ROLE: &str = "555021935107003";
+
+fn curl_post(url: &str, body: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
+        .args(["-H", "content-type: application/json", "-d", body])
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// What passed one way.
+type Recording = Arc<Mutex<Vec<u8>>>;
+
+/// A TCP forwarder to the relay that keeps a copy of what passes each way.
+struct Recorder {
+    url: String,
+    /// agent → relay (requests)
+    up: Recording,
+    /// relay → agent (answers)
+    down: Recording,
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, copy: Recording) {
+    let mut buf = [0u8; 16384];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                copy.lock().unwrap().extend_from_slice(&buf[..n]);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+impl Recorder {
+    fn start(target: &str) -> Recorder {
+        let target = target
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, down): (Recording, Recording) = (Arc::default(), Arc::default());
+        let (up2, down2) = (Arc::clone(&up), Arc::clone(&down));
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (i2, o2) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+                let (u, d) = (up2.clone(), down2.clone());
+                std::thread::spawn(move || pump(inbound, outbound, u));
+                std::thread::spawn(move || pump(o2, i2, d));
+            }
+        });
+        Recorder {
+            url: format!("http://127.0.0.1:{port}/"),
+            up,
+            down,
+        }
+    }
+
+    fn requests(&self) -> String {
+        String::from_utf8_lossy(&self.up.lock().unwrap()).into_owned()
+    }
+
+    fn exchanges(&self) -> usize {
+        self.requests().matches("POST /v1/exchange ").count()
+    }
+
+    /// Every ID token the relay handed the agent or the agent sent the relay.
+    fn id_tokens(&self) -> Vec<String> {
+        let mut all = self.requests();
+        all.push_str(&String::from_utf8_lossy(&self.down.lock().unwrap()));
+        let mut found = Vec::new();
+        for (at, _) in all.match_indices("\"id_token\":\"") {
+            let rest = &all[at + "\"id_token\":\"".len()..];
+            if let Some(end) = rest.find('"') {
+                let token = rest[..end].to_string();
+                if !found.contains(&token) {
+                    found.push(token);
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The provider, the relay (behind a recorder) and the agent, with the API Platform set up.
+struct World {
+    _idp: Process,
+    relay: Process,
+    relay_log: PathBuf,
+    recorder: Recorder,
+    agent: Agent,
+    agent_log: PathBuf,
+    role_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start_world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+
+    let mut command = Command::new(bin("cis2-mock-idp"));
+    command.args(["--port", "0"]);
+    let mut idp = Process::start(command);
+    let issuer = format!(
+        "http://{}",
+        idp.wait_for("http://", Duration::from_secs(30))
+    );
+    let base = issuer.split("/openam").next().unwrap().to_string();
+
+    // The relay's CIS2 key and its separate API Platform key.
+    let cis2_key = SigningKey::generate(Alg::RS512);
+    std::fs::write(path.join("cis2.pem"), cis2_key.to_pkcs8_pem()).unwrap();
+    let apim_key = SigningKey::generate(Alg::RS512);
+    std::fs::write(path.join("apim.pem"), apim_key.to_pkcs8_pem()).unwrap();
+    let config = path.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nallowed_redirect_uris = [\"http://127.0.0.1/callback\"]\n\
+             [provider]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             [signing]\nalg = \"RS512\"\nkeys = [\"{cis2}\"]\nactive = \"{cis2}\"\n\
+             [[api_platform]]\naudience = \"apim\"\ntoken_url = \"{base}/oauth2/token\"\n\
+             api_key = \"{API_KEY}\"\nkey = \"{apim}\"\nkid = \"int-1\"\n",
+            cis2 = path.join("cis2.pem").display(),
+            apim = path.join("apim.pem").display(),
+        ),
+    )
+    .unwrap();
+    let relay_log = path.join("relay.log");
+    let mut command = Command::new(bin("cis2-relay"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("CIS2_RELAY_LOG", "debug")
+        .stderr(Stdio::from(std::fs::File::create(&relay_log).unwrap()));
+    let mut relay = Process::start(command);
+    let relay_url = relay.wait_for("listening on ", Duration::from_secs(30));
+
+    // CIS2 knows the relay's client; the API Platform knows the application by its API key.
+    for client in [
+        json!({
+            "client_id": CLIENT_ID,
+            "auth_method": "private_key_jwt",
+            "jwks_uri": format!("{relay_url}.well-known/jwks.json"),
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "id_token_signed_response_alg": "RS512",
+            "refresh_tokens": true,
+            "rotate_refresh_tokens": true,
+        }),
+        json!({
+            "client_id": API_KEY,
+            "auth_method": "private_key_jwt",
+            "jwks": {"keys": [apim_key.with_kid("int-1").unwrap().public_jwk()]},
+            "redirect_uris": ["https://ehr.example/unused"],
+        }),
+    ] {
+        let (status, body) = curl_post(&format!("{base}/admin/clients"), &client.to_string());
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let recorder = Recorder::start(&relay_url);
+    let test_program = std::env::current_exe().unwrap();
+    let agent_config = path.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "environment = \"custom\"\n\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\n\n\
+             [provider.exchange]\nmethod = \"relay\"\nrelay_url = \"{relay}\"\n\n\
+             [[provider.audiences]]\nname = \"apim\"\n\n\
+             [agent]\nclient_policy = \"deny\"\nstore = \"memory\"\n\n\
+             [[clients]]\nname = \"this test\"\npath = \"{test}\"\n\
+             methods = [\"status\", \"whoami\", \"token\"]\naudiences = [\"apim\", \"pds\"]\n\n\
+             [[clients]]\nname = \"cis2ctl\"\npath = \"{ctl}\"\n\
+             methods = [\"status\", \"login\", \"whoami\", \"token\", \"change_role\", \"logout\"]\n\n\
+             [[clients]]\nname = \"ward script\"\npath = \"{python}\"\nmethods = [\"token\"]\n",
+            relay = recorder.url,
+            test = test_program.display(),
+            ctl = bin("cis2ctl").display(),
+            python = std::fs::canonicalize("/usr/bin/python3").unwrap().display(),
+        ),
+    )
+    .unwrap();
+    let role_file = path.join("role");
+    std::fs::write(&role_file, FIRST_ROLE).unwrap();
+    let agent_log = path.join("agent.log");
+    let agent = Agent::start_logged(
+        path,
+        &["--config", agent_config.to_str().unwrap()],
+        &[
+            ("CIS2_TEST_USER", AMELIA),
+            ("CIS2_TEST_ROLE_FILE", role_file.to_str().unwrap()),
+            ("CIS2_LOG", "debug"),
+        ],
+        &agent_log,
+    );
+    World {
+        _idp: idp,
+        relay,
+        relay_log,
+        recorder,
+        agent,
+        agent_log,
+        role_file,
+        _dir: dir,
+    }
+}
+
+/// Signs Amelia in through cis2ctl.
+fn sign_in(world: &World) -> Value {
+    let login = world.agent.ctl(&["login", "--json"]);
+    assert_eq!(login.status.code(), Some(0), "{}", stderr(&login));
+    let login = json(&login);
+    assert_eq!(login["state"], "signed_in");
+    assert_eq!(login["user"]["uid"], AMELIA);
+    login
+}
+
+/// A `token` call's answer, or its JSON-RPC error (code, message).
+fn token(client: &mut Client, params: Value) -> Result<Value, (i64, String)> {
+    match client.call("token", params) {
+        Ok(answer) => Ok(answer),
+        Err(ClientError::Rpc { code, message }) => Err((code, message)),
+        Err(other) => panic!("the agent did not answer: {other}"),
+    }
+}
+
+/// The access token of an answer, without putting it in a panic message.
+fn access_token(answer: &Result<Value, (i64, String)>) -> String {
+    match answer {
+        Ok(answer) => {
+            let token = answer["access_token"].as_str().unwrap_or_default();
+            assert!(token.len() > 20, "a token of {} characters", token.len());
+            token.to_string()
+        }
+        Err((code, message)) => panic!("token refused: {code} {message}"),
+    }
+}
+
+/// A refused answer's code and message; a token given instead is not printed.
+fn refusal(answer: Result<Value, (i64, String)>) -> (i64, String) {
+    answer.map_or_else(|e| e, |_| panic!("a token where a refusal was expected"))
+}
+
+/// `token` with `audience` from a Python program (the interpreter's `[[clients]]` entry lists no
+/// audiences): the raw JSON-RPC answer.
+fn token_from_python(socket: &Path, audience: &str) -> Value {
+    let script = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": "token", "params": {"audience": sys.argv[2]}}) + "\n").encode())
+print(s.makefile().readline().strip())
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(socket)
+        .arg(audience)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn an_api_platform_token_through_agent_relay_and_platform_cached_renewed_and_dropped() {
+    let world = start_world();
+    let login = sign_in(&world);
+    assert_eq!(login["user"]["selected_role"]["id"], FIRST_ROLE);
+    // Every answer a program got, to look for the ID token in.
+    let mut answers: Vec<String> = vec![login.to_string()];
+
+    let mut client = Client::connect(&world.agent.socket).unwrap();
+    let version = client.call("version", json!({})).unwrap();
+    assert_eq!(version["audiences"], json!(["apim"]), "{version}");
+    let cis2 = token(&mut client, json!({}));
+    let cis2_token = access_token(&cis2);
+    assert_eq!(world.recorder.exchanges(), 0, "no exchange before asked");
+
+    // An API Platform token: not the CIS2 access token, exchanged once.
+    let first = token(&mut client, json!({"audience": "apim"}));
+    let first_token = access_token(&first);
+    assert!(first_token != cis2_token, "the API token is its own");
+    let answer = first.as_ref().unwrap();
+    assert_eq!(answer["token_type"], "Bearer");
+    assert_eq!(answer["lifetime_secs"], 3600);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires_at = answer["expires_at"].as_u64().unwrap();
+    assert!(
+        (now + 3590..=now + 3610).contains(&expires_at),
+        "expires_at {expires_at}, now {now}"
+    );
+    assert_eq!(world.recorder.exchanges(), 1);
+    answers.push(cis2.unwrap().to_string());
+    answers.push(first.unwrap().to_string());
+
+    // Again: the same token from the cache, the relay not called.
+    for _ in 0..5 {
+        let again = token(&mut client, json!({"audience": "apim"}));
+        assert!(access_token(&again) == first_token, "served from the cache");
+        answers.push(again.unwrap().to_string());
+    }
+    // The session's own token is unchanged by it.
+    assert!(access_token(&token(&mut client, json!({}))) == cis2_token);
+    assert_eq!(world.recorder.exchanges(), 1);
+
+    // cis2ctl's entry lists no audiences (-32003 by message); neither does the Python script's (code).
+    let refused = world.agent.ctl(&["token", "--audience", "apim"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("may not ask for tokens for audience \"apim\""),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(stdout(&refused).is_empty());
+    answers.push(stderr(&refused));
+    let python = token_from_python(&world.agent.socket, "apim");
+    assert_eq!(
+        python["error"]["code"], -32003,
+        "refused: {}",
+        python["error"]
+    );
+    answers.push(python.to_string());
+
+    // An audience the program may name but the agent does not serve: -32602 naming what it serves.
+    let unknown = token(&mut client, json!({"audience": "pds"}));
+    let (code, message) = refusal(unknown);
+    assert_eq!(code, -32602, "{message}");
+    assert!(
+        message.contains("\"pds\"") && message.contains("serves apim"),
+        "{message}"
+    );
+    answers.push(message);
+    assert_eq!(world.recorder.exchanges(), 1);
+
+    // Renewal: a token that would not last min_valid_secs is exchanged again.
+    let renewed = token(
+        &mut client,
+        json!({"audience": "apim", "min_valid_secs": 3600}),
+    );
+    let renewed_token = access_token(&renewed);
+    assert!(renewed_token != first_token, "a new token");
+    assert_eq!(world.recorder.exchanges(), 2);
+    answers.push(renewed.unwrap().to_string());
+    let cached = token(&mut client, json!({"audience": "apim"}));
+    assert!(
+        access_token(&cached) == renewed_token,
+        "the renewed one is cached"
+    );
+    answers.push(cached.unwrap().to_string());
+    assert_eq!(world.recorder.exchanges(), 2);
+
+    // A role change: the API token carries the role, so a new one is exchanged.
+    std::fs::write(&world.role_file, SECOND_ROLE).unwrap();
+    let changed = world.agent.ctl(&["change-role", "--json"]);
+    assert_eq!(changed.status.code(), Some(0), "{}", stderr(&changed));
+    answers.push(stdout(&changed));
+    let whoami = client.call("whoami", json!({})).unwrap();
+    assert_eq!(whoami["selected_role"]["id"], SECOND_ROLE, "{whoami}");
+    answers.push(whoami.to_string());
+    let after_role = token(&mut client, json!({"audience": "apim"}));
+    let after_role_token = access_token(&after_role);
+    assert!(
+        after_role_token != renewed_token && after_role_token != first_token,
+        "a new API token for the new role"
+    );
+    assert_eq!(world.recorder.exchanges(), 3);
+    answers.push(after_role.unwrap().to_string());
+
+    // Sign-out: the audience token is refused, and the relay is not asked.
+    let logout = world.agent.ctl(&["logout"]);
+    assert_eq!(logout.status.code(), Some(0), "{}", stderr(&logout));
+    let gone = token(&mut client, json!({"audience": "apim"}));
+    let (code, message) = refusal(gone);
+    assert_eq!(code, -32001, "{message}");
+    assert_eq!(world.recorder.exchanges(), 3);
+    answers.push(message);
+
+    // The ID tokens the agent held (two sign-ins' worth) never reached a program or a log.
+    let id_tokens = world.recorder.id_tokens();
+    assert!(
+        id_tokens.len() >= 2,
+        "the recorder saw {} ID tokens",
+        id_tokens.len()
+    );
+    let agent_log =
+        std::fs::read_to_string(&world.agent_log).unwrap() + &world.agent.process.seen.join("\n");
+    let relay_log =
+        std::fs::read_to_string(&world.relay_log).unwrap() + &world.relay.seen.join("\n");
+    assert!(
+        agent_log.contains("DEBUG") || agent_log.contains("INFO"),
+        "the agent logged"
+    );
+    assert!(!relay_log.trim().is_empty(), "the relay logged (at debug)");
+    let everything = answers.join("\n");
+    for (i, id_token) in id_tokens.iter().enumerate() {
+        let parts: Vec<&str> = id_token.split('.').collect();
+        assert_eq!(parts.len(), 3, "ID token {i} is a JWT");
+        // The whole token, and its signature alone (a part of it logged is a leak too).
+        for needle in [id_token.as_str(), parts[2]] {
+            assert!(!everything.contains(needle), "ID token {i} in an answer");
+            assert!(
+                !agent_log.contains(needle),
+                "ID token {i} in the agent's log"
+            );
+            assert!(
+                !relay_log.contains(needle),
+                "ID token {i} in the relay's log"
+            );
+        }
+    }
+    // Nor did the API tokens reach the logs.
+    for token in [&first_token, &renewed_token, &after_role_token] {
+        assert!(!agent_log.contains(token.as_str()) && !relay_log.contains(token.as_str()));
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[at]
+}
+
+/// The cached answer's latency (2000 `token` calls with `audience` on one connection) and a fresh
+/// exchange's (agent → relay → platform, 200 calls each forcing a new exchange). A debug build on
+/// loopback: for comparing changes, not capacity. Run:
+/// `cargo test -p cis2-system-tests --test api_platform latency -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn latency() {
+    let world = start_world();
+    sign_in(&world);
+    let mut client = Client::connect(&world.agent.socket).unwrap();
+    let first = token(&mut client, json!({"audience": "apim"}));
+    let first_token = access_token(&first);
+
+    let mut cached = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let started = Instant::now();
+        let answer = token(&mut client, json!({"audience": "apim"}));
+        cached.push(started.elapsed());
+        assert!(access_token(&answer) == first_token);
+    }
+    assert_eq!(world.recorder.exchanges(), 1);
+
+    let mut fresh = Vec::with_capacity(200);
+    let mut last = first_token;
+    for _ in 0..200 {
+        let started = Instant::now();
+        let answer = token(
+            &mut client,
+            json!({"audience": "apim", "min_valid_secs": 3600}),
+        );
+        fresh.push(started.elapsed());
+        let token = access_token(&answer);
+        assert!(token != last, "each call exchanged");
+        last = token;
+    }
+    assert_eq!(world.recorder.exchanges(), 201);
+    for (what, mut times) in [
+        (
+            "cached API Platform token, 2000 calls on one connection",
+            cached,
+        ),
+        (
+            "fresh exchange agent -> relay -> platform, 200 calls",
+            fresh,
+        ),
+    ] {
+        times.sort();
+        eprintln!(
+            "{what}: p50 {:?}, p99 {:?}, max {:?}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times[times.len() - 1]
+        );
+    }
+}
