@@ -159,6 +159,23 @@ pub fn ctl(socket: &Path, args: &[&str]) -> Output {
         .expect("cis2ctl runs")
 }
 
+/// Compiles a C# source with Debian's Mono compiler (mono-mcs; scripts/install-deps) into `exe`, with
+/// `options` before it, and fails the test with the compiler's words if it does not compile.
+pub fn compile_csharp(source: &Path, exe: &Path, options: &[&str]) {
+    let compiled = Command::new("mcs")
+        .args(options)
+        .arg(format!("-out:{}", exe.display()))
+        .arg(source)
+        .output()
+        .expect("mcs (Debian mono-mcs; scripts/install-deps) runs");
+    assert!(
+        compiled.status.success(),
+        "mcs: {}{}",
+        stdout(&compiled),
+        stderr(&compiled)
+    );
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

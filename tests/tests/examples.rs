@@ -1,6 +1,6 @@
 //! The integration examples in docs/ run against a real agent, so they cannot rot.
 
-use cis2_system_tests::{Agent, Process, stderr, stdout};
+use cis2_system_tests::{Agent, Process, compile_csharp, stderr, stdout};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -36,18 +36,10 @@ fn repo_root() -> &'static Path {
 /// compiled by Debian's Mono compiler (mono-mcs; scripts/install-deps) with warnings as errors.
 fn compile_csharp_example(dir: &Path) -> std::path::PathBuf {
     let exe = dir.join("Cis2Client.exe");
-    let compiled = Command::new("mcs")
-        .arg("-langversion:7")
-        .arg("-warnaserror")
-        .arg(format!("-out:{}", exe.display()))
-        .arg(repo_root().join("docs/examples/Cis2Client.cs"))
-        .output()
-        .expect("mcs (Debian mono-mcs; scripts/install-deps) runs");
-    assert!(
-        compiled.status.success(),
-        "mcs: {}{}",
-        stdout(&compiled),
-        stderr(&compiled)
+    compile_csharp(
+        &repo_root().join("docs/examples/Cis2Client.cs"),
+        &exe,
+        &["-langversion:7", "-warnaserror"],
     );
     exe
 }

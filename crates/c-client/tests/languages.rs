@@ -4,7 +4,7 @@
 //! mono (docs/examples/Cis2Native.cs). Needs the workspace's programs built first (scripts/build), as
 //! every system test does.
 
-use cis2_system_tests::{Agent, StandinLogind, bin, stderr, stdout};
+use cis2_system_tests::{Agent, StandinLogind, bin, compile_csharp, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -270,16 +270,10 @@ fn python_ctypes_signs_in_and_hears_the_sign_out() {
 fn csharp_pinvoke_under_mono_signs_in_and_hears_the_sign_out() {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("Cis2Native.exe");
-    let compiled = Command::new("mcs")
-        .arg(format!("-out:{}", exe.display()))
-        .arg(crate_dir().join("../../docs/examples/Cis2Native.cs"))
-        .output()
-        .expect("mcs (Debian mono-mcs; scripts/install-deps) runs");
-    assert!(
-        compiled.status.success(),
-        "mcs: {}{}",
-        stdout(&compiled),
-        stderr(&compiled)
+    compile_csharp(
+        &crate_dir().join("../../docs/examples/Cis2Native.cs"),
+        &exe,
+        &[],
     );
     let agent = Agent::start(dir.path(), &["--sandbox"], &[]);
     let out = Command::new("mono")
