@@ -6,7 +6,7 @@
 
 use cis2_ipc_client::{Client, ClientError};
 use cis2_jose::{Alg, SigningKey};
-use cis2_system_tests::{Agent, Process, bin, json, stderr, stdout};
+use cis2_system_tests::{Agent, Process, StandinLogind, bin, json, stderr, stdout};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -125,6 +125,8 @@ struct World {
     agent: Agent,
     agent_log: PathBuf,
     role_file: PathBuf,
+    /// Locks the workstation when a test says so (`[workstation] on_os_lock` is "lock" by default).
+    logind: StandinLogind,
     _dir: tempfile::TempDir,
 }
 
@@ -217,6 +219,7 @@ fn start_world() -> World {
     let role_file = path.join("role");
     std::fs::write(&role_file, FIRST_ROLE).unwrap();
     let agent_log = path.join("agent.log");
+    let logind = StandinLogind::start();
     let agent = Agent::start_logged(
         path,
         &["--config", agent_config.to_str().unwrap()],
@@ -224,6 +227,7 @@ fn start_world() -> World {
             ("CIS2_TEST_USER", AMELIA),
             ("CIS2_TEST_ROLE_FILE", role_file.to_str().unwrap()),
             ("CIS2_LOG", "debug"),
+            ("DBUS_SYSTEM_BUS_ADDRESS", logind.bus.address.as_str()),
         ],
         &agent_log,
     );
@@ -235,6 +239,7 @@ fn start_world() -> World {
         agent,
         agent_log,
         role_file,
+        logind,
         _dir: dir,
     }
 }
@@ -449,6 +454,41 @@ fn an_api_platform_token_through_agent_relay_and_platform_cached_renewed_and_dro
     for token in [&first_token, &renewed_token, &after_role_token] {
         assert!(!agent_log.contains(token.as_str()) && !relay_log.contains(token.as_str()));
     }
+}
+
+#[test]
+fn a_locked_session_gets_no_api_platform_token_and_a_new_sign_in_gets_a_new_one() {
+    let world = start_world();
+    sign_in(&world);
+    let mut client = Client::connect(&world.agent.socket).unwrap();
+    let before = access_token(&token(&mut client, json!({"audience": "apim"})));
+    assert_eq!(world.recorder.exchanges(), 1);
+
+    world.logind.emit("EmitLock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while json(&world.agent.ctl(&["status", "--json"]))["state"] != "locked" {
+        assert!(Instant::now() < deadline, "the agent did not lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, message) = refusal(token(&mut client, json!({"audience": "apim"})));
+    assert_eq!(code, -32004, "{message}");
+    assert_eq!(
+        world.recorder.exchanges(),
+        1,
+        "a locked session exchanges nothing"
+    );
+
+    // The clinician signs in again: a new session, so a new exchange (the lock also empties the cache;
+    // the new session alone would already keep the old token from being served).
+    let unlock = world.agent.ctl(&["login"]);
+    assert_eq!(unlock.status.code(), Some(0), "{}", stderr(&unlock));
+    let after = access_token(&token(&mut client, json!({"audience": "apim"})));
+    assert_eq!(
+        world.recorder.exchanges(),
+        2,
+        "a new exchange after the lock"
+    );
+    assert_ne!(before, after);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
