@@ -28,7 +28,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-win() { local p="${1//\//\\}"; echo "Z:$p"; }
+# win (a Linux path as Windows programs see it) and start_agent.
+. scripts/windows/lib.sh
 
 mkdir -p "$work/bin"
 cp "$bin"/{cis2-agentd,cis2ctl,cis2-scripted-browser}.exe "$bin/cis2_client.dll" "$work/bin/"
@@ -39,19 +40,6 @@ export BROWSER="$(win "$work/bin/cis2-scripted-browser.exe")"
 export CIS2_TEST_BROWSER_LOG="$(win "$work/browser.log")"
 
 passed=0 failed=0
-# Starts cis2-agentd.exe with ARGS on the pipe $pipe; waits for "listening on"; sets $agent_pid.
-start_agent() {
-  local log="$1"; shift
-  wine "$work/bin/cis2-agentd.exe" "$@" --socket "$pipe" >"$log.out" 2>"$log.err" &
-  agent_pid=$!
-  pids+=("$agent_pid")
-  for _ in $(seq 1 300); do
-    grep -q "^listening on" "$log.out" 2>/dev/null && return 0
-    kill -0 "$agent_pid" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
 stop_agent() { kill -9 "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null; }
 # Runs one scenario of the C program; counts its checks.
 scenario() {
@@ -62,7 +50,7 @@ scenario() {
   failed=$((failed + $(grep -c '^FAIL - ' <<<"$out")))
   grep -q "^c-client $name: [0-9]* passed, 0 failed" <<<"$out" || { echo "FAIL - scenario $name did not finish cleanly"; failed=$((failed + 1)); }
 }
-agent_or_fail() { start_agent "$@" || { echo "FAIL - cis2-agentd.exe did not start: $(cat "$1.err")"; failed=$((failed + 1)); return 1; }; }
+agent_or_fail() { start_agent "$@" --socket "$pipe" || { echo "FAIL - cis2-agentd.exe did not start: $(cat "$1.err")"; failed=$((failed + 1)); return 1; }; }
 
 pipe="\\\\.\\pipe\\cis2-c-none-$$"
 scenario no-agent

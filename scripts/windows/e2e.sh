@@ -20,8 +20,8 @@ passed=0 failed=0
 ok() { echo "ok - $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL - $1"; failed=$((failed + 1)); }
 check() { if eval "$2"; then ok "$1"; else fail "$1"; fi; }
-# A Linux path as Windows programs under Wine see it.
-win() { local p="${1//\//\\}"; echo "Z:$p"; }
+# win (a Linux path as Windows programs see it) and start_agent.
+. "$(dirname "$0")/lib.sh"
 
 # The programs in a folder of their own (the paths the agent sees are these).
 mkdir -p "$work/bin" "$work/other"
@@ -30,20 +30,6 @@ cp "$bin/cis2ctl.exe" "$work/other/cis2ctl.exe"
 export BROWSER="$(win "$work/bin/cis2-scripted-browser.exe")"
 export CIS2_TEST_BROWSER_LOG="$(win "$work/browser.log")"
 ctl() { wine "$work/bin/cis2ctl.exe" --socket "$pipe" "$@"; }
-
-# Starts cis2-agentd.exe with ARGS; waits for "listening on"; sets $agent_pid.
-start_agent() {
-  local log="$1"; shift
-  wine "$work/bin/cis2-agentd.exe" "$@" >"$log.out" 2>"$log.err" &
-  agent_pid=$!
-  pids+=("$agent_pid")
-  for _ in $(seq 1 300); do
-    grep -q "^listening on" "$log.out" 2>/dev/null && return 0
-    kill -0 "$agent_pid" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
 
 # 1. The sandbox over the pipe: status, sign-in with the scripted browser, whoami, token.
 pipe="\\\\.\\pipe\\cis2-e2e-$$"
