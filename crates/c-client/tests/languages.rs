@@ -145,7 +145,13 @@ fn c_a_cancelled_sign_in_is_sign_in_failed() {
 fn c_signs_in_gets_tokens_from_many_threads_and_receives_events_until_the_agent_stops() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path(), &["--sandbox"], &[]);
-    let stop = format!("kill -TERM {}", agent.process.child.id());
+    // Stopped means gone: the program's next call must find no agent, so the command returns once the
+    // agent has removed its socket (it answers on an open listener until then).
+    let stop = format!(
+        "kill -TERM {} && timeout 10 sh -c 'while [ -e \"$0\" ]; do sleep 0.05; done' {}",
+        agent.process.child.id(),
+        shell_quote(agent.socket.to_str().unwrap())
+    );
     let out = run_c(
         "full",
         &agent.socket,
