@@ -12,14 +12,19 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CLIENT_ID: &str = "200000000009.apps.national";
 const API_KEY: &str = "apim-app-key-1";
+/// An application registered with a public key the relay does not hold.
+const STALE_API_KEY: &str = "apim-app-key-2";
 const AMELIA: &str = "555021935107";
 const FIRST_ROLE: &str = "555021935107001";
 const SECOND_ROLE: &str = "555021935107003";
+/// The clinician who takes over from Amelia at a hand-over.
+const BEN: &str = "555021935108";
 
 fn curl_post(url: &str, body: &str) -> (u16, String) {
     let out = Command::new("curl")
@@ -43,14 +48,42 @@ struct Recorder {
     up: Recording,
     /// relay → agent (answers)
     down: Recording,
+    /// While set, the ID token in each request to the relay is altered in transit (one character of
+    /// its signature), as a man in the middle would.
+    tamper: Arc<AtomicBool>,
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, copy: Recording) {
+/// Alters one character of the signature of the ID token in `chunk`, if it holds a whole one.
+fn tamper_with(chunk: &mut [u8]) {
+    let Some(start) = chunk
+        .windows(12)
+        .position(|w| w == b"\"id_token\":\"")
+        .map(|at| at + 12)
+    else {
+        return;
+    };
+    let dots: Vec<usize> = chunk[start..]
+        .iter()
+        .take_while(|&&b| b != b'"')
+        .enumerate()
+        .filter(|(_, b)| **b == b'.')
+        .map(|(i, _)| start + i)
+        .collect();
+    if let [_, signature_dot] = dots[..] {
+        let at = signature_dot + 1;
+        chunk[at] = if chunk[at] == b'A' { b'B' } else { b'A' };
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, copy: Recording, tamper: Option<Arc<AtomicBool>>) {
     let mut buf = [0u8; 16384];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if tamper.as_ref().is_some_and(|t| t.load(Ordering::SeqCst)) {
+                    tamper_with(&mut buf[..n]);
+                }
                 copy.lock().unwrap().extend_from_slice(&buf[..n]);
                 if to.write_all(&buf[..n]).is_err() {
                     break;
@@ -71,6 +104,8 @@ impl Recorder {
         let port = listener.local_addr().unwrap().port();
         let (up, down): (Recording, Recording) = (Arc::default(), Arc::default());
         let (up2, down2) = (Arc::clone(&up), Arc::clone(&down));
+        let tamper = Arc::new(AtomicBool::new(false));
+        let tamper2 = Arc::clone(&tamper);
         std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 let Ok(inbound) = inbound else { continue };
@@ -78,15 +113,16 @@ impl Recorder {
                     continue;
                 };
                 let (i2, o2) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
-                let (u, d) = (up2.clone(), down2.clone());
-                std::thread::spawn(move || pump(inbound, outbound, u));
-                std::thread::spawn(move || pump(o2, i2, d));
+                let (u, d, t) = (up2.clone(), down2.clone(), tamper2.clone());
+                std::thread::spawn(move || pump(inbound, outbound, u, Some(t)));
+                std::thread::spawn(move || pump(o2, i2, d, None));
             }
         });
         Recorder {
             url: format!("http://127.0.0.1:{port}/"),
             up,
             down,
+            tamper,
         }
     }
 
@@ -96,6 +132,24 @@ impl Recorder {
 
     fn exchanges(&self) -> usize {
         self.requests().matches("POST /v1/exchange ").count()
+    }
+
+    /// The `sub` of the ID token each exchange carried, in order (what the relay was asked to
+    /// exchange, as it left the agent).
+    fn exchanged_subjects(&self) -> Vec<String> {
+        self.requests()
+            .split("POST /v1/exchange ")
+            .skip(1)
+            .map(|request| {
+                let at = request
+                    .find("\"id_token\":\"")
+                    .expect("an exchange carries an ID token");
+                let token = &request[at + 12..];
+                let token = &token[..token.find('"').unwrap()];
+                let claims = cis2_jose::UnverifiedJwt::parse(token).unwrap().claims;
+                claims["sub"].as_str().unwrap().to_string()
+            })
+            .collect()
     }
 
     /// Every ID token the relay handed the agent or the agent sent the relay.
@@ -125,29 +179,97 @@ struct World {
     agent: Agent,
     agent_log: PathBuf,
     role_file: PathBuf,
+    /// Who the scripted browser signs in as next.
+    user_file: PathBuf,
+    /// The CIS2 provider's (and its API Platform's) base URL, for its admin API.
+    idp_base: String,
+    /// With `Options::misregistrations`: the API Platform of another CIS2 environment.
+    _other_idp: Option<Process>,
     /// Locks the workstation when a test says so (`[workstation] on_os_lock` is "lock" by default).
     logind: StandinLogind,
     _dir: tempfile::TempDir,
 }
 
-fn start_world() -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path();
+/// How a world differs from the plain one.
+#[derive(Default)]
+struct Options {
+    /// The provider's `--id-token-ttl`.
+    id_token_ttl: Option<u64>,
+    /// `[workstation] allow_user_switch = true`: a sign-in by someone else hands over.
+    allow_user_switch: bool,
+    /// Two more audiences the relay registered wrongly: `other-env` at the API Platform of another
+    /// CIS2 environment (a second provider, which trusts its own issuer only), and `stale-key` under
+    /// an API key whose registered public key is not the one the relay signs with.
+    misregistrations: bool,
+}
 
+/// A `cis2-mock-idp` with `args`: the process, its issuer and its base URL.
+fn start_idp(args: &[&str]) -> (Process, String, String) {
     let mut command = Command::new(bin("cis2-mock-idp"));
-    command.args(["--port", "0"]);
+    command.args(["--port", "0"]).args(args);
     let mut idp = Process::start(command);
     let issuer = format!(
         "http://{}",
         idp.wait_for("http://", Duration::from_secs(30))
     );
     let base = issuer.split("/openam").next().unwrap().to_string();
+    (idp, issuer, base)
+}
+
+fn register(base: &str, client: Value) {
+    let (status, body) = curl_post(&format!("{base}/admin/clients"), &client.to_string());
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The API Platform's registration of an application: its API key and public key.
+fn application(api_key: &str, key: &SigningKey) -> Value {
+    json!({
+        "client_id": api_key,
+        "auth_method": "private_key_jwt",
+        "jwks": {"keys": [key.with_kid("int-1").unwrap().public_jwk()]},
+        "redirect_uris": ["https://ehr.example/unused"],
+    })
+}
+
+fn start_world() -> World {
+    start_world_with(Options::default())
+}
+
+fn start_world_with(options: Options) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+
+    let ttl = options.id_token_ttl.map(|t| t.to_string());
+    let idp_args: Vec<&str> = match &ttl {
+        Some(ttl) => vec!["--id-token-ttl", ttl.as_str()],
+        None => vec![],
+    };
+    let (idp, issuer, base) = start_idp(&idp_args);
 
     // The relay's CIS2 key and its separate API Platform key.
     let cis2_key = SigningKey::generate(Alg::RS512);
     std::fs::write(path.join("cis2.pem"), cis2_key.to_pkcs8_pem()).unwrap();
     let apim_key = SigningKey::generate(Alg::RS512);
     std::fs::write(path.join("apim.pem"), apim_key.to_pkcs8_pem()).unwrap();
+    let apim = path.join("apim.pem");
+    let mut platforms = String::new();
+    let mut other_idp = None;
+    if options.misregistrations {
+        let (other, _, other_base) = start_idp(&[]);
+        register(&other_base, application(API_KEY, &apim_key));
+        register(
+            &base,
+            application(STALE_API_KEY, &SigningKey::generate(Alg::RS512)),
+        );
+        platforms = format!(
+            "[[api_platform]]\naudience = \"other-env\"\ntoken_url = \"{other_base}/oauth2/token\"\n\
+             api_key = \"{API_KEY}\"\nkey = \"{apim}\"\nkid = \"int-1\"\n\
+             [[api_platform]]\naudience = \"stale-key\"\ntoken_url = \"{base}/oauth2/token\"\n\
+             api_key = \"{STALE_API_KEY}\"\nkey = \"{apim}\"\nkid = \"int-1\"\n",
+            apim = apim.display(),
+        );
+        other_idp = Some(other);
+    }
     let config = path.join("relay.toml");
     std::fs::write(
         &config,
@@ -156,9 +278,9 @@ fn start_world() -> World {
              [provider]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\n\
              [signing]\nalg = \"RS512\"\nkeys = [\"{cis2}\"]\nactive = \"{cis2}\"\n\
              [[api_platform]]\naudience = \"apim\"\ntoken_url = \"{base}/oauth2/token\"\n\
-             api_key = \"{API_KEY}\"\nkey = \"{apim}\"\nkid = \"int-1\"\n",
+             api_key = \"{API_KEY}\"\nkey = \"{apim}\"\nkid = \"int-1\"\n{platforms}",
             cis2 = path.join("cis2.pem").display(),
-            apim = path.join("apim.pem").display(),
+            apim = apim.display(),
         ),
     )
     .unwrap();
@@ -173,7 +295,8 @@ fn start_world() -> World {
     let relay_url = relay.wait_for("listening on ", Duration::from_secs(30));
 
     // CIS2 knows the relay's client; the API Platform knows the application by its API key.
-    for client in [
+    register(
+        &base,
         json!({
             "client_id": CLIENT_ID,
             "auth_method": "private_key_jwt",
@@ -183,29 +306,33 @@ fn start_world() -> World {
             "refresh_tokens": true,
             "rotate_refresh_tokens": true,
         }),
-        json!({
-            "client_id": API_KEY,
-            "auth_method": "private_key_jwt",
-            "jwks": {"keys": [apim_key.with_kid("int-1").unwrap().public_jwk()]},
-            "redirect_uris": ["https://ehr.example/unused"],
-        }),
-    ] {
-        let (status, body) = curl_post(&format!("{base}/admin/clients"), &client.to_string());
-        assert_eq!(status, 200, "{body}");
-    }
+    );
+    register(&base, application(API_KEY, &apim_key));
 
     let recorder = Recorder::start(&relay_url);
     let test_program = std::env::current_exe().unwrap();
     let agent_config = path.join("agent.toml");
+    let mut extra_audiences = String::new();
+    if options.misregistrations {
+        extra_audiences = "[[provider.audiences]]\nname = \"other-env\"\n\n\
+                           [[provider.audiences]]\nname = \"stale-key\"\n\n"
+            .into();
+    }
+    let workstation = if options.allow_user_switch {
+        "[workstation]\nallow_user_switch = true\n\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &agent_config,
         format!(
             "environment = \"custom\"\n\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\n\n\
              [provider.exchange]\nmethod = \"relay\"\nrelay_url = \"{relay}\"\n\n\
-             [[provider.audiences]]\nname = \"apim\"\n\n\
+             [[provider.audiences]]\nname = \"apim\"\n\n{extra_audiences}{workstation}\
              [agent]\nclient_policy = \"deny\"\nstore = \"memory\"\n\n\
              [[clients]]\nname = \"this test\"\npath = \"{test}\"\n\
-             methods = [\"status\", \"whoami\", \"token\"]\naudiences = [\"apim\", \"pds\"]\n\n\
+             methods = [\"status\", \"whoami\", \"token\"]\n\
+             audiences = [\"apim\", \"pds\", \"other-env\", \"stale-key\"]\n\n\
              [[clients]]\nname = \"cis2ctl\"\npath = \"{ctl}\"\n\
              methods = [\"status\", \"login\", \"whoami\", \"token\", \"change_role\", \"logout\"]\n\n\
              [[clients]]\nname = \"ward script\"\npath = \"{python}\"\nmethods = [\"token\"]\n",
@@ -218,13 +345,15 @@ fn start_world() -> World {
     .unwrap();
     let role_file = path.join("role");
     std::fs::write(&role_file, FIRST_ROLE).unwrap();
+    let user_file = path.join("user");
+    std::fs::write(&user_file, AMELIA).unwrap();
     let agent_log = path.join("agent.log");
     let logind = StandinLogind::start();
     let agent = Agent::start_logged(
         path,
         &["--config", agent_config.to_str().unwrap()],
         &[
-            ("CIS2_TEST_USER", AMELIA),
+            ("CIS2_TEST_USER_FILE", user_file.to_str().unwrap()),
             ("CIS2_TEST_ROLE_FILE", role_file.to_str().unwrap()),
             ("CIS2_LOG", "debug"),
             ("DBUS_SYSTEM_BUS_ADDRESS", logind.bus.address.as_str()),
@@ -239,6 +368,9 @@ fn start_world() -> World {
         agent,
         agent_log,
         role_file,
+        user_file,
+        idp_base: base,
+        _other_idp: other_idp,
         logind,
         _dir: dir,
     }
@@ -489,6 +621,142 @@ fn a_locked_session_gets_no_api_platform_token_and_a_new_sign_in_gets_a_new_one(
         "a new exchange after the lock"
     );
     assert_ne!(before, after);
+}
+
+/// The session is as it was: signed in as `uid`, and the CIS2 access token it held is still served.
+fn assert_session_kept(client: &mut Client, uid: &str, cis2_token: &str) {
+    let status = client.call("status", json!({})).unwrap();
+    assert_eq!(status["state"], "signed_in", "{status}");
+    assert_eq!(client.call("whoami", json!({})).unwrap()["uid"], uid);
+    assert!(
+        access_token(&token(client, json!({}))) == cis2_token,
+        "the session's own token is still served"
+    );
+}
+
+#[test]
+fn refused_id_tokens_and_a_refused_assertion_each_give_a_clear_error_and_keep_the_session() {
+    // The ID tokens last 100 s, so the provider's clock can be put past them below while the relay's
+    // client assertions (120 s) still hold.
+    let world = start_world_with(Options {
+        id_token_ttl: Some(100),
+        misregistrations: true,
+        ..Options::default()
+    });
+    sign_in(&world);
+    let mut client = Client::connect(&world.agent.socket).unwrap();
+    let cis2_token = access_token(&token(&mut client, json!({})));
+    let ask = |client: &mut Client, audience: &str| {
+        refusal(token(
+            client,
+            json!({"audience": audience, "min_valid_secs": 3600}),
+        ))
+    };
+    let sign_in_again = "sign out and in again (cis2ctl logout, then cis2ctl login)";
+
+    // Tampered: the ID token altered between agent and relay. The relay refuses it by its signature
+    // before the platform sees it; the agent says so and that a new sign-in is the way out.
+    world.recorder.tamper.store(true, Ordering::SeqCst);
+    let (code, message) = ask(&mut client, "apim");
+    world.recorder.tamper.store(false, Ordering::SeqCst);
+    assert_eq!(code, -32001, "{message}");
+    assert!(
+        message.contains("ID token was not accepted")
+            && message.contains("signature did not verify")
+            && message.contains(sign_in_again),
+        "{message}"
+    );
+    assert_eq!(world.recorder.exchanges(), 1, "the relay was asked");
+    assert_session_kept(&mut client, AMELIA, &cis2_token);
+    // Untouched, the same session's ID token is exchanged: it was the tampering that was refused.
+    let good = access_token(&token(&mut client, json!({"audience": "apim"})));
+    assert_eq!(world.recorder.exchanges(), 2);
+
+    // Another issuer: the relay's `other-env` registration is at the API Platform of another CIS2
+    // environment, which does not take this environment's ID tokens.
+    let (code, message) = ask(&mut client, "other-env");
+    assert_eq!(code, -32001, "{message}");
+    assert!(
+        message.contains("ID token was not accepted")
+            && message.contains("API Platform refused")
+            && message.contains("is not the CIS2 environment this platform trusts")
+            && message.contains("different Care Identity environments"),
+        "{message}"
+    );
+    assert_eq!(world.recorder.exchanges(), 3);
+    assert_session_kept(&mut client, AMELIA, &cis2_token);
+
+    // A refused assertion: the platform does not hold the public key the relay signs `stale-key`'s
+    // assertions with. The relay's to fix, not the clinician's: -32005, and no advice to sign in.
+    let (code, message) = ask(&mut client, "stale-key");
+    assert_eq!(code, -32005, "{message}");
+    assert!(
+        message.contains("refused the relay's own credentials")
+            && message.contains("JWT is not valid")
+            && message.contains("[[api_platform]]")
+            && message.contains("Signing in again will not help")
+            && !message.contains(sign_in_again),
+        "{message}"
+    );
+    assert_eq!(world.recorder.exchanges(), 4);
+    assert_session_kept(&mut client, AMELIA, &cis2_token);
+
+    // Expired: the provider's clock (the API Platform's) is past the ID token's exp. A new exchange
+    // is refused; the API token fetched before still serves those who need less than its lifetime.
+    let (status, body) = curl_post(
+        &format!("{}/admin/clock", world.idp_base),
+        r#"{"advance_secs": 110}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, message) = ask(&mut client, "apim");
+    assert_eq!(code, -32001, "{message}");
+    assert!(
+        message.contains("ID token was not accepted")
+            && message.contains("expired")
+            && message.contains(sign_in_again),
+        "{message}"
+    );
+    assert_eq!(world.recorder.exchanges(), 5);
+    assert!(access_token(&token(&mut client, json!({"audience": "apim"}))) == good);
+    assert_session_kept(&mut client, AMELIA, &cis2_token);
+    assert_eq!(world.recorder.exchanges(), 5);
+
+    // No refusal put the ID token in the agent's log.
+    let log = std::fs::read_to_string(&world.agent_log).unwrap();
+    for id_token in world.recorder.id_tokens() {
+        let signature = id_token.rsplit('.').next().unwrap();
+        assert!(!log.contains(signature), "an ID token in the agent's log");
+    }
+}
+
+#[test]
+fn at_a_hand_over_the_next_clinician_gets_a_new_api_token_exchanged_with_their_own_id_token() {
+    let world = start_world_with(Options {
+        allow_user_switch: true,
+        ..Options::default()
+    });
+    sign_in(&world);
+    let mut client = Client::connect(&world.agent.socket).unwrap();
+    let amelias = access_token(&token(&mut client, json!({"audience": "apim"})));
+    assert!(access_token(&token(&mut client, json!({"audience": "apim"}))) == amelias);
+    assert_eq!(world.recorder.exchanges(), 1);
+
+    // Ben signs in at the same workstation: the agent hands over (Amelia's session ends).
+    std::fs::write(&world.user_file, BEN).unwrap();
+    std::fs::write(&world.role_file, "").unwrap();
+    let login = world.agent.ctl(&["login", "--json"]);
+    assert_eq!(login.status.code(), Some(0), "{}", stderr(&login));
+    assert_eq!(json(&login)["user"]["uid"], BEN);
+    assert_eq!(client.call("whoami", json!({})).unwrap()["uid"], BEN);
+
+    let bens = token(&mut client, json!({"audience": "apim"}));
+    let bens = access_token(&bens);
+    assert!(bens != amelias, "Ben is never answered Amelia's API token");
+    assert_eq!(world.recorder.exchanges(), 2, "a new exchange for Ben");
+    // What left the agent for each exchange: Amelia's ID token, then Ben's.
+    assert_eq!(world.recorder.exchanged_subjects(), vec![AMELIA, BEN]);
+    assert!(access_token(&token(&mut client, json!({"audience": "apim"}))) == bens);
+    assert_eq!(world.recorder.exchanges(), 2);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -1148,6 +1148,9 @@ impl Agent {
                 );
             }
         }
+        if !locked {
+            self.renew_audience_tokens().await;
+        }
     }
 
     pub fn whoami(&self) -> Result<User, AgentError> {
@@ -1519,12 +1522,9 @@ impl Agent {
 
     /// Exponential backoff with ±20% jitter, 1 s doubling to at most 60 s.
     fn back_off(&self, now: u64, error: String) {
-        use rand::Rng;
         let mut life = self.life();
         life.last_refresh_error = Some(error);
-        let base = 1u64 << life.backoff_step.min(6);
-        let jittered = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)).round() as u64;
-        life.backoff_until = now + jittered.clamp(1, 60);
+        life.backoff_until = now + backoff_secs(life.backoff_step);
         life.backoff_step += 1;
     }
 
@@ -1749,6 +1749,15 @@ enum FlightKind {
 enum Caller {
     Client,
     Background,
+}
+
+/// The wait after `failures` failed background renewals in a row: 1 s doubling to at most 60 s, each
+/// ±20% (the session's, and the API Platform tokens' in `audience`).
+fn backoff_secs(failures: u32) -> u64 {
+    use rand::Rng;
+    let base = 1u64 << failures.min(6);
+    let jittered = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)).round() as u64;
+    jittered.clamp(1, 60)
 }
 
 /// How often the session's timers are checked.

@@ -956,18 +956,23 @@ impl Provider {
             .get("subject_token")
             .ok_or_else(|| OAuthError::request("subject_token is required"))?;
         let now = self.now();
+        let unverified = UnverifiedJwt::parse(subject)
+            .map_err(|e| OAuthError::grant(format!("the subject token is not valid: {e}")))?;
+        // The issuer picks the keys to check with, so a token of another CIS2 environment is named as
+        // such rather than as one signed with an unknown key.
+        let iss = unverified.claims.get("iss").and_then(Value::as_str);
+        if iss != Some(self.issuer.as_str()) {
+            return Err(OAuthError::grant(format!(
+                "the subject token's issuer {} is not the CIS2 environment this platform trusts",
+                iss.map_or_else(|| "(none)".to_string(), |i| format!("{i:?}")),
+            )));
+        }
         let claims = {
             let inner = self.lock();
-            UnverifiedJwt::parse(subject)
-                .and_then(|t| t.verify(&[Alg::RS256, Alg::RS512, Alg::PS256], &inner.keys.jwks()))
+            unverified
+                .verify(&[Alg::RS256, Alg::RS512, Alg::PS256], &inner.keys.jwks())
                 .map_err(|e| OAuthError::grant(format!("the subject token is not valid: {e}")))?
         };
-        let text = |name: &str| claims.get(name).and_then(Value::as_str);
-        if text("iss") != Some(self.issuer.as_str()) {
-            return Err(OAuthError::grant(
-                "the subject token was not issued by CIS2 Authentication (iss)",
-            ));
-        }
         let audiences: Vec<&str> = match claims.get("aud") {
             Some(Value::String(a)) => vec![a.as_str()],
             Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),

@@ -2,9 +2,10 @@
 //! exchanged by the relay (RFC 8693; the platform key lives only there). Each token is cached for the
 //! session it was exchanged for — the person, their CIS2 session and their selected role, since the
 //! platform's token carries the role — and is never served for another: a sign-out, a hand-over or a
-//! role change makes it stale, and lock and sign-out also forget it. Renewed on demand before it gets
-//! within the renewal margin of expiry, one exchange at a time (single-flight: concurrent callers take
-//! the token the first one fetched).
+//! role change makes it stale, and lock and sign-out also forget it. Renewed before it gets within the
+//! renewal margin of expiry — in the background by the agent's lifecycle tick while programs use it,
+//! else on demand — one exchange at a time (single-flight: concurrent callers take the token the first
+//! one fetched); a failed background renewal backs off as the session's does.
 
 use super::{Agent, AgentError, TokenAnswer};
 use crate::http::ProviderError;
@@ -38,6 +39,32 @@ struct Cached {
     token: Secret,
     expires_at: u64,
     lifetime: u64,
+    /// Served to a program since it was fetched. Only tokens in use are renewed in the background: one
+    /// a program asked for once is not exchanged again and again for the rest of the session.
+    served: bool,
+    /// After a failed background renewal: none before this, and how many failed in a row.
+    retry_at: u64,
+    failures: u32,
+}
+
+impl Cached {
+    fn new(session: SessionKey, token: Secret, now: u64, lifetime: u64, served: bool) -> Cached {
+        Cached {
+            session,
+            token,
+            expires_at: now + lifetime,
+            lifetime,
+            served,
+            retry_at: 0,
+            failures: 0,
+        }
+    }
+
+    /// Seconds before expiry it is renewed: `margin`, at most half its lifetime (else a short-lived
+    /// token would be stale the moment it arrives).
+    fn renew_ahead(&self, margin: u64) -> u64 {
+        margin.min(self.lifetime / 2)
+    }
 }
 
 /// The cache and the single-flight lock.
@@ -74,19 +101,55 @@ impl AudienceTokens {
             return None;
         }
         let needed = match margin {
-            Some(margin) => min_valid.max(margin.min(entry.lifetime / 2)),
+            Some(margin) => min_valid.max(entry.renew_ahead(margin)),
             None => min_valid,
         };
-        (entry.expires_at > now + needed).then(|| TokenAnswer {
-            access_token: entry.token.expose().to_string(),
-            token_type: "Bearer",
-            expires_at: entry.expires_at,
-            lifetime_secs: Some(entry.lifetime),
-        })
+        if entry.expires_at <= now + needed {
+            return None;
+        }
+        let entry = cache.get_mut(audience)?;
+        entry.served = true;
+        Some(answer_of(entry))
+    }
+
+    /// The audiences whose tokens are this session's, in use, inside their renewal margin and not
+    /// waiting out a backoff: what the background renewal exchanges again.
+    fn due(&self, session: &SessionKey, now: u64, margin: u64) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| {
+                &e.session == session
+                    && e.served
+                    && now >= e.retry_at
+                    && now + e.renew_ahead(margin) >= e.expires_at
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// A background renewal of `audience` failed: the next waits `backoff(failures)` seconds. The
+    /// token held stays served while it lasts.
+    fn failed(&self, audience: &str, now: u64, backoff: impl Fn(u32) -> u64) {
+        if let Some(entry) = self.lock().get_mut(audience) {
+            entry.retry_at = now + backoff(entry.failures);
+            entry.failures = entry.failures.saturating_add(1);
+        }
     }
 
     fn store(&self, audience: &str, entry: Cached) {
         self.lock().insert(audience.to_string(), entry);
+    }
+}
+
+fn answer_of(entry: &Cached) -> TokenAnswer {
+    TokenAnswer {
+        access_token: entry.token.expose().to_string(),
+        token_type: "Bearer",
+        expires_at: entry.expires_at,
+        lifetime_secs: Some(entry.lifetime),
     }
 }
 
@@ -126,22 +189,8 @@ impl Agent {
                 )
             }));
         };
-        let Exchange::Relay(relay) = &self.inner.rp.settings.exchange else {
-            // The config refuses audiences without the relay; kept for a clear answer regardless.
-            return Err(AgentError::BadParams(
-                "Audience tokens need [provider.exchange] method = \"relay\".".into(),
-            ));
-        };
         let margin = self.inner.config.session.refresh_margin_secs;
-        let current = || -> Result<(SessionKey, Secret), AgentError> {
-            let session = self.session();
-            let session = session.as_ref().ok_or_else(AgentError::not_signed_in)?;
-            Ok((
-                SessionKey::of(self.generation(), session),
-                session.id_token.clone(),
-            ))
-        };
-        let (key, _) = current()?;
+        let key = self.audience_session()?.0;
         let cache = &self.inner.audiences;
         if let Some(answer) =
             cache.cached(name, &key, self.inner.clock.now(), min_valid, Some(margin))
@@ -149,37 +198,66 @@ impl Agent {
             return Ok(answer);
         }
         let _flight = cache.flight.lock().await;
-        let (key, id_token) = current()?;
+        let (key, id_token) = self.audience_session()?;
         // A caller that waited takes what the exchange before it fetched if it lasts what it asked.
         if let Some(answer) = cache.cached(name, &key, self.inner.clock.now(), min_valid, None) {
             return Ok(answer);
         }
+        self.exchange_audience(name, &route.route, key, id_token, true)
+            .await
+    }
+
+    /// The current session's key and ID token.
+    fn audience_session(&self) -> Result<(SessionKey, Secret), AgentError> {
+        let session = self.session();
+        let session = session.as_ref().ok_or_else(AgentError::not_signed_in)?;
+        Ok((
+            SessionKey::of(self.generation(), session),
+            session.id_token.clone(),
+        ))
+    }
+
+    /// One exchange at the relay for the session `key` (the caller holds the flight), kept in the cache
+    /// if the session is still `key`'s and unlocked when it returns; `served`: a program gets it now.
+    async fn exchange_audience(
+        &self,
+        name: &str,
+        route: &str,
+        key: SessionKey,
+        id_token: Secret,
+        served: bool,
+    ) -> Result<TokenAnswer, AgentError> {
+        let Exchange::Relay(relay) = &self.inner.rp.settings.exchange else {
+            // The config refuses audiences without the relay; kept for a clear answer regardless.
+            return Err(AgentError::BadParams(
+                "Audience tokens need [provider.exchange] method = \"relay\".".into(),
+            ));
+        };
         if id_token.expose().is_empty() {
             return Err(AgentError::NotSignedIn(
                 "The session holds no ID token to exchange: sign in again (cis2ctl login).".into(),
             ));
         }
         let (answer, _) = relay
-            .exchange(&id_token, &route.route)
+            .exchange(&id_token, route)
             .await
             .map_err(|e| refused(name, e))?;
-        let now = self.inner.clock.now();
         let lifetime = answer.expires_in.max(1);
-        let entry = Cached {
-            session: key.clone(),
-            token: answer.access_token.clone(),
-            expires_at: now + lifetime,
+        let entry = Cached::new(
+            key.clone(),
+            answer.access_token.clone(),
+            self.inner.clock.now(),
             lifetime,
-        };
-        let answer = TokenAnswer {
-            access_token: answer.access_token.expose().to_string(),
-            token_type: "Bearer",
-            expires_at: entry.expires_at,
-            lifetime_secs: Some(lifetime),
-        };
+            served,
+        );
+        let answer = answer_of(&entry);
         // A sign-out, lock or role change while the exchange ran: the token is not for the session now.
-        if current().is_ok_and(|(now_key, _)| now_key == key) && self.check_unlocked().is_ok() {
-            cache.store(name, entry);
+        if self
+            .audience_session()
+            .is_ok_and(|(now_key, _)| now_key == key)
+            && self.check_unlocked().is_ok()
+        {
+            self.inner.audiences.store(name, entry);
             Ok(answer)
         } else {
             Err(AgentError::NotSignedIn(
@@ -188,25 +266,90 @@ impl Agent {
             ))
         }
     }
+
+    /// From the lifecycle tick, while the session is unlocked: exchanges again each token that programs
+    /// use and that is inside its renewal margin, so a `token` call seldom waits for the relay. Skipped
+    /// while a program's exchange runs (it renews); a failure backs off as the session's renewal does,
+    /// and the token held is served meanwhile.
+    pub(super) async fn renew_audience_tokens(&self) {
+        let Ok((key, _)) = self.audience_session() else {
+            return;
+        };
+        let margin = self.inner.config.session.refresh_margin_secs;
+        let cache = &self.inner.audiences;
+        for name in cache.due(&key, self.inner.clock.now(), margin) {
+            let Some(route) = self
+                .inner
+                .config
+                .provider
+                .as_ref()
+                .and_then(|p| p.audiences.iter().find(|a| a.name == name))
+            else {
+                continue;
+            };
+            let Ok(_flight) = cache.flight.try_lock() else {
+                return;
+            };
+            let Ok((key, id_token)) = self.audience_session() else {
+                return;
+            };
+            if !cache
+                .due(&key, self.inner.clock.now(), margin)
+                .contains(&name)
+            {
+                continue;
+            }
+            if let Err(e) = self
+                .exchange_audience(&name, &route.route, key, id_token, false)
+                .await
+            {
+                tracing::debug!(audience = %name, error = %e, "background renewal of an API Platform token did not complete");
+                cache.failed(&name, self.inner.clock.now(), super::backoff_secs);
+            }
+        }
+    }
 }
 
-/// The relay's refusal as the agent's answer; the relay's description never carries a token.
+/// The relay's refusal as the agent's answer, in words for whoever reads the EHR's log: what was
+/// refused, by whom, and who can fix it. The relay's description never carries a token.
 fn refused(name: &str, e: ProviderError) -> AgentError {
-    match &e {
-        ProviderError::Status {
-            status: 400,
-            oauth_error: Some(code),
-            ..
-        } if code == "invalid_grant" => AgentError::NotSignedIn(format!(
-            "The API Platform token for {name:?} was refused because the session's ID token was ({e}): sign in again (cis2ctl login)."
+    let ProviderError::Status {
+        status,
+        oauth_error,
+        description,
+        ..
+    } = &e
+    else {
+        return AgentError::Unreachable(format!(
+            "The API Platform token for {name:?} could not be had: {e}. The session is unaffected; ask again shortly."
+        ));
+    };
+    // The relay's own words, without the OAuth code the agent already read.
+    let reason = match (description.as_deref(), oauth_error.as_deref()) {
+        (Some(d), Some(code)) => d
+            .strip_prefix(code)
+            .map_or(d, |d| d.trim_start_matches(": ")),
+        (Some(d), None) => d,
+        (None, _) => "no reason given",
+    }
+    .trim_end_matches('.');
+    match (*status, oauth_error.as_deref()) {
+        (400, Some("invalid_grant")) => AgentError::NotSignedIn(format!(
+            "The API Platform token for {name:?} was refused because the session's ID token was not accepted: {reason}. \
+             The session's own token still works. A new sign-in gives a new ID token: sign out and in again \
+             (cis2ctl logout, then cis2ctl login); if that is refused too, the relay and this agent are set up \
+             for different Care Identity environments: tell the administrator."
         )),
-        ProviderError::Status { status, .. } if (400..500).contains(status) => {
-            AgentError::BadParams(format!(
-                "The relay would not exchange for {name:?} ({e}); check [[provider.audiences]] route against the relay's [[api_platform]]."
-            ))
-        }
+        (502, Some("relay_misconfigured")) => AgentError::Unreachable(format!(
+            "The API Platform refused the relay's own credentials for {name:?}: {reason}. Signing in again will \
+             not help and the session is unaffected: the relay's administrator must make its [[api_platform]] \
+             api_key, key and kid match the application's registration with the API Platform."
+        )),
+        (400..500, _) => AgentError::BadParams(format!(
+            "The relay would not exchange for {name:?} ({e}); check [[provider.audiences]] route against the relay's [[api_platform]]."
+        )),
         _ => AgentError::Unreachable(format!(
-            "The API Platform token for {name:?} could not be had: {e}."
+            "The API Platform token for {name:?} could not be had: {e}. The session is unaffected; ask again shortly."
         )),
     }
 }
@@ -225,12 +368,13 @@ mod tests {
     }
 
     fn entry(session: SessionKey, expires_at: u64, lifetime: u64) -> Cached {
-        Cached {
+        Cached::new(
             session,
-            token: Secret::new("apim-token"),
-            expires_at,
+            Secret::new("apim-token"),
+            expires_at - lifetime,
             lifetime,
-        }
+            false,
+        )
     }
 
     #[test]
@@ -303,5 +447,65 @@ mod tests {
                 .cached("apim", &key(1, "r1"), 1_051, 0, Some(300))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn tokens_in_use_are_renewed_in_the_background_inside_their_margin_and_back_off_after_failures()
+    {
+        let tokens = AudienceTokens::default();
+        let session = key(1, "r1");
+        // Both fetched at 1_000 for 600 s; a 60 s margin.
+        tokens.store("apim", entry(session.clone(), 1_600, 600));
+        tokens.store("pds", entry(session.clone(), 1_600, 600));
+        // Fetched but not served since (a background renewal's result): never renewed again unasked.
+        assert!(tokens.due(&session, 1_590, 60).is_empty());
+        // Served: due once inside the margin, not before; the other is still left alone.
+        assert!(
+            tokens
+                .cached("apim", &session, 1_100, 0, Some(60))
+                .is_some()
+        );
+        assert!(tokens.due(&session, 1_539, 60).is_empty());
+        assert_eq!(tokens.due(&session, 1_540, 60), vec!["apim"]);
+        // Not for another session (a hand-over, a role change, a new sign-in).
+        assert!(tokens.due(&key(2, "r1"), 1_540, 60).is_empty());
+        assert!(tokens.due(&key(1, "r2"), 1_540, 60).is_empty());
+
+        // Failures: nothing before each backoff has passed, and the waits grow.
+        let backoff = |failures: u32| [1, 2, 4][failures as usize];
+        tokens.failed("apim", 1_540, backoff);
+        assert!(tokens.due(&session, 1_540, 60).is_empty());
+        assert_eq!(tokens.due(&session, 1_541, 60), vec!["apim"]);
+        tokens.failed("apim", 1_541, backoff);
+        assert!(tokens.due(&session, 1_542, 60).is_empty());
+        assert_eq!(tokens.due(&session, 1_543, 60), vec!["apim"]);
+        tokens.failed("apim", 1_543, backoff);
+        assert!(tokens.due(&session, 1_546, 60).is_empty());
+        // Meanwhile the token held serves whoever needs less than it has left.
+        assert!(tokens.cached("apim", &session, 1_546, 30, None).is_some());
+
+        // Renewed: the new token starts afresh, with no backoff, and is renewed again once served.
+        tokens.store(
+            "apim",
+            Cached::new(session.clone(), Secret::new("t2"), 1_547, 600, false),
+        );
+        assert!(tokens.due(&session, 2_100, 60).is_empty());
+        assert!(
+            tokens
+                .cached("apim", &session, 1_600, 0, Some(60))
+                .is_some()
+        );
+        assert!(tokens.due(&session, 2_086, 60).is_empty());
+        assert_eq!(tokens.due(&session, 2_087, 60), vec!["apim"]);
+        // A short-lived token is renewed at half its lifetime, as on demand.
+        tokens.store(
+            "pds",
+            Cached::new(session.clone(), Secret::new("u2"), 2_000, 100, true),
+        );
+        assert!(tokens.due(&session, 2_049, 300).iter().all(|n| n != "pds"));
+        assert!(tokens.due(&session, 2_050, 300).iter().any(|n| n == "pds"));
+        // Cleared (lock, sign-out): nothing to renew.
+        tokens.clear();
+        assert!(tokens.due(&session, 2_100, 60).is_empty());
     }
 }
