@@ -228,3 +228,122 @@ async fn an_honest_relay_signs_in_and_a_lying_one_is_caught_by_the_agent() {
             .is_ok()
     );
 }
+
+/// The relay's count of successful `/v1/exchange` calls, from its metrics.
+async fn exchanges(relay_url: &str) -> u64 {
+    let metrics = reqwest::get(format!("{relay_url}metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cis2_relay_requests_total{endpoint=\"exchange\",status=\"200\"} ")
+        })
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_platform_token_in_use_is_renewed_in_the_background_before_it_expires() {
+    const API_KEY: &str = "apim-app-key-1";
+    let provider = cis2_mock_idp::start(Options::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let apim = SigningKey::generate(Alg::RS512);
+    std::fs::write(dir.path().join("apim.pem"), apim.to_pkcs8_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("relay-key.pem"),
+        SigningKey::generate(Alg::RS512).to_pkcs8_pem(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nallowed_redirect_uris = [\"http://127.0.0.1/callback\"]\n\
+             [provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\n[signing]\nkeys = [\"relay-key.pem\"]\n\
+             [[api_platform]]\naudience = \"apim\"\ntoken_url = \"{}\"\napi_key = \"{API_KEY}\"\n\
+             key = \"apim.pem\"\nkid = \"int-1\"\n",
+            provider.issuer,
+            provider.provider.api_token_endpoint(),
+        ),
+    )
+    .unwrap();
+    let relay =
+        cis2_relay::start(cis2_relay::config::load(&dir.path().join("relay.toml")).unwrap())
+            .await
+            .unwrap();
+    for client in [
+        json!({
+            "client_id": CLIENT_ID,
+            "auth_method": "private_key_jwt",
+            "jwks_uri": format!("{}.well-known/jwks.json", relay.url),
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "id_token_signed_response_alg": "RS512",
+            "refresh_tokens": true,
+        }),
+        json!({
+            "client_id": API_KEY,
+            "auth_method": "private_key_jwt",
+            "jwks": {"keys": [apim.with_kid("int-1").unwrap().public_jwk()]},
+            "redirect_uris": ["https://ehr.example/unused"],
+        }),
+    ] {
+        let client: Client = serde_json::from_value(client).unwrap();
+        provider.provider.register_client(client).unwrap();
+    }
+    let text = format!(
+        "environment = \"custom\"\n[provider]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\n\
+         [provider.exchange]\nmethod = \"relay\"\nrelay_url = \"{}\"\n\
+         [[provider.audiences]]\nname = \"apim\"\n\
+         [agent]\ndata_dir = \"{}\"\nstore = \"memory\"\nclient_policy = \"allow\"\n\
+         [session]\nend_session_at_provider = false\ninactivity_action = \"none\"\n",
+        provider.issuer,
+        relay.url,
+        dir.path().join("data").display(),
+    );
+    let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
+    let browser = Browser::Callback(Arc::new(move |url: &str| {
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let _ = ScriptedBrowser::default()
+                .sign_in(&url, &Script::new(BEN, "smartcard"))
+                .await;
+        });
+    }));
+    let clock = TestClock::default();
+    let agent = Agent::start(AgentOptions {
+        config,
+        browser,
+        clock: Arc::new(clock.clone()),
+        approver: None,
+        store: None,
+    })
+    .await
+    .unwrap();
+    agent.login(Some(Duration::from_secs(20))).await.unwrap();
+    let apim = || TokenRequest {
+        audience: Some("apim".into()),
+        ..TokenRequest::default()
+    };
+    let first = agent.token(apim()).await.unwrap();
+    assert_eq!(first.lifetime_secs, Some(3600));
+    assert_eq!(exchanges(&relay.url).await, 1);
+
+    // Inside the renewal margin (60 s; when it starts is the unit tests' to pin down), the lifecycle
+    // tick exchanges again with no program asking…
+    clock.advance(3600 - 30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while exchanges(&relay.url).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // …so the next call is answered the new token from the cache, without an exchange of its own.
+    let renewed = agent.token(apim()).await.unwrap();
+    assert_ne!(renewed.access_token, first.access_token);
+    assert!(renewed.expires_at > first.expires_at);
+    assert_eq!(exchanges(&relay.url).await, 2);
+}
