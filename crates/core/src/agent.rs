@@ -3,6 +3,7 @@
 //! share one browser flow, and concurrent `token` calls share one refresh (single-flight).
 
 mod audience;
+pub mod machine;
 
 use crate::audit::{AuditError, AuditLog, AuditOptions, ClientInfo, Record};
 use crate::browser::Browser;

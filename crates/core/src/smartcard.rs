@@ -11,7 +11,7 @@
 use sha2::{Digest, Sha256};
 
 /// Which card is in a reader.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Card {
     /// A stable identity: SHA-256 (hex, 32 characters) of the ATR and the CPLC data.
     Known(String),
