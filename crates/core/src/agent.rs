@@ -860,25 +860,7 @@ impl Agent {
         }
         const REASON: &str = "the smartcard was removed";
         match self.inner.config.workstation.on_card_removal {
-            SignalAction::Lock => {
-                let newly = {
-                    let mut life = self.life();
-                    if life.locked.is_none() {
-                        life.locked = Some(REASON.into());
-                        life.locked_by_card = true;
-                        true
-                    } else {
-                        false
-                    }
-                };
-                if newly {
-                    self.save_lock_state();
-                    tracing::info!(reason = REASON, "session locked");
-                    self.emit(Event::Locked {
-                        reason: REASON.into(),
-                    });
-                }
-            }
+            SignalAction::Lock => self.lock_with(REASON, true),
             SignalAction::SignOut => self.sign_out_for(REASON).await,
             SignalAction::Ignore => {}
         }
@@ -943,6 +925,12 @@ impl Agent {
     /// Locks the session (inactivity, a workstation signal): tokens and identity are withheld until the
     /// same clinician signs in again.
     pub fn lock(&self, reason: &str) {
+        self.lock_with(reason, false);
+    }
+
+    /// Every lock, whatever gave it: API Platform tokens are dropped (they are fetched again after the
+    /// unlock), and `by_card` lets the same card unlock it.
+    fn lock_with(&self, reason: &str, by_card: bool) {
         if self.session().is_none() {
             return;
         }
@@ -950,6 +938,7 @@ impl Agent {
         let mut life = self.life();
         if life.locked.is_none() {
             life.locked = Some(reason.to_string());
+            life.locked_by_card = by_card;
             drop(life);
             self.save_lock_state();
             tracing::info!(reason, "session locked");

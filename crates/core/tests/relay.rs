@@ -245,8 +245,24 @@ async fn exchanges(relay_url: &str) -> u64 {
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_platform_token_in_use_is_renewed_in_the_background_before_it_expires() {
+/// A sandbox provider that is also the API Platform, a real relay with an `apim` registration, and an
+/// agent on an injected clock that serves the `apim` audience through it.
+struct ApiPlatformWorld {
+    _provider: RunningProvider,
+    relay: cis2_relay::RunningRelay,
+    agent: Agent,
+    clock: TestClock,
+    _dir: tempfile::TempDir,
+}
+
+fn apim() -> TokenRequest {
+    TokenRequest {
+        audience: Some("apim".into()),
+        ..TokenRequest::default()
+    }
+}
+
+async fn api_platform_world() -> ApiPlatformWorld {
     const API_KEY: &str = "apim-app-key-1";
     let provider = cis2_mock_idp::start(Options::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -322,10 +338,19 @@ async fn an_api_platform_token_in_use_is_renewed_in_the_background_before_it_exp
     .await
     .unwrap();
     agent.login(Some(Duration::from_secs(20))).await.unwrap();
-    let apim = || TokenRequest {
-        audience: Some("apim".into()),
-        ..TokenRequest::default()
-    };
+    ApiPlatformWorld {
+        _provider: provider,
+        relay,
+        agent,
+        clock,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_platform_token_in_use_is_renewed_in_the_background_before_it_expires() {
+    let world = api_platform_world().await;
+    let (relay, agent, clock) = (&world.relay, &world.agent, &world.clock);
     let first = agent.token(apim()).await.unwrap();
     assert_eq!(first.lifetime_secs, Some(3600));
     assert_eq!(exchanges(&relay.url).await, 1);
@@ -346,4 +371,30 @@ async fn an_api_platform_token_in_use_is_renewed_in_the_background_before_it_exp
     assert_ne!(renewed.access_token, first.access_token);
     assert!(renewed.expires_at > first.expires_at);
     assert_eq!(exchanges(&relay.url).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smartcard_lock_drops_the_api_platform_token_as_any_lock_does() {
+    use cis2_core::smartcard::Card;
+    let card = Card::Known("ab".repeat(16));
+    let world = api_platform_world().await;
+    let agent = &world.agent;
+    // Sign in again with the card in the reader, so the session is bound to it.
+    agent.card_inserted(card.clone()).await;
+    agent.logout().await.unwrap();
+    agent.login(Some(Duration::from_secs(20))).await.unwrap();
+    let before = agent.token(apim()).await.unwrap();
+    let exchanged = exchanges(&world.relay.url).await;
+
+    agent.card_removed(card.clone()).await;
+    assert!(matches!(
+        agent.token(apim()).await,
+        Err(AgentError::Locked(_))
+    ));
+    // The same card back unlocks without a sign-in; the API token held before the lock is gone, so
+    // the next call exchanges again rather than answering it.
+    agent.card_inserted(card).await;
+    let after = agent.token(apim()).await.unwrap();
+    assert_ne!(after.access_token, before.access_token);
+    assert_eq!(exchanges(&world.relay.url).await, exchanged + 1);
 }
