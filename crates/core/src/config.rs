@@ -135,6 +135,7 @@ impl Environment {
 
 named_enum! {
     /// Who swaps the authorization code for tokens (`[provider.exchange] method`).
+    #[derive(Default)]
     ExchangeMethod {
         /// The vendor's `cis2-relay` (the confidential client CIS2 requires).
         Relay => "relay",
@@ -143,6 +144,7 @@ named_enum! {
         /// The agent itself, with a client secret read from the variable named by `secret_env`.
         ClientSecretPost => "client_secret_post",
         /// The agent itself as a public client (PKCE only).
+        #[default]
         None => "none",
     }
 }
@@ -213,7 +215,8 @@ named_enum! {
 /// When the table (or its `method`) is absent the method is `relay` for `environment = "int"` and
 /// `"live"` (CIS2 wants a confidential client, which the desktop is not) and `none` for `"custom"`.
 /// The keys a method does not use may be present and are ignored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Exchange {
     /// `method`.
     pub method: ExchangeMethod,
@@ -224,12 +227,12 @@ pub struct Exchange {
     pub key_file: Option<PathBuf>,
     /// `alg`: `RS512` (default) or `RS256`.
     pub alg: SigningAlg,
-    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
-    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
-    pub secret_env: Option<String>,
     /// `kid`: the key id registered with CIS2 for `key_file` (`private_key_jwt`); absent, the key's
     /// RFC 7638 thumbprint. 1 to 128 of `A-Z a-z 0-9 - _`.
     pub kid: Option<String>,
+    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
+    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
+    pub secret_env: Option<String>,
 }
 
 /// `[provider]`: the OpenID Connect provider and this agent's client registration with it.
@@ -239,7 +242,8 @@ pub struct Exchange {
 /// ports for the redirect, tried in order; default `[]` = a free port chosen at sign-in; whether CIS2
 /// lets the port vary is unconfirmed) and `login_timeout_secs` (how long a sign-in may take in the
 /// browser, default 300, 1..=[`MAX_SECS`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Kept exactly as written (or as the preset gives it): never round-tripped through a URL type.
     /// `https://`, or `http://` to 127.0.0.0/8, `[::1]` or `localhost`.
@@ -267,8 +271,29 @@ pub struct ProviderConfig {
     pub audiences: Vec<AudienceRoute>,
 }
 
+/// The defaults of every key; `issuer` and `client_id` empty (a file must give them, or a preset
+/// the issuer).
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            issuer: String::new(),
+            client_id: String::new(),
+            scopes: DEFAULT_SCOPES.map(String::from).to_vec(),
+            acr_values: Some(DEFAULT_ACR_VALUES.to_owned()),
+            max_age: Some(DEFAULT_MAX_AGE),
+            prompt: Some(DEFAULT_PROMPT.to_owned()),
+            ca_file: None,
+            redirect_ports: Vec::new(),
+            login_timeout_secs: DEFAULT_LOGIN_TIMEOUT_SECS,
+            exchange: Exchange::default(),
+            audiences: Vec::new(),
+        }
+    }
+}
+
 /// One `[[provider.audiences]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AudienceRoute {
     /// What programs ask for (`"audience": name`).
     pub name: String,
@@ -277,7 +302,8 @@ pub struct AudienceRoute {
 }
 
 /// `[agent]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// `socket`; `None` = the default path (interfaces.md, "The local socket").
     pub socket: Option<PathBuf>,
@@ -298,7 +324,8 @@ pub struct AgentConfig {
 /// Needs `name` and at least one of `path` (absolute) and `sha256` (64 hex digits, stored lower
 /// case). Extra key beyond `interfaces.md`: `scopes`, the extra scopes this program may ask for
 /// (default empty: none beyond the session's).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientRule {
     /// Shown to people.
     pub name: String,
@@ -319,7 +346,8 @@ pub struct ClientRule {
 }
 
 /// `[session]`. All durations are seconds, at most [`MAX_SECS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
     /// Renew this long before the access token expires. Default 60; 0 allowed (renew at expiry).
     pub refresh_margin_secs: u64,
@@ -352,7 +380,8 @@ impl Default for SessionConfig {
 }
 
 /// `[workstation]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkstationConfig {
     /// Default `lock`.
     pub on_os_lock: SignalAction,

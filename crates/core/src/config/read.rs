@@ -1,9 +1,9 @@
-//! Reading the file with serde. Each table is a `Raw*` struct with `deny_unknown_fields` (so the
-//! valid keys are its fields) whose values carry their type and, where a rule needs it, their span
-//! (`toml::Spanned`). A serde error (unknown key, wrong type, unknown choice) is turned here into
-//! our sentence on its line; then our rules run on the typed values. The `toml_edit` document is
-//! walked once beside it for what serde cannot see: a secret under any key, even an unknown one,
-//! where a key or table is, and what kind of value was written.
+//! Reading the file. serde reads it into the public types (each table `deny_unknown_fields`, so
+//! the valid keys are its fields), and a serde error (unknown key, wrong type, unknown choice) is
+//! turned here into our sentence on its line. The `toml_edit` document is walked once beside it
+//! for what serde cannot see: a secret under any key, even an unknown one; where each key, value
+//! and table is; and the value as written, which our rules check (by the key's dotted path) before
+//! serde reads it, so that every mistake is reported on its own line.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -11,108 +11,27 @@ use std::path::{Path, PathBuf};
 use cis2_config_error::{line_of, suggest, syntax_error};
 use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
-use toml::Spanned;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::paths::{Os, env_var, home_dir};
 use super::*;
 
 type Span = Option<Range<usize>>;
-type S<T> = Option<Spanned<T>>;
-type Words = S<Vec<Spanned<String>>>;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
 struct RawFile {
-    environment: S<Environment>,
-    provider: Option<RawProvider>,
-    agent: Option<RawAgent>,
-    clients: Option<Vec<RawClient>>,
-    session: Option<RawSession>,
-    workstation: Option<RawWorkstation>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProvider {
-    issuer: S<String>,
-    client_id: S<String>,
-    scopes: Words,
-    acr_values: S<String>,
-    max_age: S<i64>,
-    prompt: S<String>,
-    ca_file: S<String>,
-    redirect_ports: S<Vec<Spanned<i64>>>,
-    login_timeout_secs: S<i64>,
-    exchange: Option<RawExchange>,
-    audiences: Option<Vec<RawAudience>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAudience {
-    name: S<String>,
-    route: S<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawExchange {
-    method: S<ExchangeMethod>,
-    relay_url: S<String>,
-    key_file: S<String>,
-    alg: Option<SigningAlg>,
-    kid: S<String>,
-    secret_env: S<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAgent {
-    socket: S<String>,
-    store: Option<StoreKind>,
-    data_dir: S<String>,
-    client_policy: Option<ClientPolicy>,
-    audit_sync: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClient {
-    name: S<String>,
-    path: S<String>,
-    sha256: S<String>,
-    script: S<String>,
-    script_sha256: S<String>,
-    methods: Words,
-    audiences: Words,
-    scopes: Words,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawSession {
-    refresh_margin_secs: S<i64>,
-    expiring_notice_secs: S<i64>,
-    inactivity_secs: S<i64>,
-    inactivity_action: Option<InactivityAction>,
-    absolute_secs: S<i64>,
-    end_session_at_provider: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawWorkstation {
-    on_os_lock: Option<SignalAction>,
-    on_card_removal: Option<SignalAction>,
-    same_card_unlocks: Option<bool>,
-    allow_user_switch: Option<bool>,
+    environment: Option<Environment>,
+    provider: Option<ProviderConfig>,
+    agent: AgentConfig,
+    clients: Vec<ClientRule>,
+    session: SessionConfig,
+    workstation: WorkstationConfig,
 }
 
 const ISSUER_EXAMPLE: &str = "\"https://login.example.org/realms/staff\"";
 const CLIENT_ID_EXAMPLE: &str = "\"123456789012.apps.national\"";
 const RELAY_EXAMPLE: &str = "\"https://relay.example.nhs.uk/\"";
-const PORTS_EXAMPLE: &str = "[8400, 8401]";
 const SHA_EXAMPLE: &str = "\"<64 hex digits>\"";
 // The example in a message is one the reader's OS would report.
 const PATH_EXAMPLE: &str = if cfg!(windows) {
@@ -122,8 +41,32 @@ const PATH_EXAMPLE: &str = if cfg!(windows) {
 };
 const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
 const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
+/// The durations: the least value, and the fix for a 0 below it.
+const SECS: [(&str, u64, Option<&str>); 6] = [
+    ("provider.max_age", 0, None),
+    (
+        "provider.login_timeout_secs",
+        1,
+        Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
+    ),
+    ("session.refresh_margin_secs", 0, None),
+    ("session.expiring_notice_secs", 0, None),
+    (
+        "session.inactivity_secs",
+        1,
+        Some(
+            "To switch the inactivity timeout off, write inactivity_action = \"none\" instead; \
+             otherwise write inactivity_secs = 900.",
+        ),
+    ),
+    (
+        "session.absolute_secs",
+        1,
+        Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
+    ),
+];
 
-/// What a key's value must be and an example of one, for a value of the wrong type.
+/// What a key's value must be and an example of one (the default where there is one).
 fn shape(path: &str) -> (&'static str, &'static str) {
     const TEXT: &str = "text in double quotes";
     const NUMBER: &str = "a whole number";
@@ -137,7 +80,7 @@ fn shape(path: &str) -> (&'static str, &'static str) {
         "provider.max_age" | "provider.login_timeout_secs" => (NUMBER, "300"),
         "provider.prompt" => (TEXT, "\"login\""),
         "provider.ca_file" => (TEXT, "\"/etc/cis2-agent/extra-ca.pem\""),
-        "provider.redirect_ports" => ("a list of port numbers", PORTS_EXAMPLE),
+        "provider.redirect_ports" => ("a list of port numbers", "[8400, 8401]"),
         "provider.audiences.name" | "provider.audiences.route" => (TEXT, "\"apim\""),
         "provider.exchange.relay_url" => (TEXT, RELAY_EXAMPLE),
         "provider.exchange.key_file" => (TEXT, "\"client-key.pem\""),
@@ -160,6 +103,17 @@ fn shape(path: &str) -> (&'static str, &'static str) {
         "session.absolute_secs" => (NUMBER, "43200"),
         _ => (TEXT, "\"…\""),
     }
+}
+
+/// What the file named by a path key holds, for messages.
+fn file_what(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "ca_file" => "a PEM file of extra CA certificates",
+        "key_file" => "the PEM file holding the client's RSA private key",
+        "socket" => "the agent's socket",
+        "data_dir" => "the agent's data folder",
+        _ => return None,
+    })
 }
 
 /// The values a key that picks one of a few may take, as the file writes them.
@@ -211,72 +165,76 @@ fn tables() -> [(&'static str, &'static str, &'static [&'static str]); 8] {
     let top = "at the top of the file, before the first [section] heading";
     [
         ("", top, keys_of::<RawFile>()),
-        ("provider", "in [provider]", keys_of::<RawProvider>()),
+        ("provider", "in [provider]", keys_of::<ProviderConfig>()),
         (
             "provider.exchange",
             "in [provider.exchange]",
-            keys_of::<RawExchange>(),
+            keys_of::<Exchange>(),
         ),
-        ("agent", "in [agent]", keys_of::<RawAgent>()),
-        ("session", "in [session]", keys_of::<RawSession>()),
+        ("agent", "in [agent]", keys_of::<AgentConfig>()),
+        ("session", "in [session]", keys_of::<SessionConfig>()),
         (
             "workstation",
             "in [workstation]",
-            keys_of::<RawWorkstation>(),
+            keys_of::<WorkstationConfig>(),
         ),
-        ("clients", "in a [[clients]] entry", keys_of::<RawClient>()),
+        ("clients", "in a [[clients]] entry", keys_of::<ClientRule>()),
         (
             "provider.audiences",
             "in a [[provider.audiences]] entry",
-            keys_of::<RawAudience>(),
+            keys_of::<AudienceRoute>(),
         ),
     ]
 }
 
 /// One key of the document, wherever it is (unknown and inline tables included), in file order.
 /// An entry of a list of tables is recorded too, under the key `""`, at its header.
-struct KeyAt {
+struct KeyAt<'d> {
     /// Dotted path of the table holding it: `""`, `provider.exchange`, `clients`.
     table: String,
     /// Which entry, when the table is an entry of a list of tables.
     entry: Option<usize>,
-    key: String,
+    key: &'d str,
     span: Span,
-    value: Span,
+    value_span: Span,
+    /// The value as written; `None` for a table or a list of tables.
+    value: Option<&'d Value>,
     is_table: bool,
-    /// What was written, in the words of our messages, and the text if it is text.
-    kind: &'static str,
-    text: Option<String>,
 }
 
-fn collect_keys(t: &dyn TableLike, table: &str, entry: Option<usize>, out: &mut Vec<KeyAt>) {
+impl KeyAt<'_> {
+    /// What was written, in the words of our messages.
+    fn kind(&self) -> &'static str {
+        match self.value {
+            Some(Value::String(_)) => "text",
+            Some(Value::Integer(_)) => "a whole number",
+            Some(Value::Float(_)) => "a decimal number",
+            Some(Value::Boolean(_)) => "true/false",
+            Some(Value::Datetime(_)) => "a date or time",
+            Some(Value::Array(_)) => "a list",
+            None if !self.is_table => "a list",
+            _ => "a table",
+        }
+    }
+}
+
+fn collect<'d>(t: &'d dyn TableLike, table: &str, entry: Option<usize>, out: &mut Vec<KeyAt<'d>>) {
     for (key, item) in t.iter() {
-        let (kind, text) = match item.as_value() {
-            Some(Value::String(s)) => ("text", Some(s.value().clone())),
-            Some(Value::Integer(_)) => ("a whole number", None),
-            Some(Value::Float(_)) => ("a decimal number", None),
-            Some(Value::Boolean(_)) => ("true/false", None),
-            Some(Value::Datetime(_)) => ("a date or time", None),
-            Some(Value::Array(_)) => ("a list", None),
-            _ if item.is_array_of_tables() => ("a list", None),
-            _ => ("a table", None),
-        };
         let span = t.key(key).and_then(|k| k.span()).or_else(|| item.span());
         let is_table = matches!(item, Item::Table(_) | Item::ArrayOfTables(_));
-        let (table, key, value) = (table.to_owned(), key.to_owned(), item.span());
-        let path = join_path(&table, &key);
+        let (value_span, value) = (item.span(), item.as_value());
         out.push(KeyAt {
-            table,
+            table: table.to_owned(),
             entry,
             key,
             span,
+            value_span,
             value,
             is_table,
-            kind,
-            text,
         });
+        let path = join_path(table, key);
         match item {
-            Item::Table(t) => collect_keys(t, &path, None, out),
+            Item::Table(t) => collect(t, &path, None, out),
             Item::ArrayOfTables(list) => {
                 for (i, t) in list.iter().enumerate() {
                     collect_entry(t, t.span(), &path, i, out);
@@ -288,25 +246,29 @@ fn collect_keys(t: &dyn TableLike, table: &str, entry: Option<usize>, out: &mut 
     }
 }
 
-fn collect_entry(t: &dyn TableLike, span: Span, table: &str, i: usize, out: &mut Vec<KeyAt>) {
-    let (table, key, kind) = (table.to_owned(), String::new(), "a table");
-    let (value, text) = (span.clone(), None);
+fn collect_entry<'d>(
+    t: &'d dyn TableLike,
+    span: Span,
+    table: &str,
+    i: usize,
+    out: &mut Vec<KeyAt<'d>>,
+) {
+    let (value_span, value, is_table) = (span.clone(), None, true);
     out.push(KeyAt {
+        table: table.to_owned(),
         entry: Some(i),
+        key: "",
         span,
+        value_span,
         value,
-        is_table: true,
-        kind,
-        text,
-        key,
-        table: table.clone(),
+        is_table,
     });
-    collect_keys(t, &table, Some(i), out);
+    collect(t, table, Some(i), out);
 }
 
-fn collect_value(v: &Value, path: &str, out: &mut Vec<KeyAt>) {
+fn collect_value<'d>(v: &'d Value, path: &str, out: &mut Vec<KeyAt<'d>>) {
     match v {
-        Value::InlineTable(t) => collect_keys(t, path, None, out),
+        Value::InlineTable(t) => collect(t, path, None, out),
         Value::Array(list) => {
             for (i, v) in list.iter().enumerate() {
                 match v {
@@ -317,10 +279,6 @@ fn collect_value(v: &Value, path: &str, out: &mut Vec<KeyAt>) {
         }
         _ => {}
     }
-}
-
-fn at<T>(v: &Spanned<T>) -> Span {
-    Some(v.span())
 }
 
 fn join_path(parent: &str, key: &str) -> String {
@@ -358,7 +316,7 @@ struct Ctx<'a> {
     file: &'a Path,
     base: PathBuf,
     check_files: bool,
-    keys: Vec<KeyAt>,
+    keys: Vec<KeyAt<'a>>,
 }
 
 impl Ctx<'_> {
@@ -371,12 +329,6 @@ impl Ctx<'_> {
             message,
             fix,
         }
-    }
-
-    /// `{key} = {value as written} is not valid: {reason}.`
-    fn invalid(&self, key: &str, span: &Span, reason: &str, fix: impl Into<String>) -> ConfigError {
-        let message = format!("{key} = {} is not valid: {reason}.", self.snippet(span));
-        self.err(span, message, fix)
     }
 
     /// The source text of a value, for quoting it back: first line only, at most 60 characters.
@@ -395,6 +347,13 @@ impl Ctx<'_> {
         }
     }
 
+    /// The key `key` of table `table` (entry `entry` of a list of tables), if the file gives it.
+    fn find(&self, table: &str, entry: Option<usize>, key: &str) -> Option<&KeyAt<'_>> {
+        self.keys
+            .iter()
+            .find(|k| k.table == table && k.entry == entry && k.key == key)
+    }
+
     /// Where a table (or an entry of `[[clients]]`) starts: its header, else its first key.
     fn table_span(&self, table: &str, entry: Option<usize>) -> Span {
         let (parent, key) = match (entry, table.rsplit_once('.')) {
@@ -402,23 +361,23 @@ impl Ctx<'_> {
             (None, Some((parent, key))) => (parent, key),
             (None, None) => ("", table),
         };
-        let at = |k: &&KeyAt| k.table == parent && k.entry == entry && k.key == key;
-        let first = |k: &&KeyAt| k.table == table && k.entry == entry;
-        let found = self.keys.iter().filter(at).find(|k| k.span.is_some());
-        found
-            .or_else(|| self.keys.iter().find(first))
-            .and_then(|k| k.span.clone())
+        let header = self.find(parent, entry, key).filter(|k| k.span.is_some());
+        let first = || {
+            self.keys
+                .iter()
+                .find(|k| k.table == table && k.entry == entry)
+        };
+        header.or_else(first).and_then(|k| k.span.clone())
     }
 
     /// A path from the file: `~/` is the home folder; relative paths are read from the config
     /// file's folder.
-    fn resolve(&self, raw: &str) -> PathBuf {
-        let home = || home_dir(&env_var, Os::CURRENT);
-        let rest = raw.strip_prefix("~/").or_else(|| raw.strip_prefix("~\\"));
-        match (raw == "~", rest, home()) {
+    fn resolve(&self, raw: &Path) -> PathBuf {
+        let text = raw.to_string_lossy();
+        let rest = text.strip_prefix("~/").or_else(|| text.strip_prefix("~\\"));
+        match (text == "~", rest, home_dir(&env_var, Os::CURRENT)) {
             (true, _, Some(h)) => h,
             (_, Some(rest), Some(h)) => h.join(rest),
-            _ if Path::new(raw).is_absolute() => PathBuf::from(raw),
             _ => self.base.join(raw),
         }
     }
@@ -432,8 +391,8 @@ impl Ctx<'_> {
             .keys
             .iter()
             .filter(named)
-            .find(|k| k.span == span || k.value == span);
-        let inside = |k: &&KeyAt| match (&k.value, &span) {
+            .find(|k| k.span == span || k.value_span == span);
+        let inside = |k: &&KeyAt| match (&k.value_span, &span) {
             (Some(v), Some(s)) => v.start <= s.start && s.end <= v.end,
             _ => false,
         };
@@ -442,77 +401,74 @@ impl Ctx<'_> {
             let fix = "Check the TOML on that line against docs/configuration.md.";
             return self.err(&span, format!("{message}."), fix);
         };
-        let (key, path, shown) = (&at.key, join_path(&at.table, &at.key), self.snippet(&span));
+        let (key, path, shown, found) = (
+            at.key,
+            join_path(&at.table, at.key),
+            self.snippet(&span),
+            at.kind(),
+        );
+        let (wanted, example) = shape(&path);
         if e.message().starts_with("unknown field") {
-            return self.unknown_key(at);
-        }
-        if at.value != span {
-            if path == "provider.redirect_ports" {
-                return port_error(self, &span);
-            }
-            return self.err(
+            self.unknown_key(at)
+        } else if at.value_span != span {
+            let message = format!("{key} contains {shown}, which is not text in double quotes.");
+            self.err(
                 &span,
-                format!("{key} contains {shown}, which is not text in double quotes."),
-                format!(
-                    "Write each entry in double quotes, e.g. {key} = {}.",
-                    shape(&path).1
-                ),
-            );
-        }
-        let found = at.kind;
-        if path == "clients" {
-            return self.err(
+                message,
+                format!("Write each entry in double quotes, e.g. {key} = {example}."),
+            )
+        } else if path == "clients" {
+            self.err(
                 &span,
                 format!(
                     "clients = {shown} is not valid: clients must be a list of [[clients]] \
                      sections, not {found}."
                 ),
-                "Write each program as its own section: a line [[clients]], then \
-                 name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
-            );
-        }
-        if display_entry(&at.table, key).starts_with('[') {
-            let fix = format!("Write it as a section: a line [{path}] followed by its keys.");
-            return self.invalid(
-                key,
+                "Write each program as its own section: a line [[clients]], then name = \"Ward \
+                 EHR\" \
+                 and path = \"/opt/ehr/bin/ehr\" on the lines below.",
+            )
+        } else if display_entry(&at.table, key).starts_with('[') {
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be a table, not {found}.");
+            self.err(
                 &span,
-                &format!("{key} must be a table, not {found}"),
-                fix,
-            );
-        }
-        if let Some(names) = choices(key) {
+                message,
+                format!("Write it as a section: a line [{path}] followed by its keys."),
+            )
+        } else if let Some(names) = choices(key) {
             let near = at
-                .text
-                .as_deref()
+                .value
+                .and_then(Value::as_str)
                 .and_then(|s| suggest(s, names.iter().copied()));
             let near = near
                 .map(|n| format!("Did you mean \"{n}\"? "))
                 .unwrap_or_default();
             let options: Vec<String> = names.iter().map(|n| format!("{key} = \"{n}\"")).collect();
             let fix = format!("{near}Write {}.", join_or(&options));
-            return self.err(&span, format!("{key} = {shown} is not valid."), fix);
+            self.err(&span, format!("{key} = {shown} is not valid."), fix)
+        } else {
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}.");
+            self.err(&span, message, format!("Write {key} = {example}."))
         }
-        let (wanted, example) = shape(&path);
-        let reason = format!("{key} must be {wanted}, not {found}");
-        self.invalid(key, &span, &reason, format!("Write {key} = {example}."))
     }
 
     fn unknown_key(&self, at: &KeyAt) -> ConfigError {
-        let path = join_path(&at.table, &at.key);
-        let tables = tables();
+        let (path, key, tables) = (join_path(&at.table, at.key), at.key, tables());
         let own = tables.iter().find(|(t, _, _)| *t == at.table);
         let allowed = own.map(|(_, _, keys)| *keys).unwrap_or_default();
         let message = match (at.is_table, at.table.as_str(), at.entry) {
             (true, _, Some(_)) => format!("unknown table [[{path}]]."),
             (true, _, None) => format!("unknown table [{path}]."),
-            (false, "", _) => format!("unknown key \"{}\" at the top level.", at.key),
+            (false, "", _) => format!("unknown key \"{key}\" at the top level."),
             (false, table, Some(i)) => {
-                format!("unknown key \"{}\" in [[{table}]] entry {}.", at.key, i + 1)
+                format!("unknown key \"{key}\" in [[{table}]] entry {}.", i + 1)
             }
-            (false, table, None) => format!("unknown key \"{}\" in [{table}].", at.key),
+            (false, table, None) => format!("unknown key \"{key}\" in [{table}]."),
         };
         let mut fix = String::new();
-        if let Some(near) = suggest(&at.key, allowed.iter().copied()) {
+        if let Some(near) = suggest(key, allowed.iter().copied()) {
             let shown = display_entry(&at.table, near);
             let shown = if shown.starts_with('[') {
                 shown
@@ -520,8 +476,8 @@ impl Ctx<'_> {
                 format!("\"{shown}\"")
             };
             fix = format!("Did you mean {shown}? ");
-        } else if let Some((_, home, _)) = tables.iter().find(|(_, _, k)| k.contains(&&*at.key)) {
-            fix = format!("\"{}\" belongs {home}: move it there. ", at.key);
+        } else if let Some((_, home, _)) = tables.iter().find(|(_, _, k)| k.contains(&key)) {
+            fix = format!("\"{key}\" belongs {home}: move it there. ");
         }
         let valid: Vec<String> = allowed
             .iter()
@@ -531,247 +487,261 @@ impl Ctx<'_> {
         self.err(&at.span, message, fix)
     }
 
-    /// A duration in seconds: `default` when absent, else `min..=MAX_SECS`.
-    fn secs(
-        &self,
-        key: &str,
-        v: &S<i64>,
-        (min, default): (u64, u64),
-        zero_fix: Option<&str>,
-    ) -> Result<u64, ConfigError> {
-        let Some(v) = v else { return Ok(default) };
-        let n = *v.get_ref();
-        match u64::try_from(n) {
-            Ok(n) if (min..=MAX_SECS).contains(&n) => Ok(n),
-            _ => Err(self.invalid(
-                key,
-                &at(v),
-                &format!("it must be between {min} and {MAX_SECS}"),
-                match zero_fix {
-                    Some(fix) if n == 0 => fix.to_owned(),
-                    _ => format!("Write {key} = {default}."),
-                },
+    /// Our rules for one value as the file writes it, by the key's dotted path. A value of the
+    /// wrong type is left to serde, which names the type.
+    fn check_value(&self, k: &KeyAt) -> Result<(), ConfigError> {
+        let (Some(v), key, path) = (k.value, k.key, join_path(&k.table, k.key)) else {
+            return Ok(());
+        };
+        let (span, example) = (v.span(), shape(&path).1);
+        let shown = self.snippet(&span);
+        let label = match k.entry {
+            Some(i) if k.table == "clients" => format!(" in [[clients]] entry {}", i + 1),
+            _ => String::new(),
+        };
+        let invalid = |reason: &str, fix: String| {
+            Err(self.err(
+                &span,
+                format!("{key} = {shown}{label} is not valid: {reason}."),
+                fix,
+            ))
+        };
+        if let (Some((_, min, zero_fix)), Some(n)) =
+            (SECS.iter().find(|s| s.0 == path), v.as_integer())
+        {
+            if u64::try_from(n).is_ok_and(|n| (*min..=MAX_SECS).contains(&n)) {
+                return Ok(());
+            }
+            let fix = zero_fix
+                .filter(|_| n == 0)
+                .map_or(format!("Write {key} = {example}."), str::to_owned);
+            return invalid(&format!("it must be between {min} and {MAX_SECS}"), fix);
+        }
+        if let Some(list) = v.as_array() {
+            return self.check_list(&path, key, &label, list);
+        }
+        let Some(s) = v.as_str() else { return Ok(()) };
+        let word =
+            |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c.is_control());
+        let is_name = |s: &str| {
+            let mut chars = s.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        let prompt = s.split_whitespace().collect::<Vec<_>>();
+        let bad_prompt = prompt.iter().any(|w| !PROMPT_VALUES.contains(w))
+            || (prompt.contains(&"none") && prompt.len() > 1);
+        let hex = s.trim().len() == 64 && s.trim().chars().all(|c| c.is_ascii_hexdigit());
+        let is_path = key == "path";
+        let audience = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        match path.as_str() {
+            "provider.issuer" => check_url(self, key, s, &span, (example, "the provider"), false),
+            "provider.exchange.relay_url" => {
+                check_url(self, key, s, &span, (example, "the relay"), true)
+            }
+            "provider.client_id" if !word(s) => invalid(
+                "it must be the client ID the provider registered, with no spaces",
+                format!("Write client_id = {example}."),
+            ),
+            "provider.acr_values" if s.contains(char::is_control) => Err(self.err(
+                &span,
+                "acr_values is not valid: it contains control characters.",
+                "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
+                 sign-in only).",
             )),
+            "provider.prompt" if bad_prompt => Err(self.err(
+                &span,
+                format!("prompt = {shown} is not valid."),
+                "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", \
+                 prompt = \"select_account\", prompt = \"none\", or prompt = \"\" to send no \
+                 prompt.",
+            )),
+            "provider.ca_file"
+            | "provider.exchange.key_file"
+            | "agent.socket"
+            | "agent.data_dir"
+                if s.trim().is_empty() =>
+            {
+                let what = file_what(key).unwrap_or_default();
+                let fix = format!(
+                    "Write the path of {what}, e.g. {key} = {example}, or leave {key} out."
+                );
+                invalid("it is empty", fix)
+            }
+            "provider.exchange.kid" if cis2_jose::check_kid(s).is_err() => Err(self.err(
+                &span,
+                format!("kid = {shown} is not a key id this agent can send."),
+                "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
+                 (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 \
+                 thumbprint.",
+            )),
+            // The value is not quoted back: it may be the secret itself.
+            "provider.exchange.secret_env" if !is_name(s) => Err(self.err(
+                &span,
+                "secret_env is not the name of an environment variable (letters, digits and _, not \
+                 starting with a digit).",
+                "secret_env names the variable that holds the secret, never the secret itself: \
+                 write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's \
+                 environment.",
+            )),
+            "provider.audiences.name" | "provider.audiences.route" if !audience => Err(self.err(
+                &span,
+                format!(
+                    "[[provider.audiences]] {key} = {shown} is not valid: it must be letters, \
+                     digits, - _ or ."
+                ),
+                format!("Write {key} = \"apim\"."),
+            )),
+            "clients.name" if s.trim().is_empty() || s.trim().contains(char::is_control) => {
+                invalid(
+                    "it is empty",
+                    "Write name = \"Ward EHR\" (the name shown to people).".into(),
+                )
+            }
+            "clients.path" | "clients.script" if !Path::new(s).is_absolute() => {
+                let what = match is_path {
+                    true => "the program's executable",
+                    false => "the script the interpreter runs",
+                };
+                let fix = format!("Write {key} = {example} (the absolute path).");
+                invalid(&format!("it must be the full path of {what}"), fix)
+            }
+            "clients.sha256" | "clients.script_sha256" if !hex => {
+                let what = if key == "sha256" {
+                    "executable"
+                } else {
+                    "script"
+                };
+                invalid(
+                    &format!("it must be the {what}'s SHA-256 as 64 hexadecimal digits"),
+                    format!(
+                        "Write {key} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
+                         `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
+                         (Windows)."
+                    ),
+                )
+            }
+            _ => Ok(()),
         }
     }
 
-    /// A list of single words (scopes, audiences): no empty entries, no spaces. Duplicates dropped.
-    fn words(&self, path: &str, v: &Words) -> Result<Option<Vec<String>>, ConfigError> {
-        let Some(list) = v else { return Ok(None) };
-        let key = path.rsplit('.').next().unwrap_or(path);
-        let mut out: Vec<String> = Vec::with_capacity(list.get_ref().len());
-        for word in list.get_ref() {
-            if word.get_ref().is_empty()
-                || word
-                    .get_ref()
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control())
-            {
+    /// Our rules for the entries of a list; an entry of the wrong type is left to serde.
+    fn check_list(
+        &self,
+        path: &str,
+        key: &str,
+        label: &str,
+        list: &toml_edit::Array,
+    ) -> Result<(), ConfigError> {
+        let (span, example) = (list.span(), shape(path).1);
+        let mut seen = Vec::new();
+        for v in list {
+            let (at, shown) = (v.span(), self.snippet(&v.span()));
+            if path == "provider.redirect_ports" {
+                let port = v
+                    .as_integer()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n != 0);
+                if port.is_some_and(|p| seen.contains(&p.to_string())) {
+                    let n = port.unwrap_or_default();
+                    return Err(self.err(
+                        &at,
+                        format!("redirect_ports lists port {n} twice."),
+                        "List each port once.",
+                    ));
+                }
+                let Some(port) = port else {
+                    return Err(self.err(
+                        &at,
+                        format!(
+                            "redirect_ports entry {shown} is not valid: a port is a whole \
+                                 number from 1 to 65535."
+                        ),
+                        format!(
+                            "Write redirect_ports = {example}, or leave redirect_ports out to use \
+                             a free port \
+                             chosen at each sign-in."
+                        ),
+                    ));
+                };
+                seen.push(port.to_string());
+                continue;
+            }
+            let Some(s) = v.as_str() else { return Ok(()) };
+            if path == "clients.methods" && !CLIENT_METHODS.contains(&s) {
+                let near = suggest(s, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
                 return Err(self.err(
-                    &at(word),
+                    &at,
+                    format!("methods entry {shown}{label} is not a method of the agent."),
                     format!(
-                        "{key} entry {} is not valid: each entry is one word, with no spaces.",
-                        self.snippet(&at(word))
-                    ),
-                    format!(
-                        "Write each as its own entry, e.g. {key} = {}.",
-                        shape(path).1
+                        "{}Valid methods: {}.",
+                        near.unwrap_or_default(),
+                        CLIENT_METHODS.join(", ")
                     ),
                 ));
             }
-            if !out.contains(word.get_ref()) {
-                out.push(word.get_ref().clone());
+            if path != "clients.methods"
+                && (s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control()))
+            {
+                return Err(self.err(
+                    &at,
+                    format!(
+                        "{key} entry {shown} is not valid: each entry is one word, with no spaces."
+                    ),
+                    format!("Write each as its own entry, e.g. {key} = {example}."),
+                ));
             }
+            seen.push(s.to_owned());
         }
-        Ok(Some(out))
+        if path == "provider.scopes" && !seen.iter().any(|s| s == "openid") {
+            let listed: Vec<String> = seen.iter().map(|s| format!(", \"{s}\"")).collect();
+            return Err(self.err(
+                &span,
+                format!(
+                    "scopes = {} does not include \"openid\".",
+                    self.snippet(&span)
+                ),
+                format!(
+                    "OpenID Connect needs it: write scopes = [\"openid\"{}].",
+                    listed.concat()
+                ),
+            ));
+        }
+        Ok(())
     }
 
-    /// A path: not empty; resolved from the config folder; optionally required to be a file.
-    fn path(
+    /// A path from the file, resolved; when `must_exist`, checked to be a file.
+    fn file(
         &self,
-        path: &str,
-        v: &S<String>,
-        what: &str,
+        table: &str,
+        key: &str,
+        raw: Option<PathBuf>,
         must_exist: bool,
     ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(v) = v else { return Ok(None) };
-        let (key, example) = (path.rsplit('.').next().unwrap_or(path), shape(path).1);
-        if v.get_ref().trim().is_empty() {
-            let fix =
-                format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out.");
-            return Err(self.invalid(key, &at(v), "it is empty", fix));
-        }
-        let resolved = self.resolve(v.get_ref());
-        if must_exist && self.check_files && !resolved.is_file() {
+        let Some(path) = raw.map(|raw| self.resolve(&raw)) else {
+            return Ok(None);
+        };
+        if must_exist && self.check_files && !path.is_file() {
+            let span = self
+                .find(table, None, key)
+                .and_then(|k| k.value_span.clone());
             return Err(self.err(
-                &at(v),
+                &span,
                 format!(
                     "{key} = {} names a file that does not exist or is not a file: {}.",
-                    self.snippet(&at(v)),
-                    resolved.display()
+                    self.snippet(&span),
+                    path.display()
                 ),
-                format!("Write the path of {what} (a relative path is read from the config file's folder)."),
+                format!(
+                    "Write the path of {} (a relative path is read from the config file's folder).",
+                    file_what(key).unwrap_or_default()
+                ),
             ));
         }
-        Ok(Some(resolved))
+        Ok(Some(path))
     }
-}
-
-fn port_error(ctx: &Ctx<'_>, span: &Span) -> ConfigError {
-    ctx.err(
-        span,
-        format!(
-            "redirect_ports entry {} is not valid: a port is a whole number from 1 to 65535.",
-            ctx.snippet(span)
-        ),
-        format!(
-            "Write redirect_ports = {PORTS_EXAMPLE}, or leave redirect_ports out to use a free \
-             port chosen at each sign-in."
-        ),
-    )
-}
-
-pub(super) fn parse_inner(
-    text: &str,
-    origin: &Path,
-    check_files: bool,
-) -> Result<Config, ConfigError> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let doc = ImDocument::parse(text)
-        .map_err(|e| syntax_error(text, origin.to_path_buf(), e.message(), e.span()))?;
-    let mut keys = Vec::new();
-    collect_keys(doc.as_table(), "", None, &mut keys);
-    let base = origin.parent().map(Path::to_path_buf).unwrap_or_default();
-    let ctx = Ctx {
-        text,
-        file: origin,
-        base,
-        check_files,
-        keys,
-    };
-
-    let secret = ctx
-        .keys
-        .iter()
-        .find(|k| SECRET_KEYS.contains(&k.key.to_lowercase().replace('-', "_").as_str()));
-    if let Some(at) = secret {
-        let place = match at.table.as_str() {
-            "" => "at the top level".to_owned(),
-            "clients" => "in [[clients]]".to_owned(),
-            table => format!("in [{table}]"),
-        };
-        return Err(ctx.err(
-            &at.span,
-            format!(
-                "\"{}\" {place}: secrets never go in the config file.",
-                at.key
-            ),
-            "Remove it, put the secret in an environment variable of the agent, and name that \
-             variable in [provider.exchange]: method = \"client_secret_post\" and \
-             secret_env = \"CIS2_CLIENT_SECRET\".",
-        ));
-    }
-
-    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.serde_error(&e))?;
-    let provider_span = ctx.table_span("provider", None);
-    let (environment, environment_span) = match (raw.environment, &raw.provider) {
-        (Some(env), _) => (*env.get_ref(), at(&env)),
-        (None, None) => (Environment::Sandbox, None),
-        (None, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
-                "the file has a [provider] section but no environment, so it does not say \
-                 which provider this is.",
-                "Add environment = \"int\", environment = \"live\" or environment = \"custom\" \
-                 at the top of the file, before [provider].",
-            ));
-        }
-    };
-    let provider = match (environment, raw.provider) {
-        (Environment::Sandbox, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
-                "environment = \"sandbox\" uses the agent's embedded test provider, so it \
-                 takes no [provider] section.",
-                "Remove the [provider] section, or set environment = \"int\", \
-                 environment = \"live\" or environment = \"custom\" to sign in against a real \
-                 provider.",
-            ));
-        }
-        (Environment::Sandbox, None) => None,
-        (env, p) => Some(read_provider(&ctx, p, env, environment_span)?),
-    };
-
-    let a = raw.agent.unwrap_or_default();
-    let agent = AgentConfig {
-        socket: ctx.path("agent.socket", &a.socket, "the agent's socket", false)?,
-        store: a.store.unwrap_or_default(),
-        data_dir: ctx.path(
-            "agent.data_dir",
-            &a.data_dir,
-            "the agent's data folder",
-            false,
-        )?,
-        client_policy: a.client_policy,
-        audit_sync: a.audit_sync.unwrap_or(false),
-    };
-    let clients = (raw.clients.into_iter().flatten().enumerate())
-        .map(|(i, c)| read_client(&ctx, c, i))
-        .collect::<Result<_, _>>()?;
-    let (s, d) = (raw.session.unwrap_or_default(), SessionConfig::default());
-    let session = SessionConfig {
-        refresh_margin_secs: ctx.secs(
-            "refresh_margin_secs",
-            &s.refresh_margin_secs,
-            (0, d.refresh_margin_secs),
-            None,
-        )?,
-        expiring_notice_secs: ctx.secs(
-            "expiring_notice_secs",
-            &s.expiring_notice_secs,
-            (0, d.expiring_notice_secs),
-            None,
-        )?,
-        inactivity_secs: ctx.secs(
-            "inactivity_secs",
-            &s.inactivity_secs,
-            (1, d.inactivity_secs),
-            Some(
-                "To switch the inactivity timeout off, write inactivity_action = \"none\" \
-                 instead; otherwise write inactivity_secs = 900.",
-            ),
-        )?,
-        inactivity_action: s.inactivity_action.unwrap_or(d.inactivity_action),
-        absolute_secs: ctx.secs(
-            "absolute_secs",
-            &s.absolute_secs,
-            (1, d.absolute_secs),
-            Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
-        )?,
-        end_session_at_provider: s
-            .end_session_at_provider
-            .unwrap_or(d.end_session_at_provider),
-    };
-    let (w, d) = (
-        raw.workstation.unwrap_or_default(),
-        WorkstationConfig::default(),
-    );
-    let workstation = WorkstationConfig {
-        on_os_lock: w.on_os_lock.unwrap_or(d.on_os_lock),
-        on_card_removal: w.on_card_removal.unwrap_or(d.on_card_removal),
-        same_card_unlocks: w.same_card_unlocks.unwrap_or(d.same_card_unlocks),
-        allow_user_switch: w.allow_user_switch.unwrap_or(d.allow_user_switch),
-    };
-    let source = Some(origin.to_path_buf());
-    Ok(Config {
-        environment,
-        provider,
-        agent,
-        clients,
-        session,
-        workstation,
-        source,
-    })
 }
 
 fn is_loopback_host(url: &url::Url) -> bool {
@@ -788,502 +758,401 @@ fn is_loopback_host(url: &url::Url) -> bool {
 fn check_url(
     ctx: &Ctx<'_>,
     key: &str,
-    v: &Spanned<String>,
+    value: &str,
+    span: &Span,
     (example, what): (&str, &str),
     allow_query: bool,
 ) -> Result<(), ConfigError> {
-    let (value, span, shown) = (v.get_ref(), at(v), ctx.snippet(&at(v)));
-    let fix = format!("Write {key} = {example}.");
+    let (shown, fix) = (ctx.snippet(span), format!("Write {key} = {example}."));
+    let invalid = |reason: &str| {
+        Err(ctx.err(
+            span,
+            format!("{key} = {shown} is not valid: {reason}."),
+            &*fix,
+        ))
+    };
     if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ctx.invalid(key, &span, "a URL has no spaces", fix));
+        return invalid("a URL has no spaces");
     }
     let url = url::Url::parse(value).map_err(|e| {
         ctx.err(
-            &span,
+            span,
             format!("{key} = {shown} is not a valid URL ({e})."),
             &*fix,
         )
     })?;
     let lower = value.to_ascii_lowercase();
     let http = lower.starts_with("http://") && url.scheme() == "http";
+    let https = lower.starts_with("https://") && url.scheme() == "https";
     if http && !is_loopback_host(&url) {
         return Err(ctx.err(
-            &span,
+            span,
             format!("{key} = {shown} uses plain http to another computer."),
             format!(
                 "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
-                 computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
+                 computer, e.g. \
+                 http://127.0.0.1:8080/ or http://[::1]:8080/."
             ),
         ));
     }
-    let parts = if allow_query {
-        "#fragment"
-    } else {
-        "?query or #fragment"
+    if !(http || https) {
+        return invalid("it must start with https://");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return invalid("it has no host name");
+    }
+    if url.fragment().is_some() || (!allow_query && url.query().is_some()) {
+        return invalid(if allow_query {
+            "it must not have a #fragment"
+        } else {
+            "it must not have a ?query or #fragment"
+        });
+    }
+    Ok(())
+}
+
+pub(super) fn parse_inner(
+    text: &str,
+    origin: &Path,
+    check_files: bool,
+) -> Result<Config, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let doc = ImDocument::parse(text)
+        .map_err(|e| syntax_error(text, origin.to_path_buf(), e.message(), e.span()))?;
+    let mut keys = Vec::new();
+    collect(doc.as_table(), "", None, &mut keys);
+    let base = origin.parent().map(Path::to_path_buf).unwrap_or_default();
+    let ctx = Ctx {
+        text,
+        file: origin,
+        base,
+        check_files,
+        keys,
     };
-    let https = lower.starts_with("https://") && url.scheme() == "https";
-    let reason = if !(http || https) {
-        "it must start with https://".to_owned()
-    } else if url.host_str().is_none_or(str::is_empty) {
-        "it has no host name".to_owned()
-    } else if url.fragment().is_some() || (!allow_query && url.query().is_some()) {
-        format!("it must not have a {parts}")
-    } else {
-        return Ok(());
+
+    let secret =
+        |k: &&KeyAt| SECRET_KEYS.contains(&k.key.to_lowercase().replace('-', "_").as_str());
+    if let Some(at) = ctx.keys.iter().find(secret) {
+        let place = match at.table.as_str() {
+            "" => "at the top level".to_owned(),
+            "clients" => "in [[clients]]".to_owned(),
+            table => format!("in [{table}]"),
+        };
+        return Err(ctx.err(
+            &at.span,
+            format!(
+                "\"{}\" {place}: secrets never go in the config file.",
+                at.key
+            ),
+            "Remove it, put the secret in an environment variable of the agent, and name that \
+             variable \
+             in [provider.exchange]: method = \"client_secret_post\" and secret_env = \
+             \"CIS2_CLIENT_SECRET\".",
+        ));
+    }
+    for k in &ctx.keys {
+        ctx.check_value(k)?;
+    }
+    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.serde_error(&e))?;
+
+    let provider_span = ctx.table_span("provider", None);
+    let environment = match (raw.environment, &raw.provider) {
+        (Some(env), _) => env,
+        (None, None) => Environment::Sandbox,
+        (None, Some(_)) => {
+            return Err(ctx.err(
+                &provider_span,
+                "the file has a [provider] section but no environment, so it does not say which \
+                 provider this is.",
+                "Add environment = \"int\", environment = \"live\" or environment = \"custom\" at \
+                 the \
+                 top of the file, before [provider].",
+            ));
+        }
     };
-    Err(ctx.invalid(key, &span, &reason, fix))
+    let provider = match (environment, raw.provider) {
+        (Environment::Sandbox, Some(_)) => {
+            return Err(ctx.err(
+                &provider_span,
+                "environment = \"sandbox\" uses the agent's embedded test provider, so it takes no \
+                 [provider] section.",
+                "Remove the [provider] section, or set environment = \"int\", environment = \
+                 \"live\" or \
+                 environment = \"custom\" to sign in against a real provider.",
+            ));
+        }
+        (Environment::Sandbox, None) => None,
+        (env, p) => Some(read_provider(&ctx, p, env)?),
+    };
+
+    let mut agent = raw.agent;
+    agent.socket = ctx.file("agent", "socket", agent.socket, false)?;
+    agent.data_dir = ctx.file("agent", "data_dir", agent.data_dir, false)?;
+    let mut clients = raw.clients;
+    for (i, client) in clients.iter_mut().enumerate() {
+        read_client(&ctx, client, i)?;
+    }
+    let (session, workstation) = (raw.session, raw.workstation);
+    let source = Some(origin.to_path_buf());
+    Ok(Config {
+        environment,
+        provider,
+        agent,
+        clients,
+        session,
+        workstation,
+        source,
+    })
+}
+
+/// Removes repeated entries, keeping the first.
+fn dedup(list: &mut Vec<String>) {
+    let mut seen = Vec::new();
+    list.retain(|s| {
+        !seen.contains(s) && {
+            seen.push(s.clone());
+            true
+        }
+    });
 }
 
 fn read_provider(
     ctx: &Ctx<'_>,
-    p: Option<RawProvider>,
+    p: Option<ProviderConfig>,
     env: Environment,
-    env_span: Span,
 ) -> Result<ProviderConfig, ConfigError> {
     let name = env.as_str();
-    let Some(p) = p else {
+    let Some(mut p) = p else {
         let fix = if env == Environment::Custom {
             format!(
                 "Add a [provider] section with issuer = {ISSUER_EXAMPLE} and client_id = \"…\" \
-                 (this service's client ID at that provider)."
+                 (this \
+                 service's client ID at that provider)."
             )
         } else {
             format!(
-                "Add a [provider] section with client_id = {CLIENT_ID_EXAMPLE} (the client ID \
-                 NHS England registered for this service)."
+                "Add a [provider] section with client_id = {CLIENT_ID_EXAMPLE} (the client ID NHS \
+                 England \
+                 registered for this service)."
             )
         };
-        let message =
-            format!("environment = \"{name}\" needs a [provider] section, and the file has none.");
-        return Err(ctx.err(&env_span, message, fix));
+        let span = ctx
+            .find("", None, "environment")
+            .and_then(|k| k.value_span.clone());
+        return Err(ctx.err(
+            &span,
+            format!("environment = \"{name}\" needs a [provider] section, and the file has none."),
+            fix,
+        ));
     };
     let p_span = ctx.table_span("provider", None);
-
-    let issuer = match p.issuer {
-        Some(v) => {
-            check_url(ctx, "issuer", &v, (ISSUER_EXAMPLE, "the provider"), false)?;
-            v.into_inner()
-        }
-        None => env.preset_issuer().map(str::to_owned).ok_or_else(|| {
-            ctx.err(
+    let given = |key| ctx.find("provider", None, key).is_some();
+    if !given("issuer") {
+        let Some(preset) = env.preset_issuer() else {
+            return Err(ctx.err(
                 &p_span,
                 format!("[provider] has no issuer, and environment = \"{name}\" needs one."),
                 format!(
                     "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its \
-                     discovery document gives it), or use environment = \"int\" or \
-                     environment = \"live\" for NHS CIS2."
-                ),
-            )
-        })?,
-    };
-
-    let client_id = match p.client_id {
-        Some(v)
-            if v.get_ref().is_empty()
-                || v.get_ref()
-                    .contains(|c: char| c.is_whitespace() || c.is_control()) =>
-        {
-            let reason = "it must be the client ID the provider registered, with no spaces";
-            let fix = format!("Write client_id = {CLIENT_ID_EXAMPLE}.");
-            return Err(ctx.invalid("client_id", &at(&v), reason, fix));
-        }
-        Some(v) => v.into_inner(),
-        None => {
-            return Err(ctx.err(
-                &p_span,
-                format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
-                format!(
-                    "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
-                     service) to [provider]."
+                     discovery document \
+                     gives it), or use environment = \"int\" or environment = \"live\" for NHS \
+                     CIS2."
                 ),
             ));
-        }
-    };
-
-    let scopes = match ctx.words("provider.scopes", &p.scopes)? {
-        None => DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
-        Some(scopes) if scopes.iter().any(|s| s == "openid") => scopes,
-        Some(scopes) => {
-            let span = p.scopes.as_ref().and_then(at);
-            let listed: Vec<String> = scopes.iter().map(|s| format!(", \"{s}\"")).collect();
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "scopes = {} does not include \"openid\".",
-                    ctx.snippet(&span)
-                ),
-                format!(
-                    "OpenID Connect needs it: write scopes = [\"openid\"{}].",
-                    listed.concat()
-                ),
-            ));
-        }
-    };
-
-    let acr_values = match p.acr_values {
-        None => Some(DEFAULT_ACR_VALUES.to_owned()),
-        Some(v) if v.get_ref().contains(char::is_control) => {
-            return Err(ctx.err(
-                &at(&v),
-                "acr_values is not valid: it contains control characters.",
-                "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
-                 sign-in only).",
-            ));
-        }
-        Some(v) => Some(v.get_ref().trim().to_owned()).filter(|acr| !acr.is_empty()),
-    };
-
-    let prompt = match p.prompt {
-        None => Some(DEFAULT_PROMPT.to_owned()),
-        Some(v) => {
-            let words: Vec<&str> = v.get_ref().split_whitespace().collect();
-            if words.iter().any(|w| !PROMPT_VALUES.contains(w))
-                || (words.contains(&"none") && words.len() > 1)
-            {
-                return Err(ctx.err(
-                    &at(&v),
-                    format!("prompt = {} is not valid.", ctx.snippet(&at(&v))),
-                    "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", \
-                     prompt = \"select_account\", prompt = \"none\", or prompt = \"\" to send no \
-                     prompt.",
-                ));
-            }
-            Some(words.join(" ")).filter(|words| !words.is_empty())
-        }
-    };
-
-    let ca_file = ctx.path(
-        "provider.ca_file",
-        &p.ca_file,
-        "a PEM file of extra CA certificates",
-        true,
-    )?;
-    let exchange = read_exchange(ctx, p.exchange, env, &p_span)?;
-    Ok(ProviderConfig {
-        issuer,
-        client_id,
-        scopes,
-        acr_values,
-        max_age: Some(ctx.secs("max_age", &p.max_age, (0, DEFAULT_MAX_AGE), None)?),
-        prompt,
-        ca_file,
-        redirect_ports: read_ports(ctx, &p.redirect_ports)?,
-        login_timeout_secs: ctx.secs(
-            "login_timeout_secs",
-            &p.login_timeout_secs,
-            (1, DEFAULT_LOGIN_TIMEOUT_SECS),
-            Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
-        )?,
-        audiences: read_audiences(ctx, p.audiences.unwrap_or_default(), &exchange)?,
-        exchange,
-    })
-}
-
-fn read_audiences(
-    ctx: &Ctx<'_>,
-    raw: Vec<RawAudience>,
-    exchange: &Exchange,
-) -> Result<Vec<AudienceRoute>, ConfigError> {
-    let word = |key: &str, v: &Spanned<String>| {
-        let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
-        if !v.get_ref().is_empty() && v.get_ref().bytes().all(ok) {
-            return Ok(v.get_ref().clone());
-        }
-        Err(ctx.err(
-            &at(v),
+        };
+        p.issuer = preset.to_owned();
+    }
+    if !given("client_id") {
+        return Err(ctx.err(
+            &p_span,
+            format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
             format!(
-                "[[provider.audiences]] {key} = {} is not valid: it must be letters, digits, - _ or .",
-                ctx.snippet(&at(v))
+                "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
+                     service) to [provider]."
             ),
-            format!("Write {key} = \"apim\"."),
-        ))
-    };
-    let mut out: Vec<AudienceRoute> = Vec::new();
-    for entry in raw {
-        let Some(v) = &entry.name else {
+        ));
+    }
+    dedup(&mut p.scopes);
+    p.acr_values = p
+        .acr_values
+        .map(|acr| acr.trim().to_owned())
+        .filter(|acr| !acr.is_empty());
+    p.prompt = p
+        .prompt
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty());
+    p.ca_file = ctx.file("provider", "ca_file", p.ca_file, true)?;
+    read_exchange(ctx, &mut p.exchange, env, &p_span)?;
+    let mut names = Vec::new();
+    for (i, audience) in p.audiences.iter_mut().enumerate() {
+        let Some(at) = ctx.find("provider.audiences", Some(i), "name") else {
             return Err(ctx.err(
                 &ctx.table_span("provider.audiences", None),
                 "A [[provider.audiences]] entry has no name.",
-                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
+                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] \
+                 entry.",
             ));
         };
-        let name = word("name", v)?;
-        if exchange.method != ExchangeMethod::Relay {
+        let (name, method) = (&audience.name, p.exchange.method);
+        if method != ExchangeMethod::Relay {
             return Err(ctx.err(
-                &at(v),
+                &at.span,
                 format!(
-                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are exchanged by \
-                     cis2-relay, which holds the platform key, and [provider.exchange] method is \"{}\".",
-                    exchange.method.as_str()
+                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are \
+                     exchanged by \
+                     cis2-relay, which holds the platform key, and [provider.exchange] method is \
+                     \"{method}\"."
                 ),
-                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the [[provider.audiences]] entry.",
+                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the \
+                 [[provider.audiences]] entry.",
             ));
         }
-        if out.iter().any(|a| a.name == name) {
+        if names.contains(name) {
+            let message = format!("[[provider.audiences]] name {name:?} is given twice.");
             return Err(ctx.err(
-                &at(v),
-                format!("[[provider.audiences]] name {name:?} is given twice."),
+                &at.span,
+                message,
                 "Give each [[provider.audiences]] entry its own name.",
             ));
         }
-        let route = entry.route.as_ref().map(|r| word("route", r)).transpose()?;
-        let route = route.unwrap_or_else(|| name.clone());
-        out.push(AudienceRoute { name, route });
-    }
-    Ok(out)
-}
-
-fn read_ports(ctx: &Ctx<'_>, v: &S<Vec<Spanned<i64>>>) -> Result<Vec<u16>, ConfigError> {
-    let mut ports = Vec::new();
-    for port in v.iter().flat_map(|v| v.get_ref()) {
-        match u16::try_from(*port.get_ref()).ok().filter(|n| *n != 0) {
-            Some(n) if ports.contains(&n) => {
-                let message = format!("redirect_ports lists port {n} twice.");
-                return Err(ctx.err(&at(port), message, "List each port once."));
-            }
-            Some(n) => ports.push(n),
-            None => return Err(port_error(ctx, &at(port))),
+        names.push(name.clone());
+        if audience.route.is_empty() {
+            audience.route = name.clone();
         }
     }
-    Ok(ports)
+    Ok(p)
 }
 
 fn read_exchange(
     ctx: &Ctx<'_>,
-    x: Option<RawExchange>,
+    x: &mut Exchange,
     env: Environment,
     provider_span: &Span,
-) -> Result<Exchange, ConfigError> {
+) -> Result<(), ConfigError> {
     let default_method = match env {
         Environment::Int | Environment::Live => ExchangeMethod::Relay,
         Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
     };
-    let x = match x {
-        Some(x) => x,
-        None if default_method == ExchangeMethod::Relay => {
-            return Err(ctx.err(
-                provider_span,
-                format!(
-                    "environment = \"{env}\" swaps the sign-in code for tokens through a relay by \
-                     default, and there is no [provider.exchange] section with its relay_url."
-                ),
-                format!(
-                    "Add a [provider.exchange] section with method = \"relay\" and relay_url = \
-                     {RELAY_EXAMPLE}, or choose another method there: method = \
-                     \"private_key_jwt\", method = \"client_secret_post\" or method = \"none\"."
-                ),
-            ));
+    if ctx.find("provider", None, "exchange").is_none() && default_method == ExchangeMethod::Relay {
+        return Err(ctx.err(
+            provider_span,
+            format!(
+                "environment = \"{env}\" swaps the sign-in code for tokens through a relay by \
+                 default, and \
+                 there is no [provider.exchange] section with its relay_url."
+            ),
+            format!(
+                "Add a [provider.exchange] section with method = \"relay\" and relay_url = \
+                 {RELAY_EXAMPLE}, \
+                 or choose another method there: method = \"private_key_jwt\", method = \
+                 \"client_secret_post\" or method = \"none\"."
+            ),
+        ));
+    }
+    let (method_span, stated) = match ctx.find("provider.exchange", None, "method") {
+        Some(at) => (at.value_span.clone(), format!("method = \"{}\"", x.method)),
+        None => {
+            x.method = default_method;
+            let stated = format!(
+                "[provider.exchange] has no method, so it is \"{default_method}\" (the default for \
+                 environment = \"{env}\"), which"
+            );
+            (ctx.table_span("provider.exchange", None), stated)
         }
-        None => RawExchange::default(),
     };
-    let (method, method_span, stated) = match &x.method {
-        Some(m) => (*m.get_ref(), at(m), format!("method = \"{}\"", m.get_ref())),
-        None => (
-            default_method,
-            ctx.table_span("provider.exchange", None),
-            format!(
-                "[provider.exchange] has no method, so it is \"{default_method}\" (the default \
-                 for environment = \"{env}\"), which"
-            ),
-        ),
-    };
-    if let Some(v) = &x.relay_url {
-        check_url(ctx, "relay_url", v, (RELAY_EXAMPLE, "the relay"), true)?;
-    }
-    let what = "the PEM file holding the client's RSA private key";
-    let must_exist = method == ExchangeMethod::PrivateKeyJwt;
-    let key_file = ctx.path("provider.exchange.key_file", &x.key_file, what, must_exist)?;
-    if let Some(v) = x
-        .kid
-        .as_ref()
-        .filter(|v| cis2_jose::check_kid(v.get_ref()).is_err())
-    {
-        return Err(ctx.err(
-            &at(v),
-            format!(
-                "kid = {} is not a key id this agent can send.",
-                ctx.snippet(&at(v))
-            ),
-            "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
-             (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 \
-             thumbprint.",
-        ));
-    }
-    let is_name = |name: &str| {
-        let mut chars = name.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    if let Some(v) = x.secret_env.as_ref().filter(|v| !is_name(v.get_ref())) {
-        // The value is not quoted back: it may be the secret itself.
-        return Err(ctx.err(
-            &at(v),
-            "secret_env is not the name of an environment variable (letters, digits and _, not \
-             starting with a digit).",
-            "secret_env names the variable that holds the secret, never the secret itself: write \
-             secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's \
-             environment.",
-        ));
-    }
-
-    let missing = match method {
+    let must_exist = x.method == ExchangeMethod::PrivateKeyJwt;
+    x.key_file = ctx.file(
+        "provider.exchange",
+        "key_file",
+        x.key_file.take(),
+        must_exist,
+    )?;
+    let missing = match x.method {
         ExchangeMethod::Relay if x.relay_url.is_none() => Some((
             "relay_url",
             format!("relay_url = {RELAY_EXAMPLE} (the address of your organisation's cis2-relay)"),
         )),
-        ExchangeMethod::PrivateKeyJwt if key_file.is_none() => Some((
-            "key_file",
-            format!("key_file = \"client-key.pem\" ({what})"),
-        )),
+        ExchangeMethod::PrivateKeyJwt if x.key_file.is_none() => {
+            let what = file_what("key_file").unwrap_or_default();
+            Some((
+                "key_file",
+                format!("key_file = \"client-key.pem\" ({what})"),
+            ))
+        }
         ExchangeMethod::ClientSecretPost if x.secret_env.is_none() => Some((
             "secret_env",
             "secret_env = \"CIS2_CLIENT_SECRET\" (the name of the environment variable holding \
-             the client secret; the secret itself never goes in the file)"
+             the client \
+             secret; the secret itself never goes in the file)"
                 .to_owned(),
         )),
         _ => None,
     };
-    if let Some((key, add)) = missing {
-        let others = ExchangeMethod::NAMES
-            .iter()
-            .filter(|n| **n != method.as_str());
-        let others: Vec<String> = others.map(|n| format!("method = \"{n}\"")).collect();
-        return Err(ctx.err(
-            &method_span,
-            format!("{stated} needs {key} in [provider.exchange], and there is none."),
-            format!(
-                "Add {add} to [provider.exchange], or choose another method: {}.",
-                join_or(&others)
-            ),
-        ));
-    }
-    Ok(Exchange {
-        method,
-        relay_url: x.relay_url.map(Spanned::into_inner),
-        key_file,
-        alg: x.alg.unwrap_or_default(),
-        secret_env: x.secret_env.map(Spanned::into_inner),
-        kid: x.kid.map(Spanned::into_inner),
-    })
+    let Some((key, add)) = missing else {
+        return Ok(());
+    };
+    let others = ExchangeMethod::NAMES
+        .iter()
+        .filter(|n| **n != x.method.as_str());
+    let others: Vec<String> = others.map(|n| format!("method = \"{n}\"")).collect();
+    Err(ctx.err(
+        &method_span,
+        format!("{stated} needs {key} in [provider.exchange], and there is none."),
+        format!(
+            "Add {add} to [provider.exchange], or choose another method: {}.",
+            join_or(&others)
+        ),
+    ))
 }
 
-fn read_client(ctx: &Ctx<'_>, c: RawClient, i: usize) -> Result<ClientRule, ConfigError> {
+fn read_client(ctx: &Ctx<'_>, c: &mut ClientRule, i: usize) -> Result<(), ConfigError> {
     let label = format!("[[clients]] entry {}", i + 1);
     let entry_span = ctx.table_span("clients", Some(i));
-    let invalid = |key: &str, v: &Spanned<String>, reason: &str, fix: String| {
-        let shown = ctx.snippet(&at(v));
-        ctx.err(
-            &at(v),
-            format!("{key} = {shown} in {label} is not valid: {reason}."),
-            fix,
-        )
-    };
-
-    let name = match &c.name {
-        Some(v)
-            if v.get_ref().trim().is_empty() || v.get_ref().trim().contains(char::is_control) =>
-        {
-            let fix = "Write name = \"Ward EHR\" (the name shown to people).";
-            return Err(invalid("name", v, "it is empty", fix.into()));
-        }
-        Some(v) => v.get_ref().trim().to_owned(),
-        None => {
-            return Err(ctx.err(
-                &entry_span,
-                format!("{label} has no name."),
-                "Add name = \"Ward EHR\" (the name shown to people when this program uses the \
-                 agent).",
-            ));
-        }
-    };
-    let absolute = |key: &str, v: &S<String>, what: &str, example: &str| match v {
-        Some(v) if !Path::new(v.get_ref()).is_absolute() => {
-            let reason = format!("it must be the full path of {what}");
-            let fix = format!("Write {key} = {example} (the absolute path).");
-            Err(invalid(key, v, &reason, fix))
-        }
-        v => Ok(v.as_ref().map(|v| PathBuf::from(v.get_ref()))),
-    };
-    let hash = |key: &str, v: &S<String>, what: &str| match v {
-        Some(v)
-            if v.get_ref().trim().len() != 64
-                || !v.get_ref().trim().chars().all(|c| c.is_ascii_hexdigit()) =>
-        {
-            let reason = format!("it must be the {what}'s SHA-256 as 64 hexadecimal digits");
-            let fix = format!(
-                "Write {key} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
-                 `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` (Windows)."
-            );
-            Err(invalid(key, v, &reason, fix))
-        }
-        v => Ok(v.as_ref().map(|v| v.get_ref().trim().to_ascii_lowercase())),
-    };
-    let path = absolute("path", &c.path, "the program's executable", PATH_EXAMPLE)?;
-    let sha256 = hash("sha256", &c.sha256, "executable")?;
-    let script_sha256 = hash("script_sha256", &c.script_sha256, "script")?;
-    let script_what = "the script the interpreter runs";
-    let script = absolute("script", &c.script, script_what, "\"/opt/ehr/ehr.py\"")?;
-
-    if path.is_none() && sha256.is_none() {
+    if ctx.find("clients", Some(i), "name").is_none() {
+        return Err(ctx.err(
+            &entry_span,
+            format!("{label} has no name."),
+            "Add name = \"Ward EHR\" (the name shown to people when this program uses the agent).",
+        ));
+    }
+    c.name = c.name.trim().to_owned();
+    for hash in [&mut c.sha256, &mut c.script_sha256].into_iter().flatten() {
+        *hash = hash.trim().to_ascii_lowercase();
+    }
+    if c.path.is_none() && c.sha256.is_none() {
         return Err(ctx.err(
             &entry_span,
             format!(
-                "{label} (\"{name}\") has neither path nor sha256, so no program can match it."
+                "{label} (\"{}\") has neither path nor sha256, so no program can match it.",
+                c.name
             ),
             format!(
-                "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} (its \
-                 SHA-256)."
+                "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} \
+                     (its SHA-256)."
             ),
         ));
     }
-    if (script.is_some() || script_sha256.is_some())
-        && let Some(exe) = path.as_deref().filter(|p| !crate::peer::is_interpreter(p))
+    if (c.script.is_some() || c.script_sha256.is_some())
+        && let Some(exe) = c
+            .path
+            .as_deref()
+            .filter(|p| !crate::peer::is_interpreter(p))
     {
         return Err(ctx.err(
             &entry_span,
             format!(
-                "{label} (\"{name}\") names a script, but {} is not an interpreter this agent \
-                 knows (python, node, java, ruby, perl, php, dotnet, a shell…): a native program \
-                 is never matched by its command line.",
+                "{label} (\"{}\") names a script, but {} is not an interpreter this agent knows \
+                 (python, \
+                 node, java, ruby, perl, php, dotnet, a shell…): a native program is never matched by its \
+                 command line.",
+                c.name,
                 exe.display()
             ),
             "Remove script and script_sha256, or set path to the interpreter that runs the script.",
         ));
     }
-
-    let mut methods: Option<Vec<String>> = c.methods.as_ref().map(|_| Vec::new());
-    for m in c.methods.iter().flat_map(|list| list.get_ref()) {
-        let method = m.get_ref();
-        if !CLIENT_METHODS.contains(&method.as_str()) {
-            let near = suggest(method, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
-            return Err(ctx.err(
-                &at(m),
-                format!(
-                    "methods entry {} in {label} is not a method of the agent.",
-                    ctx.snippet(&at(m))
-                ),
-                format!(
-                    "{}Valid methods: {}.",
-                    near.unwrap_or_default(),
-                    CLIENT_METHODS.join(", ")
-                ),
-            ));
-        }
-        if let Some(list) = methods.as_mut().filter(|list| !list.contains(method)) {
-            list.push(method.clone());
-        }
-    }
-
-    Ok(ClientRule {
-        name,
-        path,
-        sha256,
-        script,
-        script_sha256,
-        methods,
-        audiences: ctx
-            .words("clients.audiences", &c.audiences)?
-            .unwrap_or_default(),
-        scopes: ctx.words("clients.scopes", &c.scopes)?.unwrap_or_default(),
-    })
+    c.methods.iter_mut().for_each(dedup);
+    dedup(&mut c.audiences);
+    dedup(&mut c.scopes);
+    Ok(())
 }
