@@ -1,15 +1,9 @@
 //! Loading and validating the agent config file (see docs/configuration.md).
 //!
 //! The file format is the one in `interfaces.md` ("Config file (TOML)"). This module reads it into a
-//! [`Config`], and refuses anything it does not understand: unknown keys and bad values are reported
-//! with the file, the 1-based line and a sentence that says what to write instead ([`ConfigError`]).
-//!
-//! The shape of the file is serde's: each table is a struct with `deny_unknown_fields`, so an
-//! unknown key is refused and the valid keys are the struct's fields. Each value is read with its
-//! span (`toml::Spanned`) whatever its type and then checked here, so that a wrong value gets a
-//! sentence of ours and its line. The `toml_edit` document (the parser under `toml`) is read once
-//! beside it, for what serde cannot see: a secret under any key, even an unknown one, and where a
-//! table or an unknown key is (its header, its `[[clients]]` entry).
+//! [`Config`] with serde (the `read` submodule), and refuses anything it does not understand:
+//! unknown keys and bad values are reported with the file, the 1-based line and a sentence that says
+//! what to write instead ([`ConfigError`], shared with the relay).
 //!
 //! Rules beyond the plain format:
 //!
@@ -29,17 +23,20 @@
 //! Keys this implementation adds to the contract (all optional): `[provider] prompt`,
 //! `redirect_ports`, `login_timeout_secs`, and `[[clients]] scopes`.
 
-use std::ffi::OsString;
+mod paths;
+mod read;
+
 use std::fmt;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use cis2_config_error::ConfigError;
-use cis2_config_error::{line_of, suggest, syntax_error};
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+pub use paths::{default_data_dir, default_path, resolve_path};
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
-use toml_edit::{ImDocument, Item, TableLike, Value};
+#[cfg(test)]
+use {
+    paths::{Os, default_data_dir_with, default_path_with},
+    std::ffi::OsString,
+};
 
 /// Issuer of NHS CIS2 INT (path to live), exactly as tokens carry it (cis2-reference.md §1).
 pub const INT_ISSUER: &str = "https://am.nhsint.auth-ptl.cis2.spineservices.nhs.uk:443/openam/oauth2/realms/root/realms/NHSIdentity/realms/Healthcare";
@@ -79,6 +76,7 @@ pub const CLIENT_METHODS: [&str; 9] = [
 /// refused so that adding them to a clock reading can never overflow.
 pub const MAX_SECS: u64 = 366 * 24 * 60 * 60;
 
+/// An enum whose values have one name in the file and on the wire, and know their names.
 macro_rules! named_enum {
     (
         $(#[$meta:meta])*
@@ -91,8 +89,8 @@ macro_rules! named_enum {
         }
 
         impl $name {
-            /// Every value, with the name it has in the config file (and on the wire).
-            pub const CHOICES: &'static [(&'static str, $name)] = &[ $( ($text, $name::$variant) ),+ ];
+            /// Every value's name in the config file (and on the wire).
+            pub const NAMES: &'static [&'static str] = &[ $( $text ),+ ];
 
             /// The name of this value in the config file (and on the wire).
             pub fn as_str(self) -> &'static str {
@@ -137,6 +135,7 @@ impl Environment {
 
 named_enum! {
     /// Who swaps the authorization code for tokens (`[provider.exchange] method`).
+    #[derive(Default)]
     ExchangeMethod {
         /// The vendor's `cis2-relay` (the confidential client CIS2 requires).
         Relay => "relay",
@@ -145,6 +144,7 @@ named_enum! {
         /// The agent itself, with a client secret read from the variable named by `secret_env`.
         ClientSecretPost => "client_secret_post",
         /// The agent itself as a public client (PKCE only).
+        #[default]
         None => "none",
     }
 }
@@ -215,7 +215,8 @@ named_enum! {
 /// When the table (or its `method`) is absent the method is `relay` for `environment = "int"` and
 /// `"live"` (CIS2 wants a confidential client, which the desktop is not) and `none` for `"custom"`.
 /// The keys a method does not use may be present and are ignored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Exchange {
     /// `method`.
     pub method: ExchangeMethod,
@@ -226,12 +227,12 @@ pub struct Exchange {
     pub key_file: Option<PathBuf>,
     /// `alg`: `RS512` (default) or `RS256`.
     pub alg: SigningAlg,
-    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
-    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
-    pub secret_env: Option<String>,
     /// `kid`: the key id registered with CIS2 for `key_file` (`private_key_jwt`); absent, the key's
     /// RFC 7638 thumbprint. 1 to 128 of `A-Z a-z 0-9 - _`.
     pub kid: Option<String>,
+    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
+    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
+    pub secret_env: Option<String>,
 }
 
 /// `[provider]`: the OpenID Connect provider and this agent's client registration with it.
@@ -241,7 +242,8 @@ pub struct Exchange {
 /// ports for the redirect, tried in order; default `[]` = a free port chosen at sign-in; whether CIS2
 /// lets the port vary is unconfirmed) and `login_timeout_secs` (how long a sign-in may take in the
 /// browser, default 300, 1..=[`MAX_SECS`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Kept exactly as written (or as the preset gives it): never round-tripped through a URL type.
     /// `https://`, or `http://` to 127.0.0.0/8, `[::1]` or `localhost`.
@@ -269,8 +271,29 @@ pub struct ProviderConfig {
     pub audiences: Vec<AudienceRoute>,
 }
 
+/// The defaults of every key; `issuer` and `client_id` empty (a file must give them, or a preset
+/// the issuer).
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            issuer: String::new(),
+            client_id: String::new(),
+            scopes: DEFAULT_SCOPES.map(String::from).to_vec(),
+            acr_values: Some(DEFAULT_ACR_VALUES.to_owned()),
+            max_age: Some(DEFAULT_MAX_AGE),
+            prompt: Some(DEFAULT_PROMPT.to_owned()),
+            ca_file: None,
+            redirect_ports: Vec::new(),
+            login_timeout_secs: DEFAULT_LOGIN_TIMEOUT_SECS,
+            exchange: Exchange::default(),
+            audiences: Vec::new(),
+        }
+    }
+}
+
 /// One `[[provider.audiences]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AudienceRoute {
     /// What programs ask for (`"audience": name`).
     pub name: String,
@@ -279,7 +302,8 @@ pub struct AudienceRoute {
 }
 
 /// `[agent]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// `socket`; `None` = the default path (interfaces.md, "The local socket").
     pub socket: Option<PathBuf>,
@@ -300,7 +324,8 @@ pub struct AgentConfig {
 /// Needs `name` and at least one of `path` (absolute) and `sha256` (64 hex digits, stored lower
 /// case). Extra key beyond `interfaces.md`: `scopes`, the extra scopes this program may ask for
 /// (default empty: none beyond the session's).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientRule {
     /// Shown to people.
     pub name: String,
@@ -321,7 +346,8 @@ pub struct ClientRule {
 }
 
 /// `[session]`. All durations are seconds, at most [`MAX_SECS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
     /// Renew this long before the access token expires. Default 60; 0 allowed (renew at expiry).
     pub refresh_margin_secs: u64,
@@ -354,7 +380,8 @@ impl Default for SessionConfig {
 }
 
 /// `[workstation]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkstationConfig {
     /// Default `lock`.
     pub on_os_lock: SignalAction,
@@ -434,1700 +461,33 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             std::io::ErrorKind::NotFound => (
                 "the config file does not exist.".to_owned(),
                 "Check the path given with --config or in $CIS2_AGENT_CONFIG \
-                 (with no config file at all the agent starts in sandbox mode)."
-                    .to_owned(),
+                 (with no config file at all the agent starts in sandbox mode).",
             ),
             std::io::ErrorKind::InvalidData => (
                 "the config file is not UTF-8 text.".to_owned(),
-                "Save it as UTF-8.".to_owned(),
+                "Save it as UTF-8.",
             ),
             _ => (
                 format!("cannot read the config file ({e})."),
-                "Check that it is a file and that this user may read it.".to_owned(),
+                "Check that it is a file and that this user may read it.",
             ),
         };
+        let (file, fix) = (path.to_path_buf(), fix.to_owned());
         ConfigError {
-            file: path.to_path_buf(),
+            file,
             line: None,
             message,
             fix,
         }
     })?;
-    parse_inner(&text, path, true)
+    read::parse_inner(&text, path, true)
 }
 
 /// Validates config text. `origin` is the file it came from: it names the file in errors, is
 /// recorded in [`Config::source`], and relative paths in the file are read from its folder.
 /// Does not touch the disk.
 pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-    parse_inner(text, origin, false)
-}
-
-/// The default config path: `$CIS2_AGENT_CONFIG` if set and not empty, else
-/// `<OS config dir>/cis2-agent/config.toml`, where the OS config dir is `$XDG_CONFIG_HOME` (if
-/// absolute) or `~/.config` on Linux and other Unixes, `~/Library/Application Support` on macOS,
-/// and `%APPDATA%` on Windows. `None` when none of those variables is set.
-///
-/// The contract's full order (interfaces.md, "Starting an agent") is: explicit `--config`, else
-/// this; see [`resolve_path`]. With no config file at all the agent runs in sandbox mode.
-pub fn default_path() -> Option<PathBuf> {
-    let personal = default_path_with(&env_var, Os::CURRENT);
-    if env_var("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty())
-        || personal.as_ref().is_some_and(|p| p.exists())
-    {
-        return personal;
-    }
-    // A trust's machine-wide file, when the user has none of their own.
-    match system_path(Os::CURRENT) {
-        Some(system) if system.exists() => Some(system),
-        _ => personal,
-    }
-}
-
-/// The machine-wide config a desktop admin installs: `/etc/cis2-agent/config.toml` on Linux and
-/// other Unixes, `/Library/Application Support/cis2-agent/config.toml` on macOS,
-/// `%ProgramData%\cis2-agent\config.toml` on Windows. Used when the user has no file of their own.
-fn system_path(os: Os) -> Option<PathBuf> {
-    match os {
-        Os::Unix => Some(PathBuf::from("/etc/cis2-agent/config.toml")),
-        Os::Mac => Some(PathBuf::from(
-            "/Library/Application Support/cis2-agent/config.toml",
-        )),
-        Os::Windows => {
-            env_path(&env_var, "ProgramData").map(|d| d.join("cis2-agent").join("config.toml"))
-        }
-    }
-}
-
-/// The config path per the contract: `explicit` (`--config FILE`) if given, else
-/// [`default_path`].
-pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
-    match explicit {
-        Some(path) => Some(path.to_path_buf()),
-        None => default_path(),
-    }
-}
-
-/// The default data folder (session file, audit log, decisions): `$XDG_DATA_HOME` (if absolute) or
-/// `~/.local/share` on Linux and other Unixes, `~/Library/Application Support` on macOS,
-/// `%LOCALAPPDATA%` on Windows; then `cis2-agent`. If none of those is known (no home folder), a
-/// per-user folder under the temp dir. The folder may not exist yet: the caller creates it
-/// (owner-only).
-pub fn default_data_dir() -> PathBuf {
-    default_data_dir_with(&env_var, Os::CURRENT)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Paths from the environment.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Os {
-    Unix,
-    Mac,
-    Windows,
-}
-
-impl Os {
-    const CURRENT: Os = if cfg!(windows) {
-        Os::Windows
-    } else if cfg!(target_os = "macos") {
-        Os::Mac
-    } else {
-        Os::Unix
-    };
-}
-
-type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<OsString>;
-
-fn env_var(name: &str) -> Option<OsString> {
-    std::env::var_os(name)
-}
-
-fn env_path(get: EnvLookup<'_>, name: &str) -> Option<PathBuf> {
-    get(name).filter(|v| !v.is_empty()).map(PathBuf::from)
-}
-
-fn home_dir(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
-    match os {
-        Os::Windows => env_path(get, "USERPROFILE").or_else(|| env_path(get, "HOME")),
-        Os::Unix | Os::Mac => env_path(get, "HOME"),
-    }
-}
-
-fn config_dir_with(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
-    match os {
-        Os::Windows => env_path(get, "APPDATA"),
-        Os::Mac => home_dir(get, os).map(|h| h.join("Library").join("Application Support")),
-        Os::Unix => env_path(get, "XDG_CONFIG_HOME")
-            .filter(|p| p.is_absolute())
-            .or_else(|| home_dir(get, os).map(|h| h.join(".config"))),
-    }
-}
-
-fn default_path_with(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
-    env_path(get, "CIS2_AGENT_CONFIG")
-        .or_else(|| config_dir_with(get, os).map(|d| d.join("cis2-agent").join("config.toml")))
-}
-
-fn default_data_dir_with(get: EnvLookup<'_>, os: Os) -> PathBuf {
-    let base = match os {
-        Os::Windows => env_path(get, "LOCALAPPDATA").or_else(|| env_path(get, "APPDATA")),
-        Os::Mac => home_dir(get, os).map(|h| h.join("Library").join("Application Support")),
-        Os::Unix => env_path(get, "XDG_DATA_HOME")
-            .filter(|p| p.is_absolute())
-            .or_else(|| home_dir(get, os).map(|h| h.join(".local").join("share"))),
-    };
-    match base {
-        Some(base) => base.join("cis2-agent"),
-        None => {
-            let user = get("USER")
-                .or_else(|| get("USERNAME"))
-                .map(|u| u.to_string_lossy().into_owned())
-                .filter(|u| {
-                    !u.is_empty()
-                        && u.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-                })
-                .unwrap_or_else(|| "user".to_owned());
-            std::env::temp_dir().join(format!("cis2-agent-{user}"))
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The file as serde reads it: the shape of every table is derived, so an unknown key is refused
-// by `deny_unknown_fields` and the lists of valid keys are the structs' fields. Every value is read
-// as a `Spanned<Val>` whatever its type, so that a wrong type gets our sentence and its line.
-
-type Span = Option<Range<usize>>;
-type Leaf = Option<Spanned<Val>>;
-/// A list as written, with where it is.
-type List<'v> = (&'v [Spanned<Val>], Span);
-/// The entries of a list, each with where it is.
-type Entries = Vec<(String, Span)>;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    environment: Leaf,
-    provider: Option<RawProvider>,
-    agent: Option<RawAgent>,
-    clients: Option<Vec<RawClient>>,
-    session: Option<RawSession>,
-    workstation: Option<RawWorkstation>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProvider {
-    issuer: Leaf,
-    client_id: Leaf,
-    scopes: Leaf,
-    acr_values: Leaf,
-    max_age: Leaf,
-    prompt: Leaf,
-    ca_file: Leaf,
-    redirect_ports: Leaf,
-    login_timeout_secs: Leaf,
-    exchange: Option<RawExchange>,
-    audiences: Option<Vec<RawAudience>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAudience {
-    name: Leaf,
-    route: Leaf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawExchange {
-    method: Leaf,
-    relay_url: Leaf,
-    key_file: Leaf,
-    alg: Leaf,
-    kid: Leaf,
-    secret_env: Leaf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAgent {
-    socket: Leaf,
-    store: Leaf,
-    data_dir: Leaf,
-    client_policy: Leaf,
-    audit_sync: Leaf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClient {
-    name: Leaf,
-    path: Leaf,
-    sha256: Leaf,
-    script: Leaf,
-    script_sha256: Leaf,
-    methods: Leaf,
-    audiences: Leaf,
-    scopes: Leaf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSession {
-    refresh_margin_secs: Leaf,
-    expiring_notice_secs: Leaf,
-    inactivity_secs: Leaf,
-    inactivity_action: Leaf,
-    absolute_secs: Leaf,
-    end_session_at_provider: Leaf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWorkstation {
-    on_os_lock: Leaf,
-    on_card_removal: Leaf,
-    same_card_unlocks: Leaf,
-    allow_user_switch: Leaf,
-}
-
-/// Any TOML value, kept as it was written so a wrong one can be named and quoted back.
-enum Val {
-    Text(String),
-    Int(i64),
-    Float,
-    Bool(bool),
-    Datetime,
-    List(Vec<Spanned<Val>>),
-    Table,
-}
-
-impl<'de> Deserialize<'de> for Val {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Val, D::Error> {
-        struct AnyValue;
-        impl<'de> Visitor<'de> for AnyValue {
-            type Value = Val;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a TOML value")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Val, E> {
-                Ok(Val::Text(v.to_owned()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Val, E> {
-                Ok(Val::Int(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Val, E> {
-                Ok(Val::Int(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Val, E> {
-                Ok(Val::Float)
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Val, E> {
-                Ok(Val::Bool(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
-                let mut list = Vec::new();
-                while let Some(value) = seq.next_element()? {
-                    list.push(value);
-                }
-                Ok(Val::List(list))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
-                // toml hands a date or time over as a one-entry table with this private key.
-                let mut datetime = false;
-                while let Some(key) = map.next_key::<String>()? {
-                    datetime |= key == "$__toml_private_datetime";
-                    map.next_value::<IgnoredAny>()?;
-                }
-                Ok(if datetime { Val::Datetime } else { Val::Table })
-            }
-        }
-        deserializer.deserialize_any(AnyValue)
-    }
-}
-
-impl Val {
-    fn describe(&self) -> &'static str {
-        match self {
-            Val::Text(_) => "text",
-            Val::Int(_) => "a whole number",
-            Val::Float => "a decimal number",
-            Val::Bool(_) => "true/false",
-            Val::Datetime => "a date or time",
-            Val::List(_) => "a list",
-            Val::Table => "a table",
-        }
-    }
-}
-
-/// The keys a table takes, as its derived `Deserialize` names them: serde hands them to
-/// `deserialize_struct`, and this deserializer only writes them down.
-fn keys_of<T: de::DeserializeOwned>() -> &'static [&'static str] {
-    struct Fields<'a>(&'a mut &'static [&'static str]);
-    impl<'de> Deserializer<'de> for Fields<'_> {
-        type Error = de::value::Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("not a struct"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("fields noted"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Fields(&mut fields));
-    fields
-}
-
-/// Each table's dotted path, how messages place it, and its keys: to list the valid keys and to
-/// tell someone who put a key in the wrong table where it goes.
-fn tables() -> [(&'static str, &'static str, &'static [&'static str]); 7] {
-    [
-        (
-            "",
-            "at the top of the file, before the first [section] heading",
-            keys_of::<RawFile>(),
-        ),
-        ("provider", "in [provider]", keys_of::<RawProvider>()),
-        (
-            "provider.exchange",
-            "in [provider.exchange]",
-            keys_of::<RawExchange>(),
-        ),
-        ("agent", "in [agent]", keys_of::<RawAgent>()),
-        ("session", "in [session]", keys_of::<RawSession>()),
-        (
-            "workstation",
-            "in [workstation]",
-            keys_of::<RawWorkstation>(),
-        ),
-        ("clients", "in a [[clients]] entry", keys_of::<RawClient>()),
-    ]
-}
-
-const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
-const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
-
-/// One key of the document, wherever it is (unknown tables and inline tables included), in file
-/// order: for refusing secrets anywhere, and for placing an unknown key serde reports by its span.
-/// An entry of a list of tables is recorded too, under the key `""`, at its header.
-struct KeyAt {
-    /// Dotted path of the table holding it: `""`, `provider.exchange`, `clients`.
-    table: String,
-    /// Which entry, when the table is an entry of a list of tables.
-    entry: Option<usize>,
-    key: String,
-    span: Span,
-    /// Where its value is, for a value serde refused.
-    value: Span,
-    is_table: bool,
-}
-
-fn collect_keys(t: &dyn TableLike, table: &str, entry: Option<usize>, out: &mut Vec<KeyAt>) {
-    for (key, item) in t.iter() {
-        out.push(KeyAt {
-            table: table.to_owned(),
-            entry,
-            key: key.to_owned(),
-            span: t.key(key).and_then(|k| k.span()).or_else(|| item.span()),
-            value: item.span(),
-            is_table: matches!(item, Item::Table(_) | Item::ArrayOfTables(_)),
-        });
-        let path = join_path(table, key);
-        match item {
-            Item::Table(t) => collect_keys(t, &path, None, out),
-            Item::ArrayOfTables(list) => {
-                for (i, t) in list.iter().enumerate() {
-                    collect_entry(t, t.span(), &path, i, out);
-                }
-            }
-            Item::Value(v) => collect_value(v, &path, out),
-            Item::None => {}
-        }
-    }
-}
-
-fn collect_entry(t: &dyn TableLike, span: Span, table: &str, i: usize, out: &mut Vec<KeyAt>) {
-    out.push(KeyAt {
-        table: table.to_owned(),
-        entry: Some(i),
-        key: String::new(),
-        value: span.clone(),
-        span,
-        is_table: true,
-    });
-    collect_keys(t, table, Some(i), out);
-}
-
-fn collect_value(v: &Value, path: &str, out: &mut Vec<KeyAt>) {
-    match v {
-        Value::InlineTable(t) => collect_keys(t, path, None, out),
-        Value::Array(list) => {
-            for (i, v) in list.iter().enumerate() {
-                match v {
-                    Value::InlineTable(t) => collect_entry(t, v.span(), path, i, out),
-                    v => collect_value(v, path, out),
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-struct Ctx<'a> {
-    text: &'a str,
-    file: &'a Path,
-    base: PathBuf,
-    check_files: bool,
-    keys: Vec<KeyAt>,
-}
-
-impl Ctx<'_> {
-    fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.to_path_buf(),
-            line: span.as_ref().map(|s| line_of(self.text, s.start)),
-            message: message.into(),
-            fix: fix.into(),
-        }
-    }
-
-    /// The source text of a value, for quoting it back: first line only, at most 60 characters.
-    fn snippet(&self, span: &Span) -> String {
-        let raw = span
-            .as_ref()
-            .and_then(|r| self.text.get(r.clone()))
-            .unwrap_or("")
-            .trim();
-        let first = raw.lines().next().unwrap_or("").trim_end();
-        let short: String = first.chars().take(60).collect();
-        if short.len() < raw.len() {
-            format!("{short}…")
-        } else {
-            short
-        }
-    }
-
-    /// Where a table (or an entry of `[[clients]]`) starts: its header, else its first key.
-    fn table_span(&self, table: &str, entry: Option<usize>) -> Span {
-        let (parent, key) = match (entry, table.rsplit_once('.')) {
-            (Some(_), _) => (table, ""),
-            (None, Some((parent, key))) => (parent, key),
-            (None, None) => ("", table),
-        };
-        let at = |k: &KeyAt| k.table == parent && k.entry == entry && k.key == key;
-        let first = |k: &KeyAt| k.table == table && k.entry == entry;
-        let found = self.keys.iter().find(|k| at(k) && k.span.is_some());
-        found
-            .or_else(|| self.keys.iter().find(|k| first(k)))
-            .and_then(|k| k.span.clone())
-    }
-
-    /// A path from the file: `~/` is the home folder; relative paths are read from the config
-    /// file's folder.
-    fn resolve(&self, raw: &str) -> PathBuf {
-        let home = || home_dir(&env_var, Os::CURRENT);
-        if raw == "~"
-            && let Some(h) = home()
-        {
-            return h;
-        }
-        if let Some(rest) = raw.strip_prefix("~/").or_else(|| raw.strip_prefix("~\\"))
-            && let Some(h) = home()
-        {
-            return h.join(rest);
-        }
-        let path = PathBuf::from(raw);
-        if path.is_absolute() {
-            path
-        } else {
-            self.base.join(path)
-        }
-    }
-
-    /// A serde error from reading the document into the `Raw*` structs: an unknown key or table
-    /// (with the nearest valid one or the table it belongs in), or a table where a value was
-    /// written (every value is accepted as a [`Val`], so only tables have a type serde checks).
-    fn serde_error(&self, e: &toml::de::Error) -> ConfigError {
-        let span = e.span();
-        let found =
-            (self.keys.iter()).find(|k| (k.span == span || k.value == span) && !k.key.is_empty());
-        let Some(at) = found else {
-            let message = e.message().trim().trim_end_matches('.');
-            return self.err(
-                &span,
-                format!("{message}."),
-                "Check the TOML on that line against docs/configuration.md.",
-            );
-        };
-        let path = join_path(&at.table, &at.key);
-        let tables = tables();
-        let own = tables.iter().find(|(t, _, _)| *t == at.table);
-        if e.message().starts_with("invalid type") {
-            let shown = self.snippet(&span);
-            let kinds = [
-                ("string", "text"),
-                ("integer", "a whole number"),
-                ("floating", "a decimal number"),
-                ("boolean", "true/false"),
-            ];
-            let found = kinds
-                .iter()
-                .find(|(serde_name, _)| e.message().contains(serde_name))
-                .map_or("a list", |(_, ours)| ours);
-            return if path == "clients" {
-                self.err(
-                    &span,
-                    format!(
-                        "clients = {shown} is not valid: clients must be a list of [[clients]] \
-                         sections, not {found}."
-                    ),
-                    "Write each program as its own section: a line [[clients]], then \
-                     name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
-                )
-            } else {
-                let key = &at.key;
-                self.err(
-                    &span,
-                    format!("{key} = {shown} is not valid: {key} must be a table, not {found}."),
-                    format!("Write it as a section: a line [{path}] followed by its keys."),
-                )
-            };
-        }
-        let allowed = own.map(|(_, _, keys)| *keys).unwrap_or_default();
-        let message = if at.is_table {
-            let brackets = if at.entry.is_some() { "[[" } else { "[" };
-            let closing = if at.entry.is_some() { "]]" } else { "]" };
-            format!("unknown table {brackets}{path}{closing}.")
-        } else {
-            let place = match (at.table.as_str(), at.entry) {
-                ("", _) => "at the top level".to_owned(),
-                (table, Some(i)) => format!("in [[{table}]] entry {}", i + 1),
-                (table, None) => format!("in [{table}]"),
-            };
-            format!("unknown key \"{}\" {place}.", at.key)
-        };
-        let mut fix = String::new();
-        if let Some(near) = suggest(&at.key, allowed.iter().copied()) {
-            let shown = display_entry(&at.table, near);
-            let shown = if shown.starts_with('[') {
-                shown
-            } else {
-                format!("\"{shown}\"")
-            };
-            fix.push_str(&format!("Did you mean {shown}? "));
-        } else if let Some((_, home, _)) = tables.iter().find(|(_, _, k)| k.contains(&&*at.key)) {
-            fix.push_str(&format!("\"{}\" belongs {home}: move it there. ", at.key));
-        }
-        let valid: Vec<String> = allowed
-            .iter()
-            .map(|k| display_entry(&at.table, k))
-            .collect();
-        fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
-        self.err(&span, message, fix)
-    }
-
-    fn type_error(&self, key: &str, v: &Spanned<Val>, wanted: &str, example: &str) -> ConfigError {
-        let span = Some(v.span());
-        let found = v.get_ref().describe();
-        self.err(
-            &span,
-            format!(
-                "{key} = {} is not valid: {key} must be {wanted}, not {found}.",
-                self.snippet(&span)
-            ),
-            format!("Write {key} = {example}."),
-        )
-    }
-
-    fn string(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        example: &str,
-    ) -> Result<Option<(String, Span)>, ConfigError> {
-        match leaf {
-            None => Ok(None),
-            Some(v) => match v.get_ref() {
-                Val::Text(s) => Ok(Some((s.clone(), Some(v.span())))),
-                _ => Err(self.type_error(key, v, "text in double quotes", example)),
-            },
-        }
-    }
-
-    fn uint(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        (min, default): (u64, u64),
-        zero_fix: Option<&str>,
-    ) -> Result<u64, ConfigError> {
-        let Some(v) = leaf else {
-            return Ok(default);
-        };
-        let example = default.to_string();
-        let Val::Int(n) = *v.get_ref() else {
-            return Err(self.type_error(key, v, "a whole number", &example));
-        };
-        let span = Some(v.span());
-        match u64::try_from(n) {
-            Ok(n) if (min..=MAX_SECS).contains(&n) => Ok(n),
-            _ => Err(self.err(
-                &span,
-                format!(
-                    "{key} = {} is not valid: it must be between {min} and {MAX_SECS}.",
-                    self.snippet(&span)
-                ),
-                match zero_fix {
-                    Some(fix) if n == 0 => fix.to_owned(),
-                    _ => format!("Write {key} = {example}."),
-                },
-            )),
-        }
-    }
-
-    fn boolean(&self, key: &str, leaf: &Leaf, default: bool) -> Result<bool, ConfigError> {
-        match leaf {
-            None => Ok(default),
-            Some(v) => match v.get_ref() {
-                Val::Bool(b) => Ok(*b),
-                _ => Err(self.type_error(
-                    key,
-                    v,
-                    "true or false (without quotes)",
-                    &default.to_string(),
-                )),
-            },
-        }
-    }
-
-    fn choice<T: Copy>(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        choices: &[(&str, T)],
-    ) -> Result<Option<(T, Span)>, ConfigError> {
-        let Some(v) = leaf else {
-            return Ok(None);
-        };
-        let span = Some(v.span());
-        let text = match v.get_ref() {
-            Val::Text(s) => Some(s.as_str()),
-            _ => None,
-        };
-        if let Some((_, choice)) = choices.iter().find(|(name, _)| Some(*name) == text) {
-            return Ok(Some((*choice, span)));
-        }
-        let mut fix = String::new();
-        if let Some(near) = text.and_then(|s| suggest(s, choices.iter().map(|(n, _)| *n))) {
-            fix.push_str(&format!("Did you mean \"{near}\"? "));
-        }
-        let options: Vec<String> = choices
-            .iter()
-            .map(|(name, _)| format!("{key} = \"{name}\""))
-            .collect();
-        fix.push_str(&format!("Write {}.", join_or(&options)));
-        Err(self.err(
-            &span,
-            format!("{key} = {} is not valid.", self.snippet(&span)),
-            fix,
-        ))
-    }
-
-    fn list<'v>(
-        &self,
-        key: &str,
-        leaf: &'v Leaf,
-        wanted: &str,
-        example: &str,
-    ) -> Result<Option<List<'v>>, ConfigError> {
-        match leaf {
-            None => Ok(None),
-            Some(v) => match v.get_ref() {
-                Val::List(list) => Ok(Some((list, Some(v.span())))),
-                _ => Err(self.type_error(key, v, wanted, example)),
-            },
-        }
-    }
-
-    fn string_list(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        example: &str,
-    ) -> Result<Option<(Entries, Span)>, ConfigError> {
-        let Some((list, span)) = self.list(key, leaf, "a list in square brackets", example)? else {
-            return Ok(None);
-        };
-        let mut out = Vec::with_capacity(list.len());
-        for v in list {
-            let entry_span = Some(v.span());
-            match v.get_ref() {
-                Val::Text(s) => out.push((s.clone(), entry_span)),
-                _ => {
-                    return Err(self.err(
-                        &entry_span,
-                        format!(
-                            "{key} contains {}, which is not text in double quotes.",
-                            self.snippet(&entry_span)
-                        ),
-                        format!("Write each entry in double quotes, e.g. {key} = {example}."),
-                    ));
-                }
-            }
-        }
-        Ok(Some((out, span)))
-    }
-
-    /// A list of single words (scopes, audiences): no empty entries, no spaces. Duplicates dropped.
-    fn word_list(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        example: &str,
-    ) -> Result<Option<(Vec<String>, Span)>, ConfigError> {
-        let Some((list, span)) = self.string_list(key, leaf, example)? else {
-            return Ok(None);
-        };
-        let mut out: Vec<String> = Vec::with_capacity(list.len());
-        for (word, word_span) in list {
-            if word.is_empty() || word.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(self.err(
-                    &word_span,
-                    format!(
-                        "{key} entry {} is not valid: each entry is one word, with no spaces.",
-                        self.snippet(&word_span)
-                    ),
-                    format!("Write each as its own entry, e.g. {key} = {example}."),
-                ));
-            }
-            if !out.contains(&word) {
-                out.push(word);
-            }
-        }
-        Ok(Some((out, span)))
-    }
-
-    /// A path: not empty; resolved from the config folder; optionally required to be a file.
-    fn path(
-        &self,
-        key: &str,
-        leaf: &Leaf,
-        (example, what): (&str, &str),
-        must_exist: bool,
-    ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some((raw, span)) = self.string(key, leaf, example)? else {
-            return Ok(None);
-        };
-        let shown = self.snippet(&span);
-        if raw.trim().is_empty() {
-            return Err(self.err(
-                &span,
-                format!("{key} = {shown} is not valid: it is empty."),
-                format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out."),
-            ));
-        }
-        let path = self.resolve(&raw);
-        if must_exist && self.check_files && !path.is_file() {
-            return Err(self.err(
-                &span,
-                format!(
-                    "{key} = {shown} names a file that does not exist or is not a file: {}.",
-                    path.display()
-                ),
-                format!(
-                    "Write the path of {what} (a relative path is read from the config file's folder)."
-                ),
-            ));
-        }
-        Ok(Some(path))
-    }
-}
-
-fn join_path(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{parent}.{key}")
-    }
-}
-
-/// How a key is shown in lists and suggestions: tables as `[provider]`, the clients list as
-/// `[[clients]]`, plain keys bare.
-fn display_entry(parent: &str, key: &str) -> String {
-    let path = join_path(parent, key);
-    match path.as_str() {
-        "clients" => format!("[[{path}]]"),
-        "provider" | "provider.exchange" | "agent" | "session" | "workstation" => {
-            format!("[{path}]")
-        }
-        _ => key.to_owned(),
-    }
-}
-
-/// `a`, `a or b`, `a, b or c`.
-fn join_or(items: &[String]) -> String {
-    match items {
-        [] => String::new(),
-        [one] => one.clone(),
-        [init @ .., last] => format!("{} or {last}", init.join(", ")),
-    }
-}
-
-fn parse_inner(text: &str, origin: &Path, check_files: bool) -> Result<Config, ConfigError> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let doc = ImDocument::parse(text)
-        .map_err(|e| syntax_error(text, origin.to_path_buf(), e.message(), e.span()))?;
-    let mut keys = Vec::new();
-    collect_keys(doc.as_table(), "", None, &mut keys);
-    let ctx = Ctx {
-        text,
-        file: origin,
-        base: origin.parent().map(Path::to_path_buf).unwrap_or_default(),
-        check_files,
-        keys,
-    };
-
-    let secret = ctx.keys.iter().find(|k| {
-        let key = k.key.to_lowercase().replace('-', "_");
-        SECRET_KEYS.contains(&key.as_str())
-    });
-    if let Some(at) = secret {
-        let place = match at.table.as_str() {
-            "" => "at the top level".to_owned(),
-            "clients" => "in [[clients]]".to_owned(),
-            table => format!("in [{table}]"),
-        };
-        return Err(ctx.err(
-            &at.span,
-            format!(
-                "\"{}\" {place}: secrets never go in the config file.",
-                at.key
-            ),
-            "Remove it, put the secret in an environment variable of the agent, and name that \
-             variable in [provider.exchange]: method = \"client_secret_post\" and \
-             secret_env = \"CIS2_CLIENT_SECRET\".",
-        ));
-    }
-
-    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.serde_error(&e))?;
-    let environment = ctx.choice("environment", &raw.environment, Environment::CHOICES)?;
-    let provider_span = ctx.table_span("provider", None);
-    let (environment, environment_span) = match (environment, &raw.provider) {
-        (Some(found), _) => found,
-        (None, None) => (Environment::Sandbox, None),
-        (None, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
-                "the file has a [provider] section but no environment, so it does not say \
-                 which provider this is.",
-                "Add environment = \"int\", environment = \"live\" or environment = \"custom\" \
-                 at the top of the file, before [provider].",
-            ));
-        }
-    };
-
-    let provider = match (environment, raw.provider) {
-        (Environment::Sandbox, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
-                "environment = \"sandbox\" uses the agent's embedded test provider, so it \
-                 takes no [provider] section.",
-                "Remove the [provider] section, or set environment = \"int\", \
-                 environment = \"live\" or environment = \"custom\" to sign in against a real \
-                 provider.",
-            ));
-        }
-        (Environment::Sandbox, None) => None,
-        (env, p) => Some(read_provider(&ctx, p, env, environment_span)?),
-    };
-
-    let agent = match &raw.agent {
-        None => AgentConfig::default(),
-        Some(a) => read_agent(&ctx, a)?,
-    };
-    let clients = (raw.clients.iter().flatten().enumerate())
-        .map(|(i, c)| read_client(&ctx, c, i))
-        .collect::<Result<_, _>>()?;
-    let session = match &raw.session {
-        None => SessionConfig::default(),
-        Some(s) => read_session(&ctx, s)?,
-    };
-    let d = WorkstationConfig::default();
-    let workstation = match &raw.workstation {
-        None => d,
-        Some(w) => WorkstationConfig {
-            on_os_lock: ctx
-                .choice("on_os_lock", &w.on_os_lock, SignalAction::CHOICES)?
-                .map_or(d.on_os_lock, |(a, _)| a),
-            on_card_removal: ctx
-                .choice("on_card_removal", &w.on_card_removal, SignalAction::CHOICES)?
-                .map_or(d.on_card_removal, |(a, _)| a),
-            same_card_unlocks: ctx.boolean("same_card_unlocks", &w.same_card_unlocks, true)?,
-            allow_user_switch: ctx.boolean("allow_user_switch", &w.allow_user_switch, false)?,
-        },
-    };
-
-    Ok(Config {
-        environment,
-        provider,
-        agent,
-        clients,
-        session,
-        workstation,
-        source: Some(origin.to_path_buf()),
-    })
-}
-
-fn is_loopback_host(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
-}
-
-/// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
-/// `what` names the other end ("the provider", "the relay").
-fn check_url(
-    ctx: &Ctx<'_>,
-    key: &str,
-    value: &str,
-    span: &Span,
-    (example, what): (&str, &str),
-    allow_query: bool,
-) -> Result<(), ConfigError> {
-    let shown = ctx.snippet(span);
-    let fix = format!("Write {key} = {example}.");
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ctx.err(
-            span,
-            format!("{key} = {shown} is not valid: a URL has no spaces."),
-            fix,
-        ));
-    }
-    let url = match url::Url::parse(value) {
-        Ok(url) => url,
-        Err(e) => {
-            return Err(ctx.err(
-                span,
-                format!("{key} = {shown} is not a valid URL ({e})."),
-                fix,
-            ));
-        }
-    };
-    let lower = value.to_ascii_lowercase();
-    if lower.starts_with("http://") && url.scheme() == "http" {
-        if !is_loopback_host(&url) {
-            return Err(ctx.err(
-                span,
-                format!("{key} = {shown} uses plain http to another computer."),
-                format!(
-                    "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
-                     computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
-                ),
-            ));
-        }
-    } else if !(lower.starts_with("https://") && url.scheme() == "https") {
-        return Err(ctx.err(
-            span,
-            format!("{key} = {shown} is not valid: it must start with https://."),
-            fix,
-        ));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(ctx.err(
-            span,
-            format!("{key} = {shown} is not valid: it has no host name."),
-            fix,
-        ));
-    }
-    if url.fragment().is_some() || (!allow_query && url.query().is_some()) {
-        let parts = if allow_query {
-            "#fragment"
-        } else {
-            "?query or #fragment"
-        };
-        return Err(ctx.err(
-            span,
-            format!("{key} = {shown} is not valid: it must not have a {parts}."),
-            fix,
-        ));
-    }
-    Ok(())
-}
-
-fn is_env_var_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn read_provider(
-    ctx: &Ctx<'_>,
-    p: Option<RawProvider>,
-    env: Environment,
-    env_span: Span,
-) -> Result<ProviderConfig, ConfigError> {
-    const ISSUER_EXAMPLE: &str = "\"https://login.example.org/realms/staff\"";
-    const CLIENT_ID_EXAMPLE: &str = "\"123456789012.apps.national\"";
-    let name = env.as_str();
-    let Some(p) = p else {
-        let fix = if env == Environment::Custom {
-            format!(
-                "Add a [provider] section with issuer = {ISSUER_EXAMPLE} and client_id = \"…\" \
-                 (this service's client ID at that provider)."
-            )
-        } else {
-            format!(
-                "Add a [provider] section with client_id = {CLIENT_ID_EXAMPLE} (the client ID \
-                 NHS England registered for this service)."
-            )
-        };
-        return Err(ctx.err(
-            &env_span,
-            format!("environment = \"{name}\" needs a [provider] section, and the file has none."),
-            fix,
-        ));
-    };
-    let p_span = ctx.table_span("provider", None);
-
-    let issuer = match ctx.string("issuer", &p.issuer, ISSUER_EXAMPLE)? {
-        Some((issuer, span)) => {
-            let example = (ISSUER_EXAMPLE, "the provider");
-            check_url(ctx, "issuer", &issuer, &span, example, false)?;
-            issuer
-        }
-        None => match env.preset_issuer() {
-            Some(preset) => preset.to_owned(),
-            None => {
-                return Err(ctx.err(
-                    &p_span,
-                    format!("[provider] has no issuer, and environment = \"{name}\" needs one."),
-                    format!(
-                        "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its \
-                         discovery document gives it), or use environment = \"int\" or \
-                         environment = \"live\" for NHS CIS2."
-                    ),
-                ));
-            }
-        },
-    };
-
-    let client_id = match ctx.string("client_id", &p.client_id, CLIENT_ID_EXAMPLE)? {
-        Some((id, span)) => {
-            if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "client_id = {} is not valid: it must be the client ID the provider \
-                         registered, with no spaces.",
-                        ctx.snippet(&span)
-                    ),
-                    format!("Write client_id = {CLIENT_ID_EXAMPLE}."),
-                ));
-            }
-            id
-        }
-        None => {
-            return Err(ctx.err(
-                &p_span,
-                format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
-                format!(
-                    "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
-                     service) to [provider]."
-                ),
-            ));
-        }
-    };
-
-    let scopes = match ctx.word_list("scopes", &p.scopes, "[\"openid\", \"profile\"]")? {
-        None => DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
-        Some((scopes, _)) if scopes.iter().any(|s| s == "openid") => scopes,
-        Some((scopes, span)) => {
-            let mut with_openid = vec!["\"openid\"".to_owned()];
-            with_openid.extend(scopes.iter().map(|s| format!("\"{s}\"")));
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "scopes = {} does not include \"openid\".",
-                    ctx.snippet(&span)
-                ),
-                format!(
-                    "OpenID Connect needs it: write scopes = [{}].",
-                    with_openid.join(", ")
-                ),
-            ));
-        }
-    };
-
-    let acr_values = match ctx.string("acr_values", &p.acr_values, "\"AAL2_OR_AAL3_ANY\"")? {
-        None => Some(DEFAULT_ACR_VALUES.to_owned()),
-        Some((acr, span)) if acr.chars().any(char::is_control) => {
-            return Err(ctx.err(
-                &span,
-                "acr_values is not valid: it contains control characters.",
-                "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
-                 sign-in only).",
-            ));
-        }
-        Some((acr, _)) => Some(acr.trim().to_owned()).filter(|acr| !acr.is_empty()),
-    };
-
-    let max_age = ctx.uint("max_age", &p.max_age, (0, DEFAULT_MAX_AGE), None)?;
-
-    let prompt = match ctx.string("prompt", &p.prompt, "\"login\"")? {
-        None => Some(DEFAULT_PROMPT.to_owned()),
-        Some((prompt, span)) => {
-            let words: Vec<&str> = prompt.split_whitespace().collect();
-            if words.iter().any(|w| !PROMPT_VALUES.contains(w))
-                || (words.contains(&"none") && words.len() > 1)
-            {
-                return Err(ctx.err(
-                    &span,
-                    format!("prompt = {} is not valid.", ctx.snippet(&span)),
-                    "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", \
-                     prompt = \"select_account\", prompt = \"none\", or prompt = \"\" to send no \
-                     prompt.",
-                ));
-            }
-            Some(words.join(" ")).filter(|words| !words.is_empty())
-        }
-    };
-
-    let ca_file = ctx.path(
-        "ca_file",
-        &p.ca_file,
-        (
-            "\"/etc/cis2-agent/extra-ca.pem\"",
-            "a PEM file of extra CA certificates",
-        ),
-        true,
-    )?;
-    let redirect_ports = read_ports(ctx, &p.redirect_ports)?;
-    let login_timeout_secs = ctx.uint(
-        "login_timeout_secs",
-        &p.login_timeout_secs,
-        (1, DEFAULT_LOGIN_TIMEOUT_SECS),
-        Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
-    )?;
-    let exchange = read_exchange(ctx, p.exchange, env, &p_span)?;
-    let audiences = read_audiences(ctx, p.audiences.as_deref().unwrap_or_default(), &exchange)?;
-
-    Ok(ProviderConfig {
-        issuer,
-        client_id,
-        scopes,
-        acr_values,
-        max_age: Some(max_age),
-        prompt,
-        ca_file,
-        redirect_ports,
-        login_timeout_secs,
-        exchange,
-        audiences,
-    })
-}
-
-fn read_audiences(
-    ctx: &Ctx<'_>,
-    raw: &[RawAudience],
-    exchange: &Exchange,
-) -> Result<Vec<AudienceRoute>, ConfigError> {
-    let mut out: Vec<AudienceRoute> = Vec::new();
-    for entry in raw {
-        let word = |key: &str, leaf: &Leaf| -> Result<Option<(String, Span)>, ConfigError> {
-            let Some((value, span)) = ctx.string(key, leaf, "\"apim\"")? else {
-                return Ok(None);
-            };
-            if value.is_empty()
-                || !value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "[[provider.audiences]] {key} = {} is not valid: it must be letters, digits, - _ or .",
-                        ctx.snippet(&span)
-                    ),
-                    format!("Write {key} = \"apim\"."),
-                ));
-            }
-            Ok(Some((value, span)))
-        };
-        let Some((name, span)) = word("name", &entry.name)? else {
-            return Err(ctx.err(
-                &ctx.table_span("provider.audiences", None),
-                "A [[provider.audiences]] entry has no name.",
-                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
-            ));
-        };
-        if exchange.method != ExchangeMethod::Relay {
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are exchanged by \
-                     cis2-relay, which holds the platform key, and [provider.exchange] method is \"{}\".",
-                    exchange.method.as_str()
-                ),
-                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the [[provider.audiences]] entry.",
-            ));
-        }
-        if out.iter().any(|a| a.name == name) {
-            return Err(ctx.err(
-                &span,
-                format!("[[provider.audiences]] name {name:?} is given twice."),
-                "Give each [[provider.audiences]] entry its own name.",
-            ));
-        }
-        let route = word("route", &entry.route)?
-            .map(|(route, _)| route)
-            .unwrap_or_else(|| name.clone());
-        out.push(AudienceRoute { name, route });
-    }
-    Ok(out)
-}
-
-fn read_ports(ctx: &Ctx<'_>, leaf: &Leaf) -> Result<Vec<u16>, ConfigError> {
-    const EXAMPLE: &str = "[8400, 8401]";
-    let wanted = "a list of port numbers";
-    let Some((list, _)) = ctx.list("redirect_ports", leaf, wanted, EXAMPLE)? else {
-        return Ok(Vec::new());
-    };
-    let mut ports = Vec::with_capacity(list.len());
-    for v in list {
-        let span = Some(v.span());
-        let port = match v.get_ref() {
-            Val::Int(n) => u16::try_from(*n).ok().filter(|n| *n != 0),
-            _ => None,
-        };
-        match port {
-            Some(port) if ports.contains(&port) => {
-                return Err(ctx.err(
-                    &span,
-                    format!("redirect_ports lists port {port} twice."),
-                    "List each port once.",
-                ));
-            }
-            Some(port) => ports.push(port),
-            None => {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "redirect_ports entry {} is not valid: a port is a whole number from 1 \
-                         to 65535.",
-                        ctx.snippet(&span)
-                    ),
-                    format!(
-                        "Write redirect_ports = {EXAMPLE}, or leave redirect_ports out to use a \
-                         free port chosen at each sign-in."
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(ports)
-}
-
-fn read_exchange(
-    ctx: &Ctx<'_>,
-    x: Option<RawExchange>,
-    env: Environment,
-    provider_span: &Span,
-) -> Result<Exchange, ConfigError> {
-    const RELAY_EXAMPLE: &str = "\"https://relay.example.nhs.uk/\"";
-    let default_method = match env {
-        Environment::Int | Environment::Live => ExchangeMethod::Relay,
-        Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
-    };
-    let x = match x {
-        Some(x) => x,
-        None if default_method == ExchangeMethod::Relay => {
-            return Err(ctx.err(
-                provider_span,
-                format!(
-                    "environment = \"{}\" swaps the sign-in code for tokens through a relay by \
-                     default, and there is no [provider.exchange] section with its relay_url.",
-                    env.as_str()
-                ),
-                format!(
-                    "Add a [provider.exchange] section with method = \"relay\" and relay_url = \
-                     {RELAY_EXAMPLE}, or choose another method there: method = \
-                     \"private_key_jwt\", method = \"client_secret_post\" or method = \"none\"."
-                ),
-            ));
-        }
-        None => RawExchange {
-            method: None,
-            relay_url: None,
-            key_file: None,
-            alg: None,
-            kid: None,
-            secret_env: None,
-        },
-    };
-
-    let (method, method_span, stated) =
-        match ctx.choice("method", &x.method, ExchangeMethod::CHOICES)? {
-            Some((method, span)) => (method, span, format!("method = \"{}\"", method.as_str())),
-            None => (
-                default_method,
-                ctx.table_span("provider.exchange", None),
-                format!(
-                    "[provider.exchange] has no method, so it is \"{}\" (the default for \
-                 environment = \"{}\"), which",
-                    default_method.as_str(),
-                    env.as_str()
-                ),
-            ),
-        };
-
-    let relay_url = match ctx.string("relay_url", &x.relay_url, RELAY_EXAMPLE)? {
-        Some((url, span)) => {
-            check_url(
-                ctx,
-                "relay_url",
-                &url,
-                &span,
-                (RELAY_EXAMPLE, "the relay"),
-                true,
-            )?;
-            Some(url)
-        }
-        None => None,
-    };
-    let key_file = ctx.path(
-        "key_file",
-        &x.key_file,
-        (
-            "\"client-key.pem\"",
-            "the PEM file holding the client's RSA private key",
-        ),
-        method == ExchangeMethod::PrivateKeyJwt,
-    )?;
-    let alg = ctx
-        .choice("alg", &x.alg, SigningAlg::CHOICES)?
-        .map(|(alg, _)| alg)
-        .unwrap_or_default();
-    let kid = match ctx.string("kid", &x.kid, "\"eps-cpt-ui-int\"")? {
-        Some((kid, span)) if cis2_jose::check_kid(&kid).is_err() => {
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "kid = {} is not a key id this agent can send.",
-                    ctx.snippet(&span)
-                ),
-                "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, \
-                 - or _ (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's \
-                 RFC 7638 thumbprint.",
-            ));
-        }
-        found => found.map(|(kid, _)| kid),
-    };
-    let secret_env = match ctx.string("secret_env", &x.secret_env, "\"CIS2_CLIENT_SECRET\"")? {
-        Some((name, span)) if !is_env_var_name(&name) => {
-            // The value is not quoted back: it may be the secret itself.
-            return Err(ctx.err(
-                &span,
-                "secret_env is not the name of an environment variable (letters, digits and \
-                 _, not starting with a digit).",
-                "secret_env names the variable that holds the secret, never the secret \
-                 itself: write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in \
-                 the agent's environment.",
-            ));
-        }
-        found => found.map(|(name, _)| name),
-    };
-
-    let missing = match method {
-        ExchangeMethod::Relay if relay_url.is_none() => Some((
-            "relay_url",
-            format!("relay_url = {RELAY_EXAMPLE} (the address of your organisation's cis2-relay)"),
-        )),
-        ExchangeMethod::PrivateKeyJwt if key_file.is_none() => Some((
-            "key_file",
-            "key_file = \"client-key.pem\" (the PEM file holding the client's RSA private key)"
-                .to_owned(),
-        )),
-        ExchangeMethod::ClientSecretPost if secret_env.is_none() => Some((
-            "secret_env",
-            "secret_env = \"CIS2_CLIENT_SECRET\" (the name of the environment variable holding \
-             the client secret; the secret itself never goes in the file)"
-                .to_owned(),
-        )),
-        _ => None,
-    };
-    if let Some((key, add)) = missing {
-        let others: Vec<String> = ExchangeMethod::CHOICES
-            .iter()
-            .filter(|(_, m)| *m != method)
-            .map(|(n, _)| format!("method = \"{n}\""))
-            .collect();
-        return Err(ctx.err(
-            &method_span,
-            format!("{stated} needs {key} in [provider.exchange], and there is none."),
-            format!(
-                "Add {add} to [provider.exchange], or choose another method: {}.",
-                join_or(&others)
-            ),
-        ));
-    }
-
-    Ok(Exchange {
-        method,
-        relay_url,
-        key_file,
-        alg,
-        kid,
-        secret_env,
-    })
-}
-
-fn read_agent(ctx: &Ctx<'_>, a: &RawAgent) -> Result<AgentConfig, ConfigError> {
-    let socket = (
-        "\"/run/user/1000/cis2-agent/agent.sock\"",
-        "the agent's socket",
-    );
-    let data_dir = ("\"/var/lib/cis2-agent\"", "the agent's data folder");
-    Ok(AgentConfig {
-        socket: ctx.path("socket", &a.socket, socket, false)?,
-        store: ctx
-            .choice("store", &a.store, StoreKind::CHOICES)?
-            .map(|(s, _)| s)
-            .unwrap_or_default(),
-        data_dir: ctx.path("data_dir", &a.data_dir, data_dir, false)?,
-        client_policy: ctx
-            .choice("client_policy", &a.client_policy, ClientPolicy::CHOICES)?
-            .map(|(c, _)| c),
-        audit_sync: ctx.boolean("audit_sync", &a.audit_sync, false)?,
-    })
-}
-
-fn read_client(ctx: &Ctx<'_>, c: &RawClient, i: usize) -> Result<ClientRule, ConfigError> {
-    // The example in the message is one the reader's OS would report.
-    const PATH_EXAMPLE: &str = if cfg!(windows) {
-        r"'C:\Program Files\Ward EHR\ehr.exe'"
-    } else {
-        "\"/opt/ehr/bin/ehr\""
-    };
-    const SHA_EXAMPLE: &str = "\"<64 hex digits>\"";
-    let label = format!("[[clients]] entry {}", i + 1);
-    let entry_span = ctx.table_span("clients", Some(i));
-
-    let name = match ctx.string("name", &c.name, "\"Ward EHR\"")? {
-        Some((name, span)) => {
-            let trimmed = name.trim();
-            if trimmed.is_empty() || trimmed.chars().any(char::is_control) {
-                return Err(ctx.err(
-                    &span,
-                    format!(
-                        "name = {} in {label} is not valid: it is empty.",
-                        ctx.snippet(&span)
-                    ),
-                    "Write name = \"Ward EHR\" (the name shown to people).",
-                ));
-            }
-            trimmed.to_owned()
-        }
-        None => {
-            return Err(ctx.err(
-                &entry_span,
-                format!("{label} has no name."),
-                "Add name = \"Ward EHR\" (the name shown to people when this program uses the \
-                 agent).",
-            ));
-        }
-    };
-
-    let path = match ctx.string("path", &c.path, PATH_EXAMPLE)? {
-        Some((raw, span)) if !Path::new(&raw).is_absolute() => {
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "path = {} in {label} is not valid: it must be the full path of the \
-                     program's executable.",
-                    ctx.snippet(&span)
-                ),
-                format!("Write path = {PATH_EXAMPLE} (the absolute path)."),
-            ));
-        }
-        found => found.map(|(raw, _)| PathBuf::from(raw)),
-    };
-
-    let hash = |key: &str, leaf: &Leaf, what: &str| -> Result<Option<String>, ConfigError> {
-        Ok(match ctx.string(key, leaf, SHA_EXAMPLE)? {
-            Some((raw, span)) => {
-                let hex = raw.trim();
-                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(ctx.err(
-                        &span,
-                        format!(
-                            "{key} = {} in {label} is not valid: it must be the {what}'s SHA-256 \
-                             as 64 hexadecimal digits.",
-                            ctx.snippet(&span)
-                        ),
-                        format!(
-                            "Write {key} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
-                             `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
-                             (Windows)."
-                        ),
-                    ));
-                }
-                Some(hex.to_ascii_lowercase())
-            }
-            None => None,
-        })
-    };
-    let sha256 = hash("sha256", &c.sha256, "executable")?;
-    let script_sha256 = hash("script_sha256", &c.script_sha256, "script")?;
-    let script = match ctx.string("script", &c.script, "\"/opt/ehr/ehr.py\"")? {
-        Some((raw, span)) if !Path::new(&raw).is_absolute() => {
-            return Err(ctx.err(
-                &span,
-                format!(
-                    "script = {} in {label} is not valid: it must be the full path of the \
-                     script the interpreter runs.",
-                    ctx.snippet(&span)
-                ),
-                "Write script = \"/opt/ehr/ehr.py\" (the absolute path).",
-            ));
-        }
-        found => found.map(|(raw, _)| PathBuf::from(raw)),
-    };
-
-    if path.is_none() && sha256.is_none() {
-        return Err(ctx.err(
-            &entry_span,
-            format!(
-                "{label} (\"{name}\") has neither path nor sha256, so no program can match it."
-            ),
-            format!(
-                "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} (its \
-                 SHA-256)."
-            ),
-        ));
-    }
-
-    if (script.is_some() || script_sha256.is_some())
-        && let Some(exe) = path.as_deref().filter(|p| !crate::peer::is_interpreter(p))
-    {
-        return Err(ctx.err(
-            &entry_span,
-            format!(
-                "{label} (\"{name}\") names a script, but {} is not an interpreter this agent \
-                 knows (python, node, java, ruby, perl, php, dotnet, a shell…): a native program \
-                 is never matched by its command line.",
-                exe.display()
-            ),
-            "Remove script and script_sha256, or set path to the interpreter that runs the script.",
-        ));
-    }
-
-    let example = "[\"status\", \"whoami\", \"token\"]";
-    let methods = match ctx.string_list("methods", &c.methods, example)? {
-        None => None,
-        Some((list, _)) => {
-            let mut methods: Vec<String> = Vec::with_capacity(list.len());
-            for (method, span) in list {
-                if !CLIENT_METHODS.contains(&method.as_str()) {
-                    let mut fix = String::new();
-                    if let Some(near) = suggest(&method, CLIENT_METHODS) {
-                        fix.push_str(&format!("Did you mean \"{near}\"? "));
-                    }
-                    fix.push_str(&format!("Valid methods: {}.", CLIENT_METHODS.join(", ")));
-                    return Err(ctx.err(
-                        &span,
-                        format!(
-                            "methods entry {} in {label} is not a method of the agent.",
-                            ctx.snippet(&span)
-                        ),
-                        fix,
-                    ));
-                }
-                if !methods.contains(&method) {
-                    methods.push(method);
-                }
-            }
-            Some(methods)
-        }
-    };
-
-    let audiences = ctx.word_list(
-        "audiences",
-        &c.audiences,
-        "[\"https://ehr.example.nhs.uk\"]",
-    )?;
-    let scopes = ctx.word_list("scopes", &c.scopes, "[\"nhsperson\"]")?;
-    Ok(ClientRule {
-        name,
-        path,
-        sha256,
-        script,
-        script_sha256,
-        methods,
-        audiences: audiences.map(|(list, _)| list).unwrap_or_default(),
-        scopes: scopes.map(|(list, _)| list).unwrap_or_default(),
-    })
-}
-
-fn read_session(ctx: &Ctx<'_>, s: &RawSession) -> Result<SessionConfig, ConfigError> {
-    let d = SessionConfig::default();
-    Ok(SessionConfig {
-        refresh_margin_secs: ctx.uint(
-            "refresh_margin_secs",
-            &s.refresh_margin_secs,
-            (0, d.refresh_margin_secs),
-            None,
-        )?,
-        expiring_notice_secs: ctx.uint(
-            "expiring_notice_secs",
-            &s.expiring_notice_secs,
-            (0, d.expiring_notice_secs),
-            None,
-        )?,
-        inactivity_secs: ctx.uint(
-            "inactivity_secs",
-            &s.inactivity_secs,
-            (1, d.inactivity_secs),
-            Some(
-                "To switch the inactivity timeout off, write inactivity_action = \"none\" \
-                 instead; otherwise write inactivity_secs = 900.",
-            ),
-        )?,
-        inactivity_action: ctx
-            .choice(
-                "inactivity_action",
-                &s.inactivity_action,
-                InactivityAction::CHOICES,
-            )?
-            .map_or(d.inactivity_action, |(a, _)| a),
-        absolute_secs: ctx.uint(
-            "absolute_secs",
-            &s.absolute_secs,
-            (1, d.absolute_secs),
-            Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
-        )?,
-        end_session_at_provider: ctx.boolean(
-            "end_session_at_provider",
-            &s.end_session_at_provider,
-            d.end_session_at_provider,
-        )?,
-    })
+    read::parse_inner(text, origin, false)
 }
 
 #[cfg(test)]
