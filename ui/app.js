@@ -219,6 +219,10 @@ document.addEventListener("change", (event) => {
     .catch(showError);
 });
 
-tauri.event.listen("view", (event) => refresh(event.payload));
+// The app sends its view with the window (window.__CIS2_FIRST_VIEW__): drawn at once, then asked
+// for again once changes are heard, in case one came in between.
+const firstView = window.__CIS2_FIRST_VIEW__;
+delete window.__CIS2_FIRST_VIEW__;
+tauri.event.listen("view", (event) => refresh(event.payload)).then(() => { if (firstView) refresh(); });
 setInterval(() => refresh(), 30000);
-refresh();
+refresh(firstView);
