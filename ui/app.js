@@ -110,12 +110,14 @@ function screenHtml(view) {
 }
 
 function autostartHtml(autostart) {
-  const hint = autostart.machine_wide
-    ? "Your organisation starts it for everyone on this computer. Untick to stop it starting for you."
-    : "It starts in the tray, with this window closed, ready for your clinical systems.";
+  const hint = !autostart.changeable
+    ? "Your organisation starts it for everyone on this computer; only an administrator can change that."
+    : autostart.machine_wide
+      ? "Your organisation starts it for everyone on this computer. Untick to stop it starting for you."
+      : "It starts in the tray, with this window closed, ready for your clinical systems.";
   return `<div class="nhsuk-form-group app-setting"><div class="nhsuk-checkboxes">
     <div class="nhsuk-checkboxes__item">
-      <input class="nhsuk-checkboxes__input" id="autostart" type="checkbox" aria-describedby="autostart-hint"${autostart.enabled ? " checked" : ""}>
+      <input class="nhsuk-checkboxes__input" id="autostart" type="checkbox" aria-describedby="autostart-hint"${autostart.enabled ? " checked" : ""}${autostart.changeable ? "" : " disabled"}>
       <label class="nhsuk-label nhsuk-checkboxes__label" for="autostart">Start CIS2 Agent when I sign in to this computer</label>
       <div class="nhsuk-hint nhsuk-checkboxes__hint" id="autostart-hint">${escapeHtml(hint)}</div>
     </div></div></div>`;
@@ -217,6 +219,10 @@ document.addEventListener("change", (event) => {
     .catch(showError);
 });
 
-tauri.event.listen("view", (event) => refresh(event.payload));
+// The app sends its view with the window (window.__CIS2_FIRST_VIEW__): drawn at once, then asked
+// for again once changes are heard, in case one came in between.
+const firstView = window.__CIS2_FIRST_VIEW__;
+delete window.__CIS2_FIRST_VIEW__;
+tauri.event.listen("view", (event) => refresh(event.payload)).then(() => { if (firstView) refresh(); });
 setInterval(() => refresh(), 30000);
-refresh();
+refresh(firstView);

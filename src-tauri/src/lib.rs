@@ -9,6 +9,7 @@
 //! processes and heap would otherwise stay resident (hundreds of MB) for a window nobody looks at.
 
 pub mod bridge;
+mod handoff;
 mod shell;
 pub mod window;
 
@@ -40,6 +41,10 @@ fn context() -> tauri::Context<tauri::Wry> {
 /// Runs the app, or its window process; returns when it ends.
 pub fn run() {
     let args = Args::parse();
+    // Before anything else: a second launch should cost the person no more than a bus call.
+    if !args.window && handoff::to_running_app() {
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CIS2_LOG")

@@ -49,6 +49,11 @@ fn open_window<R: Runtime>(app: &AppHandle<R>) {
     }
     let desktop = desktop.inner().clone();
     let (outbox, outgoing) = mpsc::unbounded_channel();
+    // The view goes with the window, first down the pipe: the page draws it as it loads instead of
+    // asking for it once its script runs.
+    if let Ok(view) = serde_json::to_value(desktop.view()) {
+        let _ = outbox.send(ToWindow::View { view });
+    }
     let generation = {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)

@@ -89,6 +89,10 @@ fn to_front<R: Runtime>(app: &tauri::AppHandle<R>) {
     }
 }
 
+/// How long the window waits for the view the app sends first (it is in the pipe before this
+/// process has started, so only a stuck app takes this long).
+const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the window until it is closed or the app that started it is gone.
 pub fn run() {
     let program = std::env::current_exe().unwrap_or_else(|_| "cis2-agent".into());
@@ -96,19 +100,35 @@ pub fn run() {
         .manage(Autostart::for_this_user(program))
         .setup(|app| {
             let handle = app.handle().clone();
-            let link = tauri::async_runtime::block_on(async move {
+            let (first_view, first_view_heard) = tokio::sync::oneshot::channel();
+            let first_view = std::sync::Mutex::new(Some(first_view));
+            let (link, first_view) = tauri::async_runtime::block_on(async move {
                 let (on_view, on_focus, on_closed) = (handle.clone(), handle.clone(), handle);
-                Link::connect(
+                let link = Link::connect(
                     tokio::io::stdin(),
                     tokio::io::stdout(),
                     Handlers {
                         view: Box::new(move |view| {
-                            let _ = on_view.emit("view", view);
+                            let first = first_view.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            match first {
+                                Some(first) => {
+                                    let _ = first.send(view);
+                                }
+                                None => {
+                                    let _ = on_view.emit("view", view);
+                                }
+                            }
                         }),
                         focus: Box::new(move || to_front(&on_focus)),
                         closed: Box::new(move || on_closed.exit(0)),
                     },
-                )
+                );
+                // The app sends it as it starts this process; without it the page asks as before.
+                let first_view = tokio::time::timeout(FIRST_VIEW_WAIT, first_view_heard)
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                (link, first_view)
             });
             app.manage(link);
             // tauri.conf.json declares the window with `"create": false`: the app (tray) process
@@ -121,7 +141,15 @@ pub fn run() {
                 .find(|w| w.label == "main")
                 .cloned()
                 .ok_or("tauri.conf.json has no window labelled main")?;
-            tauri::WebviewWindowBuilder::from_config(app.handle(), &config)?.build()?;
+            let mut window = tauri::WebviewWindowBuilder::from_config(app.handle(), &config)?
+                .on_page_load(|_, p| tracing::debug!(event = ?p.event(), "window page load"));
+            if let Some(view) = first_view {
+                // JSON is a JavaScript literal: the page's script finds the view already there.
+                window =
+                    window.initialization_script(format!("window.__CIS2_FIRST_VIEW__ = {view};"));
+            }
+            window.build()?;
+            tracing::debug!("webview created");
             Ok(())
         })
         .build(crate::context())

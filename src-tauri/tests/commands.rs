@@ -295,10 +295,13 @@ fn start_at_sign_in_is_turned_on_and_off_from_the_settings_page() {
         .join("home/.config/autostart/cis2-agent.desktop");
     assert_eq!(
         h.call("autostart", json!({})).unwrap(),
-        json!({"enabled": false, "machine_wide": false})
+        json!({"enabled": false, "machine_wide": false, "changeable": true})
     );
     let on = h.call("set_autostart", json!({"enabled": true})).unwrap();
-    assert_eq!(on, json!({"enabled": true, "machine_wide": false}));
+    assert_eq!(
+        on,
+        json!({"enabled": true, "machine_wide": false, "changeable": true})
+    );
     let text = std::fs::read_to_string(&entry).unwrap();
     assert!(
         text.contains("Exec=\"/usr/bin/cis2-agent\" --minimized"),
