@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 50;
@@ -123,12 +124,33 @@ fn cis2_persistent(socket: PathBuf) -> Box<dyn FnMut() + Send> {
     })
 }
 
+/// Calls the agent refused because one program (this bench: all 50 clients are one executable) held
+/// its most connections: a closed connection's place is given back when the agent has seen it close,
+/// which under this load can come after the same client's next connect. Counted, not hidden.
+static REFUSED_PER_PROGRAM: AtomicUsize = AtomicUsize::new(0);
+
 fn cis2_per_connection(socket: PathBuf) -> Box<dyn FnMut() + Send> {
     Box::new(move || {
         let mut client = cis2_ipc_client::Client::connect(&socket).unwrap();
-        let answer = client.call("token", serde_json::json!({})).unwrap();
-        assert!(answer["access_token"].is_string());
+        match client.call("token", serde_json::json!({})) {
+            Ok(answer) => assert!(answer["access_token"].is_string()),
+            Err(cis2_ipc_client::ClientError::Rpc {
+                code: -32000,
+                message,
+            }) if message.contains("the most one program may have") => {
+                REFUSED_PER_PROGRAM.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => panic!("{e}"),
+        }
     })
+}
+
+/// The refusals counted since the last call, as a note for the figures line.
+fn refused_note() -> String {
+    match REFUSED_PER_PROGRAM.swap(0, Ordering::Relaxed) {
+        0 => String::new(),
+        n => format!("   ({n} refused: the per-program connection cap; their latency included)"),
+    }
 }
 
 /// oidc-agent's IPC: one JSON request per connection, one JSON answer.
@@ -189,8 +211,9 @@ fn main() {
         cis2_per_connection(socket.clone())
     });
     println!(
-        "{}",
-        offered_per_connection.line("cis2-agent, a new connection per call")
+        "{}{}",
+        offered_per_connection.line("cis2-agent, a new connection per call"),
+        refused_note()
     );
     let p99 =
         offered.latencies_us[((offered.latencies_us.len() - 1) as f64 * 0.99).round() as usize];
@@ -214,8 +237,9 @@ fn main() {
         cis2_per_connection(socket.clone())
     });
     println!(
-        "{}",
-        per_connection.line("cis2-agent, a new connection per call")
+        "{}{}",
+        per_connection.line("cis2-agent, a new connection per call"),
+        refused_note()
     );
     let rate = persistent.calls as f64 / persistent.seconds;
 

@@ -197,6 +197,19 @@ async fn one_program_cannot_hold_every_connection() {
         refused.contains("the most one program may have"),
         "{refused}"
     );
+    // The client library gives a program that reason too, not "the agent closed the connection".
+    let library_socket = socket.clone();
+    let from_the_library = tokio::task::spawn_blocking(move || {
+        cis2_ipc_client::Client::connect(&library_socket)
+            .unwrap()
+            .call("status", serde_json::json!({}))
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&from_the_library, Err(cis2_ipc_client::ClientError::Rpc { code: -32000, message }) if message.contains("the most one program may have")),
+        "{from_the_library:?}"
+    );
     // Another program (python) still gets in while this one holds its three.
     let other = tokio::task::spawn_blocking(move || {
         let script = r#"

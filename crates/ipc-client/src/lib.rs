@@ -342,7 +342,11 @@ impl Client {
                 self.pending_events.push_back(message["params"].clone());
                 continue;
             }
-            if message.get("id").and_then(Value::as_u64) != Some(id) {
+            // An error with a null id is the agent refusing the connection itself (too many
+            // connections, the program changed): the reason this call cannot be answered, not a
+            // stranger's answer to skip until the connection closes.
+            let refused = message.get("id") == Some(&Value::Null) && message.get("error").is_some();
+            if message.get("id").and_then(Value::as_u64) != Some(id) && !refused {
                 continue;
             }
             if let Some(error) = message.get("error") {
