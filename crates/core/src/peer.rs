@@ -53,28 +53,91 @@ pub struct ProcessIdentity {
 }
 
 /// The process's identity now, or `None` when it is gone or the OS gives no way to tell.
-#[cfg(target_os = "linux")]
 pub fn process_identity(pid: i32) -> Option<ProcessIdentity> {
-    use std::os::unix::fs::MetadataExt;
-    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so count from the last `)`;
-    // starttime is field 22, the 20th after comm.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    let start_ticks = after_comm.split_whitespace().nth(19)?.parse().ok()?;
-    Some(ProcessIdentity {
-        exe_dev: exe.dev(),
-        exe_ino: exe.ino(),
-        start_ticks,
-    })
+    ProcessHold::open(pid).identity()
 }
 
-/// Elsewhere `None`, so the per-request re-check has nothing to compare. On Windows that loses
-/// nothing: the pipe server holds the client's process handle for the whole connection (its pid cannot
-/// be reused meanwhile) and a Windows process cannot replace its own image (there is no `exec`).
-#[cfg(not(target_os = "linux"))]
-pub fn process_identity(_pid: i32) -> Option<ProcessIdentity> {
-    None
+/// A hold on one process through which it can be asked about again cheaply. On Linux: its
+/// `/proc/<pid>` folder, opened once; it keeps naming that process, not its pid (once the process is
+/// gone, lookups through it fail, even if the pid has been given to another process). Elsewhere it
+/// holds nothing and tells nothing.
+#[derive(Debug, Default)]
+pub struct ProcessHold {
+    #[cfg(target_os = "linux")]
+    dir: Option<std::os::fd::OwnedFd>,
+}
+
+impl ProcessHold {
+    #[cfg(target_os = "linux")]
+    pub fn open(pid: i32) -> ProcessHold {
+        use rustix::fs::{Mode, OFlags};
+        let dir = (pid > 0)
+            .then(|| {
+                rustix::fs::open(
+                    format!("/proc/{pid}"),
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .ok()
+            })
+            .flatten();
+        ProcessHold { dir }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn open(_pid: i32) -> ProcessHold {
+        ProcessHold {}
+    }
+
+    /// The held process's identity now, or `None` when it is gone or the OS gives no way to tell.
+    #[cfg(target_os = "linux")]
+    pub fn identity(&self) -> Option<ProcessIdentity> {
+        use rustix::fs::{Mode, OFlags};
+        use std::io::Read;
+        let dir = self.dir.as_ref()?;
+        let (exe_dev, exe_ino) = self.executable()?;
+        let stat = rustix::fs::openat(dir, "stat", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .ok()?;
+        let mut text = String::new();
+        std::fs::File::from(stat).read_to_string(&mut text).ok()?;
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so count from the last `)`;
+        // starttime is field 22, the 20th after comm.
+        let after_comm = &text[text.rfind(')')? + 1..];
+        let start_ticks = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+        Some(ProcessIdentity {
+            exe_dev,
+            exe_ino,
+            start_ticks,
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn identity(&self) -> Option<ProcessIdentity> {
+        None
+    }
+
+    /// Whether the held process still runs the program `identified` names: it is still there (the hold
+    /// is on the process, so a reused pid cannot pass for it, and its start time need not be read
+    /// again) and its executable is the same file (an `exec` of another program changes it). One
+    /// `stat`, so it can be asked at every request.
+    #[cfg(target_os = "linux")]
+    pub fn still_runs(&self, identified: &ProcessIdentity) -> bool {
+        self.executable() == Some((identified.exe_dev, identified.exe_ino))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn still_runs(&self, _identified: &ProcessIdentity) -> bool {
+        false
+    }
+
+    /// Device and inode of the file the held process runs.
+    #[cfg(target_os = "linux")]
+    #[allow(clippy::unnecessary_cast)] // their types differ between architectures
+    fn executable(&self) -> Option<(u64, u64)> {
+        let stat =
+            rustix::fs::statat(self.dir.as_ref()?, "exe", rustix::fs::AtFlags::empty()).ok()?;
+        Some((stat.st_dev as u64, stat.st_ino as u64))
+    }
 }
 
 /// Executable names (before any version suffix: `python3.11` is `python`) that run a script named on

@@ -12,7 +12,7 @@ use super::MAX_LINE_BYTES;
 use super::framing::{Line, read_line};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
-use crate::peer::{Peer, process_identity};
+use crate::peer::{Peer, ProcessHold};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -89,7 +89,9 @@ pub(super) fn spawn_connection<S, Q, I>(
     Q: FnOnce(&Agent) -> Option<Peer> + Send + 'static,
     I: FnOnce(&Agent) -> Peer + Send + 'static,
 {
-    let connected_as = pid.and_then(process_identity);
+    // Held for the whole connection: the per-request re-check asks this very process.
+    let hold = pid.map(ProcessHold::open).unwrap_or_default();
+    let connected_as = hold.identity();
     let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
         tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS.to_string()));
         return;
@@ -120,7 +122,7 @@ pub(super) fn spawn_connection<S, Q, I>(
             refuse(stream, why).await;
             return;
         };
-        connection(stream, agent, Arc::new(peer), options).await;
+        connection(stream, agent, Arc::new(peer), hold, options).await;
         drop(permit);
     });
 }
@@ -166,10 +168,11 @@ impl Drop for ProgramSlot {
     }
 }
 
-/// Whether the process behind `peer` is still the program that was identified.
-fn still_the_same_program(peer: &Peer) -> bool {
+/// Whether the process behind `peer` (held by `hold`, the process that was identified) still runs the
+/// program that was identified.
+fn still_the_same_program(peer: &Peer, hold: &ProcessHold) -> bool {
     match (peer.pid, peer.process) {
-        (Some(pid), Some(identified)) => process_identity(pid) == Some(identified),
+        (Some(_), Some(identified)) => hold.still_runs(&identified),
         // Where the OS gives no process identity there is nothing to compare. On Windows (the pipe)
         // that is always so: the pipe server held the client's process open while identifying it, so
         // its id was not reused, and a Windows process cannot replace its own image (no `exec`).
@@ -292,8 +295,13 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: S, why: String) {
 }
 
 /// Serves one connection of a known peer until it closes, idles out or the agent stops.
-async fn connection<S>(stream: S, agent: Agent, peer: Arc<Peer>, options: Arc<ServeOptions>)
-where
+async fn connection<S>(
+    stream: S,
+    agent: Agent,
+    peer: Arc<Peer>,
+    hold: ProcessHold,
+    options: Arc<ServeOptions>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     // Held until this connection has written its last line: the agent's stop waits for that.
@@ -376,7 +384,7 @@ where
         }
         // Whatever the line holds: a connection whose program is no longer the one identified is
         // answered nothing more.
-        if !still_the_same_program(&peer) {
+        if !still_the_same_program(&peer, &hold) {
             let id = protocol::parse(&line)
                 .ok()
                 .and_then(|request| request.id)
@@ -415,7 +423,7 @@ where
         } else {
             options.request_timeout
         };
-        tokio::spawn(async move {
+        let answering = async move {
             let generation = agent.generation();
             let call = protocol::call(&agent, &peer, &grant, &request);
             let outcome = match tokio::time::timeout(timeout, call).await {
@@ -458,7 +466,8 @@ where
                 tx.answer(format!("{response}\n"));
             }
             drop(permit);
-        });
+        };
+        run_or_spawn(answering);
     }
     let forwarder = subscription
         .lock()
@@ -487,6 +496,20 @@ where
         .is_err()
     {
         writer.abort();
+    }
+}
+
+/// Runs a request here if it finishes without waiting (a token from the cache whose audit batch this
+/// request writes itself), else on a task of its own, so that requests of one connection still run
+/// side by side. Most requests finish at once, and a task per request (spawned, scheduled, perhaps
+/// stolen by the other worker) was a good part of an answer's time under load.
+fn run_or_spawn(request: impl Future<Output = ()> + Send + 'static) {
+    let mut request = Box::pin(request);
+    // Polled with a waker that does nothing: a request that is not done is handed to a task, whose
+    // first poll registers the real waker (tokio's waits re-register on every poll, none is lost).
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    if request.as_mut().poll(&mut context).is_pending() {
+        tokio::spawn(request);
     }
 }
 
@@ -555,6 +578,7 @@ mod tests {
             server_end,
             agent.clone(),
             Arc::new(Peer::default()),
+            ProcessHold::default(),
             Arc::new(ServeOptions::default()),
         ));
         let (read, mut write) = tokio::io::split(client);
@@ -594,6 +618,7 @@ mod tests {
             late_end,
             agent.clone(),
             Arc::new(Peer::default()),
+            ProcessHold::default(),
             Arc::new(ServeOptions::default()),
         )
         .await;
