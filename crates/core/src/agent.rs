@@ -223,6 +223,9 @@ struct Inner {
     /// Bumped whenever the person behind the session changes (sign-in, sign-out): answers computed for
     /// an earlier generation are not delivered after the change is announced (see ipc::server).
     generation: std::sync::atomic::AtomicU64,
+    /// Bumped at every lock, before it is announced: an answer read before a lock is not delivered
+    /// after it (see ipc::server), as the generation does for a change of person.
+    locks: std::sync::atomic::AtomicU64,
     login_flight: tokio::sync::Mutex<Option<Flight>>,
     /// The task running the current browser sign-in, so that it can be cancelled.
     flight_task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -471,6 +474,7 @@ impl Agent {
                 config,
                 session: Mutex::new(None),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                locks: std::sync::atomic::AtomicU64::new(0),
                 login_flight: tokio::sync::Mutex::new(None),
                 flight_task: Mutex::new(None),
                 refresh_lock: tokio::sync::Mutex::new(()),
@@ -770,7 +774,8 @@ impl Agent {
         self.inner.life.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn check_unlocked(&self) -> Result<(), AgentError> {
+    /// `Err(Locked)` with the reason and how to unlock, while the session is locked.
+    pub fn check_unlocked(&self) -> Result<(), AgentError> {
         // One lock at a time: status() takes session then life, so never hold life while taking session.
         let (locked, by_card) = {
             let life = self.life();
@@ -940,6 +945,9 @@ impl Agent {
             life.locked = Some(reason.to_string());
             life.locked_by_card = by_card;
             drop(life);
+            self.inner
+                .locks
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.save_lock_state();
             tracing::info!(reason, "session locked");
             self.emit(Event::Locked {
@@ -948,7 +956,12 @@ impl Agent {
         }
     }
 
-    /// Makes `session` the current one: saved to the store first, then held in memory.
+    /// How many times the session was locked; an answer read under one count is not delivered under
+    /// another.
+    pub fn lock_count(&self) -> u64 {
+        self.inner.locks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Which session answers belong to; changes when the person signed in changes.
     pub fn generation(&self) -> u64 {
         self.inner

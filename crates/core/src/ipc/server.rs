@@ -424,7 +424,7 @@ async fn connection<S>(
             options.request_timeout
         };
         let answering = async move {
-            let generation = agent.generation();
+            let (generation, locks) = (agent.generation(), agent.lock_count());
             let call = protocol::call(&agent, &peer, &grant, &request);
             let outcome = match tokio::time::timeout(timeout, call).await {
                 Ok(outcome) => outcome,
@@ -445,16 +445,21 @@ async fn connection<S>(
                 }
             }
             if let Some(id) = request.id.clone() {
-                // Hand-over: an answer about the previous clinician is never delivered after this
-                // connection was told they signed out. The check and the send happen under the
-                // same lock the event forwarder takes, and the generation changes before the event.
+                // Hand-over and lock: an answer about the previous clinician is never delivered after
+                // this connection was told they signed out, nor a token or identity after it was told
+                // the session locked. The check and the send happen under the same lock the event
+                // forwarder takes, and the generation and lock count change before the event.
                 let _in_order = order.lock().await;
                 let outcome = match outcome {
                     Ok(_) if agent.generation() != generation && matches!(request.method.as_str(), "token" | "whoami") => Err((
                         -32001,
                         "The clinician signed in here changed while this request was answered; ask again.".to_string(),
                     )),
-                    Ok(_) if agent.generation() != generation && request.method == "status" => {
+                    Ok(_) if agent.lock_count() != locks && matches!(request.method.as_str(), "token" | "whoami") => Err(match agent.check_unlocked() {
+                        Err(locked) => (locked.code(), locked.to_string()),
+                        Ok(()) => (-32004, "The session was locked while this request was answered; ask again.".to_string()),
+                    }),
+                    Ok(_) if (agent.generation() != generation || agent.lock_count() != locks) && request.method == "status" => {
                         protocol::call(&agent, &peer, &grant, &request).await
                     }
                     outcome => outcome,
