@@ -683,10 +683,16 @@ impl Agent {
             ));
         }
         let user = renewed.user.clone();
+        // A lock that came while the browser was open is lifted by this fresh authentication, as a
+        // sign-in's is; the clients told `locked` must be told `unlocked`.
+        let was_locked = self.life().locked.is_some();
         if !self.install_if(renewed, true, Some(generation)) {
             return Err(AgentError::NotSignedIn(
                 "The session ended while the role was being changed; sign in again.".into(),
             ));
+        }
+        if was_locked {
+            self.emit(Event::Unlocked);
         }
         // The same role picked again is no change: an EHR told `role_changed` would act for nothing.
         if role_differs(&current.user, &user) {

@@ -1278,6 +1278,38 @@ async fn a_role_change_is_signing_in_and_a_login_meanwhile_joins_it() {
     assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }
 
+#[tokio::test]
+async fn a_role_change_finishing_during_a_lock_unlocks_and_says_so() {
+    let h = harness(Setup::default()).await;
+    h.script.lock().unwrap().uid = AMELIA.into();
+    h.login().await.unwrap();
+    // The provider's answer to the role change's code exchange is slow: the lock lands meanwhile.
+    h.provider.provider.set_fault(
+        serde_json::from_value(
+            json!({"endpoint": "token", "mode": "delay", "delay_ms": 1500, "count": 1}),
+        )
+        .unwrap(),
+    );
+    let mut events = h.agent.subscribe();
+    let change = {
+        let agent = h.agent.clone();
+        tokio::spawn(async move { agent.change_role().await })
+    };
+    assert!(eventually(|| h.opened.load(Ordering::SeqCst) == 2).await);
+    h.agent.lock("the workstation was locked");
+    assert!(change.await.unwrap().is_ok());
+    // The clinician authenticated again in the browser, which lifts the lock as a sign-in does —
+    // and every client that was told `locked` is told `unlocked`.
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    let seen = drained(&mut events);
+    let locked = seen.iter().position(|e| matches!(e, Event::Locked { .. }));
+    let unlocked = seen.iter().position(|e| matches!(e, Event::Unlocked));
+    assert!(
+        matches!((locked, unlocked), (Some(l), Some(u)) if l < u),
+        "locked, then unlocked: {seen:?}"
+    );
+}
+
 fn drained(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
     std::iter::from_fn(|| events.try_recv().ok()).collect()
 }
