@@ -83,6 +83,28 @@ async fn forward(State(proxy): State<Proxy>, body: Bytes) -> axum::response::Res
     (StatusCode::from_u16(status).unwrap(), axum::Json(answer)).into_response()
 }
 
+/// An agent with the config `text` whose browser signs Ben in with his smartcard.
+async fn agent_for_ben(text: &str, dir: &std::path::Path, clock: TestClock) -> Agent {
+    let config = config::parse(text, &dir.join("config.toml")).unwrap();
+    let browser = Browser::Callback(Arc::new(move |url: &str| {
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let _ = ScriptedBrowser::default()
+                .sign_in(&url, &Script::new(BEN, "smartcard"))
+                .await;
+        });
+    }));
+    Agent::start(AgentOptions {
+        config,
+        browser,
+        clock: Arc::new(clock),
+        approver: None,
+        store: None,
+    })
+    .await
+    .unwrap()
+}
+
 struct Setup {
     provider: RunningProvider,
     _relay: cis2_relay::RunningRelay,
@@ -148,24 +170,7 @@ async fn setup() -> Setup {
         provider.issuer,
         dir.path().join("data").display(),
     );
-    let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
-    let browser = Browser::Callback(Arc::new(move |url: &str| {
-        let url = url.to_string();
-        tokio::spawn(async move {
-            let _ = ScriptedBrowser::default()
-                .sign_in(&url, &Script::new(BEN, "smartcard"))
-                .await;
-        });
-    }));
-    let agent = Agent::start(AgentOptions {
-        config,
-        browser,
-        clock: Arc::new(TestClock::default()),
-        approver: None,
-        store: None,
-    })
-    .await
-    .unwrap();
+    let agent = agent_for_ben(&text, dir.path(), TestClock::default()).await;
     Setup {
         provider,
         _relay: relay,
@@ -318,25 +323,8 @@ async fn api_platform_world() -> ApiPlatformWorld {
         relay.url,
         dir.path().join("data").display(),
     );
-    let config = config::parse(&text, &dir.path().join("config.toml")).unwrap();
-    let browser = Browser::Callback(Arc::new(move |url: &str| {
-        let url = url.to_string();
-        tokio::spawn(async move {
-            let _ = ScriptedBrowser::default()
-                .sign_in(&url, &Script::new(BEN, "smartcard"))
-                .await;
-        });
-    }));
     let clock = TestClock::default();
-    let agent = Agent::start(AgentOptions {
-        config,
-        browser,
-        clock: Arc::new(clock.clone()),
-        approver: None,
-        store: None,
-    })
-    .await
-    .unwrap();
+    let agent = agent_for_ben(&text, dir.path(), clock.clone()).await;
     agent.login(Some(Duration::from_secs(20))).await.unwrap();
     ApiPlatformWorld {
         _provider: provider,
