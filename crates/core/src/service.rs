@@ -112,7 +112,11 @@ pub async fn start(
     if let Err(why) = crate::workstation::watch(agent.clone()) {
         tracing::warn!(%why, "running without workstation lock signals");
     }
-    crate::smartcard::watch(agent.clone());
+    if agent.config().workstation.on_card_removal != crate::config::SignalAction::Ignore
+        && let Some(cards) = crate::smartcard::watch()
+    {
+        agent.follow_cards(cards);
+    }
     let bound = ipc::bind(&socket)
         .await
         .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;

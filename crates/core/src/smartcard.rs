@@ -5,8 +5,9 @@
 //! chip's serial number, `GET DATA 9F7F`) with its ATR; a card that does not answer that is
 //! `Unidentified`: its removal still counts, but it can never prove it is "the same card back".
 //!
-//! What removal and insertion do is in [`crate::agent::Agent::card_removed`] and `card_inserted`,
-//! per `[workstation] on_card_removal` and `same_card_unlocks`.
+//! This module only reports: [`watch`] hands out each insertion and removal on a channel and knows
+//! nothing of the session. What they do (`[workstation] on_card_removal`, `same_card_unlocks`) is the
+//! agent's business, which reads that channel.
 
 use sha2::{Digest, Sha256};
 
@@ -47,29 +48,22 @@ pub enum CardEvent {
     Removed(Card),
 }
 
-/// Watches every PC/SC reader in a thread of its own and hands each insertion and removal to the agent.
-/// When the smartcard service is missing or goes away, it keeps trying every few seconds (Debian starts
-/// `pcscd` on demand; a reader may be plugged in later).
-pub fn watch(agent: crate::agent::Agent) {
-    if agent.config().workstation.on_card_removal == crate::config::SignalAction::Ignore {
-        return;
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CardEvent>();
+/// Watches every PC/SC reader in a thread of its own and sends each insertion and removal on the
+/// channel it returns (`None` when the thread cannot start). When the smartcard service is missing or
+/// goes away, it keeps trying every few seconds (Debian starts `pcscd` on demand; a reader may be
+/// plugged in later).
+pub fn watch() -> Option<tokio::sync::mpsc::UnboundedReceiver<CardEvent>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<CardEvent>();
     let spawned = std::thread::Builder::new()
         .name("cis2-pcsc".into())
         .spawn(move || pcsc_loop(tx));
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot watch smartcard readers");
-        return;
-    }
-    tokio::spawn(async move {
-        while let Some(event) = rx.recv().await {
-            match event {
-                CardEvent::Inserted(card) => agent.card_inserted(card).await,
-                CardEvent::Removed(card) => agent.card_removed(card).await,
-            }
+    match spawned {
+        Ok(_) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch smartcard readers");
+            None
         }
-    });
+    }
 }
 
 /// The service behind PC/SC, as the log names it.
