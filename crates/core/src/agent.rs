@@ -60,6 +60,18 @@ pub struct AgentOptions {
     pub approver: Option<Arc<dyn Approver>>,
     /// The token store; `None` builds the one the config asks for.
     pub store: Option<Arc<dyn TokenStore>>,
+    /// Who runs the session's timers.
+    pub timers: Timers,
+}
+
+/// Who runs the session's timers ([`Agent::tick`]: inactivity, expiry, absolute limit, renewal).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Timers {
+    /// The agent itself, every 250 ms with its clock: what the programs use.
+    #[default]
+    EveryQuarterSecond,
+    /// Only whoever calls [`Agent::tick`]: tests that step a clock and look at what one tick did.
+    Driven,
 }
 
 impl AgentOptions {
@@ -70,6 +82,7 @@ impl AgentOptions {
             clock: Arc::new(SystemClock),
             approver: None,
             store: None,
+            timers: Timers::default(),
         }
     }
 }
@@ -177,6 +190,7 @@ impl Agent {
             clock,
             approver,
             store,
+            timers,
         } = options;
         let data_dir = config
             .agent
@@ -293,7 +307,9 @@ impl Agent {
                 relay.clone(),
             ));
         }
-        timers::run_in_background(Arc::downgrade(&agent.inner));
+        if timers == Timers::EveryQuarterSecond {
+            timers::run_in_background(Arc::downgrade(&agent.inner));
+        }
         Ok(agent)
     }
 

@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use cis2_core::agent::{Agent, AgentError, AgentOptions, TokenRequest};
+use cis2_core::agent::{Agent, AgentError, AgentOptions, Timers, TokenRequest};
 use cis2_core::browser::Browser;
 use cis2_core::clock::TestClock;
 use cis2_core::config;
@@ -100,6 +100,7 @@ async fn agent_for_ben(text: &str, dir: &std::path::Path, clock: TestClock) -> A
         clock: Arc::new(clock),
         approver: None,
         store: None,
+        timers: Timers::default(),
     })
     .await
     .unwrap()

@@ -2,9 +2,11 @@
 //! scripted browser that follows the redirect into the agent's loopback listener, per-test provider
 //! expectations (the OpenID Foundation's RP certification cases), and an injected clock.
 
-use cis2_core::agent::{Agent, AgentError, AgentOptions, Event, SessionState, TokenRequest};
+use cis2_core::agent::{
+    Agent, AgentError, AgentOptions, Event, SessionState, Timers, TokenRequest,
+};
 use cis2_core::browser::Browser;
-use cis2_core::clock::TestClock;
+use cis2_core::clock::{Clock, TestClock};
 use cis2_core::config;
 use cis2_core::smartcard::Card;
 use cis2_jose::{Alg, JwkSet, SigningKey};
@@ -28,11 +30,45 @@ fn client_key() -> &'static SigningKey {
 struct Harness {
     provider: RunningProvider,
     agent: Agent,
-    clock: TestClock,
+    clock: HarnessClock,
     script: Arc<Mutex<Script>>,
     opened: Arc<AtomicUsize>,
     outcomes: Arc<Mutex<Vec<Result<Outcome, String>>>>,
     _dir: tempfile::TempDir,
+}
+
+/// The agent's clock in a harness: the wall clock plus what the test advanced, or, for a driven agent,
+/// the time at the start plus what the test advanced (a second of the wall clock passing in between
+/// would make a driven test's "the same second" a different one).
+#[derive(Clone)]
+struct HarnessClock {
+    wall: TestClock,
+    frozen: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl HarnessClock {
+    fn new(frozen: bool) -> HarnessClock {
+        let wall = TestClock::default();
+        let frozen = frozen.then(|| Arc::new(std::sync::atomic::AtomicU64::new(Clock::now(&wall))));
+        HarnessClock { wall, frozen }
+    }
+
+    fn advance(&self, secs: i64) {
+        self.wall.advance(secs);
+        if let Some(frozen) = &self.frozen {
+            let now = frozen.load(Ordering::SeqCst).saturating_add_signed(secs);
+            frozen.store(now, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Clock for HarnessClock {
+    fn now(&self) -> u64 {
+        match &self.frozen {
+            Some(frozen) => frozen.load(Ordering::SeqCst),
+            None => self.wall.now(),
+        }
+    }
 }
 
 struct Setup {
@@ -41,6 +77,9 @@ struct Setup {
     refresh_tokens: bool,
     store: Option<Arc<dyn cis2_core::store::TokenStore>>,
     session_toml: &'static str,
+    /// The agent runs no timers of its own and its clock moves only with `advance`: the test calls
+    /// `tick` (see the lifecycle tests at the end).
+    driven: bool,
 }
 
 impl Setup {
@@ -64,6 +103,7 @@ impl Default for Setup {
             refresh_tokens: true,
             store: None,
             session_toml: "",
+            driven: false,
         }
     }
 }
@@ -117,13 +157,18 @@ async fn harness(setup: Setup) -> Harness {
             });
         }))
     };
-    let clock = TestClock::default();
+    let clock = HarnessClock::new(setup.driven);
     let agent = Agent::start(AgentOptions {
         config,
         browser,
         clock: Arc::new(clock.clone()),
         approver: None,
         store: setup.store.clone(),
+        timers: if setup.driven {
+            Timers::Driven
+        } else {
+            Timers::EveryQuarterSecond
+        },
     })
     .await
     .unwrap();
@@ -236,7 +281,7 @@ async fn each_id_token_rule_refuses_with_its_own_reason() {
     .await;
     let issuer = h.provider.issuer.clone();
     let port = h.provider.addr.port();
-    let now = cis2_core::clock::Clock::now(&h.clock);
+    let now = Clock::now(&h.clock);
     let cases = vec![
         ("alg none", json!({"signing": "none"}), "unsigned"),
         (
@@ -674,6 +719,7 @@ async fn a_restart_restores_the_session_without_a_browser() {
         store: Some(Arc::new(
             cis2_core::store::KeyringStore::open(data.path(), &credentials).unwrap(),
         )),
+        timers: Timers::default(),
     })
     .await
     .unwrap();
@@ -898,6 +944,7 @@ async fn an_issuer_with_443_works_and_one_without_it_is_refused() {
             clock: Arc::new(TestClock::default()),
             approver: None,
             store: None,
+            timers: Timers::default(),
         })
     };
     let agent = agent_for(&with_port).await.unwrap();
@@ -1090,6 +1137,7 @@ async fn a_restart_keeps_a_lock_and_a_card_bound_session_waits_for_its_card() {
             clock: Arc::new(h.clock.clone()),
             approver: None,
             store: Some(open_store()),
+            timers: Timers::default(),
         })
     };
     // Locked, then restarted: still locked, for the same reason.
@@ -1450,4 +1498,190 @@ async fn activity_keeps_the_session_unlocked_and_a_locked_one_stays_locked() {
     h.advance(901);
     assert!(eventually(|| h.agent.status().state == SessionState::Locked).await);
     assert_eq!(h.agent.activity().unwrap_err().code(), -32004);
+}
+
+// ---- the lifecycle timers, one driven tick at a time ---------------------------------------------
+//
+// These agents run no timer of their own (`Timers::Driven`) and read a clock that moves only when the
+// test moves it: each test steps the clock and calls `tick(now)`, then looks at what that one tick did.
+
+/// The events sent so far (the tick has finished, so everything it announced is there).
+fn events_so_far(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+impl Harness {
+    /// One tick of the agent's timers at its clock's time.
+    async fn tick(&self) {
+        self.agent.tick(self.agent.now()).await;
+    }
+}
+
+#[tokio::test]
+async fn the_first_tick_past_the_inactivity_limit_locks() {
+    let h = harness(Setup {
+        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        driven: true,
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let mut events = h.agent.subscribe();
+    h.advance(890);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    assert_eq!(events_so_far(&mut events), []);
+    h.advance(20);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+    assert_eq!(
+        events_so_far(&mut events),
+        [Event::Locked {
+            reason: "no program used the session for 15 minutes".into()
+        }]
+    );
+}
+
+/// The tick that locks for inactivity must not go on to renew the token in the same breath: a locked
+/// session is not renewed in the background (it read `locked` once, before its own lock).
+#[tokio::test]
+async fn the_tick_that_locks_for_inactivity_starts_no_renewal() {
+    let h = harness(Setup {
+        // Due for renewal (inside the 60 s margin) in the same tick that finds 900 s without activity.
+        lifetimes: Lifetimes {
+            access_token: 930,
+            ..Lifetimes::default()
+        },
+        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        driven: true,
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let mut events = h.agent.subscribe();
+    h.advance(901);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::Locked);
+    let seen = events_so_far(&mut events);
+    assert!(
+        matches!(seen.as_slice(), [Event::Locked { .. }]),
+        "{seen:?}"
+    );
+    // Nor any later tick while it stays locked.
+    h.advance(10);
+    h.tick().await;
+    assert_eq!(events_so_far(&mut events), []);
+}
+
+#[tokio::test]
+async fn a_session_without_refresh_is_announced_once_then_ended_by_the_tick() {
+    let h = harness(Setup {
+        refresh_tokens: false,
+        driven: true,
+        lifetimes: Lifetimes {
+            access_token: 600,
+            ..Lifetimes::default()
+        },
+        session_toml: "[session]\nexpiring_notice_secs = 120\n",
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let expires_at = h.agent.status().expires_at.unwrap();
+    let mut events = h.agent.subscribe();
+    h.advance(470);
+    h.tick().await;
+    assert_eq!(events_so_far(&mut events), []);
+    assert!(!h.agent.expiring());
+    h.advance(20);
+    h.tick().await;
+    assert_eq!(
+        events_so_far(&mut events),
+        [Event::SessionExpiring { expires_at }]
+    );
+    assert!(h.agent.expiring());
+    // Announced once, not at every tick.
+    h.advance(60);
+    h.tick().await;
+    assert_eq!(events_so_far(&mut events), []);
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    h.advance(60);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    let seen = events_so_far(&mut events);
+    assert!(
+        matches!(seen.as_slice(), [Event::SignedOut { reason }] if reason.contains("the session expired")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_first_tick_past_the_absolute_limit_signs_out() {
+    let h = harness(Setup {
+        session_toml: "[session]\nabsolute_secs = 3600\ninactivity_action = \"none\"\n",
+        lifetimes: Lifetimes {
+            access_token: 7200,
+            ..Lifetimes::default()
+        },
+        driven: true,
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let mut events = h.agent.subscribe();
+    h.advance(3590);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
+    h.advance(10);
+    h.tick().await;
+    assert_eq!(h.agent.status().state, SessionState::SignedOut);
+    assert_eq!(
+        events_so_far(&mut events),
+        [Event::SignedOut {
+            reason: "the session reached its maximum length (60 minutes)".into()
+        }]
+    );
+}
+
+/// After a failed background renewal the next attempt waits 1 s, after a second failure 2 s (each
+/// ±20%, rounded to whole seconds of the clock: exactly 1 and 2 here).
+#[tokio::test]
+async fn the_background_renewal_backs_off_and_doubles_its_wait() {
+    let h = harness(Setup {
+        lifetimes: Lifetimes {
+            access_token: 300,
+            ..Lifetimes::default()
+        },
+        driven: true,
+        ..Setup::default()
+    })
+    .await;
+    h.login().await.unwrap();
+    let mut events = h.agent.subscribe();
+    // The provider fails the next two refreshes; the third succeeds.
+    h.provider.provider.set_fault(
+        serde_json::from_value(json!({"endpoint": "token", "mode": "error500", "count": 2}))
+            .unwrap(),
+    );
+    // Inside the 60 s margin: the tick renews, and the provider fails it.
+    h.advance(250);
+    h.tick().await;
+    assert_eq!(events_so_far(&mut events), []);
+    // A tick at the same second does not ask again (it would have failed a second time, and the
+    // one after would then succeed a second early).
+    h.tick().await;
+    h.advance(1);
+    h.tick().await; // 1 s on: the second attempt, which fails.
+    assert_eq!(events_so_far(&mut events), []);
+    h.advance(1);
+    h.tick().await; // 2 s on: still waiting (the wait doubled to 2 s).
+    assert_eq!(events_so_far(&mut events), []);
+    h.advance(1);
+    h.tick().await; // 3 s on: the third attempt succeeds.
+    let seen = events_so_far(&mut events);
+    assert!(
+        matches!(seen.as_slice(), [Event::TokenRefreshed { .. }]),
+        "{seen:?}"
+    );
+    assert_eq!(h.agent.status().state, SessionState::SignedIn);
 }

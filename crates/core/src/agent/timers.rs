@@ -7,10 +7,11 @@ use super::{Agent, Event, Inner};
 use std::time::Duration;
 
 impl Agent {
-    /// The timers: absolute limit, inactivity, renewal before expiry, and the end of a session that
-    /// cannot be renewed (announced `expiring_notice_secs` ahead).
-    pub(super) async fn tick(&self) {
-        let now = self.inner.clock.now();
+    /// The timers at `now` (the agent's clock's time): absolute limit, inactivity, renewal before
+    /// expiry, and the end of a session that cannot be renewed (announced `expiring_notice_secs`
+    /// ahead). The agent calls it every 250 ms unless started with [`Timers::Driven`](super::Timers),
+    /// whose caller calls it instead.
+    pub async fn tick(&self, now: u64) {
         let policy = self.inner.config.session.clone();
         let Some((expires_at, renewable)) = self
             .session()
@@ -49,6 +50,9 @@ impl Agent {
                 crate::config::InactivityAction::None => {}
             }
         }
+        // Read again: a lock decided since the first read (this tick's own for inactivity, or an OS
+        // signal meanwhile) must not be followed by a renewal of the locked session.
+        let locked = self.life().locked.is_some();
         if renewable {
             if !locked
                 && now + self.renewal_margin(expires_at) >= expires_at
@@ -91,7 +95,8 @@ pub(super) fn run_in_background(weak: std::sync::Weak<Inner>) {
         loop {
             tokio::time::sleep(LIFECYCLE_TICK).await;
             let Some(inner) = weak.upgrade() else { break };
-            Agent { inner }.tick().await;
+            let agent = Agent { inner };
+            agent.tick(agent.now()).await;
         }
     });
 }
