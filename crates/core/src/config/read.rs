@@ -245,7 +245,7 @@ impl Reader<'_> {
     /// The item at a key path, if the file gives it.
     fn item(&self, path: &str) -> Option<&Item> {
         let mut item = self.doc.as_item();
-        for step in path.split('.') {
+        for step in path.split('.').filter(|step| !step.is_empty()) {
             item = match step.parse::<usize>() {
                 Ok(i) => item.get(i)?,
                 Err(_) => item.get(step)?,
@@ -354,14 +354,18 @@ impl Reader<'_> {
             Segment::Map { key } => key.clone(),
             _ => String::new(),
         });
-        let path = steps.collect::<Vec<_>>().join(".");
+        let mut steps: Vec<String> = steps.collect();
         let (message, span) = (e.inner().message(), e.inner().span());
+        if message.starts_with("unknown field") {
+            // The unknown key may itself contain a dot: it is kept apart from its table's path.
+            let key = steps.pop().unwrap_or_default();
+            return self.unknown_key(&steps.join("."), &key, message, &span);
+        }
+        let path = steps.join(".");
         let (table, _, key, element) = parts(&path);
         let (shown, found) = (self.snippet(&span), kind(self.item(&path)));
         let secs = secs_rule(key).is_some();
-        if message.starts_with("unknown field") {
-            self.unknown_key(&path, message, &span)
-        } else if key == "redirect_ports" && element {
+        if key == "redirect_ports" && element {
             self.bad_port(&span)
         } else if secs && message.starts_with("invalid value: integer") {
             self.bad_secs(&path, false)
@@ -413,10 +417,17 @@ impl Reader<'_> {
         }
     }
 
-    fn unknown_key(&self, path: &str, serde_message: &str, span: &Span) -> ConfigError {
-        let (table, entry, key, _) = parts(path);
+    fn unknown_key(
+        &self,
+        parent: &str,
+        key: &str,
+        serde_message: &str,
+        span: &Span,
+    ) -> ConfigError {
+        let (table, entry, _, _) = parts(&join_path(parent, "key"));
         let full = join_path(&table, key);
-        let message = match (self.item(path), table.as_str(), entry) {
+        let item = self.item(parent).and_then(|t| t.get(key));
+        let message = match (item, table.as_str(), entry) {
             (Some(Item::ArrayOfTables(_)), ..) => format!("unknown table [[{full}]]."),
             (Some(Item::Table(_)), ..) => format!("unknown table [{full}]."),
             (_, "", _) => format!("unknown key \"{key}\" at the top level."),
