@@ -1304,6 +1304,21 @@ allow_user_switch = false
     }
 
     #[test]
+    fn an_unknown_key_with_a_dot_in_its_name_is_named_whole() {
+        let e = bad("environment = \"sandbox\"\n[agent]\n\"store.kind\" = \"memory\"\n");
+        check(
+            &e,
+            3,
+            &[
+                "unknown key \"store.kind\" in [agent].",
+                "Valid keys: socket",
+            ],
+        );
+        let e = bad("\"agent.store\" = \"memory\"\n");
+        check(&e, 1, &["unknown key \"agent.store\" at the top level."]);
+    }
+
+    #[test]
     fn a_key_in_the_wrong_place_says_where_it_belongs() {
         // The classic TOML slip: a top-level key after a [section] heading.
         let e = bad("[agent]\nstore = \"memory\"\nenvironment = \"sandbox\"\n");

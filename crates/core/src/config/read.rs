@@ -1,22 +1,23 @@
-//! Reading the file. serde reads it into the public types (each table `deny_unknown_fields`, so
-//! the valid keys are its fields), and a serde error (unknown key, wrong type, unknown choice) is
-//! turned here into our sentence on its line. The `toml_edit` document is walked once beside it
-//! for what serde cannot see: a secret under any key, even an unknown one; where each key, value
-//! and table is; and the value as written, which our rules check (by the key's dotted path) before
-//! serde reads it, so that every mistake is reported on its own line.
+//! Reading the file. serde reads it into the public types: each table is `deny_unknown_fields`, so
+//! its valid keys are its fields and serde's error lists them; `serde_path_to_error` says which key
+//! a serde error is about and the `toml_edit` document where that key is. What is ours: secrets
+//! refused under any key (before serde, which would only call them unknown), the rules for values
+//! and between keys, and for every mistake the sentence that says how to fix it.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use cis2_config_error::{line_of, suggest, syntax_error};
 use serde::Deserialize;
-use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::paths::{Os, env_var, home_dir};
 use super::*;
 
 type Span = Option<Range<usize>>;
+type Checked = Result<(), ConfigError>;
 
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -41,79 +42,75 @@ const PATH_EXAMPLE: &str = if cfg!(windows) {
 };
 const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
 const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
-/// The durations: the least value, and the fix for a 0 below it.
-const SECS: [(&str, u64, Option<&str>); 6] = [
-    ("provider.max_age", 0, None),
-    (
-        "provider.login_timeout_secs",
-        1,
-        Some("A sign-in needs some time in the browser: write login_timeout_secs = 300."),
-    ),
-    ("session.refresh_margin_secs", 0, None),
-    ("session.expiring_notice_secs", 0, None),
-    (
-        "session.inactivity_secs",
-        1,
-        Some(
+/// The tables written as `[name]` (and `[[clients]]`), as opposed to plain keys.
+const TABLES: [&str; 5] = [
+    "provider",
+    "provider.exchange",
+    "agent",
+    "session",
+    "workstation",
+];
+/// An example value of a key (its default where it has one), for the fix.
+fn example(key: &str) -> &'static str {
+    match key {
+        "issuer" => ISSUER_EXAMPLE,
+        "client_id" => CLIENT_ID_EXAMPLE,
+        "relay_url" => RELAY_EXAMPLE,
+        "scopes" => "[\"openid\", \"profile\"]",
+        "acr_values" => "\"AAL2_OR_AAL3_ANY\"",
+        "max_age" | "login_timeout_secs" => "300",
+        "prompt" => "\"login\"",
+        "ca_file" => "\"/etc/cis2-agent/extra-ca.pem\"",
+        "redirect_ports" => "[8400, 8401]",
+        "route" => "\"apim\"",
+        "key_file" => "\"client-key.pem\"",
+        "kid" => "\"eps-cpt-ui-int\"",
+        "secret_env" => "\"CIS2_CLIENT_SECRET\"",
+        "socket" => "\"/run/user/1000/cis2-agent/agent.sock\"",
+        "data_dir" => "\"/var/lib/cis2-agent\"",
+        "audit_sync" | "allow_user_switch" => "false",
+        "same_card_unlocks" | "end_session_at_provider" => "true",
+        "name" => "\"Ward EHR\"",
+        "path" => PATH_EXAMPLE,
+        "sha256" | "script_sha256" => SHA_EXAMPLE,
+        "script" => "\"/opt/ehr/ehr.py\"",
+        "methods" => "[\"status\", \"whoami\", \"token\"]",
+        "audiences" => "[\"https://ehr.example.nhs.uk\"]",
+        "refresh_margin_secs" => "60",
+        "expiring_notice_secs" => "120",
+        "inactivity_secs" => "900",
+        "absolute_secs" => "43200",
+        _ => "\"…\"",
+    }
+}
+
+/// Whether a key is a duration in seconds; its least value, and the fix for a 0 below it.
+fn secs_rule(key: &str) -> Option<(u64, Option<&'static str>)> {
+    let least = |fix| Some((1, Some(fix)));
+    match key {
+        "login_timeout_secs" => {
+            least("A sign-in needs some time in the browser: write login_timeout_secs = 300.")
+        }
+        "inactivity_secs" => least(
             "To switch the inactivity timeout off, write inactivity_action = \"none\" instead; \
              otherwise write inactivity_secs = 900.",
         ),
-    ),
-    (
-        "session.absolute_secs",
-        1,
-        Some("A session needs a maximum length: write absolute_secs = 43200 (12 hours)."),
-    ),
-];
-
-/// What a key's value must be and an example of one (the default where there is one).
-fn shape(path: &str) -> (&'static str, &'static str) {
-    const TEXT: &str = "text in double quotes";
-    const NUMBER: &str = "a whole number";
-    const BOOL: &str = "true or false (without quotes)";
-    const LIST: &str = "a list in square brackets";
-    match path {
-        "provider.issuer" => (TEXT, ISSUER_EXAMPLE),
-        "provider.client_id" => (TEXT, CLIENT_ID_EXAMPLE),
-        "provider.scopes" => (LIST, "[\"openid\", \"profile\"]"),
-        "provider.acr_values" => (TEXT, "\"AAL2_OR_AAL3_ANY\""),
-        "provider.max_age" | "provider.login_timeout_secs" => (NUMBER, "300"),
-        "provider.prompt" => (TEXT, "\"login\""),
-        "provider.ca_file" => (TEXT, "\"/etc/cis2-agent/extra-ca.pem\""),
-        "provider.redirect_ports" => ("a list of port numbers", "[8400, 8401]"),
-        "provider.audiences.name" | "provider.audiences.route" => (TEXT, "\"apim\""),
-        "provider.exchange.relay_url" => (TEXT, RELAY_EXAMPLE),
-        "provider.exchange.key_file" => (TEXT, "\"client-key.pem\""),
-        "provider.exchange.kid" => (TEXT, "\"eps-cpt-ui-int\""),
-        "provider.exchange.secret_env" => (TEXT, "\"CIS2_CLIENT_SECRET\""),
-        "agent.socket" => (TEXT, "\"/run/user/1000/cis2-agent/agent.sock\""),
-        "agent.data_dir" => (TEXT, "\"/var/lib/cis2-agent\""),
-        "agent.audit_sync" | "workstation.allow_user_switch" => (BOOL, "false"),
-        "workstation.same_card_unlocks" | "session.end_session_at_provider" => (BOOL, "true"),
-        "clients.name" => (TEXT, "\"Ward EHR\""),
-        "clients.path" => (TEXT, PATH_EXAMPLE),
-        "clients.sha256" | "clients.script_sha256" => (TEXT, SHA_EXAMPLE),
-        "clients.script" => (TEXT, "\"/opt/ehr/ehr.py\""),
-        "clients.methods" => (LIST, "[\"status\", \"whoami\", \"token\"]"),
-        "clients.audiences" => (LIST, "[\"https://ehr.example.nhs.uk\"]"),
-        "clients.scopes" => (LIST, "[\"nhsperson\"]"),
-        "session.refresh_margin_secs" => (NUMBER, "60"),
-        "session.expiring_notice_secs" => (NUMBER, "120"),
-        "session.inactivity_secs" => (NUMBER, "900"),
-        "session.absolute_secs" => (NUMBER, "43200"),
-        _ => (TEXT, "\"…\""),
+        "absolute_secs" => {
+            least("A session needs a maximum length: write absolute_secs = 43200 (12 hours).")
+        }
+        "max_age" | "refresh_margin_secs" | "expiring_notice_secs" => Some((0, None)),
+        _ => None,
     }
 }
 
 /// What the file named by a path key holds, for messages.
-fn file_what(key: &str) -> Option<&'static str> {
-    Some(match key {
+fn file_what(key: &str) -> &'static str {
+    match key {
         "ca_file" => "a PEM file of extra CA certificates",
         "key_file" => "the PEM file holding the client's RSA private key",
         "socket" => "the agent's socket",
-        "data_dir" => "the agent's data folder",
-        _ => return None,
-    })
+        _ => "the agent's data folder",
+    }
 }
 
 /// The values a key that picks one of a few may take, as the file writes them.
@@ -130,174 +127,59 @@ fn choices(key: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-/// The keys a table takes, as its derived `Deserialize` names them: serde hands them to
-/// `deserialize_struct`, and this deserializer only writes them down.
-fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Fields<'a>(&'a mut &'static [&'static str]);
-    impl<'de> Deserializer<'de> for Fields<'_> {
-        type Error = de::value::Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("not a struct"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("fields noted"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Fields(&mut fields));
-    fields
+/// The names serde lists after "expected" in `unknown field `x`, expected one of `a`, `b``.
+fn expected(message: &str) -> Vec<String> {
+    message
+        .split('`')
+        .skip(3)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
 }
 
-/// Each table's dotted path, how messages place it, and its keys: to list the valid keys and to
-/// tell someone who put a key in the wrong table where it goes.
-fn tables() -> [(&'static str, &'static str, &'static [&'static str]); 8] {
-    let top = "at the top of the file, before the first [section] heading";
+/// The keys a table takes, from serde itself: its error for a key it does not know lists them.
+fn keys_of<T: DeserializeOwned>() -> Vec<String> {
+    let error = toml::from_str::<T>("\"\" = 0").err();
+    error.map(|e| expected(e.message())).unwrap_or_default()
+}
+
+/// Each table's dotted path and keys: to tell someone who put a key in the wrong table where it goes.
+fn tables() -> [(&'static str, Vec<String>); 8] {
     [
-        ("", top, keys_of::<RawFile>()),
-        ("provider", "in [provider]", keys_of::<ProviderConfig>()),
-        (
-            "provider.exchange",
-            "in [provider.exchange]",
-            keys_of::<Exchange>(),
-        ),
-        ("agent", "in [agent]", keys_of::<AgentConfig>()),
-        ("session", "in [session]", keys_of::<SessionConfig>()),
-        (
-            "workstation",
-            "in [workstation]",
-            keys_of::<WorkstationConfig>(),
-        ),
-        ("clients", "in a [[clients]] entry", keys_of::<ClientRule>()),
-        (
-            "provider.audiences",
-            "in a [[provider.audiences]] entry",
-            keys_of::<AudienceRoute>(),
-        ),
+        ("", keys_of::<RawFile>()),
+        ("provider", keys_of::<ProviderConfig>()),
+        ("provider.exchange", keys_of::<Exchange>()),
+        ("agent", keys_of::<AgentConfig>()),
+        ("session", keys_of::<SessionConfig>()),
+        ("workstation", keys_of::<WorkstationConfig>()),
+        ("clients", keys_of::<ClientRule>()),
+        ("provider.audiences", keys_of::<AudienceRoute>()),
     ]
 }
 
-/// One key of the document, wherever it is (unknown and inline tables included), in file order.
-/// An entry of a list of tables is recorded too, under the key `""`, at its header.
-struct KeyAt<'d> {
-    /// Dotted path of the table holding it: `""`, `provider.exchange`, `clients`.
-    table: String,
-    /// Which entry, when the table is an entry of a list of tables.
-    entry: Option<usize>,
-    key: &'d str,
-    span: Span,
-    value_span: Span,
-    /// The value as written; `None` for a table or a list of tables.
-    value: Option<&'d Value>,
-    is_table: bool,
-}
-
-impl KeyAt<'_> {
-    /// What was written, in the words of our messages.
-    fn kind(&self) -> &'static str {
-        match self.value {
-            Some(Value::String(_)) => "text",
-            Some(Value::Integer(_)) => "a whole number",
-            Some(Value::Float(_)) => "a decimal number",
-            Some(Value::Boolean(_)) => "true/false",
-            Some(Value::Datetime(_)) => "a date or time",
-            Some(Value::Array(_)) => "a list",
-            None if !self.is_table => "a list",
-            _ => "a table",
-        }
-    }
-}
-
-fn collect<'d>(t: &'d dyn TableLike, table: &str, entry: Option<usize>, out: &mut Vec<KeyAt<'d>>) {
-    for (key, item) in t.iter() {
-        let span = t.key(key).and_then(|k| k.span()).or_else(|| item.span());
-        let is_table = matches!(item, Item::Table(_) | Item::ArrayOfTables(_));
-        let (value_span, value) = (item.span(), item.as_value());
-        out.push(KeyAt {
-            table: table.to_owned(),
-            entry,
-            key,
-            span,
-            value_span,
-            value,
-            is_table,
-        });
-        let path = join_path(table, key);
-        match item {
-            Item::Table(t) => collect(t, &path, None, out),
-            Item::ArrayOfTables(list) => {
-                for (i, t) in list.iter().enumerate() {
-                    collect_entry(t, t.span(), &path, i, out);
-                }
-            }
-            Item::Value(v) => collect_value(v, &path, out),
-            Item::None => {}
-        }
-    }
-}
-
-fn collect_entry<'d>(
-    t: &'d dyn TableLike,
-    span: Span,
-    table: &str,
-    i: usize,
-    out: &mut Vec<KeyAt<'d>>,
-) {
-    let (value_span, value, is_table) = (span.clone(), None, true);
-    out.push(KeyAt {
-        table: table.to_owned(),
-        entry: Some(i),
-        key: "",
-        span,
-        value_span,
-        value,
-        is_table,
-    });
-    collect(t, table, Some(i), out);
-}
-
-fn collect_value<'d>(v: &'d Value, path: &str, out: &mut Vec<KeyAt<'d>>) {
-    match v {
-        Value::InlineTable(t) => collect(t, path, None, out),
-        Value::Array(list) => {
-            for (i, v) in list.iter().enumerate() {
-                match v {
-                    Value::InlineTable(t) => collect_entry(t, v.span(), path, i, out),
-                    v => collect_value(v, path, out),
-                }
-            }
-        }
-        _ => {}
+/// Where a table is, in the words of a message.
+fn place(table: &str) -> String {
+    match table {
+        "" => "at the top of the file, before the first [section] heading".to_owned(),
+        "clients" | "provider.audiences" => format!("in a [[{table}]] entry"),
+        table => format!("in [{table}]"),
     }
 }
 
 fn join_path(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{parent}.{key}")
+    match parent {
+        "" => key.to_owned(),
+        parent => format!("{parent}.{key}"),
     }
 }
 
 /// How a key is shown in lists and suggestions: tables as `[provider]`, the clients list as
 /// `[[clients]]`, plain keys bare.
-fn display_entry(parent: &str, key: &str) -> String {
+fn display_key(parent: &str, key: &str) -> String {
     let path = join_path(parent, key);
     match path.as_str() {
         "clients" => format!("[[{path}]]"),
-        "provider" | "provider.exchange" | "agent" | "session" | "workstation" => {
-            format!("[{path}]")
-        }
+        path if TABLES.contains(&path) => format!("[{path}]"),
         _ => key.to_owned(),
     }
 }
@@ -311,15 +193,44 @@ fn join_or(items: &[String]) -> String {
     }
 }
 
-struct Ctx<'a> {
-    text: &'a str,
-    file: &'a Path,
-    base: PathBuf,
-    check_files: bool,
-    keys: Vec<KeyAt<'a>>,
+/// A key path (`clients.1.sha256`, `provider.scopes.0`) in parts: the table holding the key
+/// (`clients`), which entry of a list of tables, the key, and whether the path ends at an entry of
+/// a list value.
+fn parts(path: &str) -> (String, Option<usize>, &str, bool) {
+    let index = |s: &&str| s.parse::<usize>().ok();
+    let mut steps: Vec<&str> = path.split('.').collect();
+    let element = steps.len() > 1 && steps.last().and_then(index).is_some();
+    if element {
+        steps.pop();
+    }
+    let key = steps.pop().unwrap_or_default();
+    let entry = steps.last().and_then(index);
+    let table: Vec<&str> = steps.into_iter().filter(|s| index(s).is_none()).collect();
+    (table.join("."), entry, key, element)
 }
 
-impl Ctx<'_> {
+/// What was written, in the words of our messages.
+fn kind(item: Option<&Item>) -> &'static str {
+    match item {
+        Some(Item::Value(Value::String(_))) => "text",
+        Some(Item::Value(Value::Integer(_))) => "a whole number",
+        Some(Item::Value(Value::Float(_))) => "a decimal number",
+        Some(Item::Value(Value::Boolean(_))) => "true/false",
+        Some(Item::Value(Value::Datetime(_))) => "a date or time",
+        Some(Item::Value(Value::Array(_)) | Item::ArrayOfTables(_)) => "a list",
+        _ => "a table",
+    }
+}
+
+struct Reader<'a> {
+    text: &'a str,
+    file: &'a Path,
+    doc: ImDocument<&'a str>,
+    base: PathBuf,
+    check_files: bool,
+}
+
+impl Reader<'_> {
     fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
         let (file, message, fix) = (self.file.to_path_buf(), message.into(), fix.into());
         let line = span.as_ref().map(|s| line_of(self.text, s.start));
@@ -331,91 +242,141 @@ impl Ctx<'_> {
         }
     }
 
+    /// The item at a key path, if the file gives it.
+    fn item(&self, path: &str) -> Option<&Item> {
+        let mut item = self.doc.as_item();
+        for step in path.split('.').filter(|step| !step.is_empty()) {
+            item = match step.parse::<usize>() {
+                Ok(i) => item.get(i)?,
+                Err(_) => item.get(step)?,
+            };
+        }
+        Some(item)
+    }
+
+    /// Where a key path is: its value, or a table's header, else the table's first key.
+    fn span(&self, path: &str) -> Span {
+        let item = self.item(path)?;
+        item.span().or_else(|| {
+            let t = item.as_table_like()?;
+            t.iter()
+                .find_map(|(k, v)| t.key(k).and_then(|k| k.span()).or_else(|| v.span()))
+        })
+    }
+
     /// The source text of a value, for quoting it back: first line only, at most 60 characters.
     fn snippet(&self, span: &Span) -> String {
-        let raw = span
-            .as_ref()
-            .and_then(|r| self.text.get(r.clone()))
+        let raw = span.as_ref().and_then(|r| self.text.get(r.clone()));
+        let raw = raw.unwrap_or("").trim();
+        let short: String = raw
+            .lines()
+            .next()
             .unwrap_or("")
-            .trim();
-        let first = raw.lines().next().unwrap_or("").trim_end();
-        let short: String = first.chars().take(60).collect();
-        if short.len() < raw.len() {
-            format!("{short}…")
-        } else {
-            short
+            .trim_end()
+            .chars()
+            .take(60)
+            .collect();
+        match short.len() < raw.len() {
+            true => format!("{short}…"),
+            false => short,
         }
     }
 
-    /// The key `key` of table `table` (entry `entry` of a list of tables), if the file gives it.
-    fn find(&self, table: &str, entry: Option<usize>, key: &str) -> Option<&KeyAt<'_>> {
-        self.keys
-            .iter()
-            .find(|k| k.table == table && k.entry == entry && k.key == key)
+    /// The error for the value at `path`. In `message`, `{at}` stands for `key = value` as written
+    /// (with the `[[clients]]` entry it is in), `{shown}` for the value and `{in}` for the entry.
+    fn at(&self, path: &str, message: &str, fix: impl Into<String>) -> ConfigError {
+        let span = self.span(path);
+        let (table, entry, key, _) = parts(path);
+        let label = match entry {
+            Some(i) if table == "clients" => format!(" in [[clients]] entry {}", i + 1),
+            _ => String::new(),
+        };
+        let shown = self.snippet(&span);
+        let message = message
+            .replace("{at}", &format!("{key} = {shown}{label}"))
+            .replace("{shown}", &shown)
+            .replace("{in}", &label);
+        self.err(&span, message, fix)
     }
 
-    /// Where a table (or an entry of `[[clients]]`) starts: its header, else its first key.
-    fn table_span(&self, table: &str, entry: Option<usize>) -> Span {
-        let (parent, key) = match (entry, table.rsplit_once('.')) {
-            (Some(_), _) => (table, ""),
-            (None, Some((parent, key))) => (parent, key),
-            (None, None) => ("", table),
-        };
-        let header = self.find(parent, entry, key).filter(|k| k.span.is_some());
-        let first = || {
-            self.keys
+    /// [`Reader::at`] when `bad`.
+    fn rule(&self, bad: bool, path: &str, message: &str, fix: impl Into<String>) -> Checked {
+        match bad {
+            true => Err(self.at(path, message, fix)),
+            false => Ok(()),
+        }
+    }
+
+    fn refuse_secrets(&self, t: &dyn TableLike, table: &str) -> Checked {
+        for (key, item) in t.iter() {
+            if SECRET_KEYS.contains(&key.to_lowercase().replace('-', "_").as_str()) {
+                let place = match table {
+                    "" => "at the top level".to_owned(),
+                    "clients" => "in [[clients]]".to_owned(),
+                    table => format!("in [{table}]"),
+                };
+                return Err(self.err(
+                    &t.key(key).and_then(|k| k.span()).or_else(|| item.span()),
+                    format!("\"{key}\" {place}: secrets never go in the config file."),
+                    "Remove it, put the secret in an environment variable of the agent, and name \
+                     that variable in [provider.exchange]: method = \"client_secret_post\" and \
+                     secret_env = \"CIS2_CLIENT_SECRET\".",
+                ));
+            }
+            let path = join_path(table, key);
+            match item {
+                Item::Table(t) => self.refuse_secrets(t, &path)?,
+                Item::ArrayOfTables(list) => list
+                    .iter()
+                    .try_for_each(|t| self.refuse_secrets(t, &path))?,
+                Item::Value(v) => self.refuse_secrets_in(v, &path)?,
+                Item::None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_secrets_in(&self, v: &Value, path: &str) -> Checked {
+        match v {
+            Value::InlineTable(t) => self.refuse_secrets(t, path),
+            Value::Array(list) => list
                 .iter()
-                .find(|k| k.table == table && k.entry == entry)
-        };
-        header.or_else(first).and_then(|k| k.span.clone())
-    }
-
-    /// A path from the file: `~/` is the home folder; relative paths are read from the config
-    /// file's folder.
-    fn resolve(&self, raw: &Path) -> PathBuf {
-        let text = raw.to_string_lossy();
-        let rest = text.strip_prefix("~/").or_else(|| text.strip_prefix("~\\"));
-        match (text == "~", rest, home_dir(&env_var, Os::CURRENT)) {
-            (true, _, Some(h)) => h,
-            (_, Some(rest), Some(h)) => h.join(rest),
-            _ => self.base.join(raw),
+                .try_for_each(|v| self.refuse_secrets_in(v, path)),
+            _ => Ok(()),
         }
     }
 
     /// A serde error as our sentence: an unknown key or table (with the nearest valid one or the
     /// table it belongs in), or a value of the wrong type or not among the choices.
-    fn serde_error(&self, e: &toml::de::Error) -> ConfigError {
-        let span = e.span();
-        let named = |k: &&KeyAt| !k.key.is_empty();
-        let exact = self
-            .keys
-            .iter()
-            .filter(named)
-            .find(|k| k.span == span || k.value_span == span);
-        let inside = |k: &&KeyAt| match (&k.value_span, &span) {
-            (Some(v), Some(s)) => v.start <= s.start && s.end <= v.end,
-            _ => false,
-        };
-        let Some(at) = exact.or_else(|| self.keys.iter().filter(named).rfind(inside)) else {
-            let message = e.message().trim().trim_end_matches('.');
-            let fix = "Check the TOML on that line against docs/configuration.md.";
-            return self.err(&span, format!("{message}."), fix);
-        };
-        let (key, path, shown, found) = (
-            at.key,
-            join_path(&at.table, at.key),
-            self.snippet(&span),
-            at.kind(),
-        );
-        let (wanted, example) = shape(&path);
-        if e.message().starts_with("unknown field") {
-            self.unknown_key(at)
-        } else if at.value_span != span {
-            let message = format!("{key} contains {shown}, which is not text in double quotes.");
+    fn serde_error(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        let steps = e.path().iter().map(|step| match step {
+            Segment::Seq { index } => index.to_string(),
+            Segment::Map { key } => key.clone(),
+            _ => String::new(),
+        });
+        let mut steps: Vec<String> = steps.collect();
+        let (message, span) = (e.inner().message(), e.inner().span());
+        if message.starts_with("unknown field") {
+            // The unknown key may itself contain a dot: it is kept apart from its table's path.
+            let key = steps.pop().unwrap_or_default();
+            return self.unknown_key(&steps.join("."), &key, message, &span);
+        }
+        let path = steps.join(".");
+        let (table, _, key, element) = parts(&path);
+        let (shown, found) = (self.snippet(&span), kind(self.item(&path)));
+        let secs = secs_rule(key).is_some();
+        if key == "redirect_ports" && element {
+            self.bad_port(&span)
+        } else if secs && message.starts_with("invalid value: integer") {
+            self.bad_secs(&path, false)
+        } else if element {
             self.err(
                 &span,
-                message,
-                format!("Write each entry in double quotes, e.g. {key} = {example}."),
+                format!("{key} contains {shown}, which is not text in double quotes."),
+                format!(
+                    "Write each entry in double quotes, e.g. {key} = {}.",
+                    example(key)
+                ),
             )
         } else if path == "clients" {
             self.err(
@@ -425,390 +386,372 @@ impl Ctx<'_> {
                      sections, not {found}."
                 ),
                 "Write each program as its own section: a line [[clients]], then name = \"Ward \
-                 EHR\" \
-                 and path = \"/opt/ehr/bin/ehr\" on the lines below.",
+                 EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
             )
-        } else if display_entry(&at.table, key).starts_with('[') {
-            let message =
-                format!("{key} = {shown} is not valid: {key} must be a table, not {found}.");
+        } else if display_key(&table, key).starts_with('[') {
             self.err(
                 &span,
-                message,
+                format!("{key} = {shown} is not valid: {key} must be a table, not {found}."),
                 format!("Write it as a section: a line [{path}] followed by its keys."),
             )
         } else if let Some(names) = choices(key) {
-            let near = at
-                .value
-                .and_then(Value::as_str)
-                .and_then(|s| suggest(s, names.iter().copied()));
-            let near = near
-                .map(|n| format!("Did you mean \"{n}\"? "))
-                .unwrap_or_default();
+            let written = self.item(&path).and_then(Item::as_str);
+            let near = written.and_then(|s| suggest(s, names.iter().copied()));
+            let near = near.map(|n| format!("Did you mean \"{n}\"? "));
             let options: Vec<String> = names.iter().map(|n| format!("{key} = \"{n}\"")).collect();
-            let fix = format!("{near}Write {}.", join_or(&options));
+            let fix = format!("{}Write {}.", near.unwrap_or_default(), join_or(&options));
             self.err(&span, format!("{key} = {shown} is not valid."), fix)
         } else {
-            let message =
-                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}.");
-            self.err(&span, message, format!("Write {key} = {example}."))
-        }
-    }
-
-    fn unknown_key(&self, at: &KeyAt) -> ConfigError {
-        let (path, key, tables) = (join_path(&at.table, at.key), at.key, tables());
-        let own = tables.iter().find(|(t, _, _)| *t == at.table);
-        let allowed = own.map(|(_, _, keys)| *keys).unwrap_or_default();
-        let message = match (at.is_table, at.table.as_str(), at.entry) {
-            (true, _, Some(_)) => format!("unknown table [[{path}]]."),
-            (true, _, None) => format!("unknown table [{path}]."),
-            (false, "", _) => format!("unknown key \"{key}\" at the top level."),
-            (false, table, Some(i)) => {
-                format!("unknown key \"{key}\" in [[{table}]] entry {}.", i + 1)
-            }
-            (false, table, None) => format!("unknown key \"{key}\" in [{table}]."),
-        };
-        let mut fix = String::new();
-        if let Some(near) = suggest(key, allowed.iter().copied()) {
-            let shown = display_entry(&at.table, near);
-            let shown = if shown.starts_with('[') {
-                shown
-            } else {
-                format!("\"{shown}\"")
+            let wanted = match message {
+                _ if key == "redirect_ports" => "a list of port numbers",
+                m if m.contains("expected a boolean") => "true or false (without quotes)",
+                m if m.contains("expected a sequence") => "a list in square brackets",
+                m if m.contains("expected u") || m.contains("expected i") => "a whole number",
+                _ => "text in double quotes",
             };
-            fix = format!("Did you mean {shown}? ");
-        } else if let Some((_, home, _)) = tables.iter().find(|(_, _, k)| k.contains(&key)) {
-            fix = format!("\"{key}\" belongs {home}: move it there. ");
+            self.err(
+                &span,
+                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}."),
+                format!("Write {key} = {}.", example(key)),
+            )
         }
-        let valid: Vec<String> = allowed
-            .iter()
-            .map(|k| display_entry(&at.table, k))
-            .collect();
-        fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
-        self.err(&at.span, message, fix)
     }
 
-    /// Our rules for one value as the file writes it, by the key's dotted path. A value of the
-    /// wrong type is left to serde, which names the type.
-    fn check_value(&self, k: &KeyAt) -> Result<(), ConfigError> {
-        let (Some(v), key, path) = (k.value, k.key, join_path(&k.table, k.key)) else {
-            return Ok(());
+    fn unknown_key(
+        &self,
+        parent: &str,
+        key: &str,
+        serde_message: &str,
+        span: &Span,
+    ) -> ConfigError {
+        let (table, entry, _, _) = parts(&join_path(parent, "key"));
+        let full = join_path(&table, key);
+        let item = self.item(parent).and_then(|t| t.get(key));
+        let message = match (item, table.as_str(), entry) {
+            (Some(Item::ArrayOfTables(_)), ..) => format!("unknown table [[{full}]]."),
+            (Some(Item::Table(_)), ..) => format!("unknown table [{full}]."),
+            (_, "", _) => format!("unknown key \"{key}\" at the top level."),
+            (_, table, Some(i)) => format!("unknown key \"{key}\" in [[{table}]] entry {}.", i + 1),
+            (_, table, None) => format!("unknown key \"{key}\" in [{table}]."),
         };
-        let (span, example) = (v.span(), shape(&path).1);
-        let shown = self.snippet(&span);
-        let label = match k.entry {
-            Some(i) if k.table == "clients" => format!(" in [[clients]] entry {}", i + 1),
-            _ => String::new(),
-        };
-        let invalid = |reason: &str, fix: String| {
-            Err(self.err(
-                &span,
-                format!("{key} = {shown}{label} is not valid: {reason}."),
-                fix,
-            ))
-        };
-        if let (Some((_, min, zero_fix)), Some(n)) =
-            (SECS.iter().find(|s| s.0 == path), v.as_integer())
-        {
-            if u64::try_from(n).is_ok_and(|n| (*min..=MAX_SECS).contains(&n)) {
-                return Ok(());
-            }
-            let fix = zero_fix
-                .filter(|_| n == 0)
-                .map_or(format!("Write {key} = {example}."), str::to_owned);
-            return invalid(&format!("it must be between {min} and {MAX_SECS}"), fix);
+        let allowed = expected(serde_message);
+        let mut fix = String::new();
+        if let Some(near) = suggest(key, allowed.iter().map(String::as_str)) {
+            fix = match display_key(&table, near) {
+                shown if shown.starts_with('[') => format!("Did you mean {shown}? "),
+                shown => format!("Did you mean \"{shown}\"? "),
+            };
+        } else if let Some((home, _)) = tables().iter().find(|(_, k)| k.iter().any(|k| k == key)) {
+            fix = format!("\"{key}\" belongs {}: move it there. ", place(home));
         }
-        if let Some(list) = v.as_array() {
-            return self.check_list(&path, key, &label, list);
-        }
-        let Some(s) = v.as_str() else { return Ok(()) };
-        let word =
-            |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c.is_control());
-        let is_name = |s: &str| {
-            let mut chars = s.chars();
-            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
-        let prompt = s.split_whitespace().collect::<Vec<_>>();
-        let bad_prompt = prompt.iter().any(|w| !PROMPT_VALUES.contains(w))
-            || (prompt.contains(&"none") && prompt.len() > 1);
-        let hex = s.trim().len() == 64 && s.trim().chars().all(|c| c.is_ascii_hexdigit());
-        let is_path = key == "path";
-        let audience = !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        match path.as_str() {
-            "provider.issuer" => check_url(self, key, s, &span, (example, "the provider"), false),
-            "provider.exchange.relay_url" => {
-                check_url(self, key, s, &span, (example, "the relay"), true)
-            }
-            "provider.client_id" if !word(s) => invalid(
-                "it must be the client ID the provider registered, with no spaces",
-                format!("Write client_id = {example}."),
+        let valid: Vec<String> = allowed.iter().map(|k| display_key(&table, k)).collect();
+        fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
+        self.err(span, message, fix)
+    }
+
+    fn bad_port(&self, span: &Span) -> ConfigError {
+        self.err(
+            span,
+            format!(
+                "redirect_ports entry {} is not valid: a port is a whole number from 1 to 65535.",
+                self.snippet(span)
             ),
-            "provider.acr_values" if s.contains(char::is_control) => Err(self.err(
-                &span,
-                "acr_values is not valid: it contains control characters.",
-                "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade \
-                 sign-in only).",
-            )),
-            "provider.prompt" if bad_prompt => Err(self.err(
-                &span,
-                format!("prompt = {shown} is not valid."),
-                "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", \
-                 prompt = \"select_account\", prompt = \"none\", or prompt = \"\" to send no \
-                 prompt.",
-            )),
-            "provider.ca_file"
-            | "provider.exchange.key_file"
-            | "agent.socket"
-            | "agent.data_dir"
-                if s.trim().is_empty() =>
+            "Write redirect_ports = [8400, 8401], or leave redirect_ports out to use a free port \
+             chosen at each sign-in.",
+        )
+    }
+
+    fn bad_secs(&self, path: &str, zero: bool) -> ConfigError {
+        let (_, _, key, _) = parts(path);
+        let (min, zero_fix) = secs_rule(key).unwrap_or_default();
+        let fix = zero_fix.filter(|_| zero).map(str::to_owned);
+        self.at(
+            path,
+            &format!("{{at}} is not valid: it must be between {min} and {MAX_SECS}."),
+            fix.unwrap_or_else(|| format!("Write {key} = {}.", example(key))),
+        )
+    }
+
+    fn secs(&self, table: &str, values: &[(&str, Option<u64>)]) -> Checked {
+        for (key, n) in values {
+            let path = join_path(table, key);
+            let min = secs_rule(key).unwrap_or_default().0;
+            if let Some(n) =
+                n.filter(|n| !(min..=MAX_SECS).contains(n) && self.item(&path).is_some())
             {
-                let what = file_what(key).unwrap_or_default();
-                let fix = format!(
-                    "Write the path of {what}, e.g. {key} = {example}, or leave {key} out."
-                );
-                invalid("it is empty", fix)
+                return Err(self.bad_secs(&path, n == 0));
             }
-            "provider.exchange.kid" if cis2_jose::check_kid(s).is_err() => Err(self.err(
-                &span,
-                format!("kid = {shown} is not a key id this agent can send."),
-                "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
-                 (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 \
-                 thumbprint.",
-            )),
-            // The value is not quoted back: it may be the secret itself.
-            "provider.exchange.secret_env" if !is_name(s) => Err(self.err(
-                &span,
-                "secret_env is not the name of an environment variable (letters, digits and _, not \
-                 starting with a digit).",
-                "secret_env names the variable that holds the secret, never the secret itself: \
-                 write secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's \
-                 environment.",
-            )),
-            "provider.audiences.name" | "provider.audiences.route" if !audience => Err(self.err(
-                &span,
-                format!(
-                    "[[provider.audiences]] {key} = {shown} is not valid: it must be letters, \
-                     digits, - _ or ."
+        }
+        Ok(())
+    }
+
+    /// The entries of a list of words: one word each.
+    fn words(&self, path: &str, list: &[String]) -> Checked {
+        for (i, s) in list.iter().enumerate() {
+            let bad = s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control());
+            let (_, _, key, _) = parts(path);
+            self.rule(
+                bad,
+                &format!("{path}.{i}"),
+                &format!(
+                    "{key} entry {{shown}} is not valid: each entry is one word, with no spaces."
                 ),
-                format!("Write {key} = \"apim\"."),
-            )),
-            "clients.name" if s.trim().is_empty() || s.trim().contains(char::is_control) => {
-                invalid(
-                    "it is empty",
-                    "Write name = \"Ward EHR\" (the name shown to people).".into(),
-                )
-            }
-            "clients.path" | "clients.script" if !Path::new(s).is_absolute() => {
-                let what = match is_path {
-                    true => "the program's executable",
-                    false => "the script the interpreter runs",
-                };
-                let fix = format!("Write {key} = {example} (the absolute path).");
-                invalid(&format!("it must be the full path of {what}"), fix)
-            }
-            "clients.sha256" | "clients.script_sha256" if !hex => {
-                let what = if key == "sha256" {
-                    "executable"
-                } else {
-                    "script"
-                };
-                invalid(
-                    &format!("it must be the {what}'s SHA-256 as 64 hexadecimal digits"),
-                    format!(
-                        "Write {key} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), \
-                         `shasum -a 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` \
-                         (Windows)."
-                    ),
-                )
+                format!(
+                    "Write each as its own entry, e.g. {key} = {}.",
+                    example(key)
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A path key given as an empty string.
+    fn not_empty(&self, path: &str, value: Option<&Path>) -> Checked {
+        let (_, _, key, _) = parts(path);
+        let empty = value.is_some_and(|p| p.to_string_lossy().trim().is_empty());
+        let (what, example) = (file_what(key), example(key));
+        let fix = format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out.");
+        self.rule(empty, path, "{at} is not valid: it is empty.", fix)
+    }
+
+    /// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
+    /// `what` names the other end ("the provider", "the relay").
+    fn url(&self, path: &str, value: &str, what: &str, allow_query: bool) -> Checked {
+        let (_, _, key, _) = parts(path);
+        let fix = format!("Write {key} = {}.", example(key));
+        let invalid =
+            |reason: &str| Err(self.at(path, &format!("{{at}} is not valid: {reason}."), &fix));
+        if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return invalid("a URL has no spaces");
+        }
+        let url = url::Url::parse(value)
+            .map_err(|e| self.at(path, &format!("{{at}} is not a valid URL ({e})."), &fix))?;
+        let lower = value.to_ascii_lowercase();
+        let http = lower.starts_with("http://") && url.scheme() == "http";
+        let https = lower.starts_with("https://") && url.scheme() == "https";
+        let loopback = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        if http && !loopback {
+            return Err(self.at(
+                path,
+                "{at} uses plain http to another computer.",
+                format!(
+                    "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
+                     computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
+                ),
+            ));
+        }
+        if !(http || https) {
+            return invalid("it must start with https://");
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return invalid("it has no host name");
+        }
+        match (url.fragment(), url.query()) {
+            (Some(_), _) if allow_query => invalid("it must not have a #fragment"),
+            (Some(_), _) | (_, Some(_)) if !allow_query => {
+                invalid("it must not have a ?query or #fragment")
             }
             _ => Ok(()),
         }
     }
 
-    /// Our rules for the entries of a list; an entry of the wrong type is left to serde.
-    fn check_list(
-        &self,
-        path: &str,
-        key: &str,
-        label: &str,
-        list: &toml_edit::Array,
-    ) -> Result<(), ConfigError> {
-        let (span, example) = (list.span(), shape(path).1);
-        let mut seen = Vec::new();
-        for v in list {
-            let (at, shown) = (v.span(), self.snippet(&v.span()));
-            if path == "provider.redirect_ports" {
-                let port = v
-                    .as_integer()
-                    .and_then(|n| u16::try_from(n).ok())
-                    .filter(|n| *n != 0);
-                if port.is_some_and(|p| seen.contains(&p.to_string())) {
-                    let n = port.unwrap_or_default();
-                    return Err(self.err(
-                        &at,
-                        format!("redirect_ports lists port {n} twice."),
-                        "List each port once.",
-                    ));
-                }
-                let Some(port) = port else {
-                    return Err(self.err(
-                        &at,
-                        format!(
-                            "redirect_ports entry {shown} is not valid: a port is a whole \
-                                 number from 1 to 65535."
-                        ),
-                        format!(
-                            "Write redirect_ports = {example}, or leave redirect_ports out to use \
-                             a free port \
-                             chosen at each sign-in."
-                        ),
-                    ));
-                };
-                seen.push(port.to_string());
-                continue;
-            }
-            let Some(s) = v.as_str() else { return Ok(()) };
-            if path == "clients.methods" && !CLIENT_METHODS.contains(&s) {
-                let near = suggest(s, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
-                return Err(self.err(
-                    &at,
-                    format!("methods entry {shown}{label} is not a method of the agent."),
-                    format!(
-                        "{}Valid methods: {}.",
-                        near.unwrap_or_default(),
-                        CLIENT_METHODS.join(", ")
-                    ),
-                ));
-            }
-            if path != "clients.methods"
-                && (s.is_empty() || s.contains(|c: char| c.is_whitespace() || c.is_control()))
-            {
-                return Err(self.err(
-                    &at,
-                    format!(
-                        "{key} entry {shown} is not valid: each entry is one word, with no spaces."
-                    ),
-                    format!("Write each as its own entry, e.g. {key} = {example}."),
-                ));
-            }
-            seen.push(s.to_owned());
+    fn check_provider(&self, p: &ProviderConfig) -> Checked {
+        let given = |key| self.item(&format!("provider.{key}")).is_some();
+        if given("issuer") {
+            self.url("provider.issuer", &p.issuer, "the provider", false)?;
         }
-        if path == "provider.scopes" && !seen.iter().any(|s| s == "openid") {
-            let listed: Vec<String> = seen.iter().map(|s| format!(", \"{s}\"")).collect();
-            return Err(self.err(
-                &span,
-                format!(
-                    "scopes = {} does not include \"openid\".",
-                    self.snippet(&span)
-                ),
-                format!(
-                    "OpenID Connect needs it: write scopes = [\"openid\"{}].",
-                    listed.concat()
-                ),
-            ));
+        let word = !p.client_id.is_empty() && !p.client_id.contains(char::is_whitespace);
+        self.rule(
+            given("client_id") && !word,
+            "provider.client_id",
+            "{at} is not valid: it must be the client ID the provider registered, with no spaces.",
+            format!("Write client_id = {CLIENT_ID_EXAMPLE}."),
+        )?;
+        self.words("provider.scopes", &p.scopes)?;
+        let scopes = p
+            .scopes
+            .iter()
+            .map(|s| format!(", \"{s}\""))
+            .collect::<String>();
+        self.rule(
+            !p.scopes.iter().any(|s| s == "openid"),
+            "provider.scopes",
+            "scopes = {shown} does not include \"openid\".",
+            format!("OpenID Connect needs it: write scopes = [\"openid\"{scopes}]."),
+        )?;
+        self.rule(
+            p.acr_values
+                .as_deref()
+                .is_some_and(|s| s.contains(char::is_control)),
+            "provider.acr_values",
+            "acr_values is not valid: it contains control characters.",
+            "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade sign-in \
+             only).",
+        )?;
+        let prompt: Vec<&str> = p.prompt.iter().flat_map(|s| s.split_whitespace()).collect();
+        self.rule(
+            prompt.iter().any(|w| !PROMPT_VALUES.contains(w))
+                || (prompt.contains(&"none") && prompt.len() > 1),
+            "provider.prompt",
+            "prompt = {shown} is not valid.",
+            "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", prompt = \
+             \"select_account\", prompt = \"none\", or prompt = \"\" to send no prompt.",
+        )?;
+        self.not_empty("provider.ca_file", p.ca_file.as_deref())?;
+        let times = [
+            ("max_age", p.max_age),
+            ("login_timeout_secs", Some(p.login_timeout_secs)),
+        ];
+        self.secs("provider", &times)?;
+        let mut ports = Vec::new();
+        for (i, port) in p.redirect_ports.iter().enumerate() {
+            let path = format!("provider.redirect_ports.{i}");
+            if *port == 0 {
+                return Err(self.bad_port(&self.span(&path)));
+            }
+            let twice = format!("redirect_ports lists port {port} twice.");
+            self.rule(ports.contains(port), &path, &twice, "List each port once.")?;
+            ports.push(*port);
+        }
+        let x = &p.exchange;
+        if let Some(relay_url) = &x.relay_url {
+            self.url("provider.exchange.relay_url", relay_url, "the relay", true)?;
+        }
+        self.not_empty("provider.exchange.key_file", x.key_file.as_deref())?;
+        self.rule(
+            x.kid
+                .as_deref()
+                .is_some_and(|kid| cis2_jose::check_kid(kid).is_err()),
+            "provider.exchange.kid",
+            "kid = {shown} is not a key id this agent can send.",
+            "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
+             (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 \
+             thumbprint.",
+        )?;
+        let is_name = |s: &str| {
+            let mut chars = s.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        // The value is not quoted back: it may be the secret itself.
+        self.rule(
+            x.secret_env.as_deref().is_some_and(|s| !is_name(s)),
+            "provider.exchange.secret_env",
+            "secret_env is not the name of an environment variable (letters, digits and _, not \
+             starting with a digit).",
+            "secret_env names the variable that holds the secret, never the secret itself: write \
+             secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's environment.",
+        )?;
+        for (i, a) in p.audiences.iter().enumerate() {
+            for (key, value) in [("name", &a.name), ("route", &a.route)] {
+                let path = format!("provider.audiences.{i}.{key}");
+                let bad = value.is_empty()
+                    || !value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                self.rule(
+                    bad && self.item(&path).is_some(),
+                    &path,
+                    "[[provider.audiences]] {at} is not valid: it must be letters, digits, - _ or .",
+                    format!("Write {key} = \"apim\"."),
+                )?;
+            }
         }
         Ok(())
     }
 
-    /// A path from the file, resolved; when `must_exist`, checked to be a file.
+    fn check_client(&self, c: &ClientRule, at: &str) -> Checked {
+        let key = |key| format!("{at}.{key}");
+        let name = c.name.trim();
+        self.rule(
+            self.item(&key("name")).is_some()
+                && (name.is_empty() || name.contains(char::is_control)),
+            &key("name"),
+            "{at} is not valid: it is empty.",
+            "Write name = \"Ward EHR\" (the name shown to people).",
+        )?;
+        for (k, what, value) in [
+            ("path", "the program's executable", &c.path),
+            ("script", "the script the interpreter runs", &c.script),
+        ] {
+            self.rule(
+                value.as_ref().is_some_and(|p| !p.is_absolute()),
+                &key(k),
+                &format!("{{at}} is not valid: it must be the full path of {what}."),
+                format!("Write {k} = {} (the absolute path).", example(k)),
+            )?;
+        }
+        for (k, what, value) in [
+            ("sha256", "executable", &c.sha256),
+            ("script_sha256", "script", &c.script_sha256),
+        ] {
+            let hex =
+                |s: &str| s.trim().len() == 64 && s.trim().chars().all(|c| c.is_ascii_hexdigit());
+            self.rule(
+                value.as_deref().is_some_and(|s| !hex(s)),
+                &key(k),
+                &format!(
+                    "{{at}} is not valid: it must be the {what}'s SHA-256 as 64 hexadecimal digits."
+                ),
+                format!(
+                    "Write {k} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), `shasum -a \
+                     256 FILE` (macOS) or `certutil -hashfile FILE SHA256` (Windows)."
+                ),
+            )?;
+        }
+        for (i, method) in c.methods.iter().flatten().enumerate() {
+            let near = suggest(method, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
+            self.rule(
+                !CLIENT_METHODS.contains(&method.as_str()),
+                &format!("{at}.methods.{i}"),
+                "methods entry {shown}{in} is not a method of the agent.",
+                format!(
+                    "{}Valid methods: {}.",
+                    near.unwrap_or_default(),
+                    CLIENT_METHODS.join(", ")
+                ),
+            )?;
+        }
+        self.words(&key("audiences"), &c.audiences)?;
+        self.words(&key("scopes"), &c.scopes)
+    }
+
+    /// A path from the file, resolved (`~/` is the home folder; a relative path is read from the
+    /// config file's folder); when `must_exist`, checked to be a file.
     fn file(
         &self,
-        table: &str,
-        key: &str,
+        path: &str,
         raw: Option<PathBuf>,
         must_exist: bool,
     ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(path) = raw.map(|raw| self.resolve(&raw)) else {
-            return Ok(None);
+        let Some(raw) = raw else { return Ok(None) };
+        let text = raw.to_string_lossy();
+        let rest = text.strip_prefix("~/").or_else(|| text.strip_prefix("~\\"));
+        let file = match (text == "~", rest, home_dir(&env_var, Os::CURRENT)) {
+            (true, _, Some(h)) => h,
+            (_, Some(rest), Some(h)) => h.join(rest),
+            _ => self.base.join(&raw),
         };
-        if must_exist && self.check_files && !path.is_file() {
-            let span = self
-                .find(table, None, key)
-                .and_then(|k| k.value_span.clone());
-            return Err(self.err(
-                &span,
-                format!(
-                    "{key} = {} names a file that does not exist or is not a file: {}.",
-                    self.snippet(&span),
-                    path.display()
-                ),
-                format!(
-                    "Write the path of {} (a relative path is read from the config file's folder).",
-                    file_what(key).unwrap_or_default()
-                ),
-            ));
-        }
-        Ok(Some(path))
-    }
-}
-
-fn is_loopback_host(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
-}
-
-/// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
-/// `what` names the other end ("the provider", "the relay").
-fn check_url(
-    ctx: &Ctx<'_>,
-    key: &str,
-    value: &str,
-    span: &Span,
-    (example, what): (&str, &str),
-    allow_query: bool,
-) -> Result<(), ConfigError> {
-    let (shown, fix) = (ctx.snippet(span), format!("Write {key} = {example}."));
-    let invalid = |reason: &str| {
-        Err(ctx.err(
-            span,
-            format!("{key} = {shown} is not valid: {reason}."),
-            &*fix,
-        ))
-    };
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return invalid("a URL has no spaces");
-    }
-    let url = url::Url::parse(value).map_err(|e| {
-        ctx.err(
-            span,
-            format!("{key} = {shown} is not a valid URL ({e})."),
-            &*fix,
-        )
-    })?;
-    let lower = value.to_ascii_lowercase();
-    let http = lower.starts_with("http://") && url.scheme() == "http";
-    let https = lower.starts_with("https://") && url.scheme() == "https";
-    if http && !is_loopback_host(&url) {
-        return Err(ctx.err(
-            span,
-            format!("{key} = {shown} uses plain http to another computer."),
-            format!(
-                "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
-                 computer, e.g. \
-                 http://127.0.0.1:8080/ or http://[::1]:8080/."
+        let (_, _, key, _) = parts(path);
+        self.rule(
+            must_exist && self.check_files && !file.is_file(),
+            path,
+            &format!(
+                "{{at}} names a file that does not exist or is not a file: {}.",
+                file.display()
             ),
-        ));
+            format!(
+                "Write the path of {} (a relative path is read from the config file's folder).",
+                file_what(key)
+            ),
+        )?;
+        Ok(Some(file))
     }
-    if !(http || https) {
-        return invalid("it must start with https://");
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return invalid("it has no host name");
-    }
-    if url.fragment().is_some() || (!allow_query && url.query().is_some()) {
-        return invalid(if allow_query {
-            "it must not have a #fragment"
-        } else {
-            "it must not have a ?query or #fragment"
-        });
-    }
-    Ok(())
 }
 
 pub(super) fn parse_inner(
@@ -819,89 +762,75 @@ pub(super) fn parse_inner(
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let doc = ImDocument::parse(text)
         .map_err(|e| syntax_error(text, origin.to_path_buf(), e.message(), e.span()))?;
-    let mut keys = Vec::new();
-    collect(doc.as_table(), "", None, &mut keys);
     let base = origin.parent().map(Path::to_path_buf).unwrap_or_default();
-    let ctx = Ctx {
+    let r = Reader {
         text,
         file: origin,
+        doc,
         base,
         check_files,
-        keys,
     };
-
-    let secret =
-        |k: &&KeyAt| SECRET_KEYS.contains(&k.key.to_lowercase().replace('-', "_").as_str());
-    if let Some(at) = ctx.keys.iter().find(secret) {
-        let place = match at.table.as_str() {
-            "" => "at the top level".to_owned(),
-            "clients" => "in [[clients]]".to_owned(),
-            table => format!("in [{table}]"),
-        };
-        return Err(ctx.err(
-            &at.span,
-            format!(
-                "\"{}\" {place}: secrets never go in the config file.",
-                at.key
-            ),
-            "Remove it, put the secret in an environment variable of the agent, and name that \
-             variable \
-             in [provider.exchange]: method = \"client_secret_post\" and secret_env = \
-             \"CIS2_CLIENT_SECRET\".",
-        ));
+    r.refuse_secrets(r.doc.as_table(), "")?;
+    let raw: RawFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| r.serde_error(&e))?;
+    let (a, s) = (&raw.agent, &raw.session);
+    r.not_empty("agent.socket", a.socket.as_deref())?;
+    r.not_empty("agent.data_dir", a.data_dir.as_deref())?;
+    let times = [
+        ("refresh_margin_secs", s.refresh_margin_secs),
+        ("expiring_notice_secs", s.expiring_notice_secs),
+        ("inactivity_secs", s.inactivity_secs),
+        ("absolute_secs", s.absolute_secs),
+    ];
+    r.secs("session", &times.map(|(k, n)| (k, Some(n))))?;
+    for (i, c) in raw.clients.iter().enumerate() {
+        r.check_client(c, &format!("clients.{i}"))?;
     }
-    for k in &ctx.keys {
-        ctx.check_value(k)?;
+    if let Some(p) = &raw.provider {
+        r.check_provider(p)?;
     }
-    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.serde_error(&e))?;
 
-    let provider_span = ctx.table_span("provider", None);
     let environment = match (raw.environment, &raw.provider) {
         (Some(env), _) => env,
         (None, None) => Environment::Sandbox,
         (None, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
+            return Err(r.err(
+                &r.span("provider"),
                 "the file has a [provider] section but no environment, so it does not say which \
                  provider this is.",
                 "Add environment = \"int\", environment = \"live\" or environment = \"custom\" at \
-                 the \
-                 top of the file, before [provider].",
+                 the top of the file, before [provider].",
             ));
         }
     };
     let provider = match (environment, raw.provider) {
         (Environment::Sandbox, Some(_)) => {
-            return Err(ctx.err(
-                &provider_span,
+            return Err(r.err(
+                &r.span("provider"),
                 "environment = \"sandbox\" uses the agent's embedded test provider, so it takes no \
                  [provider] section.",
                 "Remove the [provider] section, or set environment = \"int\", environment = \
-                 \"live\" or \
-                 environment = \"custom\" to sign in against a real provider.",
+                 \"live\" or environment = \"custom\" to sign in against a real provider.",
             ));
         }
         (Environment::Sandbox, None) => None,
-        (env, p) => Some(read_provider(&ctx, p, env)?),
+        (env, p) => Some(read_provider(&r, p, env)?),
     };
-
     let mut agent = raw.agent;
-    agent.socket = ctx.file("agent", "socket", agent.socket, false)?;
-    agent.data_dir = ctx.file("agent", "data_dir", agent.data_dir, false)?;
+    agent.socket = r.file("agent.socket", agent.socket, false)?;
+    agent.data_dir = r.file("agent.data_dir", agent.data_dir, false)?;
     let mut clients = raw.clients;
     for (i, client) in clients.iter_mut().enumerate() {
-        read_client(&ctx, client, i)?;
+        read_client(&r, client, i)?;
     }
-    let (session, workstation) = (raw.session, raw.workstation);
-    let source = Some(origin.to_path_buf());
     Ok(Config {
         environment,
         provider,
         agent,
         clients,
-        session,
-        workstation,
-        source,
+        session: raw.session,
+        workstation: raw.workstation,
+        source: Some(origin.to_path_buf()),
     })
 }
 
@@ -917,58 +846,47 @@ fn dedup(list: &mut Vec<String>) {
 }
 
 fn read_provider(
-    ctx: &Ctx<'_>,
+    r: &Reader<'_>,
     p: Option<ProviderConfig>,
     env: Environment,
 ) -> Result<ProviderConfig, ConfigError> {
-    let name = env.as_str();
     let Some(mut p) = p else {
-        let fix = if env == Environment::Custom {
-            format!(
+        let fix = match env {
+            Environment::Custom => format!(
                 "Add a [provider] section with issuer = {ISSUER_EXAMPLE} and client_id = \"…\" \
-                 (this \
-                 service's client ID at that provider)."
-            )
-        } else {
-            format!(
+                 (this service's client ID at that provider)."
+            ),
+            _ => format!(
                 "Add a [provider] section with client_id = {CLIENT_ID_EXAMPLE} (the client ID NHS \
-                 England \
-                 registered for this service)."
-            )
+                 England registered for this service)."
+            ),
         };
-        let span = ctx
-            .find("", None, "environment")
-            .and_then(|k| k.value_span.clone());
-        return Err(ctx.err(
-            &span,
-            format!("environment = \"{name}\" needs a [provider] section, and the file has none."),
-            fix,
-        ));
+        let message =
+            format!("environment = \"{env}\" needs a [provider] section, and the file has none.");
+        return Err(r.err(&r.span("environment"), message, fix));
     };
-    let p_span = ctx.table_span("provider", None);
-    let given = |key| ctx.find("provider", None, key).is_some();
-    if !given("issuer") {
+    let p_span = r.span("provider");
+    if r.item("provider.issuer").is_none() {
         let Some(preset) = env.preset_issuer() else {
-            return Err(ctx.err(
+            return Err(r.err(
                 &p_span,
-                format!("[provider] has no issuer, and environment = \"{name}\" needs one."),
+                format!("[provider] has no issuer, and environment = \"{env}\" needs one."),
                 format!(
-                    "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its \
-                     discovery document \
-                     gives it), or use environment = \"int\" or environment = \"live\" for NHS \
-                     CIS2."
+                    "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its discovery \
+                     document gives it), or use environment = \"int\" or environment = \"live\" \
+                     for NHS CIS2."
                 ),
             ));
         };
         p.issuer = preset.to_owned();
     }
-    if !given("client_id") {
-        return Err(ctx.err(
+    if r.item("provider.client_id").is_none() {
+        return Err(r.err(
             &p_span,
-            format!("[provider] has no client_id, and environment = \"{name}\" needs one."),
+            format!("[provider] has no client_id, and environment = \"{env}\" needs one."),
             format!(
-                "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this \
-                     service) to [provider]."
+                "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this service) \
+                 to [provider]."
             ),
         ));
     }
@@ -977,31 +895,30 @@ fn read_provider(
         .acr_values
         .map(|acr| acr.trim().to_owned())
         .filter(|acr| !acr.is_empty());
-    p.prompt = p
+    let prompt = p
         .prompt
-        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|s| !s.is_empty());
-    p.ca_file = ctx.file("provider", "ca_file", p.ca_file, true)?;
-    read_exchange(ctx, &mut p.exchange, env, &p_span)?;
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "));
+    p.prompt = prompt.filter(|s| !s.is_empty());
+    p.ca_file = r.file("provider.ca_file", p.ca_file, true)?;
+    read_exchange(r, &mut p.exchange, env, &p_span)?;
     let mut names = Vec::new();
     for (i, audience) in p.audiences.iter_mut().enumerate() {
-        let Some(at) = ctx.find("provider.audiences", Some(i), "name") else {
-            return Err(ctx.err(
-                &ctx.table_span("provider.audiences", None),
+        let at = r.span(&format!("provider.audiences.{i}.name"));
+        if at.is_none() {
+            return Err(r.err(
+                &r.span("provider.audiences"),
                 "A [[provider.audiences]] entry has no name.",
-                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] \
-                 entry.",
+                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
             ));
-        };
+        }
         let (name, method) = (&audience.name, p.exchange.method);
         if method != ExchangeMethod::Relay {
-            return Err(ctx.err(
-                &at.span,
+            return Err(r.err(
+                &at,
                 format!(
                     "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are \
-                     exchanged by \
-                     cis2-relay, which holds the platform key, and [provider.exchange] method is \
-                     \"{method}\"."
+                     exchanged by cis2-relay, which holds the platform key, and \
+                     [provider.exchange] method is \"{method}\"."
                 ),
                 "Set [provider.exchange] method = \"relay\" with relay_url, or remove the \
                  [[provider.audiences]] entry.",
@@ -1009,8 +926,8 @@ fn read_provider(
         }
         if names.contains(name) {
             let message = format!("[[provider.audiences]] name {name:?} is given twice.");
-            return Err(ctx.err(
-                &at.span,
+            return Err(r.err(
+                &at,
                 message,
                 "Give each [[provider.audiences]] entry its own name.",
             ));
@@ -1024,78 +941,66 @@ fn read_provider(
 }
 
 fn read_exchange(
-    ctx: &Ctx<'_>,
+    r: &Reader<'_>,
     x: &mut Exchange,
     env: Environment,
     provider_span: &Span,
-) -> Result<(), ConfigError> {
+) -> Checked {
     let default_method = match env {
         Environment::Int | Environment::Live => ExchangeMethod::Relay,
         Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
     };
-    if ctx.find("provider", None, "exchange").is_none() && default_method == ExchangeMethod::Relay {
-        return Err(ctx.err(
+    if r.item("provider.exchange").is_none() && default_method == ExchangeMethod::Relay {
+        return Err(r.err(
             provider_span,
             format!(
                 "environment = \"{env}\" swaps the sign-in code for tokens through a relay by \
-                 default, and \
-                 there is no [provider.exchange] section with its relay_url."
+                 default, and there is no [provider.exchange] section with its relay_url."
             ),
             format!(
                 "Add a [provider.exchange] section with method = \"relay\" and relay_url = \
-                 {RELAY_EXAMPLE}, \
-                 or choose another method there: method = \"private_key_jwt\", method = \
-                 \"client_secret_post\" or method = \"none\"."
+                 {RELAY_EXAMPLE}, or choose another method there: method = \"private_key_jwt\", \
+                 method = \"client_secret_post\" or method = \"none\"."
             ),
         ));
     }
-    let (method_span, stated) = match ctx.find("provider.exchange", None, "method") {
-        Some(at) => (at.value_span.clone(), format!("method = \"{}\"", x.method)),
+    let stated = match r.item("provider.exchange.method") {
+        Some(_) => format!("method = \"{}\"", x.method),
         None => {
             x.method = default_method;
-            let stated = format!(
+            format!(
                 "[provider.exchange] has no method, so it is \"{default_method}\" (the default for \
                  environment = \"{env}\"), which"
-            );
-            (ctx.table_span("provider.exchange", None), stated)
+            )
         }
     };
+    let method_span = r
+        .span("provider.exchange.method")
+        .or_else(|| r.span("provider.exchange"));
     let must_exist = x.method == ExchangeMethod::PrivateKeyJwt;
-    x.key_file = ctx.file(
-        "provider.exchange",
-        "key_file",
-        x.key_file.take(),
-        must_exist,
-    )?;
-    let missing = match x.method {
-        ExchangeMethod::Relay if x.relay_url.is_none() => Some((
+    x.key_file = r.file("provider.exchange.key_file", x.key_file.take(), must_exist)?;
+    let (key, add) = match x.method {
+        ExchangeMethod::Relay if x.relay_url.is_none() => (
             "relay_url",
             format!("relay_url = {RELAY_EXAMPLE} (the address of your organisation's cis2-relay)"),
-        )),
-        ExchangeMethod::PrivateKeyJwt if x.key_file.is_none() => {
-            let what = file_what("key_file").unwrap_or_default();
-            Some((
-                "key_file",
-                format!("key_file = \"client-key.pem\" ({what})"),
-            ))
-        }
-        ExchangeMethod::ClientSecretPost if x.secret_env.is_none() => Some((
+        ),
+        ExchangeMethod::PrivateKeyJwt if x.key_file.is_none() => (
+            "key_file",
+            format!("key_file = \"client-key.pem\" ({})", file_what("key_file")),
+        ),
+        ExchangeMethod::ClientSecretPost if x.secret_env.is_none() => (
             "secret_env",
             "secret_env = \"CIS2_CLIENT_SECRET\" (the name of the environment variable holding \
-             the client \
-             secret; the secret itself never goes in the file)"
+             the client secret; the secret itself never goes in the file)"
                 .to_owned(),
-        )),
-        _ => None,
-    };
-    let Some((key, add)) = missing else {
-        return Ok(());
+        ),
+        _ => return Ok(()),
     };
     let others = ExchangeMethod::NAMES
         .iter()
         .filter(|n| **n != x.method.as_str());
     let others: Vec<String> = others.map(|n| format!("method = \"{n}\"")).collect();
-    Err(ctx.err(
+    Err(r.err(
         &method_span,
         format!("{stated} needs {key} in [provider.exchange], and there is none."),
         format!(
@@ -1105,11 +1010,11 @@ fn read_exchange(
     ))
 }
 
-fn read_client(ctx: &Ctx<'_>, c: &mut ClientRule, i: usize) -> Result<(), ConfigError> {
+fn read_client(r: &Reader<'_>, c: &mut ClientRule, i: usize) -> Checked {
     let label = format!("[[clients]] entry {}", i + 1);
-    let entry_span = ctx.table_span("clients", Some(i));
-    if ctx.find("clients", Some(i), "name").is_none() {
-        return Err(ctx.err(
+    let entry_span = r.span(&format!("clients.{i}"));
+    if r.item(&format!("clients.{i}.name")).is_none() {
+        return Err(r.err(
             &entry_span,
             format!("{label} has no name."),
             "Add name = \"Ward EHR\" (the name shown to people when this program uses the agent).",
@@ -1120,31 +1025,23 @@ fn read_client(ctx: &Ctx<'_>, c: &mut ClientRule, i: usize) -> Result<(), Config
         *hash = hash.trim().to_ascii_lowercase();
     }
     if c.path.is_none() && c.sha256.is_none() {
-        return Err(ctx.err(
+        return Err(r.err(
             &entry_span,
-            format!(
-                "{label} (\"{}\") has neither path nor sha256, so no program can match it.",
-                c.name
-            ),
-            format!(
-                "Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} \
-                     (its SHA-256)."
-            ),
+            format!("{label} (\"{}\") has neither path nor sha256, so no program can match it.", c.name),
+            format!("Add path = {PATH_EXAMPLE} (the executable) and/or sha256 = {SHA_EXAMPLE} (its SHA-256)."),
         ));
     }
-    if (c.script.is_some() || c.script_sha256.is_some())
-        && let Some(exe) = c
-            .path
-            .as_deref()
-            .filter(|p| !crate::peer::is_interpreter(p))
-    {
-        return Err(ctx.err(
+    let native = c
+        .path
+        .as_deref()
+        .filter(|p| !crate::peer::is_interpreter(p));
+    if let Some(exe) = native.filter(|_| c.script.is_some() || c.script_sha256.is_some()) {
+        return Err(r.err(
             &entry_span,
             format!(
                 "{label} (\"{}\") names a script, but {} is not an interpreter this agent knows \
-                 (python, \
-                 node, java, ruby, perl, php, dotnet, a shell…): a native program is never matched by its \
-                 command line.",
+                 (python, node, java, ruby, perl, php, dotnet, a shell…): a native program is \
+                 never matched by its command line.",
                 c.name,
                 exe.display()
             ),
