@@ -5,6 +5,7 @@
 //! events and errors are the same byte for byte.
 
 pub mod framing;
+mod outbox;
 pub mod paths;
 #[cfg(windows)]
 pub mod pipe;

@@ -10,16 +10,17 @@
 
 use super::MAX_LINE_BYTES;
 use super::framing::{Line, read_line};
+use super::outbox::{Outbox, Queued};
 use super::protocol::{self, INVALID_REQUEST};
 use crate::agent::{Agent, ConnectionGrant};
 use crate::peer::{Peer, ProcessHold};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -181,98 +182,6 @@ fn still_the_same_program(peer: &Peer, hold: &ProcessHold) -> bool {
     }
 }
 
-/// A connection's way out: a bounded queue of lines, and the bytes they hold.
-#[derive(Clone)]
-struct Outbox {
-    lines: mpsc::Sender<String>,
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-    /// Told when a line has been written (room for a promised resync).
-    room: Arc<Notify>,
-    /// Told when the client stopped reading its answers: the connection is to close.
-    stalled: Arc<Notify>,
-}
-
-/// The writer's end of an [`Outbox`].
-struct Mailbag {
-    lines: mpsc::Receiver<String>,
-    queued_bytes: Arc<AtomicUsize>,
-    room: Arc<Notify>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Queued {
-    Yes,
-    NoRoom,
-    Closed,
-}
-
-impl Outbox {
-    fn new(max_lines: usize, max_bytes: usize) -> (Outbox, Mailbag) {
-        let (tx, rx) = mpsc::channel(max_lines);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let room = Arc::new(Notify::new());
-        let outbox = Outbox {
-            lines: tx,
-            queued_bytes: queued_bytes.clone(),
-            max_bytes,
-            room: room.clone(),
-            stalled: Arc::new(Notify::new()),
-        };
-        let mailbag = Mailbag {
-            lines: rx,
-            queued_bytes,
-            room,
-        };
-        (outbox, mailbag)
-    }
-
-    /// Queues `line` (with its newline) if it fits in both bounds; never waits.
-    fn try_queue(&self, line: String) -> Queued {
-        let len = line.len();
-        let fits = self
-            .queued_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-                (queued + len <= self.max_bytes).then_some(queued + len)
-            })
-            .is_ok();
-        if !fits {
-            return Queued::NoRoom;
-        }
-        match self.lines.try_send(line) {
-            Ok(()) => Queued::Yes,
-            Err(error) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                match error {
-                    mpsc::error::TrySendError::Full(_) => Queued::NoRoom,
-                    mpsc::error::TrySendError::Closed(_) => Queued::Closed,
-                }
-            }
-        }
-    }
-
-    /// Queues an answer. A client with no room left has stopped reading: the connection closes.
-    fn answer(&self, line: String) -> bool {
-        match self.try_queue(line) {
-            Queued::Yes => true,
-            Queued::NoRoom => {
-                self.stalled.notify_one();
-                false
-            }
-            Queued::Closed => false,
-        }
-    }
-}
-
-impl Mailbag {
-    async fn next(&mut self) -> Option<String> {
-        let line = self.lines.recv().await?;
-        self.queued_bytes.fetch_sub(line.len(), Ordering::AcqRel);
-        self.room.notify_one();
-        Some(line)
-    }
-}
-
 /// Answers a connection that is not served with one error line, then closes it. What the client sends
 /// meanwhile is read and dropped for a moment: closing at once would make a client that writes its
 /// request before reading fail with EPIPE and never see why.
@@ -306,32 +215,10 @@ async fn connection<S>(
 {
     // Held until this connection has written its last line: the agent's stop waits for that.
     let mut stopping = agent.stopping_signal();
-    let (read_half, mut write_half) = tokio::io::split(stream);
+    let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(16 * 1024, read_half);
-    let (tx, mut mailbag) = Outbox::new(options.queue, options.max_queued_bytes);
-    // Told when the agent stops: what is queued goes out, then the connection closes, whatever
-    // requests are still running (they hold senders, so the queue alone would never end).
-    let finish = Arc::new(Notify::new());
-    let writer = {
-        let finish = finish.clone();
-        tokio::spawn(async move {
-            loop {
-                let line = tokio::select! {
-                    line = mailbag.next() => line,
-                    () = finish.notified() => {
-                        mailbag.lines.close();
-                        mailbag.next().await
-                    }
-                };
-                let Some(line) = line else { break };
-                if write_half.write_all(line.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-            let _ = write_half.shutdown().await;
-        })
-    };
-    let stalled = tx.stalled.clone();
+    let (tx, writer) = Outbox::new(write_half, options.queue, options.max_queued_bytes);
+    let writer = tokio::spawn(writer.run());
     let in_flight = Arc::new(Semaphore::new(options.max_in_flight));
     let subscribed = Arc::new(AtomicBool::new(false));
     let subscription: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -352,7 +239,7 @@ async fn connection<S>(
                 Ok(read) => read,
                 Err(_) => break,
             },
-            () = stalled.notified() => {
+            () = tx.stalled() => {
                 tracing::warn!(peer = ?peer.describe(), "disconnected a client that stopped reading its answers");
                 break;
             }
@@ -490,7 +377,9 @@ async fn connection<S>(
         }
     }
     if agent_stopped {
-        finish.notify_one();
+        // What is queued goes out, then the connection closes, whatever requests are still running
+        // (they hold outboxes, so the queue alone would never end).
+        tx.finish();
     }
     drop(tx);
     // Let queued answers go out, then stop. A writer still blocked on a client that does not read is
@@ -529,7 +418,7 @@ async fn forward_events(
     let mut owe_resync = false;
     loop {
         tokio::select! {
-            () = outbox.room.notified(), if owe_resync => {
+            () = outbox.room(), if owe_resync => {
                 match outbox.try_queue(format!("{resync}\n")) {
                     Queued::Yes => owe_resync = false,
                     Queued::NoRoom => {}
@@ -658,8 +547,12 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_resync_once_its_queue_drains() {
         use crate::agent::Event;
+        use tokio::io::AsyncBufReadExt;
         let (events, _) = broadcast::channel(64);
-        let (outbox, mut rx) = Outbox::new(2, 64 * 1024);
+        // A client that has not read yet: its socket takes 16 bytes, the queue two lines.
+        let (client, server_end) = tokio::io::duplex(16);
+        let (outbox, writer) = Outbox::new(server_end, 2, 64 * 1024);
+        let writing = tokio::spawn(writer.run());
         let forwarder = tokio::spawn(forward_events(events.subscribe(), outbox, Arc::default()));
         tokio::task::yield_now().await;
         for expires_at in 0..5 {
@@ -667,10 +560,12 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Two fitted; the rest were dropped. Reading makes room, and the resync follows unprompted.
+        let mut lines = BufReader::new(client).lines();
         let mut seen = Vec::new();
         for _ in 0..3 {
-            let line = tokio::time::timeout(Duration::from_secs(2), rx.next())
+            let line = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
                 .await
+                .unwrap()
                 .unwrap()
                 .unwrap();
             let value: Value = serde_json::from_str(&line).unwrap();
@@ -678,8 +573,9 @@ mod tests {
         }
         assert_eq!(seen, vec!["token_refreshed", "token_refreshed", "resync"]);
         events.send(Event::Unlocked).unwrap();
-        let line = tokio::time::timeout(Duration::from_secs(2), rx.next())
+        let line = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
             .await
+            .unwrap()
             .unwrap()
             .unwrap();
         assert!(
@@ -687,5 +583,86 @@ mod tests {
             "events flow again after the resync: {line}"
         );
         forwarder.abort();
+        let _ = forwarder.await;
+        writing.await.unwrap();
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            None,
+            "closed once no outbox is left"
+        );
+    }
+
+    #[tokio::test]
+    async fn lines_from_many_tasks_reach_a_slow_reader_whole_and_in_the_order_sent() {
+        use tokio::io::AsyncBufReadExt;
+        // 7 bytes of socket: most lines go out part directly, part from the queue.
+        let (client, server_end) = tokio::io::duplex(7);
+        let (outbox, writer) = Outbox::new(server_end, 10_000, 1 << 20);
+        let writing = tokio::spawn(writer.run());
+        let reading = tokio::spawn(async move {
+            let mut lines = BufReader::new(client).lines();
+            let mut got = Vec::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                got.push(line);
+                // A reader slower than the writers, now and then.
+                if got.len() % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            got
+        });
+        let senders: Vec<_> = (0..4)
+            .map(|task| {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    for i in 0..250 {
+                        assert!(outbox.answer(format!("{task} {i} {}\n", "x".repeat(i % 23))));
+                        if i % 7 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        drop(outbox);
+        writing.await.unwrap();
+        let got = reading.await.unwrap();
+        assert_eq!(got.len(), 1000);
+        for task in 0..4 {
+            let mine: Vec<&String> = got
+                .iter()
+                .filter(|line| line.starts_with(&format!("{task} ")))
+                .collect();
+            let expected: Vec<String> = (0..250)
+                .map(|i| format!("{task} {i} {}", "x".repeat(i % 23)))
+                .collect();
+            assert_eq!(mine.len(), 250);
+            assert!(
+                mine.iter().zip(&expected).all(|(a, b)| *a == b),
+                "task {task}'s lines whole and in order"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_found_out_by_the_bounds() {
+        let (client, server_end) = tokio::io::duplex(64);
+        let (outbox, writer) = Outbox::new(server_end, 1000, 4 * 1024);
+        let _writing = tokio::spawn(writer.run());
+        let line = format!("{}\n", "y".repeat(100));
+        let mut answered = 0;
+        while outbox.answer(line.clone()) {
+            answered += 1;
+            assert!(answered < 1000, "the byte bound never applied");
+        }
+        // 4 KiB of lines queued (the first counts whole, though the socket took 64 bytes of it).
+        assert_eq!(answered, 4 * 1024 / line.len());
+        tokio::time::timeout(Duration::from_secs(1), outbox.stalled())
+            .await
+            .expect("the connection is told to close");
+        drop(client);
     }
 }
