@@ -378,7 +378,10 @@ async fn a_smartcard_lock_drops_the_api_platform_token_as_any_lock_does() {
     agent.card_removed(card.clone()).await;
     assert!(matches!(
         agent.token(apim()).await,
-        Err(AgentError::Locked(_))
+        Err(AgentError::Locked {
+            card_unlocks: true,
+            ..
+        })
     ));
     // The same card back unlocks without a sign-in; the API token held before the lock is gone, so
     // the next call exchanges again rather than answering it.

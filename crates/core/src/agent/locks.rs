@@ -28,15 +28,11 @@ impl Agent {
             let life = self.life();
             (life.locked.clone(), life.locked_by_card)
         };
-        let card_back = if by_card && self.inner.config.workstation.same_card_unlocks {
-            "put the same smartcard back, or "
-        } else {
-            ""
-        };
-        match &locked {
-            Some(reason) if self.session().is_some() => Err(AgentError::Locked(format!(
-                "The session is locked ({reason}). To unlock it the clinician must {card_back}sign in again (cis2ctl login, or the agent's window)."
-            ))),
+        match locked {
+            Some(reason) if self.session().is_some() => Err(AgentError::Locked {
+                reason,
+                card_unlocks: by_card && self.inner.config.workstation.same_card_unlocks,
+            }),
             _ => Ok(()),
         }
     }

@@ -108,10 +108,10 @@ impl Agent {
                     self.emit(Event::RoleChanged { user: renewed_user });
                 }
                 if expires_at <= now + min_valid {
-                    return Err(AgentError::TokenTooShort(format!(
-                        "min_valid_secs = {min_valid} is longer than the provider's tokens last ({} s); ask for less.",
-                        expires_at.saturating_sub(now)
-                    )));
+                    return Err(AgentError::TokenTooShort {
+                        asked_secs: min_valid,
+                        lifetime_secs: expires_at.saturating_sub(now),
+                    });
                 }
                 Ok(answer)
             }
