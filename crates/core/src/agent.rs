@@ -1,6 +1,8 @@
 //! The agent's public API, which both front ends and the IPC server call: start, status, login, whoami,
-//! token, logout, and the event stream. One session object owns the state; concurrent `login` calls
-//! share one browser flow, and concurrent `token` calls share one refresh (single-flight).
+//! token, logout, and the event stream. The session is one value, `machine::State`, behind one lock
+//! (`Inner::core`); every event goes through `machine::step`, and the modules below are the async shell
+//! that carries out its effects (save, tell the clients, open the browser, call the provider).
+//! Concurrent `login` calls share one browser flow, and concurrent `token` calls share one refresh.
 //!
 //! This file is the wiring: the options, the shared `Inner` every clone of [`Agent`] points at, start-up
 //! and small accessors. Each job lives in a module of its own behind the same `Agent`: `access` (may a
@@ -39,10 +41,9 @@ use crate::oidc::exchange::ClientAuth;
 use crate::oidc::rp::{ClientSettings, Exchange, RelyingParty, SignedIn};
 use crate::peer::Identifier;
 use crate::policy::{Approver, Decisions};
-use crate::smartcard::Card;
 use crate::store::TokenStore;
 use renewal::backoff_secs;
-use signin::Flight;
+use signin::FlightAnswer;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -99,16 +100,11 @@ struct Inner {
     browser: Browser,
     clock: SharedClock,
     config: Config,
-    session: Mutex<Option<SignedIn>>,
-    /// Bumped whenever the person behind the session changes (sign-in, sign-out): answers computed for
-    /// an earlier generation are not delivered after the change is announced (see ipc::server).
-    generation: std::sync::atomic::AtomicU64,
-    /// Bumped at every lock, before it is announced: an answer read before a lock is not delivered
-    /// after it (see ipc::server), as the generation does for a change of person.
-    locks: std::sync::atomic::AtomicU64,
-    login_flight: tokio::sync::Mutex<Option<Flight>>,
-    /// The task running the current browser sign-in, so that it can be cancelled.
-    flight_task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The part of the config `machine::step` reads.
+    rules: machine::Rules,
+    /// The session, and the browser flow's plumbing: the one lock every answer is read under.
+    core: Mutex<Core>,
+    /// One refresh at a time: held while the provider is asked (the machine's state is not).
     refresh_lock: tokio::sync::Mutex<()>,
     /// API Platform tokens by audience (`token` with `audience`).
     audiences: audience::AudienceTokens,
@@ -119,9 +115,6 @@ struct Inner {
     approver: Option<Arc<dyn Approver>>,
     data_dir: PathBuf,
     store: Arc<dyn TokenStore>,
-    life: Mutex<Life>,
-    /// What the PC/SC watcher last said.
-    readers: Mutex<Readers>,
     /// Set when the agent stops: every connection sends its last events and closes; each holds a
     /// receiver until it has, so the stop can wait for them.
     stopping: watch::Sender<bool>,
@@ -129,38 +122,13 @@ struct Inner {
     _sandbox: Option<SandboxProvider>,
 }
 
-/// The session's timers and flags, beside the tokens.
-#[derive(Debug, Default)]
-struct Life {
-    signed_in_at: u64,
-    last_activity: u64,
-    expiring_announced: bool,
-    /// After a failed refresh, no background attempt before this (exponential backoff with jitter).
-    backoff_until: u64,
-    backoff_step: u32,
-    /// When the provider was last asked to refresh: a client's request reaches it at most once a
-    /// second, whatever the backoff.
-    last_refresh_attempt: u64,
-    /// When the current tokens were installed (0: restored from the store, age unknown).
-    tokens_installed_at: u64,
-    /// How many times tokens were installed: a caller that waited for a refresh sees one happened.
-    installs: u64,
-    last_refresh_error: Option<String>,
-    locked: Option<String>,
-    /// The smartcard that was in a reader when this person signed in: its removal is the
-    /// `on_card_removal` signal, and only it can unlock a card lock.
-    card: Option<Card>,
-    /// The lock came from taking that card out (so putting it back may lift it).
-    locked_by_card: bool,
-}
-
-/// The smartcard readers, as the PC/SC watcher reports them.
-#[derive(Debug, Default)]
-struct Readers {
-    /// The card in a reader now.
-    present: Option<Card>,
-    /// Whether the watcher has reported any card yet (`status.smartcard_present` is null until then).
-    seen_any: bool,
+/// What [`Inner::core`] guards: the machine's state, and, while its `flight` is set, the task running
+/// that browser flow and the channel every caller waiting for it reads its answer from.
+#[derive(Default)]
+struct Core {
+    state: machine::State<SignedIn>,
+    flight_answer: Option<FlightAnswer>,
+    flight_task: Option<tokio::task::AbortHandle>,
 }
 
 /// The embedded provider of sandbox mode (cargo feature `sandbox`).
@@ -276,12 +244,9 @@ impl Agent {
                 rp,
                 browser,
                 clock,
+                rules: machine::Rules::of(&config),
                 config,
-                session: Mutex::new(None),
-                generation: std::sync::atomic::AtomicU64::new(0),
-                locks: std::sync::atomic::AtomicU64::new(0),
-                login_flight: tokio::sync::Mutex::new(None),
-                flight_task: Mutex::new(None),
+                core: Mutex::new(Core::default()),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 audiences: audience::AudienceTokens::default(),
                 events,
@@ -294,8 +259,6 @@ impl Agent {
                 approver,
                 data_dir,
                 store,
-                life: Mutex::new(Life::default()),
-                readers: Mutex::new(Readers::default()),
                 stopping: watch::channel(false).0,
                 _sandbox: sandbox,
             }),
@@ -338,8 +301,9 @@ impl Agent {
         self.inner._sandbox.as_ref()
     }
 
-    fn session(&self) -> std::sync::MutexGuard<'_, Option<SignedIn>> {
-        self.inner.session.lock().unwrap_or_else(|e| e.into_inner())
+    /// The one lock: the session's state and the flight under way.
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.inner.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -348,14 +312,6 @@ impl Agent {
 
     fn emit(&self, event: Event) {
         let _ = self.inner.events.send(event);
-    }
-
-    fn life(&self) -> std::sync::MutexGuard<'_, Life> {
-        self.inner.life.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn readers(&self) -> std::sync::MutexGuard<'_, Readers> {
-        self.inner.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A receiver that turns `true` when the agent stops. Each connection holds one until it has sent
@@ -373,7 +329,7 @@ impl Agent {
     /// then has every connection close once that event is written; waits for them at most `grace`.
     /// Without it a client would see its connection close and could not tell a stop from a crash.
     pub async fn stop(&self, grace: Duration) {
-        let session_survives = self.session().is_some()
+        let session_survives = self.core().state.active().is_some()
             && !self.is_sandbox()
             && self.inner.store.status().kind == "keyring";
         tracing::info!(session_survives, "the agent is stopping");
@@ -392,15 +348,7 @@ impl Agent {
 
     /// Which session answers belong to; changes when the person signed in changes.
     pub fn generation(&self) -> u64 {
-        self.inner
-            .generation
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn next_generation(&self) {
-        self.inner
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.core().state.generation
     }
 
     /// The agent's clock.

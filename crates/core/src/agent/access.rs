@@ -104,10 +104,15 @@ impl Agent {
         scope: Option<String>,
         outcome: String,
     ) -> Result<(), AuditError> {
-        let (uid, role_id) = match self.session().as_ref() {
-            Some(s) => (
-                Some(s.user.uid.clone()),
-                s.user.selected_role.as_ref().map(|r| r.id.clone()),
+        let (uid, role_id) = match self.core().state.active() {
+            Some(active) => (
+                Some(active.tokens.user.uid.clone()),
+                active
+                    .tokens
+                    .user
+                    .selected_role
+                    .as_ref()
+                    .map(|r| r.id.clone()),
             ),
             None => (None, None),
         };
@@ -132,7 +137,7 @@ impl Agent {
     /// A client asked for something: the inactivity clock starts again.
     pub(super) fn touch(&self) {
         let now = self.inner.clock.now();
-        self.life().last_activity = now;
+        self.apply(super::machine::Input::Activity { now });
     }
 
     /// The programs the clinician chose "Always allow" or "Deny" for.

@@ -209,10 +209,14 @@ impl Agent {
 
     /// The current session's key and ID token.
     fn audience_session(&self) -> Result<(SessionKey, Secret), AgentError> {
-        let session = self.session();
-        let session = session.as_ref().ok_or_else(AgentError::not_signed_in)?;
+        let core = self.core();
+        let session = &core
+            .state
+            .active()
+            .ok_or_else(AgentError::not_signed_in)?
+            .tokens;
         Ok((
-            SessionKey::of(self.generation(), session),
+            SessionKey::of(core.state.generation, session),
             session.id_token.clone(),
         ))
     }

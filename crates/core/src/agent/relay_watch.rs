@@ -1,6 +1,7 @@
 //! With `[provider.exchange] method = "relay"`: the relay's event stream for the signed-in clinician's
 //! CIS2 session, so that a central sign-out (back-channel logout at the relay) signs them out here.
 
+use super::machine::Input;
 use super::timers::LIFECYCLE_TICK;
 use super::{Agent, Inner};
 use crate::oidc::relay::RelayClient;
@@ -22,14 +23,16 @@ pub(super) async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: Rela
         let watched = {
             let Some(inner) = weak.upgrade() else { return };
             let agent = Agent { inner };
-            // The generation changes only under the session lock: read both under it, so a
-            // hand-over cannot pair one clinician's sid with the next one's generation.
-            let session = agent.session();
-            let generation = agent.generation();
-            let ids = session
-                .as_ref()
-                .and_then(|s| Some((s.sid.clone()?, s.sub.clone(), s.events_ticket.clone())));
-            drop(session);
+            // Both read in one state, so a hand-over cannot pair one clinician's sid with the next
+            // one's generation.
+            let (generation, ids) = {
+                let core = agent.core();
+                let ids = core.state.active().and_then(|a| {
+                    let s = &a.tokens;
+                    Some((s.sid.clone()?, s.sub.clone(), s.events_ticket.clone()))
+                });
+                (core.state.generation, ids)
+            };
             match ids {
                 Some((sid, sub, Some(ticket))) => Some((sid, sub, ticket, generation)),
                 Some((_, _, None)) => {
@@ -71,7 +74,10 @@ pub(super) async fn watch_relay_logout(weak: std::sync::Weak<Inner>, relay: Rela
                     Ok(()) => {
                         let Some(inner) = weak.upgrade() else { return };
                         // CIS2 has already ended the session there: nothing to revoke or end remotely.
-                        Agent { inner }.end_session_if(ENDED_AT_CIS2.into(), Some(generation));
+                        Agent { inner }.apply(Input::EndedElsewhere {
+                            generation,
+                            reason: ENDED_AT_CIS2.into(),
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_secs = retry.as_secs(), "the relay's logout events are not reaching the agent; retrying");

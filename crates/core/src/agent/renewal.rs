@@ -4,10 +4,12 @@
 //! backs off (1 s doubling to 60 s, with jitter); a client's request reaches the provider at most once
 //! a second.
 
-use super::signin::role_differs;
+use super::machine::{Caller, Input, Refreshed, Refusal};
+use super::session::refused;
 use super::test_hooks::crash_point;
-use super::{Agent, AgentError, Event, TokenAnswer, TokenRequest};
+use super::{Agent, AgentError, TokenAnswer, TokenRequest};
 use crate::oidc::rp::{SignInError, SignedIn};
+use rand::Rng;
 
 impl Agent {
     /// The access token, renewed first when it would not last `min_valid_secs` (or is inside the
@@ -29,33 +31,43 @@ impl Agent {
     }
 
     /// The token, renewed first when it would not last `min_valid` seconds (or is inside the refresh
-    /// margin) and a refresh token is held. Single-flight; the background renewal backs off after
-    /// provider failures, a client's request tries the provider again at most once a second.
+    /// margin) and a refresh token is held. Single-flight; whether the provider may be asked (the
+    /// background renewal backs off after provider failures, a client's request tries again at most
+    /// once a second) and what its answer does to the session are `machine::step`'s.
     pub(super) async fn renew(
         &self,
         min_valid: u64,
         caller: Caller,
     ) -> Result<TokenAnswer, AgentError> {
-        if let Some(answer) = self.cached_token(min_valid, true)? {
+        if let Some(answer) = self.cached_answer(min_valid, true)? {
             return Ok(answer);
         }
-        let installs_before = self.life().installs;
+        let installs_before = self.core().state.installs;
         // Single-flight: one refresh at a time. Whoever waited takes the token the refresh produced
         // if it lasts what they asked for; the margin only drives renewal ahead of need, and judging
         // a fresh token by it would refresh again for every waiter when tokens live shorter.
         let _guard = self.inner.refresh_lock.lock().await;
-        let refreshed_meanwhile = self.life().installs != installs_before;
-        if let Some(answer) = self.cached_token(min_valid, !refreshed_meanwhile)? {
+        let refreshed_meanwhile = self.core().state.installs != installs_before;
+        if let Some(answer) = self.cached_answer(min_valid, !refreshed_meanwhile)? {
             return Ok(answer);
         }
-        let generation = self.generation();
-        let Some(current) = self.session().clone() else {
-            return Err(AgentError::not_signed_in());
-        };
         let now = self.inner.clock.now();
+        let (current, installed_at, generation, last_error, effects) = {
+            let mut core = self.core();
+            let active = core
+                .state
+                .unlocked()
+                .map_err(|refusal| self.refusal_error(&refusal))?;
+            let current = active.tokens.clone();
+            let installed_at = active.tokens_installed_at;
+            let last_error = active.renewal.last_error.clone();
+            let generation = core.state.generation;
+            let effects = self.step_locked(&mut core, Input::RefreshStarting { caller, now });
+            (current, installed_at, generation, last_error, effects)
+        };
         let Some(refresh_token) = current.refresh_token.clone() else {
             return if current.expires_at > now + min_valid {
-                Ok(answer_from(&current, self.life().tokens_installed_at))
+                Ok(answer_from(&current, installed_at))
             } else {
                 Err(AgentError::NotSignedIn(if current.expires_at > now {
                     format!(
@@ -67,46 +79,35 @@ impl Agent {
                 }))
             };
         };
-        let next_attempt = {
-            let mut life = self.life();
-            let client_due = life.last_refresh_attempt + 1;
-            let next_attempt = match caller {
-                Caller::Background => life.backoff_until,
-                Caller::Client => life.backoff_until.min(client_due),
-            };
-            if now >= next_attempt {
-                life.last_refresh_attempt = now;
-            }
-            next_attempt
-        };
-        let result = if now < next_attempt {
-            Err(None)
-        } else {
-            self.inner
+        // The provider's answer, or (`Err(Err(due_in))`) why it was not asked.
+        let result: Result<SignedIn, Result<SignInError, u64>> = match refused(&effects) {
+            Some(Refusal::RefreshNotDue { due_in }) => Err(Err(*due_in)),
+            Some(refusal) => return Err(self.refusal_error(refusal)),
+            None => self
+                .inner
                 .rp
                 .refresh(&refresh_token, &current)
                 .await
-                .map_err(Some)
+                .map_err(Ok),
         };
         match result {
             Ok(renewed) => {
                 crash_point("after_refresh_answer");
                 let answer = answer_from(&renewed, now);
-                let role_before = current.user.clone();
-                let renewed_user = renewed.user.clone();
                 let expires_at = renewed.expires_at;
                 // Saved before the old refresh token is dropped: a crash loses nothing. Dropped if
                 // the clinician changed while the provider answered.
-                if !self.install_if(renewed, false, Some(generation)) {
+                let effects = self.apply(Input::RefreshFinished {
+                    generation,
+                    now,
+                    outcome: Refreshed::Renewed(renewed),
+                });
+                if refused(&effects).is_some() {
                     return Err(AgentError::NotSignedIn(
                         "The clinician signed in here changed while the token was being renewed; ask again.".into(),
                     ));
                 }
                 crash_point("after_refresh_saved");
-                self.emit(Event::TokenRefreshed { expires_at });
-                if role_differs(&role_before, &renewed_user) {
-                    self.emit(Event::RoleChanged { user: renewed_user });
-                }
                 if expires_at <= now + min_valid {
                     return Err(AgentError::TokenTooShort {
                         asked_secs: min_valid,
@@ -115,32 +116,42 @@ impl Agent {
                 }
                 Ok(answer)
             }
-            Err(Some(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged))) => {
-                self.end_session_if(
-                    format!("the provider ended the session: {err}"),
-                    Some(generation),
-                );
+            Err(Ok(err @ (SignInError::RefreshRefused(_) | SignInError::SubjectChanged))) => {
+                self.apply(Input::RefreshFinished {
+                    generation,
+                    now,
+                    outcome: Refreshed::Ended(format!("the provider ended the session: {err}")),
+                });
                 Err(AgentError::NotSignedIn(format!(
                     "The session has ended: {err}. Sign in again."
                 )))
             }
             Err(err) => {
-                let why = match &err {
-                    Some(err) => {
-                        self.back_off(now, err.to_string());
-                        err.to_string()
+                let (why, outage) = match &err {
+                    Ok(err) => {
+                        self.apply(Input::RefreshFinished {
+                            generation,
+                            now,
+                            outcome: Refreshed::Failed {
+                                error: err.to_string(),
+                                jitter_percent: rand::thread_rng().gen_range(80..120),
+                            },
+                        });
+                        (err.to_string(), err.is_outage())
                     }
-                    None => format!(
-                        "{}; the next attempt is due in {} s",
-                        self.life().last_refresh_error.clone().unwrap_or_default(),
-                        next_attempt.saturating_sub(now)
+                    Err(due_in) => (
+                        format!(
+                            "{}; the next attempt is due in {due_in} s",
+                            last_error.unwrap_or_default()
+                        ),
+                        true,
                     ),
                 };
                 // Anything else leaves the session as it was: serve what is still valid, else say why.
                 if current.expires_at > now + min_valid {
                     tracing::warn!(error = %why, "refresh failed; serving the cached token");
-                    Ok(answer_from(&current, self.life().tokens_installed_at))
-                } else if err.as_ref().is_none_or(SignInError::is_outage) {
+                    Ok(answer_from(&current, installed_at))
+                } else if outage {
                     Err(AgentError::Unreachable(format!(
                         "The token could not be renewed because the Care Identity Service could not be reached ({why}); the session is kept — try again shortly."
                     )))
@@ -153,52 +164,21 @@ impl Agent {
         }
     }
 
-    /// Exponential backoff with ±20% jitter, 1 s doubling to at most 60 s.
-    pub(super) fn back_off(&self, now: u64, error: String) {
-        let mut life = self.life();
-        life.last_refresh_error = Some(error);
-        life.backoff_until = now + backoff_secs(life.backoff_step);
-        life.backoff_step += 1;
-    }
-
-    /// The current token if it lasts `min_valid` seconds, and, `with_margin`, past the renewal margin.
-    pub(super) fn cached_token(
+    /// The current token if it lasts `min_valid` seconds, and, `with_margin`, past the renewal margin
+    /// (`None`: a refresh is needed).
+    fn cached_answer(
         &self,
         min_valid: u64,
         with_margin: bool,
     ) -> Result<Option<TokenAnswer>, AgentError> {
         let now = self.inner.clock.now();
-        let session = self.session();
-        let Some(current) = session.as_ref() else {
-            return Err(AgentError::not_signed_in());
-        };
-        let needed = if with_margin {
-            min_valid.max(self.renewal_margin(current.expires_at))
-        } else {
-            min_valid
-        };
-        Ok((current.expires_at > now + needed)
-            .then(|| answer_from(current, self.life().tokens_installed_at)))
+        let core = self.core();
+        let cached = core
+            .state
+            .cached_token(&self.inner.rules, now, min_valid, with_margin)
+            .map_err(|refusal| self.refusal_error(&refusal))?;
+        Ok(cached.map(|active| answer_from(&active.tokens, active.tokens_installed_at)))
     }
-
-    /// How long before `expires_at` the token is renewed ahead of need: `refresh_margin_secs`, or half
-    /// the token's lifetime when the provider's tokens live shorter than twice that (else every token
-    /// would be inside the margin from the moment it arrives, and renewed on every tick).
-    pub(super) fn renewal_margin(&self, expires_at: u64) -> u64 {
-        let margin = self.inner.config.session.refresh_margin_secs;
-        match self.life().tokens_installed_at {
-            0 => margin,
-            installed_at => margin.min(expires_at.saturating_sub(installed_at) / 2),
-        }
-    }
-}
-
-/// Who wants the token renewed: the background renewal obeys the backoff; a client's request may reach
-/// the provider once a second whatever the backoff, so the first request after an outage finds it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Caller {
-    Client,
-    Background,
 }
 
 /// The wait after `failures` failed background renewals in a row: 1 s doubling to at most 60 s, each

@@ -1,121 +1,107 @@
-//! The session's lifecycle: what `status` says, installing tokens (saved before they are swapped in),
-//! restoring the saved session at start, saving the lock state, and ending the session (here at once,
-//! at the provider in the background). Changes of person bump the generation under the session lock.
+//! The shell around `machine::step`: [`Agent::apply`] feeds one input to the machine under the one
+//! lock and carries out what it asks — the store written before the new state can be read, the clients
+//! told in the order the steps were taken, the provider told in the background. Also what is read from
+//! the state (`status`, `whoami`, the window's facts), restoring the saved session at start, and
+//! signing out.
 
-use super::signin::flight_running;
-use super::{Agent, AgentError, Event, Life, SessionState, Status};
-use crate::config::SignalAction;
+use super::machine::{self, Effect, Input, Lock, Notice, Refusal, Snapshot, State};
+use super::{Agent, AgentError, Core, Event, Status};
 use crate::oidc::claims::User;
 use crate::oidc::rp::SignedIn;
 use crate::store::Stored;
 
 impl Agent {
+    /// Feeds `input` to the machine (see [`Agent::step_locked`]) and returns what it did.
+    pub(super) fn apply(&self, input: Input<SignedIn>) -> Vec<Effect<SignedIn>> {
+        let mut core = self.core();
+        self.step_locked(&mut core, input)
+    }
+
+    /// One step of the machine, with the lock held by the caller. The store is written before the new
+    /// state is in place (so the file never lags what an answer said), the clients are told under the
+    /// lock (so events follow the steps' order), API Platform tokens are forgotten and the provider is
+    /// told in the background. What is left (a refusal, a browser to open, a provider to call) is the
+    /// caller's, among the effects returned.
+    pub(super) fn step_locked(
+        &self,
+        core: &mut Core,
+        input: Input<SignedIn>,
+    ) -> Vec<Effect<SignedIn>> {
+        let state = std::mem::take(&mut core.state);
+        let (next, effects) = machine::step(&self.inner.rules, state, input);
+        for effect in &effects {
+            match effect {
+                Effect::Save(snapshot) => {
+                    if let Err(e) = self.inner.store.save(&stored_of(snapshot)) {
+                        tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
+                    }
+                }
+                Effect::ClearStore => {
+                    if let Err(e) = self.inner.store.clear() {
+                        tracing::error!(error = %e, "the saved session could not be removed");
+                    }
+                }
+                Effect::ForgetAudienceTokens => self.inner.audiences.clear(),
+                _ => {}
+            }
+        }
+        core.state = next;
+        for effect in &effects {
+            match effect {
+                Effect::Notify(notice) => {
+                    if let Some(event) = event_of(notice, &core.state) {
+                        self.emit(event);
+                    }
+                }
+                Effect::EndAtProvider(ended) => self.end_at_provider_later(ended.clone()),
+                Effect::AbortFlight => {
+                    core.flight_answer = None;
+                    if let Some(task) = core.flight_task.take() {
+                        task.abort();
+                    }
+                }
+                _ => {}
+            }
+        }
+        effects
+    }
+
     pub fn status(&self) -> Status {
-        // The flight's lock is held only for moments; if it is held now, the flight is said to be
-        // under way only when nobody is signed in (a sign-in is then the likely reason).
-        let under_way = self
-            .inner
-            .login_flight
-            .try_lock()
-            .ok()
-            .map(|flight| flight.as_ref().is_some_and(flight_running));
-        self.status_with(under_way)
+        let store = self.inner.store.status();
+        let core = self.core();
+        self.status_of(&core.state, store)
     }
 
-    /// The status a flight answers with as it ends (it is still under way until it has answered).
-    pub(super) fn settled_status(&self) -> Status {
-        self.status_with(Some(false))
-    }
-
-    /// `signing_in`: whether a flight is under way (`None`: cannot tell this moment).
-    pub(super) fn status_with(&self, signing_in: Option<bool>) -> Status {
-        let session = self.session();
-        let locked = self.life().locked.clone();
-        let signing_in = signing_in.unwrap_or(session.is_none());
-        // A locked session stays locked until the sign-in that unlocks it succeeds; a signed-in one
-        // is signing_in while it re-authenticates (role change, re-authentication).
-        let state = match (session.as_ref(), &locked) {
-            (Some(_), Some(_)) => SessionState::Locked,
-            _ if signing_in => SessionState::SigningIn,
-            (Some(_), None) => SessionState::SignedIn,
-            (None, _) => SessionState::SignedOut,
-        };
+    /// `status`, read from the state.
+    pub(super) fn status_of(
+        &self,
+        state: &State<SignedIn>,
+        store: crate::store::StoreStatus,
+    ) -> Status {
         Status {
-            state,
+            state: state.state(),
             environment: self.inner.environment.clone(),
             // While locked the clinician's identity is withheld, as whoami's is.
-            user: session
-                .as_ref()
-                .filter(|_| locked.is_none())
-                .map(|s| s.user.clone()),
-            expires_at: session.as_ref().map(|s| s.expires_at),
-            locked_reason: session.as_ref().and(locked),
-            store: self.inner.store.status(),
-            smartcard_present: {
-                let readers = self.readers();
-                readers.seen_any.then_some(readers.present.is_some())
+            user: state.unlocked().ok().map(|a| a.tokens.user.clone()),
+            expires_at: state.active().map(|a| a.tokens.expires_at),
+            locked_reason: state.lock().map(|l| l.reason.clone()),
+            store,
+            smartcard_present: state
+                .readers
+                .seen_any
+                .then_some(state.readers.present.is_some()),
+        }
+    }
+
+    /// What a refusal of the machine's is, for a client.
+    pub(super) fn refusal_error(&self, refusal: &Refusal) -> AgentError {
+        match refusal {
+            Refusal::Locked { reason, by_card } => AgentError::Locked {
+                reason: reason.clone(),
+                card_unlocks: *by_card && self.inner.rules.same_card_unlocks,
             },
+            _ => AgentError::not_signed_in(),
         }
-    }
-
-    pub(super) fn install(&self, session: SignedIn, fresh_authentication: bool) {
-        self.install_if(session, fresh_authentication, None);
-    }
-
-    /// Installs `session` unless the person behind the session changed since `expected` (a refresh
-    /// that finished after a sign-out or another clinician's sign-in is dropped). Saving and swapping
-    /// happen under the session lock, so two saves never interleave and the file matches memory.
-    pub(super) fn install_if(
-        &self,
-        session: SignedIn,
-        fresh_authentication: bool,
-        expected: Option<u64>,
-    ) -> bool {
-        let now = self.inner.clock.now();
-        let signed_in_at = if fresh_authentication {
-            now
-        } else {
-            self.life().signed_in_at
-        };
-        let present_card = self.readers().present.clone();
-        {
-            let mut current = self.session();
-            if expected.is_some_and(|g| g != self.generation()) {
-                return false;
-            }
-            let mut stored = Stored::from_session(&session, signed_in_at);
-            if fresh_authentication {
-                stored.card = present_card.clone();
-            } else {
-                let life = self.life();
-                stored.locked = life.locked.clone();
-                stored.locked_by_card = life.locked_by_card;
-                stored.card = life.card.clone();
-            }
-            if let Err(e) = self.inner.store.save(&stored) {
-                tracing::error!(error = %e, "the session could not be saved; it will not survive a restart");
-            }
-            *current = Some(session);
-            if fresh_authentication {
-                self.next_generation();
-            }
-        }
-        let mut life = self.life();
-        life.signed_in_at = signed_in_at;
-        life.last_activity = life.last_activity.max(now);
-        if fresh_authentication {
-            life.last_activity = now;
-            life.locked = None;
-            life.locked_by_card = false;
-            life.card = present_card;
-        }
-        life.expiring_announced = false;
-        life.backoff_until = 0;
-        life.backoff_step = 0;
-        life.last_refresh_error = None;
-        life.tokens_installed_at = now;
-        life.installs += 1;
-        true
     }
 
     /// At start: the saved session, if its tokens are still valid or refreshable.
@@ -124,126 +110,60 @@ impl Agent {
             return;
         };
         let now = self.inner.clock.now();
-        if stored.expires_at <= now && stored.refresh_token.is_none() {
-            let _ = self.inner.store.clear();
-            return;
-        }
-        let (locked, locked_by_card, card) = (
-            stored.locked.clone(),
-            stored.locked_by_card,
-            stored.card.clone(),
+        let mut core = self.core();
+        self.step_locked(
+            &mut core,
+            Input::Restore {
+                stored: Some(snapshot_of(stored)),
+                now,
+            },
         );
-        let (session, signed_in_at) = stored.into_session();
-        tracing::info!(uid = %session.user.uid, locked = locked.is_some(), "session restored from the store");
-        *self.session() = Some(session);
-        let mut life = self.life();
-        life.signed_in_at = signed_in_at;
-        life.last_activity = now;
-        life.locked = locked;
-        life.locked_by_card = locked_by_card;
-        // Signed in with a smartcard: after a restart the agent cannot know the card stayed in, so the
-        // session waits, locked, until the card reader reports that same card (or a sign-in).
-        if card.is_some()
-            && life.locked.is_none()
-            && self.inner.config.workstation.on_card_removal != SignalAction::Ignore
-        {
-            life.locked = Some(
-                "the agent restarted; the smartcard the clinician signed in with must be in the reader"
-                    .into(),
-            );
-            life.locked_by_card = true;
-        }
-        life.card = card;
-    }
-
-    /// Saves the current session with its lock state (after a lock or an unlock).
-    pub(super) fn save_lock_state(&self) {
-        let session = self.session();
-        let Some(current) = session.as_ref() else {
-            return;
-        };
-        let life = self.life();
-        let mut stored = Stored::from_session(current, life.signed_in_at);
-        stored.locked = life.locked.clone();
-        stored.locked_by_card = life.locked_by_card;
-        stored.card = life.card.clone();
-        drop(life);
-        if let Err(e) = self.inner.store.save(&stored) {
-            tracing::error!(error = %e, "the lock could not be saved; a restart would not keep it");
+        if let Some(active) = core.state.active() {
+            tracing::info!(uid = %active.tokens.user.uid, locked = core.state.lock().is_some(), "session restored from the store");
         }
     }
 
     pub fn whoami(&self) -> Result<User, AgentError> {
-        self.check_unlocked()?;
-        self.session()
-            .as_ref()
-            .map(|s| s.user.clone())
-            .ok_or_else(AgentError::not_signed_in)
+        let core = self.core();
+        core.state
+            .unlocked()
+            .map(|a| a.tokens.user.clone())
+            .map_err(|refusal| self.refusal_error(&refusal))
     }
 
     /// Whether the session holds a refresh token (it can be renewed without the browser).
     pub fn renewable(&self) -> bool {
-        self.session()
-            .as_ref()
-            .is_some_and(|s| s.refresh_token.is_some())
+        self.core()
+            .state
+            .active()
+            .is_some_and(|a| a.tokens.refresh_token.is_some())
     }
 
     /// When the session ends at the latest (`absolute_secs` after the browser sign-in), if there is one.
     pub fn session_ends_at(&self) -> Option<u64> {
-        self.session().as_ref()?;
-        let life = self.life();
+        let core = self.core();
+        let active = core.state.active()?;
         Some(
-            life.signed_in_at
-                .saturating_add(self.inner.config.session.absolute_secs),
+            active
+                .signed_in_at
+                .saturating_add(self.inner.rules.absolute_secs),
         )
     }
 
     /// Whether the clients were told the session is about to end (`session_expiring`).
     pub fn expiring(&self) -> bool {
-        self.life().expiring_announced
+        self.core()
+            .state
+            .active()
+            .is_some_and(|a| a.expiring_announced)
     }
 
-    pub(super) fn end_session(&self, reason: String) -> Option<SignedIn> {
-        self.end_session_if(reason, None)
-    }
-
-    /// Ends the session unless the person behind it changed since `expected`.
-    pub(super) fn end_session_if(&self, reason: String, expected: Option<u64>) -> Option<SignedIn> {
-        let ended = {
-            let mut current = self.session();
-            if expected.is_some_and(|g| g != self.generation()) {
-                return None;
-            }
-            let ended = current.take();
-            if ended.is_some() {
-                self.next_generation();
-            }
-            self.inner.audiences.clear();
-            if let Err(e) = self.inner.store.clear() {
-                tracing::error!(error = %e, "the saved session could not be removed");
-            }
-            ended
-        };
-        *self.life() = Life::default();
-        // A finished sign-in's answer (the person's status) is kept for late joiners of that flight;
-        // once they are signed out it must not linger.
-        if let Ok(mut flight) = self.inner.login_flight.try_lock()
-            && flight.as_ref().is_some_and(|rx| rx.borrow().is_some())
-        {
-            *flight = None;
-        }
-        if ended.is_some() {
-            tracing::info!(%reason, "signed out");
-            self.emit(Event::SignedOut { reason });
-        }
-        ended
-    }
-
-    /// Signs out because of a workstation signal or policy (`reason` goes to every client).
+    /// Signs out because of a workstation signal or policy (`reason` goes to every client); the
+    /// session is ended at the provider in the background.
     pub async fn sign_out_for(&self, reason: &str) {
-        if let Some(ended) = self.end_session(reason.to_string()) {
-            self.end_at_provider_later(ended);
-        }
+        self.apply(Input::Logout {
+            reason: reason.to_string(),
+        });
     }
 
     pub(super) fn end_at_provider_later(&self, ended: SignedIn) {
@@ -270,4 +190,67 @@ impl Agent {
         self.sign_out_for("signed out").await;
         Ok(())
     }
+}
+
+/// The event a notice is, with the user of the state after the step.
+fn event_of(notice: &Notice, state: &State<SignedIn>) -> Option<Event> {
+    let user = || state.active().map(|a| a.tokens.user.clone());
+    Some(match notice {
+        Notice::SignedIn => Event::SignedIn { user: user()? },
+        Notice::SignedOut { reason } => {
+            tracing::info!(%reason, "signed out");
+            Event::SignedOut {
+                reason: reason.clone(),
+            }
+        }
+        Notice::TokenRefreshed { expires_at } => Event::TokenRefreshed {
+            expires_at: *expires_at,
+        },
+        Notice::RoleChanged => Event::RoleChanged { user: user()? },
+        Notice::SessionExpiring { expires_at } => Event::SessionExpiring {
+            expires_at: *expires_at,
+        },
+        Notice::Locked { reason } => {
+            tracing::info!(%reason, "session locked");
+            Event::Locked {
+                reason: reason.clone(),
+            }
+        }
+        Notice::Unlocked => {
+            tracing::info!("session unlocked");
+            Event::Unlocked
+        }
+    })
+}
+
+/// What the store keeps of a snapshot (the file's format is the store's, unchanged).
+fn stored_of(snapshot: &Snapshot<SignedIn>) -> Stored {
+    let mut stored = Stored::from_session(&snapshot.tokens, snapshot.signed_in_at);
+    stored.locked = snapshot.lock.as_ref().map(|l| l.reason.clone());
+    stored.locked_by_card = snapshot.lock.as_ref().is_some_and(|l| l.by_card);
+    stored.card = snapshot.card.clone();
+    stored
+}
+
+fn snapshot_of(stored: Stored) -> Snapshot<SignedIn> {
+    let lock = stored.locked.clone().map(|reason| Lock {
+        reason,
+        by_card: stored.locked_by_card,
+    });
+    let card = stored.card.clone();
+    let (tokens, signed_in_at) = stored.into_session();
+    Snapshot {
+        tokens,
+        signed_in_at,
+        lock,
+        card,
+    }
+}
+
+/// The first refusal among `effects`.
+pub(super) fn refused<T>(effects: &[Effect<T>]) -> Option<&Refusal> {
+    effects.iter().find_map(|e| match e {
+        Effect::Refused(refusal) => Some(refusal),
+        _ => None,
+    })
 }

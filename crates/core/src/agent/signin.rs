@@ -1,9 +1,13 @@
-//! Sign-in and role change through the browser, single-flight: one browser flow at a time, shared by
-//! every caller through a `watch` channel (`status` says `signing_in` meanwhile); the window's Cancel
-//! aborts it. Who may sign in over whom (`allow_user_switch`) and which events follow are decided here.
+//! Sign-in and role change through the browser, single-flight: whether a browser flow starts, is
+//! joined or is refused is `machine::step`'s decision (one flow at a time; `status` says `signing_in`
+//! meanwhile); this module runs the flow in a task and shares its answer with every caller through a
+//! `watch` channel, and the window's Cancel aborts it. The words of a refusal are written here.
 
-use super::{Agent, AgentError, Event, Status};
+use super::machine::{Effect, FlightKind, Input, Refusal};
+use super::session::refused;
+use super::{Agent, AgentError, Core, Status};
 use crate::oidc::claims::User;
+use crate::oidc::rp::SignedIn;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -12,70 +16,24 @@ impl Agent {
     /// sign-in flight: `status` says `signing_in` meanwhile, a `login` (or another role change) joins
     /// it rather than opening a second browser, and the window's Cancel stops it.
     pub async fn change_role(&self) -> Result<User, AgentError> {
-        self.check_unlocked()?;
-        if self.session().is_none() {
-            return Err(AgentError::not_signed_in());
-        }
-        let status = self.sign_in_flight(FlightKind::ChangeRole, None).await?;
-        status.user.ok_or_else(AgentError::not_signed_in)
-    }
-
-    pub(super) async fn run_change_role(&self) -> Result<Status, AgentError> {
-        let generation = self.generation();
-        let Some(current) = self.session().clone() else {
+        let flight = {
+            let mut core = self.core();
+            let effects = self.step_locked(&mut core, Input::ChangeRole);
+            if let Some(refusal) = refused(&effects) {
+                return Err(self.refusal_error(refusal));
+            }
+            self.flight_to_wait_for(&mut core, &effects, None)
+        };
+        let Some(flight) = flight else {
             return Err(AgentError::not_signed_in());
         };
-        let renewed = self
-            .inner
-            .rp
-            .sign_in(
-                &self.inner.browser,
-                None,
-                &["changedrole"],
-                &["selectedrole"],
-            )
-            .await
-            .map_err(AgentError::from_sign_in)?;
-        if renewed.sub != current.sub {
-            return Err(AgentError::SignInFailed(
-                "The role change was completed by another person; the current session is kept. Sign out first to switch clinician.".into(),
-            ));
-        }
-        let user = renewed.user.clone();
-        // A lock that came while the browser was open is lifted by this fresh authentication, as a
-        // sign-in's is; the clients told `locked` must be told `unlocked`.
-        let was_locked = self.life().locked.is_some();
-        if !self.install_if(renewed, true, Some(generation)) {
-            return Err(AgentError::NotSignedIn(
-                "The session ended while the role was being changed; sign in again.".into(),
-            ));
-        }
-        if was_locked {
-            self.emit(Event::Unlocked);
-        }
-        // The same role picked again is no change: an EHR told `role_changed` would act for nothing.
-        if role_differs(&current.user, &user) {
-            self.emit(Event::RoleChanged { user });
-        }
-        Ok(self.settled_status())
-    }
-
-    /// The browser sign-in or role change under way, if any.
-    pub(super) async fn flight_in_progress(&self) -> Option<Flight> {
-        let flight = self.inner.login_flight.lock().await;
-        flight.as_ref().filter(|rx| flight_running(rx)).cloned()
+        let status = wait_for_flight(flight).await?;
+        status.user.ok_or_else(AgentError::not_signed_in)
     }
 
     /// Signs in through the browser, or joins the sign-in already under way. Answers when it ends.
     pub async fn login(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
-        if !self.needs_authentication() {
-            // Signed in: a role change under way is joined, else the answer is the status.
-            return match self.flight_in_progress().await {
-                Some(flight) => wait_for_flight(flight).await,
-                None => Ok(self.status()),
-            };
-        }
-        self.sign_in_flight(FlightKind::SignIn, timeout).await
+        self.ask_to_sign_in(false, timeout).await
     }
 
     /// A person at the keyboard asked to sign in (cis2ctl login, the window's button). While someone
@@ -85,114 +43,148 @@ impl Agent {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Status, AgentError> {
-        // A sign-in or role change under way is joined, whoever is signed in.
-        if let Some(flight) = self.flight_in_progress().await {
-            return wait_for_flight(flight).await;
-        }
-        let signed_in = {
-            let session = self.session();
-            session.as_ref().map(|s| {
-                let user = &s.user;
-                match &user.name {
-                    Some(name) => format!("{name} ({})", user.uid),
-                    None => user.uid.clone(),
-                }
-            })
-        };
-        match signed_in {
-            // Locked or expiring sessions are not a switch: signing in is how the same clinician gets
-            // back in, and someone else is refused after the browser step (run_sign_in).
-            Some(who)
-                if !self.needs_authentication()
-                    && !self.inner.config.workstation.allow_user_switch =>
-            {
-                Err(AgentError::SignInFailed(format!(
-                    "{who} is already signed in here. To sign in as someone else, sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true."
-                )))
+        self.ask_to_sign_in(true, timeout).await
+    }
+
+    async fn ask_to_sign_in(
+        &self,
+        at_keyboard: bool,
+        timeout: Option<Duration>,
+    ) -> Result<Status, AgentError> {
+        let now = self.inner.clock.now();
+        let flight = {
+            let mut core = self.core();
+            let effects = self.step_locked(&mut core, Input::Login { at_keyboard, now });
+            if refused(&effects).is_some() {
+                let who = core.state.active().map(|a| {
+                    let user = &a.tokens.user;
+                    match &user.name {
+                        Some(name) => format!("{name} ({})", user.uid),
+                        None => user.uid.clone(),
+                    }
+                });
+                return Err(AgentError::SignInFailed(format!(
+                    "{} is already signed in here. To sign in as someone else, sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
+                    who.unwrap_or_default()
+                )));
             }
-            _ => self.sign_in_flight(FlightKind::SignIn, timeout).await,
+            self.flight_to_wait_for(&mut core, &effects, timeout)
+        };
+        match flight {
+            Some(flight) => wait_for_flight(flight).await,
+            // Signed in and nothing under way: the answer is the status.
+            None => Ok(self.status()),
         }
     }
 
-    /// Joins the browser flow under way, whichever kind it is, or starts one of `kind`.
-    pub(super) async fn sign_in_flight(
+    /// The answer to wait for after a step: the flow the step opened (started here), else the one
+    /// under way, if any.
+    fn flight_to_wait_for(
         &self,
-        kind: FlightKind,
+        core: &mut Core,
+        effects: &[Effect<SignedIn>],
         timeout: Option<Duration>,
-    ) -> Result<Status, AgentError> {
-        let rx = {
-            let mut flight = self.inner.login_flight.lock().await;
-            match flight.as_ref() {
-                Some(rx) if flight_running(rx) => rx.clone(),
-                _ => {
-                    let (tx, rx) = watch::channel(None);
-                    *flight = Some(rx.clone());
-                    let agent = self.clone();
-                    let task = tokio::spawn(async move {
-                        let result = match kind {
-                            FlightKind::SignIn => agent.run_sign_in(timeout).await,
-                            FlightKind::ChangeRole => agent.run_change_role().await,
-                        };
-                        let _ = tx.send(Some(result));
-                    });
-                    *self
-                        .inner
-                        .flight_task
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-                    rx
-                }
-            }
-        };
-        wait_for_flight(rx).await
+    ) -> Option<FlightAnswer> {
+        let opened = effects.iter().find_map(|e| match e {
+            Effect::OpenBrowser(kind) => Some(*kind),
+            _ => None,
+        });
+        if let Some(kind) = opened {
+            let (tx, rx) = watch::channel(None);
+            let agent = self.clone();
+            let task = tokio::spawn(async move {
+                let result = match kind {
+                    FlightKind::SignIn => agent.run_sign_in(timeout).await,
+                    FlightKind::ChangeRole => agent.run_change_role().await,
+                };
+                let _ = tx.send(Some(result));
+            });
+            core.flight_answer = Some(rx.clone());
+            core.flight_task = Some(task.abort_handle());
+            return Some(rx);
+        }
+        core.state.flight.as_ref()?;
+        let answer = core.flight_answer.clone();
+        // A flow whose task ended without answering (it cannot be joined): forgotten, so the next
+        // request starts afresh; this one is told it was interrupted.
+        if answer.as_ref().is_none_or(|rx| rx.has_changed().is_err()) {
+            self.step_locked(core, Input::CancelFlight);
+        }
+        Some(answer.unwrap_or_else(|| watch::channel(None).1))
     }
 
     /// Stops a browser sign-in under way (the window's Cancel): the loopback listener closes and
     /// every caller waiting on it is told the sign-in was cancelled. Whoever is signed in stays.
     pub fn cancel_sign_in(&self) -> bool {
-        let task = self
+        let effects = self.apply(Input::CancelFlight);
+        let cancelled = effects.iter().any(|e| matches!(e, Effect::AbortFlight));
+        if cancelled {
+            tracing::info!("sign-in cancelled");
+        }
+        cancelled
+    }
+
+    /// The flow's result, given to the machine; the flow's plumbing goes with it. The status it
+    /// answers with is read in the same step (the flow is no longer under way in it).
+    fn finish_flight(&self, input: Input<SignedIn>) -> (Vec<Effect<SignedIn>>, Status) {
+        let store = self.inner.store.status();
+        let mut core = self.core();
+        let effects = self.step_locked(&mut core, input);
+        if core.state.flight.is_none() {
+            core.flight_answer = None;
+            core.flight_task = None;
+        }
+        let status = self.status_of(&core.state, store);
+        (effects, status)
+    }
+
+    async fn run_change_role(&self) -> Result<Status, AgentError> {
+        let result = self
             .inner
-            .flight_task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match task {
-            Some(task) if !task.is_finished() => {
-                task.abort();
-                tracing::info!("sign-in cancelled");
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether `login` must go to the browser: nobody signed in, the session locked, or a session that
-    /// cannot be renewed and is about to end.
-    pub(super) fn needs_authentication(&self) -> bool {
+            .rp
+            .sign_in(
+                &self.inner.browser,
+                None,
+                &["changedrole"],
+                &["selectedrole"],
+            )
+            .await;
         let now = self.inner.clock.now();
-        let notice = self.inner.config.session.expiring_notice_secs;
-        match self.session().as_ref() {
-            None => true,
-            Some(s) => {
-                self.life().locked.is_some()
-                    || (s.refresh_token.is_none() && now + notice >= s.expires_at)
+        let renewed = match result {
+            Ok(renewed) => renewed,
+            Err(err) => {
+                self.finish_flight(Input::RoleChangeFinished { now, result: None });
+                return Err(AgentError::from_sign_in(err));
             }
+        };
+        let (effects, status) = self.finish_flight(Input::RoleChangeFinished {
+            now,
+            result: Some(renewed),
+        });
+        match refused(&effects) {
+            None => Ok(status),
+            Some(Refusal::RoleChangeByOther) => Err(AgentError::SignInFailed(
+                "The role change was completed by another person; the current session is kept. Sign out first to switch clinician.".into(),
+            )),
+            Some(Refusal::SessionChanged) => Err(AgentError::NotSignedIn(
+                "The session ended while the role was being changed; sign in again.".into(),
+            )),
+            Some(_) => Err(interrupted()),
         }
     }
 
-    pub(super) async fn run_sign_in(
-        &self,
-        timeout: Option<Duration>,
-    ) -> Result<Status, AgentError> {
+    async fn run_sign_in(&self, timeout: Option<Duration>) -> Result<Status, AgentError> {
         let result = self
             .inner
             .rp
             .sign_in(&self.inner.browser, timeout, &[], &[])
             .await;
+        let now = self.inner.clock.now();
         let signed_in = match result {
             Ok(signed_in) => signed_in,
             Err(err) => {
                 tracing::warn!(error = %err, "sign-in failed");
+                self.finish_flight(Input::SignInFinished { now, result: None });
                 return Err(AgentError::from_sign_in(err));
             }
         };
@@ -205,81 +197,44 @@ impl Agent {
             );
         }
         let previous = self
-            .session()
-            .as_ref()
-            .map(|s| (s.sub.clone(), s.user.uid.clone(), s.user.clone()));
-        let was_locked = self.life().locked.is_some();
-        match previous {
-            Some((sub, _, before)) if sub == signed_in.sub => {
-                let user = signed_in.user.clone();
-                self.install(signed_in, true);
-                let role_changed = role_differs(&before, &user);
-                if was_locked {
-                    self.emit(Event::Unlocked);
+            .core()
+            .state
+            .active()
+            .map(|a| a.tokens.user.uid.clone());
+        let (effects, status) = self.finish_flight(Input::SignInFinished {
+            now,
+            result: Some(signed_in),
+        });
+        match refused(&effects) {
+            None => Ok(status),
+            Some(Refusal::OtherClinician { locked }) => Err(AgentError::SignInFailed(format!(
+                "{} is signed in here{}. They must sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
+                previous.unwrap_or_default(),
+                if *locked {
+                    " (the session is locked)"
                 } else {
-                    self.emit(Event::SignedIn { user: user.clone() });
+                    ""
                 }
-                // Unlocking (or re-authenticating) may pick another role at the provider: a client
-                // still showing the old one must be told.
-                if role_changed {
-                    self.emit(Event::RoleChanged { user });
-                }
-            }
-            Some((_, uid, _)) if !self.inner.config.workstation.allow_user_switch => {
-                return Err(AgentError::SignInFailed(format!(
-                    "{uid} is signed in here{}. They must sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
-                    if was_locked {
-                        " (the session is locked)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-            previous => {
-                if previous.is_some() {
-                    self.end_session("another clinician signed in".into());
-                }
-                let user = signed_in.user.clone();
-                self.install(signed_in, true);
-                self.emit(Event::SignedIn { user });
-            }
+            ))),
+            Some(_) => Err(interrupted()),
         }
-        Ok(self.settled_status())
     }
 }
 
-/// Whether two users hold different selected roles (compared by `person_roleid`, which names the role
-/// assignment; a renamed organisation is not a role change).
-pub(super) fn role_differs(before: &User, after: &User) -> bool {
-    before.selected_role.as_ref().map(|r| &r.id) != after.selected_role.as_ref().map(|r| &r.id)
-}
+/// A browser flow's answer, shared by every caller waiting for it.
+pub(super) type FlightAnswer = watch::Receiver<Option<Result<Status, AgentError>>>;
 
-pub(super) type Flight = watch::Receiver<Option<Result<Status, AgentError>>>;
-
-/// Whether the flight has not answered yet and its task still runs (a cancelled one drops its sender).
-pub(super) fn flight_running(flight: &Flight) -> bool {
-    flight.borrow().is_none() && flight.has_changed().is_ok()
+fn interrupted() -> AgentError {
+    AgentError::SignInFailed("The sign-in was cancelled or interrupted; start it again.".into())
 }
 
 /// The flight's outcome, once it ends.
-pub(super) async fn wait_for_flight(mut flight: Flight) -> Result<Status, AgentError> {
+async fn wait_for_flight(mut flight: FlightAnswer) -> Result<Status, AgentError> {
     let answer = flight
         .wait_for(|v| v.is_some())
         .await
         .map(|v| v.clone())
         .ok()
         .flatten();
-    answer.unwrap_or_else(|| {
-        Err(AgentError::SignInFailed(
-            "The sign-in was cancelled or interrupted; start it again.".into(),
-        ))
-    })
-}
-
-/// What a browser flight does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum FlightKind {
-    SignIn,
-    /// Re-authentication with role selection, for the clinician already signed in.
-    ChangeRole,
+    answer.unwrap_or_else(|| Err(interrupted()))
 }
