@@ -28,6 +28,7 @@ mod timers;
 
 pub use answers::{ActivityAnswer, Event, SessionState, Status, TokenAnswer, TokenRequest};
 pub use errors::{AgentError, StartError};
+pub use machine::LockReason;
 pub use relay_watch::ENDED_AT_CIS2;
 pub use test_hooks::test_pause_token;
 

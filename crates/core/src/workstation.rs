@@ -20,7 +20,7 @@ pub enum OsSignal {
 pub async fn apply(agent: &Agent, signal: OsSignal) {
     let action = agent.config().workstation.on_os_lock;
     match (signal, action) {
-        (OsSignal::Locked, SignalAction::Lock) => agent.lock("the workstation was locked"),
+        (OsSignal::Locked, SignalAction::Lock) => agent.lock(crate::agent::LockReason::Workstation),
         (OsSignal::Locked, SignalAction::SignOut) => {
             agent.sign_out_for("the workstation was locked").await;
         }

@@ -4,7 +4,7 @@
 //! `machine::step`'s; this is where the signals come in. The smartcard watcher's events arrive on a
 //! channel: the watcher knows nothing of the agent.
 
-use super::machine::{Input, Refusal};
+use super::machine::{Input, LockReason, Refusal};
 use super::{ActivityAnswer, Agent, AgentError};
 use crate::smartcard::{Card, CardEvent};
 
@@ -64,11 +64,11 @@ impl Agent {
         })
     }
 
-    /// Locks the session (inactivity, a workstation signal): tokens and identity are withheld until the
-    /// same clinician signs in again.
-    pub fn lock(&self, reason: &str) {
+    /// Locks the session (a workstation signal, or `reason` in words): tokens and identity are
+    /// withheld until the same clinician signs in again.
+    pub fn lock(&self, reason: impl Into<LockReason>) {
         self.apply(Input::Lock {
-            reason: reason.to_string(),
+            reason: reason.into(),
         });
     }
 
@@ -80,6 +80,7 @@ impl Agent {
 
     /// Whether putting the same smartcard back would unlock the current lock.
     pub fn card_would_unlock(&self) -> bool {
-        self.core().state.lock().is_some_and(|l| l.by_card) && self.inner.rules.same_card_unlocks
+        self.core().state.lock().is_some_and(LockReason::by_card)
+            && self.inner.rules.same_card_unlocks
     }
 }

@@ -105,7 +105,7 @@ pub enum Session<T> {
     SignedIn(Active<T>),
     /// Tokens and identity are withheld until the same person signs in again (or the same card is
     /// back, for a card lock).
-    Locked(Active<T>, Lock),
+    Locked(Active<T>, LockReason),
 }
 
 /// A session that exists: its tokens and its timers.
@@ -135,11 +135,61 @@ pub struct Renewal {
     pub last_error: Option<String>,
 }
 
+/// Why a session is locked. Clients are told it in words (`status.locked_reason`, the `locked` event,
+/// error -32004: its `Display`), and the store keeps those same words, so a session saved before this
+/// type existed reads back as it was ([`LockReason::from_words`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Lock {
-    pub reason: String,
-    /// The lock came from taking the session's smartcard out (so putting it back may lift it).
-    pub by_card: bool,
+pub enum LockReason {
+    /// The workstation was locked (`on_os_lock = "lock"`).
+    Workstation,
+    /// No program used the session for `secs` (`inactivity_action = "lock"`).
+    Inactivity { secs: u64 },
+    /// The session's smartcard was taken out (`on_card_removal = "lock"`).
+    CardRemoved,
+    /// The agent restarted with a smartcard session: the card must be seen in a reader again.
+    Restarted,
+    /// Any other words a lock was asked for with (or an inactivity lock read back from the store).
+    Other(String),
+}
+
+impl LockReason {
+    /// The lock came from the session's smartcard (taken out, or not yet seen after a restart), so
+    /// that card back may lift it.
+    pub fn by_card(&self) -> bool {
+        matches!(self, LockReason::CardRemoved | LockReason::Restarted)
+    }
+
+    /// The reason said in `words` (as `Display` writes them).
+    pub fn from_words(words: &str) -> LockReason {
+        match words {
+            WORKSTATION_LOCKED => LockReason::Workstation,
+            CARD_REMOVED => LockReason::CardRemoved,
+            RESTART_LOCK => LockReason::Restarted,
+            other => LockReason::Other(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for LockReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockReason::Workstation => f.write_str(WORKSTATION_LOCKED),
+            LockReason::Inactivity { secs } => write!(
+                f,
+                "no program used the session for {}",
+                human_duration(*secs)
+            ),
+            LockReason::CardRemoved => f.write_str(CARD_REMOVED),
+            LockReason::Restarted => f.write_str(RESTART_LOCK),
+            LockReason::Other(words) => f.write_str(words),
+        }
+    }
+}
+
+impl From<&str> for LockReason {
+    fn from(words: &str) -> LockReason {
+        LockReason::from_words(words)
+    }
 }
 
 /// What a browser flow does.
@@ -174,7 +224,7 @@ pub struct Readers {
 pub struct Snapshot<T> {
     pub tokens: T,
     pub signed_in_at: u64,
-    pub lock: Option<Lock>,
+    pub lock: Option<LockReason>,
     pub card: Option<Card>,
 }
 
@@ -222,7 +272,7 @@ pub enum Input<T> {
     },
     /// The workstation was locked (`on_os_lock = "lock"`), or another lock was asked for.
     Lock {
-        reason: String,
+        reason: LockReason,
     },
     CardInserted {
         card: Card,
@@ -300,7 +350,7 @@ pub enum Notice {
     TokenRefreshed { expires_at: u64 },
     RoleChanged,
     SessionExpiring { expires_at: u64 },
-    Locked { reason: String },
+    Locked { reason: LockReason },
     Unlocked,
 }
 
@@ -308,10 +358,7 @@ pub enum Notice {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Refusal {
     NotSignedIn,
-    Locked {
-        reason: String,
-        by_card: bool,
-    },
+    Locked(LockReason),
     /// At the keyboard, someone is signed in and switching is not allowed.
     AlreadySignedIn,
     /// The browser sign-in was another person's and switching is not allowed.
@@ -330,6 +377,7 @@ pub enum Refusal {
     },
 }
 
+pub const WORKSTATION_LOCKED: &str = "the workstation was locked";
 /// Why a restored smartcard session starts locked.
 pub const RESTART_LOCK: &str =
     "the agent restarted; the smartcard the clinician signed in with must be in the reader";
@@ -421,10 +469,7 @@ pub fn step<T: Tokens>(
         }
         Input::RefreshStarting { caller, now } => match &mut s.session {
             Session::SignedOut => fx.push(Effect::Refused(Refusal::NotSignedIn)),
-            Session::Locked(_, lock) => fx.push(Effect::Refused(Refusal::Locked {
-                reason: lock.reason.clone(),
-                by_card: lock.by_card,
-            })),
+            Session::Locked(_, lock) => fx.push(Effect::Refused(Refusal::Locked(lock.clone()))),
             Session::SignedIn(active) => {
                 if active.tokens.renewable() {
                     let renewal = &mut active.renewal;
@@ -498,14 +543,14 @@ pub fn step<T: Tokens>(
         Input::Lock { reason } => {
             if s.active().is_some() {
                 fx.push(Effect::ForgetAudienceTokens);
-                lock(&mut s, &mut fx, reason, false);
+                lock(&mut s, &mut fx, reason);
             }
         }
         Input::CardInserted { card, now } => {
             s.readers.present = Some(card.clone());
             s.readers.seen_any = true;
             if let Session::Locked(active, lock) = &s.session
-                && lock.by_card
+                && lock.by_card()
             {
                 let valid = active.tokens.expires_at() > now || active.tokens.renewable();
                 let (same, other) = match (&active.card, &card) {
@@ -544,7 +589,7 @@ pub fn step<T: Tokens>(
                     SignalAction::Lock => {
                         if matches!(s.session, Session::SignedIn(_)) {
                             fx.push(Effect::ForgetAudienceTokens);
-                            lock(&mut s, &mut fx, CARD_REMOVED.into(), true);
+                            lock(&mut s, &mut fx, LockReason::CardRemoved);
                         }
                     }
                     SignalAction::SignOut => end(&mut s, &mut fx, CARD_REMOVED.into(), true),
@@ -582,10 +627,7 @@ pub fn step<T: Tokens>(
                     // stayed in, so the session waits, locked, until the reader reports that card.
                     let lock = stored.lock.or_else(|| {
                         (active.card.is_some() && rules.on_card_removal != SignalAction::Ignore)
-                            .then(|| Lock {
-                                reason: RESTART_LOCK.into(),
-                                by_card: true,
-                            })
+                            .then_some(LockReason::Restarted)
                     });
                     s.session = match lock {
                         Some(lock) => Session::Locked(active, lock),
@@ -680,15 +722,9 @@ fn install_fresh<T: Tokens>(s: &mut State<T>, fx: &mut Vec<Effect<T>>, tokens: T
 }
 
 /// Locks a signed-in session; saved before it is announced, so a restart keeps it.
-fn lock<T: Tokens>(s: &mut State<T>, fx: &mut Vec<Effect<T>>, reason: String, by_card: bool) {
+fn lock<T: Tokens>(s: &mut State<T>, fx: &mut Vec<Effect<T>>, reason: LockReason) {
     s.session = match std::mem::replace(&mut s.session, Session::SignedOut) {
-        Session::SignedIn(active) => Session::Locked(
-            active,
-            Lock {
-                reason: reason.clone(),
-                by_card,
-            },
-        ),
+        Session::SignedIn(active) => Session::Locked(active, reason.clone()),
         other => {
             s.session = other;
             return;
@@ -738,17 +774,16 @@ fn tick<T: Tokens>(rules: &Rules, s: &mut State<T>, fx: &mut Vec<Effect<T>>, now
         return;
     }
     if !locked && now >= active.last_activity.saturating_add(rules.inactivity_secs) {
-        let reason = format!(
-            "no program used the session for {}",
-            human_duration(rules.inactivity_secs)
-        );
+        let reason = LockReason::Inactivity {
+            secs: rules.inactivity_secs,
+        };
         match rules.inactivity_action {
             InactivityAction::Lock => {
                 fx.push(Effect::ForgetAudienceTokens);
-                lock(s, fx, reason, false);
+                lock(s, fx, reason);
             }
             InactivityAction::SignOut => {
-                end(s, fx, reason, false);
+                end(s, fx, reason.to_string(), false);
                 return;
             }
             InactivityAction::None => {}
@@ -814,7 +849,7 @@ impl<T: Tokens> State<T> {
         }
     }
 
-    pub fn lock(&self) -> Option<&Lock> {
+    pub fn lock(&self) -> Option<&LockReason> {
         match &self.session {
             Session::Locked(_, lock) => Some(lock),
             _ => None,
@@ -825,10 +860,7 @@ impl<T: Tokens> State<T> {
     pub fn unlocked(&self) -> Result<&Active<T>, Refusal> {
         match &self.session {
             Session::SignedOut => Err(Refusal::NotSignedIn),
-            Session::Locked(_, lock) => Err(Refusal::Locked {
-                reason: lock.reason.clone(),
-                by_card: lock.by_card,
-            }),
+            Session::Locked(_, lock) => Err(Refusal::Locked(lock.clone())),
             Session::SignedIn(active) => Ok(active),
         }
     }
@@ -982,7 +1014,7 @@ mod tests {
         let (s, fx) = run(
             s,
             Input::Lock {
-                reason: "the workstation was locked".into(),
+                reason: LockReason::Workstation,
             },
         );
         let save = fx
@@ -1010,6 +1042,33 @@ mod tests {
         let (s, fx) = at_the_keyboard(s, tok("A", 2_000), 1_005);
         assert_eq!(notices(&fx), vec![Notice::Unlocked]);
         assert_eq!(s.unlocked().map(|a| a.tokens.who), Ok("A"));
+    }
+
+    #[test]
+    fn a_lock_reason_reads_back_from_the_words_it_is_told_and_saved_in() {
+        for reason in [
+            LockReason::Workstation,
+            LockReason::CardRemoved,
+            LockReason::Restarted,
+            LockReason::Other("asked by the test".into()),
+        ] {
+            assert_eq!(LockReason::from_words(&reason.to_string()), reason);
+        }
+        assert_eq!(
+            LockReason::Workstation.to_string(),
+            "the workstation was locked"
+        );
+        let idle = LockReason::Inactivity { secs: 900 };
+        assert_eq!(
+            idle.to_string(),
+            "no program used the session for 15 minutes"
+        );
+        // Read back from a store, an inactivity lock keeps its words and is no card lock.
+        let back = LockReason::from_words(&idle.to_string());
+        assert_eq!(back.to_string(), idle.to_string());
+        assert!(!back.by_card());
+        assert!(LockReason::CardRemoved.by_card() && LockReason::Restarted.by_card());
+        assert!(!LockReason::Workstation.by_card());
     }
 
     #[test]
@@ -1131,7 +1190,7 @@ mod tests {
         assert_eq!(
             notices(&fx),
             vec![Notice::Locked {
-                reason: CARD_REMOVED.into()
+                reason: LockReason::CardRemoved
             }]
         );
         let (unlocked, fx) = run(
@@ -1163,7 +1222,7 @@ mod tests {
         let (s, fx) = run(
             s,
             Input::Lock {
-                reason: "the workstation was locked".into(),
+                reason: LockReason::Workstation,
             },
         );
         let stored = fx.iter().rev().find_map(|e| match e {
@@ -1186,13 +1245,7 @@ mod tests {
                 now: 1_010,
             },
         );
-        assert_eq!(
-            restored.lock(),
-            Some(&Lock {
-                reason: RESTART_LOCK.into(),
-                by_card: true
-            })
-        );
+        assert_eq!(restored.lock(), Some(&LockReason::Restarted));
         // Expired and not renewable: forgotten.
         let stale = Snapshot {
             tokens: Tok {

@@ -4,7 +4,7 @@
 //! the state (`status`, `whoami`, the window's facts), restoring the saved session at start, and
 //! signing out.
 
-use super::machine::{self, Effect, Input, Lock, Notice, Refusal, Snapshot, State};
+use super::machine::{self, Effect, Input, LockReason, Notice, Refusal, Snapshot, State};
 use super::{Agent, AgentError, Core, Event, Status};
 use crate::oidc::claims::User;
 use crate::oidc::rp::SignedIn;
@@ -84,7 +84,7 @@ impl Agent {
             // While locked the clinician's identity is withheld, as whoami's is.
             user: state.unlocked().ok().map(|a| a.tokens.user.clone()),
             expires_at: state.active().map(|a| a.tokens.expires_at),
-            locked_reason: state.lock().map(|l| l.reason.clone()),
+            locked_reason: state.lock().map(LockReason::to_string),
             store,
             smartcard_present: state
                 .readers
@@ -96,9 +96,9 @@ impl Agent {
     /// What a refusal of the machine's is, for a client.
     pub(super) fn refusal_error(&self, refusal: &Refusal) -> AgentError {
         match refusal {
-            Refusal::Locked { reason, by_card } => AgentError::Locked {
-                reason: reason.clone(),
-                card_unlocks: *by_card && self.inner.rules.same_card_unlocks,
+            Refusal::Locked(reason) => AgentError::Locked {
+                reason: reason.to_string(),
+                card_unlocks: reason.by_card() && self.inner.rules.same_card_unlocks,
             },
             _ => AgentError::not_signed_in(),
         }
@@ -213,7 +213,7 @@ fn event_of(notice: &Notice, state: &State<SignedIn>) -> Option<Event> {
         Notice::Locked { reason } => {
             tracing::info!(%reason, "session locked");
             Event::Locked {
-                reason: reason.clone(),
+                reason: reason.to_string(),
             }
         }
         Notice::Unlocked => {
@@ -223,20 +223,21 @@ fn event_of(notice: &Notice, state: &State<SignedIn>) -> Option<Event> {
     })
 }
 
-/// What the store keeps of a snapshot (the file's format is the store's, unchanged).
+/// What the store keeps of a snapshot. The file's format is unchanged: the lock's reason in the words
+/// clients are told, and whether it came from the smartcard.
 fn stored_of(snapshot: &Snapshot<SignedIn>) -> Stored {
     let mut stored = Stored::from_session(&snapshot.tokens, snapshot.signed_in_at);
-    stored.locked = snapshot.lock.as_ref().map(|l| l.reason.clone());
-    stored.locked_by_card = snapshot.lock.as_ref().is_some_and(|l| l.by_card);
+    stored.locked = snapshot.lock.as_ref().map(LockReason::to_string);
+    stored.locked_by_card = snapshot.lock.as_ref().is_some_and(LockReason::by_card);
     stored.card = snapshot.card.clone();
     stored
 }
 
+/// The snapshot a store holds. Whether a lock came from the smartcard is read from its words (the
+/// only card locks ever saved are "the smartcard was removed" and the restart's), so `locked_by_card`
+/// is written for older agents but not needed to read.
 fn snapshot_of(stored: Stored) -> Snapshot<SignedIn> {
-    let lock = stored.locked.clone().map(|reason| Lock {
-        reason,
-        by_card: stored.locked_by_card,
-    });
+    let lock = stored.locked.as_deref().map(LockReason::from_words);
     let card = stored.card.clone();
     let (tokens, signed_in_at) = stored.into_session();
     Snapshot {

@@ -353,7 +353,7 @@ impl Model for SessionModel {
                 w.apply(
                     rules,
                     Input::Lock {
-                        reason: "the workstation was locked".into(),
+                        reason: LockReason::Workstation,
                     },
                 );
                 if was_signed_in && !matches!(w.agent.session, Session::Locked(..)) {
