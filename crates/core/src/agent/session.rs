@@ -255,3 +255,69 @@ pub(super) fn refused<T>(effects: &[Effect<T>]) -> Option<&Refusal> {
         _ => None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oidc::claims::Assurance;
+    use zeroize::Zeroizing;
+
+    /// A session as an agent before `LockReason` saved it, with its lock in words.
+    fn saved_by_an_older_agent(locked: Option<&str>, locked_by_card: bool) -> Stored {
+        Stored {
+            user: User {
+                uid: "555021935107".into(),
+                name: None,
+                given_name: None,
+                family_name: None,
+                email: None,
+                roles: vec![],
+                selected_role: None,
+                assurance: Assurance {
+                    acr: None,
+                    amr: vec![],
+                    id_assurance_level: None,
+                    authentication_assurance_level: None,
+                    auth_time: None,
+                },
+            },
+            sub: "555021935107".into(),
+            sid: None,
+            access_token: Zeroizing::new("access".into()),
+            expires_at: 42,
+            refresh_token: None,
+            id_token: Zeroizing::new("id".into()),
+            events_ticket: None,
+            signed_in_at: 7,
+            locked: locked.map(String::from),
+            locked_by_card,
+            card: Some(crate::smartcard::Card::Known("card".into())),
+        }
+    }
+
+    #[test]
+    fn a_saved_lock_reads_back_as_the_same_reason_and_is_saved_in_the_same_words() {
+        for (words, by_card, reason) in [
+            ("the workstation was locked", false, LockReason::Workstation),
+            ("the smartcard was removed", true, LockReason::CardRemoved),
+            (machine::RESTART_LOCK, true, LockReason::Restarted),
+            (
+                "no program used the session for 15 minutes",
+                false,
+                LockReason::Other("no program used the session for 15 minutes".into()),
+            ),
+        ] {
+            let snapshot = snapshot_of(saved_by_an_older_agent(Some(words), by_card));
+            assert_eq!(snapshot.lock.as_ref(), Some(&reason), "{words}");
+            assert_eq!(snapshot.signed_in_at, 7);
+            // Saved again: the same words and card flag an older agent reads.
+            let again = stored_of(&snapshot);
+            assert_eq!(again.locked.as_deref(), Some(words));
+            assert_eq!(again.locked_by_card, by_card, "{words}");
+            assert_eq!(again.card, snapshot.card);
+        }
+        let unlocked = snapshot_of(saved_by_an_older_agent(None, false));
+        assert_eq!(unlocked.lock, None);
+        assert_eq!(stored_of(&unlocked).locked, None);
+    }
+}
