@@ -7,10 +7,12 @@
 //! clinicians, three client connections, crashes and restores), and the answers a client gets
 //! (`whoami`, `token`, `status`) are read from the state by the queries at the end of this file.
 //!
-//! The rules are those of the agent (`agent.rs`): a refresh that finishes after the clinician changed
-//! is dropped (its `generation` no longer matches); a lock is saved before it is announced, so a
-//! restart keeps it; only the same person's browser sign-in, or the same smartcard back, lifts a lock;
-//! one browser flow at a time (a second `login` or role change joins the first).
+//! These are the agent's rules, not a copy of them: the agent holds a `State<SignedIn>` behind one
+//! lock and feeds every event through `step` (`Agent::apply` in `agent/session.rs`). A refresh that
+//! finishes after the clinician changed is dropped (its `generation` no longer matches); a lock is
+//! saved before it is announced, so a restart keeps it; only the same person's browser sign-in, or the
+//! same smartcard back, lifts a lock; one browser flow at a time (a second `login` or role change
+//! joins the first).
 //!
 //! Generic over the tokens `T` ([`Tokens`]): the provider's [`SignedIn`] in the agent, a small stand-in
 //! in the model.
