@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 /// What a client is told went wrong. Each maps to one JSON-RPC error code of the contract.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     #[error("{0}")]
     NotSignedIn(String),
@@ -23,12 +24,28 @@ pub enum AgentError {
     Unreachable(String),
     #[error("{0}")]
     BadParams(String),
+    /// `token` asked for an audience the config does not route: a client can pick one of `served`
+    /// (empty: this agent serves none). A malformed request as far as the code goes (`-32602`).
+    #[error("{}", unknown_audience_message(.asked, .served))]
+    UnknownAudience { asked: String, served: Vec<String> },
     /// The provider's tokens do not last the `min_valid_secs` asked for: not a malformed request, so a
     /// client can tell it apart (and ask for less) by its code.
     #[error(
         "min_valid_secs = {asked_secs} is longer than the provider's tokens last ({lifetime_secs} s); ask for less."
     )]
     TokenTooShort { asked_secs: u64, lifetime_secs: u64 },
+}
+
+/// What `-32602` says of an audience the agent does not serve.
+fn unknown_audience_message(asked: &str, served: &[String]) -> String {
+    if served.is_empty() {
+        "This agent serves no audiences: ask without audience for the session's token, or have the administrator add [[provider.audiences]] to the agent's config.".into()
+    } else {
+        format!(
+            "No audience {asked:?} is configured; this agent serves {}.",
+            served.join(", ")
+        )
+    }
 }
 
 /// What `-32004` says: why, and how to unlock.
@@ -51,7 +68,7 @@ impl AgentError {
             AgentError::NotAllowed(_) => -32003,
             AgentError::Locked { .. } => -32004,
             AgentError::Unreachable(_) => -32005,
-            AgentError::BadParams(_) => -32602,
+            AgentError::BadParams(_) | AgentError::UnknownAudience { .. } => -32602,
             AgentError::TokenTooShort { .. } => -32006,
         }
     }
@@ -157,6 +174,24 @@ mod tests {
         assert_eq!(
             too_short.to_string(),
             "min_valid_secs = 600 is longer than the provider's tokens last (299 s); ask for less."
+        );
+        let unknown = AgentError::UnknownAudience {
+            asked: "pds".into(),
+            served: vec!["ers".into(), "gp-connect".into()],
+        };
+        assert_eq!(unknown.code(), -32602);
+        assert_eq!(
+            unknown.to_string(),
+            "No audience \"pds\" is configured; this agent serves ers, gp-connect."
+        );
+        let none_served = AgentError::UnknownAudience {
+            asked: "pds".into(),
+            served: Vec::new(),
+        };
+        assert_eq!(none_served.code(), -32602);
+        assert_eq!(
+            none_served.to_string(),
+            "This agent serves no audiences: ask without audience for the session's token, or have the administrator add [[provider.audiences]] to the agent's config."
         );
     }
 
