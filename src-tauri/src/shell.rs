@@ -275,9 +275,9 @@ pub fn run(launch: Launch, minimized: bool) {
             });
             let (running, desktop) = match started {
                 Ok(started) => started,
-                Err((code, message)) => {
-                    eprintln!("cis2-agent: {message}");
-                    std::process::exit(i32::from(code));
+                Err(failure) => {
+                    eprintln!("cis2-agent: {failure}");
+                    std::process::exit(i32::from(failure.exit_code()));
                 }
             };
             println!("listening on {}", running.socket().display());

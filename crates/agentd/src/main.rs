@@ -15,7 +15,9 @@ struct Args {
 }
 
 async fn run(args: Args) -> Result<(), (u8, String)> {
-    let running = service::start(&args.launch, None).await?;
+    let running = service::start(&args.launch, None)
+        .await
+        .map_err(|failure| (failure.exit_code(), failure.to_string()))?;
     println!("listening on {}", running.socket().display());
     let _ = std::io::stdout().flush();
     #[cfg(unix)]

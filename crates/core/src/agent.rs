@@ -166,23 +166,22 @@ impl Agent {
             .data_dir
             .clone()
             .unwrap_or_else(crate::config::default_data_dir);
-        startup::create_private_dir(&data_dir).map_err(|e| {
-            StartError::Config(format!(
-                "cannot use the data folder {}: {e}",
-                data_dir.display()
-            ))
+        startup::create_private_dir(&data_dir).map_err(|source| StartError::DataFolder {
+            path: data_dir.clone(),
+            source,
         })?;
         let store = store.unwrap_or_else(|| startup::build_store(&config, &data_dir));
         let audit_options = AuditOptions {
             sync: config.agent.audit_sync,
             seal_key: store.audit_seal_key(),
         };
-        let audit = AuditLog::open(&data_dir.join("audit.jsonl"), audit_options).map_err(|e| {
-            StartError::Config(format!(
-                "cannot open the audit log in {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        let audit =
+            AuditLog::open(&data_dir.join("audit.jsonl"), audit_options).map_err(|source| {
+                StartError::AuditLog {
+                    data_dir: data_dir.clone(),
+                    source,
+                }
+            })?;
         let (issuer, client_id, settings_from, sandbox, ca_file) = if config.is_sandbox() {
             let (running, issuer) = startup::start_sandbox(&data_dir).await?;
             (
@@ -193,10 +192,7 @@ impl Agent {
                 None,
             )
         } else {
-            let provider = config
-                .provider
-                .clone()
-                .ok_or_else(|| StartError::Config("the config has no [provider]".into()))?;
+            let provider = config.provider.clone().ok_or(StartError::NoProvider)?;
             (
                 provider.issuer.clone(),
                 provider.client_id.clone(),
@@ -205,7 +201,7 @@ impl Agent {
                 provider.ca_file.clone(),
             )
         };
-        let ca = cis2_oidc::http::read_ca_file(ca_file.as_deref()).map_err(StartError::Config)?;
+        let ca = cis2_oidc::http::read_ca_file(ca_file.as_deref())?;
         let settings = match &settings_from {
             Some(p) => ClientSettings {
                 client_id,
@@ -231,8 +227,7 @@ impl Agent {
                 login_timeout: Duration::from_secs(crate::config::DEFAULT_LOGIN_TIMEOUT_SECS),
             },
         };
-        let http = HttpClient::unpooled(ca.as_deref(), Duration::from_secs(15))
-            .map_err(StartError::Config)?;
+        let http = HttpClient::unpooled(ca.as_deref(), Duration::from_secs(15))?;
         let rp = RelyingParty {
             discovery: Discovery::new(issuer, http, clock.clone()),
             settings,

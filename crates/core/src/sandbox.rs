@@ -13,18 +13,32 @@ pub fn admin_secret_path(data_dir: &Path) -> PathBuf {
     data_dir.join(ADMIN_SECRET_FILE)
 }
 
+/// Why the sandbox provider did not start. Neither variant quotes the admin secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    #[error("cannot write {}: {source}", path.display())]
+    AdminSecret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Its port or its TLS set-up.
+    #[error("{0}")]
+    Provider(#[from] cis2_mock_idp::StartError),
+}
+
 /// Starts the provider; its admin secret is written 0600 to [`admin_secret_path`] first.
-pub async fn start(data_dir: &Path) -> Result<cis2_mock_idp::RunningProvider, String> {
+pub async fn start(data_dir: &Path) -> Result<cis2_mock_idp::RunningProvider, SandboxError> {
     let secret = cis2_jose::random_token(32);
     let path = admin_secret_path(data_dir);
-    write_private(&path, secret.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    cis2_mock_idp::start(cis2_mock_idp::Options {
+    if let Err(source) = write_private(&path, secret.as_bytes()) {
+        return Err(SandboxError::AdminSecret { path, source });
+    }
+    Ok(cis2_mock_idp::start(cis2_mock_idp::Options {
         admin_secret: Some(secret),
         ..cis2_mock_idp::Options::default()
     })
-    .await
-    .map_err(|e| e.to_string())
+    .await?)
 }
 
 /// Replaces `path` with a new file, 0600 from the moment it exists.

@@ -69,9 +69,58 @@ impl Drop for Service {
     }
 }
 
-/// Why the service did not start: the exit code a program should use (2 for configuration, 1 for the
-/// socket) and the message.
-pub type StartFailure = (u8, String);
+/// Why the service did not start, and the exit code a program should use for it
+/// ([`StartFailure::exit_code`]: 2 for the configuration, 1 for the socket).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartFailure {
+    /// The config file named cannot be used, or none was found and this build has no sandbox.
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::StartError),
+    /// Another agent, or another program, already listens on the socket or holds the pipe: the words
+    /// say which it is when the agent could tell.
+    #[error("cannot listen on {}: {source}", socket.display())]
+    SocketInUse {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}: {source}", socket.display())]
+    Listen {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StartFailure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartFailure::Config(_) => 2,
+            StartFailure::Agent(e) => e.exit_code(),
+            StartFailure::SocketInUse { .. } | StartFailure::Listen { .. } => 1,
+        }
+    }
+
+    /// Why `socket` could not be listened on: in use (another agent's socket that answers, a pipe
+    /// another program holds: `bind` says which as `AddrInUse`), or anything else.
+    fn listening(socket: &Path, source: std::io::Error) -> StartFailure {
+        let socket = socket.to_path_buf();
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            StartFailure::SocketInUse { socket, source }
+        } else {
+            StartFailure::Listen { socket, source }
+        }
+    }
+
+    /// The socket or pipe name another program already holds.
+    pub fn socket_in_use(&self) -> Option<&Path> {
+        match self {
+            StartFailure::SocketInUse { socket, .. } => Some(socket),
+            _ => None,
+        }
+    }
+}
 
 /// Starts everything; `approver` answers `client_policy = "ask"` (the desktop app has one).
 pub async fn start(
@@ -86,7 +135,7 @@ pub async fn start(
     {
         tracing::warn!(error = %e, "could not switch off core dumps; continuing");
     }
-    let config = load_config(launch).map_err(|e| (2, e))?;
+    let config = load_config(launch).map_err(StartFailure::Config)?;
     if config.is_sandbox() {
         eprintln!(
             "SANDBOX MODE: signing in against the embedded test provider, NOT NHS CIS2. Test users only."
@@ -95,9 +144,7 @@ pub async fn start(
     let socket = ipc::paths::socket_path(launch.socket.as_deref(), config.agent.socket.as_deref());
     let mut options = AgentOptions::new(config, Browser::from_env(launch.no_browser));
     options.approver = approver;
-    let agent = Agent::start(options)
-        .await
-        .map_err(|e| (2, e.to_string()))?;
+    let agent = Agent::start(options).await?;
     #[cfg(feature = "sandbox")]
     if let Some(sandbox) = agent.sandbox_provider() {
         eprintln!(
@@ -119,7 +166,7 @@ pub async fn start(
     }
     let bound = ipc::bind(&socket)
         .await
-        .map_err(|e| (1, format!("cannot listen on {}: {e}", socket.display())))?;
+        .map_err(|source| StartFailure::listening(&socket, source))?;
     let socket = bound.path().to_path_buf();
     let server = tokio::spawn(ipc::serve(
         bound,
@@ -225,5 +272,44 @@ mod tests {
             refused.contains("built without the cargo feature `sandbox`"),
             "{refused}"
         );
+    }
+
+    /// A socket another agent answers on is told apart from other failures to listen, by variant and
+    /// exit code, and still says what it said as a string.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_socket_in_use_is_its_own_failure_with_the_same_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let _first = ipc::bind(&socket).await.unwrap();
+        let Err(held) = ipc::bind(&socket).await else {
+            panic!("a second agent listened on a socket that answers");
+        };
+        let failure = StartFailure::listening(&socket, held);
+        assert_eq!(failure.socket_in_use(), Some(socket.as_path()));
+        assert_eq!(failure.exit_code(), 1);
+        assert_eq!(
+            failure.to_string(),
+            format!(
+                "cannot listen on {0}: another agent is already listening on {0}",
+                socket.display()
+            )
+        );
+        let other = StartFailure::listening(
+            &socket,
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(matches!(other, StartFailure::Listen { .. }), "{other:?}");
+        assert_eq!(other.socket_in_use(), None);
+        assert_eq!(other.exit_code(), 1);
+    }
+
+    /// Every configuration reason exits with 2, the agent's own start errors included.
+    #[test]
+    fn configuration_failures_exit_with_2() {
+        assert_eq!(StartFailure::Config("no config".into()).exit_code(), 2);
+        let agent = StartFailure::from(crate::agent::StartError::NoProvider);
+        assert_eq!(agent.exit_code(), 2);
+        assert_eq!(agent.to_string(), "the config has no [provider]");
     }
 }

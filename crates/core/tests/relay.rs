@@ -390,3 +390,28 @@ async fn a_smartcard_lock_drops_the_api_platform_token_as_any_lock_does() {
     assert_ne!(after.access_token, before.access_token);
     assert_eq!(exchanges(&world.relay.url).await, exchanged + 1);
 }
+
+/// An audience the config does not route is refused as a bad request (-32602) that names the
+/// audiences the agent does serve, as a variant a program can match and pick from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_audience_is_refused_with_the_audiences_served() {
+    let world = api_platform_world().await;
+    let error = world
+        .agent
+        .token(TokenRequest {
+            audience: Some("pds".into()),
+            ..TokenRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), -32602);
+    assert_eq!(
+        error.to_string(),
+        "No audience \"pds\" is configured; this agent serves apim."
+    );
+    let AgentError::UnknownAudience { asked, served } = error else {
+        panic!("{error:?}");
+    };
+    assert_eq!((asked.as_str(), served), ("pds", vec!["apim".to_string()]));
+    assert_eq!(exchanges(&world.relay.url).await, 0);
+}

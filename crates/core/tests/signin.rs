@@ -1517,16 +1517,26 @@ impl Harness {
     }
 }
 
-#[tokio::test]
-async fn the_first_tick_past_the_inactivity_limit_locks() {
+/// A driven agent (no timer of its own) with the clinician signed in, and a subscription taken after
+/// the sign-in: the events a test then sees are only those its own ticks caused.
+async fn signed_in_driven(setup: Setup) -> (Harness, tokio::sync::broadcast::Receiver<Event>) {
     let h = harness(Setup {
-        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
         driven: true,
-        ..Setup::default()
+        ..setup
     })
     .await;
     h.login().await.unwrap();
-    let mut events = h.agent.subscribe();
+    let events = h.agent.subscribe();
+    (h, events)
+}
+
+#[tokio::test]
+async fn the_first_tick_past_the_inactivity_limit_locks() {
+    let (h, mut events) = signed_in_driven(Setup {
+        session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
+        ..Setup::default()
+    })
+    .await;
     h.advance(890);
     h.tick().await;
     assert_eq!(h.agent.status().state, SessionState::SignedIn);
@@ -1546,19 +1556,16 @@ async fn the_first_tick_past_the_inactivity_limit_locks() {
 /// session is not renewed in the background (it read `locked` once, before its own lock).
 #[tokio::test]
 async fn the_tick_that_locks_for_inactivity_starts_no_renewal() {
-    let h = harness(Setup {
+    let (h, mut events) = signed_in_driven(Setup {
         // Due for renewal (inside the 60 s margin) in the same tick that finds 900 s without activity.
         lifetimes: Lifetimes {
             access_token: 930,
             ..Lifetimes::default()
         },
         session_toml: "[session]\ninactivity_secs = 900\ninactivity_action = \"lock\"\n",
-        driven: true,
         ..Setup::default()
     })
     .await;
-    h.login().await.unwrap();
-    let mut events = h.agent.subscribe();
     h.advance(901);
     h.tick().await;
     assert_eq!(h.agent.status().state, SessionState::Locked);
@@ -1575,9 +1582,8 @@ async fn the_tick_that_locks_for_inactivity_starts_no_renewal() {
 
 #[tokio::test]
 async fn a_session_without_refresh_is_announced_once_then_ended_by_the_tick() {
-    let h = harness(Setup {
+    let (h, mut events) = signed_in_driven(Setup {
         refresh_tokens: false,
-        driven: true,
         lifetimes: Lifetimes {
             access_token: 600,
             ..Lifetimes::default()
@@ -1586,9 +1592,7 @@ async fn a_session_without_refresh_is_announced_once_then_ended_by_the_tick() {
         ..Setup::default()
     })
     .await;
-    h.login().await.unwrap();
     let expires_at = h.agent.status().expires_at.unwrap();
-    let mut events = h.agent.subscribe();
     h.advance(470);
     h.tick().await;
     assert_eq!(events_so_far(&mut events), []);
@@ -1617,18 +1621,15 @@ async fn a_session_without_refresh_is_announced_once_then_ended_by_the_tick() {
 
 #[tokio::test]
 async fn the_first_tick_past_the_absolute_limit_signs_out() {
-    let h = harness(Setup {
+    let (h, mut events) = signed_in_driven(Setup {
         session_toml: "[session]\nabsolute_secs = 3600\ninactivity_action = \"none\"\n",
         lifetimes: Lifetimes {
             access_token: 7200,
             ..Lifetimes::default()
         },
-        driven: true,
         ..Setup::default()
     })
     .await;
-    h.login().await.unwrap();
-    let mut events = h.agent.subscribe();
     h.advance(3590);
     h.tick().await;
     assert_eq!(h.agent.status().state, SessionState::SignedIn);
@@ -1647,17 +1648,14 @@ async fn the_first_tick_past_the_absolute_limit_signs_out() {
 /// ±20%, rounded to whole seconds of the clock: exactly 1 and 2 here).
 #[tokio::test]
 async fn the_background_renewal_backs_off_and_doubles_its_wait() {
-    let h = harness(Setup {
+    let (h, mut events) = signed_in_driven(Setup {
         lifetimes: Lifetimes {
             access_token: 300,
             ..Lifetimes::default()
         },
-        driven: true,
         ..Setup::default()
     })
     .await;
-    h.login().await.unwrap();
-    let mut events = h.agent.subscribe();
     // The provider fails the next two refreshes; the third succeeds.
     h.provider.provider.set_fault(
         serde_json::from_value(json!({"endpoint": "token", "mode": "error500", "count": 2}))

@@ -105,6 +105,7 @@ impl Drop for RunningProvider {
 
 /// Why a provider could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -112,7 +113,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] tls::TlsConfigError),
 }
 
 /// The issuer for a provider reached at `host:port`: the port always spelled out, as CIS2 spells `:443`.

@@ -37,6 +37,7 @@ pub struct ProviderMetadata {
 
 /// Why the provider's metadata or keys are unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DiscoveryError {
     #[error(transparent)]
     Provider(#[from] ProviderError),

@@ -3,7 +3,7 @@
 //! server-sent-events subscription open there so CIS2's back-channel logout reaches it.
 
 use crate::claims::User;
-use crate::http::{HttpClient, ProviderError};
+use crate::http::{HttpClient, ProviderError, Unreached};
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
@@ -56,7 +56,7 @@ impl RelayClient {
         base_url: &str,
         extra_ca_pem: Option<&str>,
         timeout: Duration,
-    ) -> Result<RelayClient, String> {
+    ) -> Result<RelayClient, crate::http::HttpSetupError> {
         let mut base = base_url.to_string();
         if !base.ends_with('/') {
             base.push('/');
@@ -198,9 +198,13 @@ impl RelayClient {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()
             .await
-            .map_err(|e| ProviderError::Unreachable {
-                what: what.into(),
-                detail: e.without_url().to_string(),
+            .map_err(|e| {
+                let e = e.without_url();
+                ProviderError::Unreachable {
+                    what: what.into(),
+                    cause: Unreached::of(&e),
+                    detail: e.to_string(),
+                }
             })?;
         let status = response.status().as_u16();
         if status != 200 {
@@ -214,16 +218,18 @@ impl RelayClient {
         on_open();
         let mut events = EventReader::default();
         loop {
-            let chunk = response
-                .chunk()
-                .await
-                .map_err(|e| ProviderError::Unreachable {
+            let chunk = response.chunk().await.map_err(|e| {
+                let e = e.without_url();
+                ProviderError::Unreachable {
                     what: what.into(),
-                    detail: e.without_url().to_string(),
-                })?;
+                    cause: Unreached::of(&e),
+                    detail: e.to_string(),
+                }
+            })?;
             let Some(chunk) = chunk else {
                 return Err(ProviderError::Unreachable {
                     what: what.into(),
+                    cause: Unreached::ConnectionClosed,
                     detail: "the relay closed the stream".into(),
                 });
             };

@@ -11,7 +11,7 @@ use super::relay::{RelayClient, RelayTokens};
 use super::validate::{self, Expected, IdTokenError};
 use crate::browser::Browser;
 use crate::clock::SharedClock;
-use crate::http::ProviderError;
+use crate::http::{ProviderError, Unreached};
 use crate::secret::Secret;
 use cis2_jose::Alg;
 use serde_json::{Map, Value};
@@ -58,6 +58,7 @@ pub struct SignedIn {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SignInError {
     #[error("{0}")]
     Discovery(#[from] DiscoveryError),
@@ -79,8 +80,9 @@ pub enum SignInError {
     SubjectChanged,
     #[error("the relay's answer is about another person than its ID token")]
     RelaySubjectMismatch,
+    /// The provider's answer (an `invalid_grant`), kept whole for its status and OAuth error.
     #[error("the provider refused the refresh token: the session has ended there ({0})")]
-    RefreshRefused(String),
+    RefreshRefused(ProviderError),
 }
 
 impl SignInError {
@@ -287,7 +289,7 @@ impl RelyingParty {
             ProviderError::Status {
                 oauth_error: Some(code),
                 ..
-            } if code == "invalid_grant" => SignInError::RefreshRefused(e.to_string()),
+            } if code == "invalid_grant" => SignInError::RefreshRefused(e),
             _ => SignInError::Exchange(e),
         };
         match &self.settings.exchange {
@@ -531,6 +533,10 @@ impl RelyingParty {
             .await
             .map_err(|e| ProviderError::Unreachable {
                 what: "the provider's discovery document".into(),
+                cause: match &e {
+                    DiscoveryError::Provider(ProviderError::Unreachable { cause, .. }) => *cause,
+                    _ => Unreached::Other,
+                },
                 detail: e.to_string(),
             })?;
         self.revoke_with(&metadata, refresh_token).await

@@ -98,7 +98,8 @@ pub async fn start_with_clock(
         platforms.push((platform.clone(), key));
     }
     let tickets = ticket::Tickets::new(&keys, &active);
-    let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)?;
+    let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)
+        .map_err(|e| e.to_string())?;
     let rp = RelyingParty {
         discovery: Discovery::new(config.issuer.clone(), http, clock.clone()),
         settings: ClientSettings {
@@ -122,7 +123,7 @@ pub async fn start_with_clock(
             let read = |p: &std::path::Path| {
                 std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             };
-            Some(cis2_tls::server_config(&read(cert)?, &read(key)?)?)
+            Some(cis2_tls::server_config(&read(cert)?, &read(key)?).map_err(|e| e.to_string())?)
         }
         None => None,
     };

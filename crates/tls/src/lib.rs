@@ -19,25 +19,57 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+/// Why a certificate and key could not become a server config. Each kind is its own variant, so a caller
+/// can tell a missing block from a damaged one or a pair that does not match; the details quote the PEM
+/// parser or rustls, never the key's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    #[error("the certificate PEM is unreadable: {detail}")]
+    CertificateUnreadable { detail: String },
+    #[error("the certificate file holds no CERTIFICATE block")]
+    NoCertificate,
+    #[error("the key file holds no private key")]
+    NoPrivateKey,
+    #[error("the key PEM is unreadable: {detail}")]
+    KeyUnreadable { detail: String },
+    /// rustls refused the protocol versions asked for (TLS 1.2 and 1.3): a build problem, not the files'.
+    #[error("{detail}")]
+    Protocols { detail: String },
+    #[error("the certificate and key do not make a usable pair: {detail}")]
+    KeyDoesNotMatch { detail: String },
+}
+
 /// Builds a server config from PEM text: a certificate chain and its private key.
-pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ServerConfig, TlsConfigError> {
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the certificate PEM is unreadable: {e}"))?;
+        .map_err(|e| TlsConfigError::CertificateUnreadable {
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err("the certificate file holds no CERTIFICATE block".into());
+        return Err(TlsConfigError::NoCertificate);
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
-        pem::Error::NoItemsFound => "the key file holds no private key".to_string(),
-        e => format!("the key PEM is unreadable: {e}"),
+        pem::Error::NoItemsFound => TlsConfigError::NoPrivateKey,
+        e => TlsConfigError::KeyUnreadable {
+            detail: e.to_string(),
+        },
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TlsConfigError::Protocols {
+            detail: e.to_string(),
+        })?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("the certificate and key do not make a usable pair: {e}"))
+        .map_err(|e| TlsConfigError::KeyDoesNotMatch {
+            detail: e.to_string(),
+        })
 }
 
 /// How many TLS handshakes may be under way at once.
@@ -198,20 +230,52 @@ mod tests {
         // A chain file with text around the block, as openssl writes it, and the key first.
         let noisy = format!("subject=CN = localhost\n{cert_pem}\n");
         assert!(server_config(&noisy, &format!("{key_pem}{cert_pem}")).is_ok());
+        let no_certificate = server_config("", &key_pem).unwrap_err();
+        assert_eq!(no_certificate, TlsConfigError::NoCertificate);
         assert_eq!(
-            server_config("", &key_pem).unwrap_err(),
+            no_certificate.to_string(),
             "the certificate file holds no CERTIFICATE block"
         );
-        assert_eq!(
-            server_config(&cert_pem, &cert_pem).unwrap_err(),
-            "the key file holds no private key"
-        );
+        let no_key = server_config(&cert_pem, &cert_pem).unwrap_err();
+        assert_eq!(no_key, TlsConfigError::NoPrivateKey);
+        assert_eq!(no_key.to_string(), "the key file holds no private key");
         let damaged = key_pem.replacen("\n", "\n!!", 1);
         let err = server_config(&cert_pem, &damaged).unwrap_err();
-        assert!(err.starts_with("the key PEM is unreadable"), "{err}");
+        assert!(
+            matches!(err, TlsConfigError::KeyUnreadable { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("the key PEM is unreadable"),
+            "{err}"
+        );
         let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let err = server_config(&cert_pem, &other.key_pair.serialize_pem()).unwrap_err();
-        assert!(err.contains("do not make a usable pair"), "{err}");
+        assert!(
+            matches!(err, TlsConfigError::KeyDoesNotMatch { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("do not make a usable pair"),
+            "{err}"
+        );
+    }
+
+    /// What is said about a damaged key names the problem, not the key: no line of its base64 text
+    /// appears in the error, shown or debugged.
+    #[test]
+    fn a_damaged_key_is_not_quoted_in_the_error() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+        let damaged = key_pem.replacen("\n", "\n!!", 1);
+        let err = server_config(&cert_pem, &damaged).unwrap_err();
+        let (shown, debugged) = (err.to_string(), format!("{err:?}"));
+        for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(
+                !shown.contains(line) && !debugged.contains(line),
+                "{shown} / {debugged}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -179,15 +179,10 @@ impl Agent {
             .map(|p| p.audiences.as_slice())
             .unwrap_or_default();
         let Some(route) = configured.iter().find(|a| a.name == name) else {
-            let known: Vec<&str> = configured.iter().map(|a| a.name.as_str()).collect();
-            return Err(AgentError::BadParams(if known.is_empty() {
-                "This agent serves no audiences: ask without audience for the session's token, or have the administrator add [[provider.audiences]] to the agent's config.".into()
-            } else {
-                format!(
-                    "No audience {name:?} is configured; this agent serves {}.",
-                    known.join(", ")
-                )
-            }));
+            return Err(AgentError::UnknownAudience {
+                asked: name.to_string(),
+                served: configured.iter().map(|a| a.name.clone()).collect(),
+            });
         };
         let margin = self.inner.config.session.refresh_margin_secs;
         let key = self.audience_session()?.0;

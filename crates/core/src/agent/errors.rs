@@ -2,9 +2,13 @@
 //! and [`StartError`], why the agent could not start.
 
 use crate::oidc::rp::SignInError;
+use cis2_jose::JoseError;
+use cis2_oidc::http::HttpSetupError;
+use std::path::PathBuf;
 
 /// What a client is told went wrong. Each maps to one JSON-RPC error code of the contract.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     #[error("{0}")]
     NotSignedIn(String),
@@ -20,12 +24,28 @@ pub enum AgentError {
     Unreachable(String),
     #[error("{0}")]
     BadParams(String),
+    /// `token` asked for an audience the config does not route: a client can pick one of `served`
+    /// (empty: this agent serves none). A malformed request as far as the code goes (`-32602`).
+    #[error("{}", unknown_audience_message(.asked, .served))]
+    UnknownAudience { asked: String, served: Vec<String> },
     /// The provider's tokens do not last the `min_valid_secs` asked for: not a malformed request, so a
     /// client can tell it apart (and ask for less) by its code.
     #[error(
         "min_valid_secs = {asked_secs} is longer than the provider's tokens last ({lifetime_secs} s); ask for less."
     )]
     TokenTooShort { asked_secs: u64, lifetime_secs: u64 },
+}
+
+/// What `-32602` says of an audience the agent does not serve.
+fn unknown_audience_message(asked: &str, served: &[String]) -> String {
+    if served.is_empty() {
+        "This agent serves no audiences: ask without audience for the session's token, or have the administrator add [[provider.audiences]] to the agent's config.".into()
+    } else {
+        format!(
+            "No audience {asked:?} is configured; this agent serves {}.",
+            served.join(", ")
+        )
+    }
 }
 
 /// What `-32004` says: why, and how to unlock.
@@ -48,7 +68,7 @@ impl AgentError {
             AgentError::NotAllowed(_) => -32003,
             AgentError::Locked { .. } => -32004,
             AgentError::Unreachable(_) => -32005,
-            AgentError::BadParams(_) => -32602,
+            AgentError::BadParams(_) | AgentError::UnknownAudience { .. } => -32602,
             AgentError::TokenTooShort { .. } => -32006,
         }
     }
@@ -70,12 +90,56 @@ impl AgentError {
     }
 }
 
+/// Why the agent could not start: one variant per thing to fix, carrying what names it (the folder, the
+/// file, the environment variable), so a front end can act on it; the words are what the person reads.
+/// None quotes a secret: a missing client secret is named by its variable, a bad key by its file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
-    #[error("{0}")]
-    Config(String),
+    #[error("cannot use the data folder {}: {source}", path.display())]
+    DataFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the audit log in {}: {source}", data_dir.display())]
+    AuditLog {
+        data_dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config has no [provider]")]
+    NoProvider,
+    /// The sandbox was asked for, and this build has none ([`NO_SANDBOX`](super::NO_SANDBOX)).
+    #[error("{}", super::NO_SANDBOX)]
+    NoSandbox,
+    /// The HTTPS client for the provider or relay: usually `[provider] ca_file`.
+    #[error(transparent)]
+    Https(#[from] HttpSetupError),
+    #[error(
+        "the client secret is read from the environment variable {variable} ([provider.exchange] secret_env), but it is not set; set it before starting the agent"
+    )]
+    ClientSecretNotSet { variable: String },
+    #[error("cannot read key_file {}: {source}", path.display())]
+    KeyFileUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key_file {}: {source}", path.display())]
+    KeyFileInvalid { path: PathBuf, source: JoseError },
+    #[error("[provider.exchange] kid: {0}")]
+    BadKid(JoseError),
+    #[error("the relay is not a client authentication method")]
+    RelayIsNotClientAuth,
+    #[cfg(feature = "sandbox")]
     #[error("the sandbox provider could not start: {0}")]
-    Sandbox(String),
+    Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+impl StartError {
+    /// The exit code of a program that could not start the agent: every reason is the configuration's
+    /// or the computer's set-up, 2 (interfaces.md).
+    pub fn exit_code(&self) -> u8 {
+        2
+    }
 }
 
 #[cfg(test)]
@@ -111,5 +175,126 @@ mod tests {
             too_short.to_string(),
             "min_valid_secs = 600 is longer than the provider's tokens last (299 s); ask for less."
         );
+        let unknown = AgentError::UnknownAudience {
+            asked: "pds".into(),
+            served: vec!["ers".into(), "gp-connect".into()],
+        };
+        assert_eq!(unknown.code(), -32602);
+        assert_eq!(
+            unknown.to_string(),
+            "No audience \"pds\" is configured; this agent serves ers, gp-connect."
+        );
+        let none_served = AgentError::UnknownAudience {
+            asked: "pds".into(),
+            served: Vec::new(),
+        };
+        assert_eq!(none_served.code(), -32602);
+        assert_eq!(
+            none_served.to_string(),
+            "This agent serves no audiences: ask without audience for the session's token, or have the administrator add [[provider.audiences]] to the agent's config."
+        );
+    }
+
+    /// Why the agent did not start: a front end can match the variant (and read the file, folder or
+    /// variable it names), the words are those it printed as strings, and every reason exits with 2.
+    #[test]
+    fn start_errors_name_what_to_fix_in_the_same_words() {
+        let not_found = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let cases: Vec<(StartError, String)> = vec![
+            (
+                StartError::DataFolder {
+                    path: "/nowhere/cis2".into(),
+                    source: not_found(),
+                },
+                format!("cannot use the data folder /nowhere/cis2: {}", not_found()),
+            ),
+            (
+                StartError::AuditLog {
+                    data_dir: "/data".into(),
+                    source: not_found(),
+                },
+                format!("cannot open the audit log in /data: {}", not_found()),
+            ),
+            (
+                StartError::NoProvider,
+                "the config has no [provider]".into(),
+            ),
+            (StartError::NoSandbox, super::super::NO_SANDBOX.into()),
+            (
+                StartError::ClientSecretNotSet {
+                    variable: "CIS2_SECRET".into(),
+                },
+                "the client secret is read from the environment variable CIS2_SECRET ([provider.exchange] secret_env), but it is not set; set it before starting the agent".into(),
+            ),
+            (
+                StartError::KeyFileUnreadable {
+                    path: "/keys/rp.pem".into(),
+                    source: not_found(),
+                },
+                format!("cannot read key_file /keys/rp.pem: {}", not_found()),
+            ),
+            (
+                StartError::RelayIsNotClientAuth,
+                "the relay is not a client authentication method".into(),
+            ),
+            (
+                StartError::Https(HttpSetupError::CaEmpty),
+                "the extra CA file holds no certificate".into(),
+            ),
+            (
+                StartError::Https(HttpSetupError::CaFileUnreadable {
+                    path: "/etc/ca.pem".into(),
+                    source: not_found(),
+                }),
+                format!("cannot read ca_file /etc/ca.pem: {}", not_found()),
+            ),
+        ];
+        for (error, words) in cases {
+            assert_eq!(error.to_string(), words);
+            assert_eq!(error.exit_code(), 2, "{error:?}");
+        }
+    }
+
+    /// A bad key file is named by its path; its contents, which may be a private key, are not quoted.
+    #[test]
+    fn a_key_file_that_is_not_a_key_is_named_not_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rp.pem");
+        let contents = "-----BEGIN PRIVATE KEY-----\nTm90QUtleVNlY3JldFNlY3JldA==\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&path, contents).unwrap();
+        let provider: crate::config::ProviderConfig = toml::from_str(&format!(
+            "issuer = \"https://cis2.example/realm\"\nclient_id = \"rp\"\n[exchange]\nmethod = \"private_key_jwt\"\nkey_file = {:?}\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let error = super::super::startup::client_auth(&provider).unwrap_err();
+        let StartError::KeyFileInvalid { path: named, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(named, &path);
+        let (shown, debugged) = (error.to_string(), format!("{error:?}"));
+        assert!(
+            shown.starts_with(&format!("key_file {}: ", path.display())),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("Tm90QUtleVNlY3JldFNlY3JldA")
+                && !debugged.contains("Tm90QUtleVNlY3JldFNlY3JldA")
+        );
+    }
+
+    /// A client secret that is missing is named by its variable, which a front end can show or set.
+    #[test]
+    fn a_client_secret_not_set_names_its_variable() {
+        let provider: crate::config::ProviderConfig = toml::from_str(
+            "issuer = \"https://cis2.example/realm\"\nclient_id = \"rp\"\n[exchange]\nmethod = \"client_secret_post\"\nsecret_env = \"CIS2_TEST_SECRET_THAT_IS_NEVER_SET\"\n",
+        )
+        .unwrap();
+        match super::super::startup::client_auth(&provider) {
+            Err(StartError::ClientSecretNotSet { variable }) => {
+                assert_eq!(variable, "CIS2_TEST_SECRET_THAT_IS_NEVER_SET")
+            }
+            other => panic!("{:?}", other.err()),
+        }
     }
 }

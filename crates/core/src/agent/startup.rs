@@ -18,9 +18,7 @@ use std::time::Duration;
 pub(super) async fn start_sandbox(
     data_dir: &Path,
 ) -> Result<(SandboxProvider, String), StartError> {
-    let running = crate::sandbox::start(data_dir)
-        .await
-        .map_err(StartError::Sandbox)?;
+    let running = crate::sandbox::start(data_dir).await?;
     let issuer = running.issuer.clone();
     Ok((running, issuer))
 }
@@ -29,7 +27,7 @@ pub(super) async fn start_sandbox(
 pub(super) async fn start_sandbox(
     _data_dir: &Path,
 ) -> Result<(SandboxProvider, String), StartError> {
-    Err(StartError::Config(super::NO_SANDBOX.to_owned()))
+    Err(StartError::NoSandbox)
 }
 
 /// How long the agent waits for the relay, which itself waits for the provider.
@@ -47,7 +45,7 @@ pub(super) fn exchange(
         let url = provider.exchange.relay_url.clone().unwrap_or_default();
         return RelayClient::new(&url, extra_ca_pem, RELAY_TIMEOUT)
             .map(Exchange::Relay)
-            .map_err(StartError::Config);
+            .map_err(StartError::Https);
     }
     client_auth(provider).map(Exchange::Direct)
 }
@@ -62,32 +60,29 @@ pub(super) fn client_auth(
             let name = exchange.secret_env.clone().unwrap_or_default();
             match std::env::var(&name) {
                 Ok(secret) if !secret.is_empty() => Ok(ClientAuth::SecretPost(Secret::new(secret))),
-                _ => Err(StartError::Config(format!(
-                    "the client secret is read from the environment variable {name} ([provider.exchange] secret_env), but it is not set; set it before starting the agent"
-                ))),
+                _ => Err(StartError::ClientSecretNotSet { variable: name }),
             }
         }
         ExchangeMethod::PrivateKeyJwt => {
             let path = exchange.key_file.clone().unwrap_or_default();
-            let pem = std::fs::read_to_string(&path).map_err(|e| {
-                StartError::Config(format!("cannot read key_file {}: {e}", path.display()))
-            })?;
+            let pem = match std::fs::read_to_string(&path) {
+                Ok(pem) => pem,
+                Err(source) => return Err(StartError::KeyFileUnreadable { path, source }),
+            };
             let alg = match exchange.alg {
                 SigningAlg::RS256 => Alg::RS256,
                 SigningAlg::RS512 => Alg::RS512,
             };
-            let mut key = SigningKey::from_pem(&pem, alg)
-                .map_err(|e| StartError::Config(format!("key_file {}: {e}", path.display())))?;
+            let mut key = match SigningKey::from_pem(&pem, alg) {
+                Ok(key) => key,
+                Err(source) => return Err(StartError::KeyFileInvalid { path, source }),
+            };
             if let Some(kid) = &exchange.kid {
-                key = key
-                    .with_kid(kid)
-                    .map_err(|e| StartError::Config(format!("[provider.exchange] kid: {e}")))?;
+                key = key.with_kid(kid).map_err(StartError::BadKid)?;
             }
             Ok(ClientAuth::PrivateKeyJwt(Box::new(key)))
         }
-        ExchangeMethod::Relay => Err(StartError::Config(
-            "the relay is not a client authentication method".into(),
-        )),
+        ExchangeMethod::Relay => Err(StartError::RelayIsNotClientAuth),
     }
 }
 
