@@ -11,7 +11,7 @@ use cis2_config_error::{line_of, suggest, syntax_error};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
-use toml_edit::{ImDocument, Item, TableLike, Value};
+use toml_edit::{ImDocument, Item, Value};
 
 use super::paths::{Os, env_var, home_dir};
 use super::*;
@@ -157,12 +157,13 @@ fn tables() -> [(&'static str, Vec<String>); 8] {
     ]
 }
 
-/// Where a table is, in the words of a message.
-fn place(table: &str) -> String {
-    match table {
-        "" => "at the top of the file, before the first [section] heading".to_owned(),
-        "clients" | "provider.audiences" => format!("in a [[{table}]] entry"),
-        table => format!("in [{table}]"),
+/// Where a table (and which entry of a list of tables) is, in the words of a message.
+fn place(table: &str, entry: Option<usize>) -> String {
+    match (table, entry) {
+        ("", _) => "at the top level".to_owned(),
+        ("clients" | "provider.audiences", Some(i)) => format!("in [[{table}]] entry {}", i + 1),
+        ("clients" | "provider.audiences", None) => format!("in [[{table}]]"),
+        _ => format!("in [{table}]"),
     }
 }
 
@@ -268,17 +269,12 @@ impl Reader<'_> {
     fn snippet(&self, span: &Span) -> String {
         let raw = span.as_ref().and_then(|r| self.text.get(r.clone()));
         let raw = raw.unwrap_or("").trim();
-        let short: String = raw
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_end()
-            .chars()
-            .take(60)
-            .collect();
-        match short.len() < raw.len() {
-            true => format!("{short}…"),
-            false => short,
+        let first_line = raw.lines().next().unwrap_or("").trim_end();
+        let short: String = first_line.chars().take(60).collect();
+        if short.len() < raw.len() {
+            format!("{short}…")
+        } else {
+            short
         }
     }
 
@@ -307,43 +303,33 @@ impl Reader<'_> {
         }
     }
 
-    fn refuse_secrets(&self, t: &dyn TableLike, table: &str) -> Checked {
-        for (key, item) in t.iter() {
+    /// Refuses a key named like a secret anywhere in `item`: its tables, lists and inline tables.
+    fn refuse_secrets(&self, item: &Item, table: &str) -> Checked {
+        for (key, value) in item.as_table_like().into_iter().flat_map(|t| t.iter()) {
             if SECRET_KEYS.contains(&key.to_lowercase().replace('-', "_").as_str()) {
-                let place = match table {
-                    "" => "at the top level".to_owned(),
-                    "clients" => "in [[clients]]".to_owned(),
-                    table => format!("in [{table}]"),
-                };
+                let key_span = item.as_table_like().and_then(|t| t.key(key)?.span());
                 return Err(self.err(
-                    &t.key(key).and_then(|k| k.span()).or_else(|| item.span()),
-                    format!("\"{key}\" {place}: secrets never go in the config file."),
+                    &key_span.or_else(|| value.span()),
+                    format!(
+                        "\"{key}\" {}: secrets never go in the config file.",
+                        place(table, None)
+                    ),
                     "Remove it, put the secret in an environment variable of the agent, and name \
                      that variable in [provider.exchange]: method = \"client_secret_post\" and \
                      secret_env = \"CIS2_CLIENT_SECRET\".",
                 ));
             }
-            let path = join_path(table, key);
-            match item {
-                Item::Table(t) => self.refuse_secrets(t, &path)?,
-                Item::ArrayOfTables(list) => list
-                    .iter()
-                    .try_for_each(|t| self.refuse_secrets(t, &path))?,
-                Item::Value(v) => self.refuse_secrets_in(v, &path)?,
-                Item::None => {}
-            }
+            self.refuse_secrets(value, &join_path(table, key))?;
         }
-        Ok(())
-    }
-
-    fn refuse_secrets_in(&self, v: &Value, path: &str) -> Checked {
-        match v {
-            Value::InlineTable(t) => self.refuse_secrets(t, path),
-            Value::Array(list) => list
-                .iter()
-                .try_for_each(|v| self.refuse_secrets_in(v, path)),
-            _ => Ok(()),
-        }
+        let list = item
+            .as_array()
+            .into_iter()
+            .flatten()
+            .cloned()
+            .map(Item::Value);
+        let tables = item.as_array_of_tables().into_iter().flatten().cloned();
+        list.chain(tables.map(Item::Table))
+            .try_for_each(|item| self.refuse_secrets(&item, table))
     }
 
     /// A serde error as our sentence: an unknown key or table (with the nearest valid one or the
@@ -427,12 +413,10 @@ impl Reader<'_> {
         let (table, entry, _, _) = parts(&join_path(parent, "key"));
         let full = join_path(&table, key);
         let item = self.item(parent).and_then(|t| t.get(key));
-        let message = match (item, table.as_str(), entry) {
-            (Some(Item::ArrayOfTables(_)), ..) => format!("unknown table [[{full}]]."),
-            (Some(Item::Table(_)), ..) => format!("unknown table [{full}]."),
-            (_, "", _) => format!("unknown key \"{key}\" at the top level."),
-            (_, table, Some(i)) => format!("unknown key \"{key}\" in [[{table}]] entry {}.", i + 1),
-            (_, table, None) => format!("unknown key \"{key}\" in [{table}]."),
+        let message = match item {
+            Some(Item::ArrayOfTables(_)) => format!("unknown table [[{full}]]."),
+            Some(Item::Table(_)) => format!("unknown table [{full}]."),
+            _ => format!("unknown key \"{key}\" {}.", place(&table, entry)),
         };
         let allowed = expected(serde_message);
         let mut fix = String::new();
@@ -442,7 +426,11 @@ impl Reader<'_> {
                 shown => format!("Did you mean \"{shown}\"? "),
             };
         } else if let Some((home, _)) = tables().iter().find(|(_, k)| k.iter().any(|k| k == key)) {
-            fix = format!("\"{key}\" belongs {}: move it there. ", place(home));
+            let home = match *home {
+                "" => "at the top of the file, before the first [section] heading".to_owned(),
+                home => place(home, None),
+            };
+            fix = format!("\"{key}\" belongs {home}: move it there. ");
         }
         let valid: Vec<String> = allowed.iter().map(|k| display_key(&table, k)).collect();
         fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
@@ -770,7 +758,7 @@ pub(super) fn parse_inner(
         base,
         check_files,
     };
-    r.refuse_secrets(r.doc.as_table(), "")?;
+    r.refuse_secrets(r.doc.as_item(), "")?;
     let raw: RawFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
         .map_err(|e| r.serde_error(&e))?;
     let (a, s) = (&raw.agent, &raw.session);
@@ -836,13 +824,8 @@ pub(super) fn parse_inner(
 
 /// Removes repeated entries, keeping the first.
 fn dedup(list: &mut Vec<String>) {
-    let mut seen = Vec::new();
-    list.retain(|s| {
-        !seen.contains(s) && {
-            seen.push(s.clone());
-            true
-        }
-    });
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|s| seen.insert(s.clone()));
 }
 
 fn read_provider(
