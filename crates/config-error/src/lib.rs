@@ -1,7 +1,8 @@
 //! What a config-file mistake looks like, shared by the agent's (`cis2-core`) and the relay's
 //! (`cis2-relay`) config readers: the file, the 1-based line, what is wrong and what to write
 //! instead. It also holds the few helpers both readers use to build one: the line of a TOML span,
-//! a TOML syntax error turned into a [`ConfigError`], and a "did you mean" from `strsim`.
+//! a TOML syntax error turned into a [`ConfigError`], the key and the valid keys in serde's error
+//! for an unknown key, and a "did you mean" from `strsim`.
 //! A crate of its own because the relay must not depend on the agent's crate.
 
 use std::fmt;
@@ -83,6 +84,15 @@ pub fn syntax_error(
     }
 }
 
+/// The unknown key and the keys the table takes, from serde's error for a `deny_unknown_fields`
+/// table (`unknown field `x`, expected one of `a`, `b``): serde's derive knows the valid keys, so no
+/// reader keeps a list of its own.
+pub fn unknown_field(message: &str) -> Option<(&str, Vec<&str>)> {
+    let mut parts = message.strip_prefix("unknown field `")?.split('`');
+    let key = parts.next()?;
+    Some((key, parts.skip(1).step_by(2).collect()))
+}
+
 /// The candidate nearest to `word`, if it is near enough to be a likely typo (case and `-`/`_`
 /// aside); a word of four letters or more that starts a candidate ("relay" for "relay_url") is near
 /// too.
@@ -132,6 +142,21 @@ mod tests {
         assert_eq!(suggest("Data-Dir", keys), Some("data_dir"));
         assert_eq!(suggest("client", keys), Some("client_policy"));
         assert_eq!(suggest("environment", keys), None);
+    }
+
+    #[test]
+    fn an_unknown_field_gives_the_key_and_the_valid_ones() {
+        let message = "unknown field `stor`, expected one of `socket`, `store`";
+        assert_eq!(
+            unknown_field(message),
+            Some(("stor", vec!["socket", "store"]))
+        );
+        let message = "unknown field `x`, there are no fields";
+        assert_eq!(unknown_field(message), Some(("x", vec![])));
+        assert_eq!(
+            unknown_field("invalid type: string \"a\", expected u64"),
+            None
+        );
     }
 
     #[test]

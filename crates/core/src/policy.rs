@@ -12,18 +12,6 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Methods a listed client may call when its rule does not say (all but logout).
-pub const DEFAULT_METHODS: [&str; 8] = [
-    "status",
-    "version",
-    "login",
-    "whoami",
-    "token",
-    "change_role",
-    "subscribe",
-    "activity",
-];
-
 /// Methods answered for every program of this user, whatever the policy: they tell nothing about the
 /// clinician (`status` withholds the user from programs that may not call `whoami`).
 pub const OPEN_METHODS: [&str; 2] = ["status", "version"];
@@ -240,15 +228,20 @@ fn windows_path_key(path: &str) -> String {
     key
 }
 
+/// Methods a listed client may call when its rule does not say: every method but `logout`.
+fn default_methods() -> Vec<String> {
+    let all = crate::config::CLIENT_METHODS.iter();
+    all.filter(|m| **m != "logout")
+        .map(|m| m.to_string())
+        .collect()
+}
+
 /// Decides for `peer` without asking anyone.
 pub fn decide(config: &Config, decisions: &Decisions, peer: &Peer) -> Verdict {
     if let Some(rule) = config.clients.iter().find(|r| rule_matches(r, peer)) {
         return Verdict::Allowed(Grant {
             source: format!("[[clients]] {}", rule.name),
-            methods: rule
-                .methods
-                .clone()
-                .unwrap_or_else(|| DEFAULT_METHODS.iter().map(|m| m.to_string()).collect()),
+            methods: rule.methods.clone().unwrap_or_else(default_methods),
             audiences: rule.audiences.clone(),
             scopes: rule.scopes.clone(),
         });

@@ -1,7 +1,7 @@
 //! The relay's TOML (interfaces.md "cis2-relay"). Every mistake is reported with the file, the line and
 //! what to write instead; relative paths are read from the config file's folder.
 
-use cis2_config_error::line_of;
+use cis2_config_error::{line_of, suggest, unknown_field};
 use cis2_jose::{Alg, SigningKey};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -172,13 +172,17 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
     let parsed: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
         let message = e.message().trim().to_string();
+        let near = unknown_field(&message).and_then(|(key, keys)| suggest(key, keys));
         let hint = if message.contains("missing field") {
             " — see the example in docs/deployment.md: [relay] needs allowed_redirect_uris, \
              [provider] needs issuer and client_id, [signing] needs keys"
+                .to_owned()
+        } else if let Some(near) = near {
+            format!(" — did you mean `{near}`? See docs/deployment.md")
         } else if message.contains("unknown field") {
-            " — check the spelling against docs/deployment.md"
+            " — check the spelling against docs/deployment.md".to_owned()
         } else {
-            ""
+            String::new()
         };
         error(line, format!("{message}{hint}"))
     })?;
@@ -563,6 +567,26 @@ mod tests {
              [provider]\nissuer = \"https://cis2.example:443/realms/Healthcare\"\nclient_id = \"1.apps.national\"\n\
              [signing]\nkeys = [\"a.pem\", \"b.pem\"]\nactive = \"b.pem\"\n{extra}"
         )
+    }
+
+    #[test]
+    fn a_misspelt_key_gets_a_suggestion_from_the_keys_serde_knows() {
+        let err = parse(
+            &good("").replace("listen", "listn"),
+            "relay.toml",
+            Path::new("."),
+        );
+        let err = err.unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.message.contains("did you mean `listen`?"), "{err}");
+        let err = parse(
+            &good("").replace("listen", "port"),
+            "relay.toml",
+            Path::new("."),
+        );
+        let err = err.unwrap_err();
+        assert!(err.message.contains("check the spelling"), "{err}");
+        assert!(!err.message.contains("did you mean"), "{err}");
     }
 
     #[test]

@@ -7,11 +7,11 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use cis2_config_error::{line_of, suggest, syntax_error};
+use cis2_config_error::{line_of, suggest, syntax_error, unknown_field};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
-use toml_edit::{ImDocument, Item, TableLike, Value};
+use toml_edit::{ImDocument, Item, Value};
 
 use super::paths::{Os, env_var, home_dir};
 use super::*;
@@ -127,20 +127,12 @@ fn choices(key: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-/// The names serde lists after "expected" in `unknown field `x`, expected one of `a`, `b``.
-fn expected(message: &str) -> Vec<String> {
-    message
-        .split('`')
-        .skip(3)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
-}
-
 /// The keys a table takes, from serde itself: its error for a key it does not know lists them.
 fn keys_of<T: DeserializeOwned>() -> Vec<String> {
     let error = toml::from_str::<T>("\"\" = 0").err();
-    error.map(|e| expected(e.message())).unwrap_or_default()
+    let keys = error.as_ref().and_then(|e| unknown_field(e.message()));
+    keys.map(|(_, keys)| keys.into_iter().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// Each table's dotted path and keys: to tell someone who put a key in the wrong table where it goes.
@@ -157,12 +149,13 @@ fn tables() -> [(&'static str, Vec<String>); 8] {
     ]
 }
 
-/// Where a table is, in the words of a message.
-fn place(table: &str) -> String {
-    match table {
-        "" => "at the top of the file, before the first [section] heading".to_owned(),
-        "clients" | "provider.audiences" => format!("in a [[{table}]] entry"),
-        table => format!("in [{table}]"),
+/// Where a table (and which entry of a list of tables) is, in the words of a message.
+fn place(table: &str, entry: Option<usize>) -> String {
+    match (table, entry) {
+        ("", _) => "at the top level".to_owned(),
+        ("clients" | "provider.audiences", Some(i)) => format!("in [[{table}]] entry {}", i + 1),
+        ("clients" | "provider.audiences", None) => format!("in [[{table}]]"),
+        _ => format!("in [{table}]"),
     }
 }
 
@@ -268,17 +261,12 @@ impl Reader<'_> {
     fn snippet(&self, span: &Span) -> String {
         let raw = span.as_ref().and_then(|r| self.text.get(r.clone()));
         let raw = raw.unwrap_or("").trim();
-        let short: String = raw
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_end()
-            .chars()
-            .take(60)
-            .collect();
-        match short.len() < raw.len() {
-            true => format!("{short}…"),
-            false => short,
+        let first_line = raw.lines().next().unwrap_or("").trim_end();
+        let short: String = first_line.chars().take(60).collect();
+        if short.len() < raw.len() {
+            format!("{short}…")
+        } else {
+            short
         }
     }
 
@@ -307,43 +295,33 @@ impl Reader<'_> {
         }
     }
 
-    fn refuse_secrets(&self, t: &dyn TableLike, table: &str) -> Checked {
-        for (key, item) in t.iter() {
+    /// Refuses a key named like a secret anywhere in `item`: its tables, lists and inline tables.
+    fn refuse_secrets(&self, item: &Item, table: &str) -> Checked {
+        for (key, value) in item.as_table_like().into_iter().flat_map(|t| t.iter()) {
             if SECRET_KEYS.contains(&key.to_lowercase().replace('-', "_").as_str()) {
-                let place = match table {
-                    "" => "at the top level".to_owned(),
-                    "clients" => "in [[clients]]".to_owned(),
-                    table => format!("in [{table}]"),
-                };
+                let key_span = item.as_table_like().and_then(|t| t.key(key)?.span());
                 return Err(self.err(
-                    &t.key(key).and_then(|k| k.span()).or_else(|| item.span()),
-                    format!("\"{key}\" {place}: secrets never go in the config file."),
+                    &key_span.or_else(|| value.span()),
+                    format!(
+                        "\"{key}\" {}: secrets never go in the config file.",
+                        place(table, None)
+                    ),
                     "Remove it, put the secret in an environment variable of the agent, and name \
                      that variable in [provider.exchange]: method = \"client_secret_post\" and \
                      secret_env = \"CIS2_CLIENT_SECRET\".",
                 ));
             }
-            let path = join_path(table, key);
-            match item {
-                Item::Table(t) => self.refuse_secrets(t, &path)?,
-                Item::ArrayOfTables(list) => list
-                    .iter()
-                    .try_for_each(|t| self.refuse_secrets(t, &path))?,
-                Item::Value(v) => self.refuse_secrets_in(v, &path)?,
-                Item::None => {}
-            }
+            self.refuse_secrets(value, &join_path(table, key))?;
         }
-        Ok(())
-    }
-
-    fn refuse_secrets_in(&self, v: &Value, path: &str) -> Checked {
-        match v {
-            Value::InlineTable(t) => self.refuse_secrets(t, path),
-            Value::Array(list) => list
-                .iter()
-                .try_for_each(|v| self.refuse_secrets_in(v, path)),
-            _ => Ok(()),
-        }
+        let list = item
+            .as_array()
+            .into_iter()
+            .flatten()
+            .cloned()
+            .map(Item::Value);
+        let tables = item.as_array_of_tables().into_iter().flatten().cloned();
+        list.chain(tables.map(Item::Table))
+            .try_for_each(|item| self.refuse_secrets(&item, table))
     }
 
     /// A serde error as our sentence: an unknown key or table (with the nearest valid one or the
@@ -356,10 +334,10 @@ impl Reader<'_> {
         });
         let mut steps: Vec<String> = steps.collect();
         let (message, span) = (e.inner().message(), e.inner().span());
-        if message.starts_with("unknown field") {
+        if let Some((key, allowed)) = unknown_field(message) {
             // The unknown key may itself contain a dot: it is kept apart from its table's path.
-            let key = steps.pop().unwrap_or_default();
-            return self.unknown_key(&steps.join("."), &key, message, &span);
+            steps.pop();
+            return self.unknown_key(&steps.join("."), key, &allowed, &span);
         }
         let path = steps.join(".");
         let (table, _, key, element) = parts(&path);
@@ -417,32 +395,27 @@ impl Reader<'_> {
         }
     }
 
-    fn unknown_key(
-        &self,
-        parent: &str,
-        key: &str,
-        serde_message: &str,
-        span: &Span,
-    ) -> ConfigError {
+    fn unknown_key(&self, parent: &str, key: &str, allowed: &[&str], span: &Span) -> ConfigError {
         let (table, entry, _, _) = parts(&join_path(parent, "key"));
         let full = join_path(&table, key);
         let item = self.item(parent).and_then(|t| t.get(key));
-        let message = match (item, table.as_str(), entry) {
-            (Some(Item::ArrayOfTables(_)), ..) => format!("unknown table [[{full}]]."),
-            (Some(Item::Table(_)), ..) => format!("unknown table [{full}]."),
-            (_, "", _) => format!("unknown key \"{key}\" at the top level."),
-            (_, table, Some(i)) => format!("unknown key \"{key}\" in [[{table}]] entry {}.", i + 1),
-            (_, table, None) => format!("unknown key \"{key}\" in [{table}]."),
+        let message = match item {
+            Some(Item::ArrayOfTables(_)) => format!("unknown table [[{full}]]."),
+            Some(Item::Table(_)) => format!("unknown table [{full}]."),
+            _ => format!("unknown key \"{key}\" {}.", place(&table, entry)),
         };
-        let allowed = expected(serde_message);
         let mut fix = String::new();
-        if let Some(near) = suggest(key, allowed.iter().map(String::as_str)) {
+        if let Some(near) = suggest(key, allowed.iter().copied()) {
             fix = match display_key(&table, near) {
                 shown if shown.starts_with('[') => format!("Did you mean {shown}? "),
                 shown => format!("Did you mean \"{shown}\"? "),
             };
         } else if let Some((home, _)) = tables().iter().find(|(_, k)| k.iter().any(|k| k == key)) {
-            fix = format!("\"{key}\" belongs {}: move it there. ", place(home));
+            let home = match *home {
+                "" => "at the top of the file, before the first [section] heading".to_owned(),
+                home => place(home, None),
+            };
+            fix = format!("\"{key}\" belongs {home}: move it there. ");
         }
         let valid: Vec<String> = allowed.iter().map(|k| display_key(&table, k)).collect();
         fix.push_str(&format!("Valid keys: {}.", valid.join(", ")));
@@ -472,14 +445,19 @@ impl Reader<'_> {
         )
     }
 
-    fn secs(&self, table: &str, values: &[(&str, Option<u64>)]) -> Checked {
-        for (key, n) in values {
-            let path = join_path(table, key);
-            let min = secs_rule(key).unwrap_or_default().0;
-            if let Some(n) =
-                n.filter(|n| !(min..=MAX_SECS).contains(n) && self.item(&path).is_some())
-            {
-                return Err(self.bad_secs(&path, n == 0));
+    /// Each duration the file gives: from its least value ([`secs_rule`]) to [`MAX_SECS`]. Serde has
+    /// already refused what is not a whole number of at least 0.
+    fn secs(&self) -> Checked {
+        for table in ["provider", "session"] {
+            let keys = self.item(table).and_then(Item::as_table_like);
+            for (key, value) in keys.into_iter().flat_map(|t| t.iter()) {
+                let n = value.as_integer().and_then(|n| u64::try_from(n).ok());
+                let (Some((min, _)), Some(n)) = (secs_rule(key), n) else {
+                    continue;
+                };
+                if !(min..=MAX_SECS).contains(&n) {
+                    return Err(self.bad_secs(&join_path(table, key), n == 0));
+                }
             }
         }
         Ok(())
@@ -503,15 +481,6 @@ impl Reader<'_> {
             )?;
         }
         Ok(())
-    }
-
-    /// A path key given as an empty string.
-    fn not_empty(&self, path: &str, value: Option<&Path>) -> Checked {
-        let (_, _, key, _) = parts(path);
-        let empty = value.is_some_and(|p| p.to_string_lossy().trim().is_empty());
-        let (what, example) = (file_what(key), example(key));
-        let fix = format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out.");
-        self.rule(empty, path, "{at} is not valid: it is empty.", fix)
     }
 
     /// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
@@ -602,12 +571,6 @@ impl Reader<'_> {
             "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", prompt = \
              \"select_account\", prompt = \"none\", or prompt = \"\" to send no prompt.",
         )?;
-        self.not_empty("provider.ca_file", p.ca_file.as_deref())?;
-        let times = [
-            ("max_age", p.max_age),
-            ("login_timeout_secs", Some(p.login_timeout_secs)),
-        ];
-        self.secs("provider", &times)?;
         let mut ports = Vec::new();
         for (i, port) in p.redirect_ports.iter().enumerate() {
             let path = format!("provider.redirect_ports.{i}");
@@ -622,7 +585,6 @@ impl Reader<'_> {
         if let Some(relay_url) = &x.relay_url {
             self.url("provider.exchange.relay_url", relay_url, "the relay", true)?;
         }
-        self.not_empty("provider.exchange.key_file", x.key_file.as_deref())?;
         self.rule(
             x.kid
                 .as_deref()
@@ -646,79 +608,7 @@ impl Reader<'_> {
              starting with a digit).",
             "secret_env names the variable that holds the secret, never the secret itself: write \
              secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's environment.",
-        )?;
-        for (i, a) in p.audiences.iter().enumerate() {
-            for (key, value) in [("name", &a.name), ("route", &a.route)] {
-                let path = format!("provider.audiences.{i}.{key}");
-                let bad = value.is_empty()
-                    || !value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-                self.rule(
-                    bad && self.item(&path).is_some(),
-                    &path,
-                    "[[provider.audiences]] {at} is not valid: it must be letters, digits, - _ or .",
-                    format!("Write {key} = \"apim\"."),
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    fn check_client(&self, c: &ClientRule, at: &str) -> Checked {
-        let key = |key| format!("{at}.{key}");
-        let name = c.name.trim();
-        self.rule(
-            self.item(&key("name")).is_some()
-                && (name.is_empty() || name.contains(char::is_control)),
-            &key("name"),
-            "{at} is not valid: it is empty.",
-            "Write name = \"Ward EHR\" (the name shown to people).",
-        )?;
-        for (k, what, value) in [
-            ("path", "the program's executable", &c.path),
-            ("script", "the script the interpreter runs", &c.script),
-        ] {
-            self.rule(
-                value.as_ref().is_some_and(|p| !p.is_absolute()),
-                &key(k),
-                &format!("{{at}} is not valid: it must be the full path of {what}."),
-                format!("Write {k} = {} (the absolute path).", example(k)),
-            )?;
-        }
-        for (k, what, value) in [
-            ("sha256", "executable", &c.sha256),
-            ("script_sha256", "script", &c.script_sha256),
-        ] {
-            let hex =
-                |s: &str| s.trim().len() == 64 && s.trim().chars().all(|c| c.is_ascii_hexdigit());
-            self.rule(
-                value.as_deref().is_some_and(|s| !hex(s)),
-                &key(k),
-                &format!(
-                    "{{at}} is not valid: it must be the {what}'s SHA-256 as 64 hexadecimal digits."
-                ),
-                format!(
-                    "Write {k} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), `shasum -a \
-                     256 FILE` (macOS) or `certutil -hashfile FILE SHA256` (Windows)."
-                ),
-            )?;
-        }
-        for (i, method) in c.methods.iter().flatten().enumerate() {
-            let near = suggest(method, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
-            self.rule(
-                !CLIENT_METHODS.contains(&method.as_str()),
-                &format!("{at}.methods.{i}"),
-                "methods entry {shown}{in} is not a method of the agent.",
-                format!(
-                    "{}Valid methods: {}.",
-                    near.unwrap_or_default(),
-                    CLIENT_METHODS.join(", ")
-                ),
-            )?;
-        }
-        self.words(&key("audiences"), &c.audiences)?;
-        self.words(&key("scopes"), &c.scopes)
+        )
     }
 
     /// A path from the file, resolved (`~/` is the home folder; a relative path is read from the
@@ -730,14 +620,21 @@ impl Reader<'_> {
         must_exist: bool,
     ) -> Result<Option<PathBuf>, ConfigError> {
         let Some(raw) = raw else { return Ok(None) };
+        let (_, _, key, _) = parts(path);
+        let (what, example) = (file_what(key), example(key));
         let text = raw.to_string_lossy();
+        self.rule(
+            text.trim().is_empty(),
+            path,
+            "{at} is not valid: it is empty.",
+            format!("Write the path of {what}, e.g. {key} = {example}, or leave {key} out."),
+        )?;
         let rest = text.strip_prefix("~/").or_else(|| text.strip_prefix("~\\"));
         let file = match (text == "~", rest, home_dir(&env_var, Os::CURRENT)) {
             (true, _, Some(h)) => h,
             (_, Some(rest), Some(h)) => h.join(rest),
             _ => self.base.join(&raw),
         };
-        let (_, _, key, _) = parts(path);
         self.rule(
             must_exist && self.check_files && !file.is_file(),
             path,
@@ -746,8 +643,7 @@ impl Reader<'_> {
                 file.display()
             ),
             format!(
-                "Write the path of {} (a relative path is read from the config file's folder).",
-                file_what(key)
+                "Write the path of {what} (a relative path is read from the config file's folder)."
             ),
         )?;
         Ok(Some(file))
@@ -770,22 +666,10 @@ pub(super) fn parse_inner(
         base,
         check_files,
     };
-    r.refuse_secrets(r.doc.as_table(), "")?;
+    r.refuse_secrets(r.doc.as_item(), "")?;
     let raw: RawFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
         .map_err(|e| r.serde_error(&e))?;
-    let (a, s) = (&raw.agent, &raw.session);
-    r.not_empty("agent.socket", a.socket.as_deref())?;
-    r.not_empty("agent.data_dir", a.data_dir.as_deref())?;
-    let times = [
-        ("refresh_margin_secs", s.refresh_margin_secs),
-        ("expiring_notice_secs", s.expiring_notice_secs),
-        ("inactivity_secs", s.inactivity_secs),
-        ("absolute_secs", s.absolute_secs),
-    ];
-    r.secs("session", &times.map(|(k, n)| (k, Some(n))))?;
-    for (i, c) in raw.clients.iter().enumerate() {
-        r.check_client(c, &format!("clients.{i}"))?;
-    }
+    r.secs()?;
     if let Some(p) = &raw.provider {
         r.check_provider(p)?;
     }
@@ -836,13 +720,8 @@ pub(super) fn parse_inner(
 
 /// Removes repeated entries, keeping the first.
 fn dedup(list: &mut Vec<String>) {
-    let mut seen = Vec::new();
-    list.retain(|s| {
-        !seen.contains(s) && {
-            seen.push(s.clone());
-            true
-        }
-    });
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|s| seen.insert(s.clone()));
 }
 
 fn read_provider(
@@ -910,6 +789,16 @@ fn read_provider(
                 "A [[provider.audiences]] entry has no name.",
                 "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
             ));
+        }
+        for (key, value) in [("name", &audience.name), ("route", &audience.route)] {
+            let path = format!("provider.audiences.{i}.{key}");
+            let word = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+            r.rule(
+                r.item(&path).is_some() && (value.is_empty() || !value.bytes().all(word)),
+                &path,
+                "[[provider.audiences]] {at} is not valid: it must be letters, digits, - _ or .",
+                format!("Write {key} = \"apim\"."),
+            )?;
         }
         let (name, method) = (&audience.name, p.exchange.method);
         if method != ExchangeMethod::Relay {
@@ -1012,8 +901,10 @@ fn read_exchange(
 
 fn read_client(r: &Reader<'_>, c: &mut ClientRule, i: usize) -> Checked {
     let label = format!("[[clients]] entry {}", i + 1);
-    let entry_span = r.span(&format!("clients.{i}"));
-    if r.item(&format!("clients.{i}.name")).is_none() {
+    let at = format!("clients.{i}");
+    let key = |key| format!("{at}.{key}");
+    let entry_span = r.span(&at);
+    if r.item(&key("name")).is_none() {
         return Err(r.err(
             &entry_span,
             format!("{label} has no name."),
@@ -1024,6 +915,55 @@ fn read_client(r: &Reader<'_>, c: &mut ClientRule, i: usize) -> Checked {
     for hash in [&mut c.sha256, &mut c.script_sha256].into_iter().flatten() {
         *hash = hash.trim().to_ascii_lowercase();
     }
+    r.rule(
+        c.name.is_empty() || c.name.contains(char::is_control),
+        &key("name"),
+        "{at} is not valid: it is empty.",
+        "Write name = \"Ward EHR\" (the name shown to people).",
+    )?;
+    for (k, what, value) in [
+        ("path", "the program's executable", &c.path),
+        ("script", "the script the interpreter runs", &c.script),
+    ] {
+        r.rule(
+            value.as_ref().is_some_and(|p| !p.is_absolute()),
+            &key(k),
+            &format!("{{at}} is not valid: it must be the full path of {what}."),
+            format!("Write {k} = {} (the absolute path).", example(k)),
+        )?;
+    }
+    for (k, what, value) in [
+        ("sha256", "executable", &c.sha256),
+        ("script_sha256", "script", &c.script_sha256),
+    ] {
+        let hex = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+        r.rule(
+            value.as_deref().is_some_and(|s| !hex(s)),
+            &key(k),
+            &format!(
+                "{{at}} is not valid: it must be the {what}'s SHA-256 as 64 hexadecimal digits."
+            ),
+            format!(
+                "Write {k} = {SHA_EXAMPLE} as printed by `sha256sum FILE` (Linux), `shasum -a \
+                 256 FILE` (macOS) or `certutil -hashfile FILE SHA256` (Windows)."
+            ),
+        )?;
+    }
+    for (i, method) in c.methods.iter().flatten().enumerate() {
+        let near = suggest(method, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
+        r.rule(
+            !CLIENT_METHODS.contains(&method.as_str()),
+            &format!("{at}.methods.{i}"),
+            "methods entry {shown}{in} is not a method of the agent.",
+            format!(
+                "{}Valid methods: {}.",
+                near.unwrap_or_default(),
+                CLIENT_METHODS.join(", ")
+            ),
+        )?;
+    }
+    r.words(&key("audiences"), &c.audiences)?;
+    r.words(&key("scopes"), &c.scopes)?;
     if c.path.is_none() && c.sha256.is_none() {
         return Err(r.err(
             &entry_span,
