@@ -287,12 +287,12 @@ mod tests {
     #[test]
     fn a_client_secret_not_set_names_its_variable() {
         let provider: crate::config::ProviderConfig = toml::from_str(
-            "issuer = \"https://cis2.example/realm\"\nclient_id = \"rp\"\n[exchange]\nmethod = \"client_secret_post\"\nsecret_env = \"CIS2_TEST_SECRET_THAT_IS_NEVER_SET\"\n",
+            "issuer = \"https://cis2.example/realm\"\nclient_id = \"rp\"\n[exchange]\nmethod = \"client_secret_post\"\nsecret_env = \"CIS2_UNSET_SECRET_OF_A_TEST\"\n",
         )
         .unwrap();
         match super::super::startup::client_auth(&provider) {
             Err(StartError::ClientSecretNotSet { variable }) => {
-                assert_eq!(variable, "CIS2_TEST_SECRET_THAT_IS_NEVER_SET")
+                assert_eq!(variable, "CIS2_UNSET_SECRET_OF_A_TEST")
             }
             other => panic!("{:?}", other.err()),
         }
