@@ -2,6 +2,10 @@
 //! workload, latency percentiles and throughput — and the same load against oidc-agent's socket
 //! (`access_token` request) in the same run, when oidc-agent and bench/oidc-agent-setup.sh are present.
 //!
+//! The offered load runs twice: from 50 blocking client threads (each call's latency includes the
+//! wait of its generator thread for a core, behind 49 others and the agent), and from one thread that
+//! drives the same 50 connections with epoll; the target is reported for both.
+//!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p cis2-system-tests --bench ipc`
 //! (`CIS2_BENCH_AUDIT_SYNC=1` for the agent with `[agent] audit_sync = true`). Every answer waits for
 //! its audit record to be written (group commit), so this measures that too.
@@ -116,6 +120,148 @@ fn paced(
     }
 }
 
+/// The same open-loop load as [`paced`], from one thread: `clients` connections, each with its own
+/// schedule and one call in flight at a time (as a blocking client), driven by one epoll loop whose
+/// timer (a timerfd, nanosecond-exact) fires at the next call due. Fifty generator threads on these two
+/// cores need most of a core themselves and wait for it behind one another, and that wait counts as
+/// the agent's latency; one loop offers the same calls for a fraction of the CPU. Latency is still
+/// measured from each call's scheduled time, and the answer is checked (its id, an access token).
+fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path) -> Figures {
+    use rustix::event::epoll;
+    use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
+
+    struct Connection {
+        stream: UnixStream,
+        offset: Duration,
+        next: usize,
+        in_flight: Option<Instant>,
+        received: Vec<u8>,
+    }
+    let per_client = rate / clients as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_client);
+    let calls = (per_client * seconds) as usize;
+    let poller = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+    let timer = rustix::time::timerfd_create(
+        TimerfdClockId::Monotonic,
+        TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+    )
+    .unwrap();
+    let timer_key = u64::MAX;
+    epoll::add(
+        &poller,
+        &timer,
+        epoll::EventData::new_u64(timer_key),
+        epoll::EventFlags::IN,
+    )
+    .unwrap();
+    let mut connections: Vec<Connection> = (0..clients)
+        .map(|k| {
+            let stream = UnixStream::connect(socket).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            epoll::add(
+                &poller,
+                &stream,
+                epoll::EventData::new_u64(k as u64),
+                epoll::EventFlags::IN,
+            )
+            .unwrap();
+            Connection {
+                stream,
+                offset: interval.mul_f64(k as f64 / clients as f64),
+                next: 0,
+                in_flight: None,
+                received: Vec::new(),
+            }
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(clients * calls);
+    let mut events = Vec::with_capacity(clients + 1);
+    let start = Instant::now() + Duration::from_millis(50);
+    loop {
+        let now = Instant::now();
+        let mut earliest: Option<Instant> = None;
+        let mut busy = false;
+        for connection in connections.iter_mut() {
+            if connection.in_flight.is_some() {
+                busy = true;
+                continue;
+            }
+            if connection.next == calls {
+                continue;
+            }
+            let due = start + connection.offset + interval * connection.next as u32;
+            if due <= now {
+                let request = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"token\",\"params\":{{}}}}\n",
+                    connection.next
+                );
+                connection.stream.write_all(request.as_bytes()).unwrap();
+                connection.in_flight = Some(due);
+                busy = true;
+            } else {
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            }
+        }
+        if !busy && earliest.is_none() {
+            break;
+        }
+        let wait = earliest.map_or(Duration::ZERO, |due| {
+            due.saturating_duration_since(Instant::now())
+                .max(Duration::from_nanos(1))
+        });
+        let setting = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: wait.as_secs() as _,
+                tv_nsec: wait.subsec_nanos() as _,
+            },
+        };
+        rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &setting).unwrap();
+        events.clear();
+        epoll::wait(&poller, rustix::buffer::spare_capacity(&mut events), None).unwrap();
+        for event in events.iter() {
+            let key = event.data.u64();
+            if key == timer_key {
+                let mut expirations = [0u8; 8];
+                let _ = rustix::io::read(&timer, &mut expirations);
+                continue;
+            }
+            let connection = &mut connections[key as usize];
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match connection.stream.read(&mut chunk) {
+                    Ok(0) => panic!("the agent closed a connection"),
+                    Ok(n) => connection.received.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            while let Some(end) = connection.received.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = connection.received.drain(..=end).collect();
+                let answer: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                assert_eq!(answer["id"], connection.next, "{answer}");
+                assert!(answer["result"]["access_token"].is_string(), "{answer}");
+                let due = connection
+                    .in_flight
+                    .take()
+                    .expect("an answer to a call in flight");
+                latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                connection.next += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    Figures {
+        calls: latencies.len(),
+        seconds: elapsed,
+        latencies_us: latencies,
+    }
+}
+
 fn cis2_persistent(socket: PathBuf) -> Box<dyn FnMut() + Send> {
     let mut client = cis2_ipc_client::Client::connect(&socket).unwrap();
     Box::new(move || {
@@ -174,6 +320,18 @@ fn oidc_agent_call(socket: &Path, account: &str) {
     panic!("oidc-agent answered {:?}", String::from_utf8_lossy(&buf));
 }
 
+/// The target, judged on one offered-load run: p99 <= 1 ms at >= 20,000 req/s.
+fn target_line(generator: &str, figures: &Figures) -> String {
+    let p99 =
+        figures.latencies_us[((figures.latencies_us.len() - 1) as f64 * 0.99).round() as usize];
+    let achieved = figures.calls as f64 / figures.seconds;
+    let met = p99 <= 1000.0 && achieved >= 19_800.0;
+    format!(
+        "target: p99 <= 1 ms at >= 20,000 req/s ({generator}) -> {} (p99 {p99:.0} µs at {achieved:.0} req/s)",
+        if met { "met" } else { "NOT met" }
+    )
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut idp_command = Command::new(bin("cis2-mock-idp"));
@@ -207,6 +365,11 @@ fn main() {
     println!("-- offered load: 20,000 req/s for 5 s, latency from each call's scheduled time");
     let offered = paced(CLIENTS, 20_000.0, 5.0, || cis2_persistent(socket.clone()));
     println!("{}", offered.line("cis2-agent, persistent connections"));
+    let from_one_thread = paced_from_one_thread(CLIENTS, 20_000.0, 5.0, &socket);
+    println!(
+        "{}",
+        from_one_thread.line("cis2-agent, persistent, one generator thread")
+    );
     let offered_per_connection = paced(CLIENTS, 20_000.0, 5.0, || {
         cis2_per_connection(socket.clone())
     });
@@ -215,19 +378,12 @@ fn main() {
         offered_per_connection.line("cis2-agent, a new connection per call"),
         refused_note()
     );
-    let p99 =
-        offered.latencies_us[((offered.latencies_us.len() - 1) as f64 * 0.99).round() as usize];
-    let achieved = offered.calls as f64 / offered.seconds;
-    println!(
-        "target: p99 <= 1 ms at >= 20,000 req/s -> {} (p99 {:.0} µs at {:.0} req/s)",
-        if p99 <= 1000.0 && achieved >= 19_800.0 {
-            "met"
-        } else {
-            "NOT met"
-        },
-        p99,
-        achieved
-    );
+    for (generator, figures) in [
+        ("50 generator threads", &offered),
+        ("one generator thread", &from_one_thread),
+    ] {
+        println!("{}", target_line(generator, figures));
+    }
     println!("-- saturation: every client calls back to back");
     let persistent = load(CLIENTS, CALLS_PERSISTENT, || {
         cis2_persistent(socket.clone())

@@ -182,6 +182,18 @@ struct State {
     failed: Option<String>,
     /// What the head file says.
     head_lines: u64,
+    /// How far the log was written when the head's thread last looked (see [`Shared::keep_up`]).
+    written_at_last_look: u64,
+}
+
+impl State {
+    /// For the head's thread, at each look: the line to write through when records are pending and
+    /// no request has written since its last look (their writers gave up); `None` otherwise.
+    fn forgotten_records(&mut self) -> Option<u64> {
+        let idle = self.written.lines == self.written_at_last_look;
+        self.written_at_last_look = self.written.lines;
+        (idle && self.appended.lines > self.written.lines).then_some(self.appended.lines)
+    }
 }
 
 #[derive(Clone)]
@@ -246,6 +258,7 @@ impl AuditLog {
                 writing: false,
                 failed: None,
                 head_lines: chain.lines,
+                written_at_last_look: chain.lines,
             }),
             written,
             file,
@@ -299,7 +312,7 @@ impl AuditLog {
 }
 
 /// How often the head file is brought up to date (it may lag the log by this much; it never runs
-/// ahead of it), and how soon records whose writer gave up waiting are written.
+/// ahead of it); records whose writer gave up waiting are written within two of these.
 const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Shared {
@@ -370,10 +383,27 @@ impl Shared {
         outcome
     }
 
-    /// Rewrites the head if the log has grown since, and writes what nobody waits for any more.
+    /// Writes everything appended, then rewrites the head if the log has grown since.
     fn update_head(&self) {
         let through = self.lock().appended.lines;
         let _ = self.write_batch_unless_busy(through);
+        self.write_head_if_behind();
+    }
+
+    /// The head's thread, every [`HEAD_INTERVAL`]: writes records whose writer gave up waiting, but
+    /// only when no request has written since its last look. While requests are coming, the next one
+    /// writes them with its own batch; were this thread to write a batch then, the requests arriving
+    /// meanwhile would wait for a thread the scheduler may not run for milliseconds (under load, a
+    /// stall at each look).
+    fn keep_up(&self) {
+        let forgotten = self.lock().forgotten_records();
+        if let Some(through) = forgotten {
+            let _ = self.write_batch_unless_busy(through);
+        }
+        self.write_head_if_behind();
+    }
+
+    fn write_head_if_behind(&self) {
         let chain = {
             let state = self.lock();
             (state.written.lines != state.head_lines).then(|| state.written.clone())
@@ -417,7 +447,7 @@ fn keep_head(log: std::sync::Weak<Shared>) {
     loop {
         std::thread::sleep(HEAD_INTERVAL);
         match log.upgrade() {
-            Some(log) => log.update_head(),
+            Some(log) => log.keep_up(),
             None => return,
         }
     }
@@ -623,6 +653,31 @@ mod tests {
             lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_heads_thread_writes_pending_records_only_when_no_request_wrote_since_its_last_look() {
+        let chain = |lines| Chain {
+            lines,
+            last: GENESIS.to_string(),
+        };
+        let mut state = State {
+            pending: b"{}\n".to_vec(),
+            appended: chain(3),
+            written: chain(2),
+            writing: false,
+            failed: None,
+            head_lines: 2,
+            written_at_last_look: 1,
+        };
+        // A request wrote since the last look: the next request's batch takes the pending record.
+        assert_eq!(state.forgotten_records(), None);
+        // Nobody wrote since: its writer gave up, the thread writes it.
+        assert_eq!(state.forgotten_records(), Some(3));
+        // Nothing pending: nothing to write, however idle.
+        state.written = chain(3);
+        assert_eq!(state.forgotten_records(), None);
+        assert_eq!(state.forgotten_records(), None);
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ pub fn default_socket_path() -> PathBuf {
 mod pipe;
 
 #[cfg(unix)]
-type Reader = BufReader<UnixStream>;
+type Reader = BufReader<AnswerReader>;
 #[cfg(unix)]
 type Writer = UnixStream;
 #[cfg(windows)]
@@ -238,6 +238,33 @@ impl Shutdown {
     }
 }
 
+/// The socket's reading side. It waits for the agent's answer in `poll(POLLIN)`, not in a blocking
+/// `read`: Linux wakes a thread blocked in `read` on a Unix socket whenever the socket may be written
+/// again too — that is, as soon as the agent has read the request — so each call would wake the
+/// caller once for nothing. `poll` is woken only for what it asked for, and carries the read timeout.
+#[cfg(unix)]
+struct AnswerReader {
+    stream: UnixStream,
+    timeout: Option<Duration>,
+}
+
+#[cfg(unix)]
+impl std::io::Read for AnswerReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let timeout = self.timeout.map(|t| Timespec {
+            tv_sec: t.as_secs() as _,
+            tv_nsec: t.subsec_nanos() as _,
+        });
+        let mut ready = [PollFd::new(&self.stream, PollFlags::IN)];
+        if rustix::event::poll(&mut ready, timeout.as_ref())? == 0 {
+            // What a read timeout (SO_RCVTIMEO) gives: EAGAIN.
+            return Err(rustix::io::Errno::AGAIN.into());
+        }
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
 pub struct Client {
     reader: Reader,
     writer: Writer,
@@ -284,7 +311,10 @@ impl Client {
             });
         }
         Ok(Client {
-            reader: BufReader::new(stream.try_clone()?),
+            reader: BufReader::new(AnswerReader {
+                stream: stream.try_clone()?,
+                timeout: None,
+            }),
             writer: stream,
             next_id: 1,
             pending_events: Default::default(),
@@ -307,7 +337,9 @@ impl Client {
     /// How long a read may wait (`None`: forever; `login` can take minutes).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
         #[cfg(unix)]
-        self.writer.set_read_timeout(timeout)?;
+        {
+            self.reader.get_mut().timeout = timeout;
+        }
         #[cfg(windows)]
         self.reader.set_timeout(timeout);
         Ok(())
@@ -372,5 +404,87 @@ impl Client {
                 return Ok(message["params"].clone());
             }
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in agent on a socket in a private folder: `serve` gets each accepted connection.
+    fn agent(serve: impl FnOnce(UnixStream) + Send + 'static) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || serve(listener.accept().unwrap().0));
+        (dir, path)
+    }
+
+    fn read_request(stream: &UnixStream) -> Value {
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn an_answer_that_comes_in_pieces_with_an_event_before_it_is_read_whole() {
+        let (_dir, path) = agent(|mut stream| {
+            let request = read_request(&stream);
+            let answer = format!(
+                "{}\n",
+                json!({"jsonrpc": "2.0", "id": request["id"], "result": {"access_token": "t"}})
+            );
+            let (first, rest) = answer.split_at(answer.len() / 2);
+            stream
+                .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"params\":{\"type\":\"locked\"}}\n")
+                .unwrap();
+            stream.write_all(first.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            stream.write_all(rest.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let mut client = Client::connect(&path).unwrap();
+        client.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        let answer = client.call("token", json!({})).unwrap();
+        assert_eq!(answer["access_token"], "t");
+        assert_eq!(client.next_event().unwrap()["type"], "locked");
+    }
+
+    #[test]
+    fn a_read_timeout_ends_the_wait_for_an_answer_that_does_not_come() {
+        let (_dir, path) = agent(|stream| {
+            read_request(&stream);
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let mut client = Client::connect(&path).unwrap();
+        client
+            .set_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        match client.call("token", json!({})) {
+            Err(ClientError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+
+    #[test]
+    fn a_shutdown_from_another_thread_ends_a_wait_for_events() {
+        let (_dir, path) = agent(|stream| {
+            std::thread::sleep(Duration::from_secs(5));
+            drop(stream);
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let shutdown = client.shutdown_handle().unwrap();
+        let waiting = std::thread::spawn(move || client.next_event());
+        std::thread::sleep(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        shutdown.shutdown();
+        assert!(waiting.join().unwrap().is_err());
+        assert!(started.elapsed() < Duration::from_secs(4));
     }
 }
