@@ -29,6 +29,16 @@ struct Figures {
 }
 
 impl Figures {
+    /// One latency per call made.
+    fn of(mut latencies_us: Vec<f64>, seconds: f64) -> Figures {
+        latencies_us.sort_by(f64::total_cmp);
+        Figures {
+            calls: latencies_us.len(),
+            seconds,
+            latencies_us,
+        }
+    }
+
     fn line(&self, label: &str) -> String {
         let p =
             |q: f64| self.latencies_us[((self.latencies_us.len() - 1) as f64 * q).round() as usize];
@@ -45,7 +55,7 @@ impl Figures {
 
 fn load(clients: usize, calls: usize, one: impl Fn() -> Box<dyn FnMut() + Send> + Sync) -> Figures {
     let start = Instant::now();
-    let mut latencies = std::thread::scope(|scope| {
+    let latencies = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|_| {
                 let mut call = one();
@@ -65,13 +75,7 @@ fn load(clients: usize, calls: usize, one: impl Fn() -> Box<dyn FnMut() + Send> 
             .flat_map(|h| h.join().unwrap())
             .collect::<Vec<f64>>()
     });
-    let seconds = start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Figures {
-        calls: clients * calls,
-        seconds,
-        latencies_us: latencies,
-    }
+    Figures::of(latencies, start.elapsed().as_secs_f64())
 }
 
 /// Open-loop load: `clients` threads together offering `rate` calls a second for `seconds`. Latency is
@@ -86,7 +90,7 @@ fn paced(
     let interval = Duration::from_secs_f64(1.0 / per_client);
     let calls = (per_client * seconds) as usize;
     let start = Instant::now() + Duration::from_millis(50);
-    let mut latencies = std::thread::scope(|scope| {
+    let latencies = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|k| {
                 let mut call = one();
@@ -111,13 +115,7 @@ fn paced(
             .flat_map(|h| h.join().unwrap())
             .collect::<Vec<f64>>()
     });
-    let elapsed = start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Figures {
-        calls: latencies.len(),
-        seconds: elapsed,
-        latencies_us: latencies,
-    }
+    Figures::of(latencies, start.elapsed().as_secs_f64())
 }
 
 /// The same open-loop load as [`paced`], from one thread: `clients` connections, each with its own
@@ -253,13 +251,7 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
             }
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Figures {
-        calls: latencies.len(),
-        seconds: elapsed,
-        latencies_us: latencies,
-    }
+    Figures::of(latencies, start.elapsed().as_secs_f64())
 }
 
 fn cis2_persistent(socket: PathBuf) -> Box<dyn FnMut() + Send> {
