@@ -27,7 +27,10 @@ mod test_hooks;
 mod timers;
 
 pub use answers::{ActivityAnswer, Event, SessionState, Status, TokenAnswer, TokenRequest};
-pub use errors::{AgentError, StartError};
+pub use errors::{
+    AgentError, BadParamsReason, NotAllowedReason, NotSignedInReason, SignInFailedReason,
+    StartError, UnreachableReason,
+};
 pub use machine::LockReason;
 pub use relay_watch::ENDED_AT_CIS2;
 pub use test_hooks::test_pause_token;

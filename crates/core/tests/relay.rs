@@ -184,7 +184,7 @@ async fn setup() -> Setup {
 async fn login_error(setup: &Setup) -> String {
     match setup.agent.login(Some(Duration::from_secs(20))).await {
         Ok(status) => panic!("the sign-in should have been refused, got {status:?}"),
-        Err(AgentError::SignInFailed(message)) => message,
+        Err(error @ AgentError::SignInFailed(_)) => error.to_string(),
         Err(other) => panic!("expected a refused sign-in, got {other:?}"),
     }
 }

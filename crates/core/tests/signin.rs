@@ -221,7 +221,7 @@ impl Harness {
     async fn login_error(&self) -> String {
         match self.login().await {
             Ok(status) => panic!("the sign-in should have been refused, got {status:?}"),
-            Err(AgentError::SignInFailed(message)) => message,
+            Err(error @ AgentError::SignInFailed(_)) => error.to_string(),
             Err(other) => panic!("expected -32002, got {other:?}"),
         }
     }

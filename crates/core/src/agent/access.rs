@@ -3,7 +3,7 @@
 //! who is signed in, and that records what it asked for in the audit log. A permitted request is
 //! activity (the inactivity clock starts again); a refused one is not.
 
-use super::{Agent, AgentError, ConnectionGrant};
+use super::{Agent, AgentError, ConnectionGrant, NotAllowedReason};
 use crate::audit::{AuditError, ClientInfo, Record};
 use crate::peer::Peer;
 use crate::policy::{self, Grant, Verdict};
@@ -37,18 +37,21 @@ impl Agent {
             });
         }
         let config = &self.inner.config;
+        let refused = |reason| AgentError::NotAllowed {
+            program: peer.describe(),
+            method: method.to_string(),
+            reason,
+        };
         let verdict = policy::decide(config, &self.inner.decisions, peer);
         let grant = match verdict {
             Verdict::Allowed(grant) => grant,
-            Verdict::Denied(why) => return Err(AgentError::NotAllowed(why)),
+            Verdict::Denied(why) => return Err(refused(NotAllowedReason::Policy(why))),
             Verdict::Ask if connection.allowed_once => Grant::everything("allowed once"),
             Verdict::Ask => match &self.inner.approver {
                 None => {
-                    return Err(AgentError::NotAllowed(format!(
-                        "{} is not listed in [[clients]], and cis2-agentd has no one to ask (client_policy = \"ask\").{} Or set [agent] client_policy = \"allow\" to let every program of this user in.",
-                        peer.describe(),
-                        policy::how_to_list(config, peer)
-                    )));
+                    return Err(refused(NotAllowedReason::NoOneToAsk {
+                        how_to_list: policy::how_to_list(config, peer),
+                    }));
                 }
                 Some(approver) => match approver.ask(peer).await {
                     policy::Answer::AllowOnce => {
@@ -65,21 +68,16 @@ impl Agent {
                         if let Err(e) = self.inner.decisions.remember(peer, false) {
                             tracing::warn!(error = %e, "could not remember the decision");
                         }
-                        return Err(AgentError::NotAllowed(format!(
-                            "The person signed in refused {}.",
-                            peer.describe()
-                        )));
+                        return Err(refused(NotAllowedReason::RefusedByPerson));
                     }
                 },
             },
         };
         if !grant.permits(method) {
-            return Err(AgentError::NotAllowed(format!(
-                "{} may not call {method} ({}: allows {}).",
-                peer.describe(),
-                grant.source,
-                grant.methods.join(", ")
-            )));
+            return Err(refused(NotAllowedReason::MethodNotGranted {
+                source: grant.source,
+                allowed: grant.methods,
+            }));
         }
         // Only a permitted request is activity: a refused program cannot keep the session awake.
         self.touch();

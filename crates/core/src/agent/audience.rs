@@ -7,7 +7,9 @@
 //! else on demand — one exchange at a time (single-flight: concurrent callers take the token the first
 //! one fetched); a failed background renewal backs off as the session's does.
 
-use super::{Agent, AgentError, TokenAnswer};
+use super::{
+    Agent, AgentError, BadParamsReason, NotSignedInReason, TokenAnswer, UnreachableReason,
+};
 use crate::http::ProviderError;
 use crate::oidc::rp::{Exchange, SignedIn};
 use crate::secret::Secret;
@@ -228,14 +230,10 @@ impl Agent {
     ) -> Result<TokenAnswer, AgentError> {
         let Exchange::Relay(relay) = &self.inner.rp.settings.exchange else {
             // The config refuses audiences without the relay; kept for a clear answer regardless.
-            return Err(AgentError::BadParams(
-                "Audience tokens need [provider.exchange] method = \"relay\".".into(),
-            ));
+            return Err(AgentError::BadParams(BadParamsReason::AudienceNeedsRelay));
         };
         if id_token.expose().is_empty() {
-            return Err(AgentError::NotSignedIn(
-                "The session holds no ID token to exchange: sign in again (cis2ctl login).".into(),
-            ));
+            return Err(AgentError::NotSignedIn(NotSignedInReason::NoIdToken));
         }
         let (answer, _) = relay
             .exchange(&id_token, route)
@@ -260,8 +258,7 @@ impl Agent {
             Ok(answer)
         } else {
             Err(AgentError::NotSignedIn(
-                "The session changed while the API Platform token was being fetched; ask again."
-                    .into(),
+                NotSignedInReason::ChangedDuringExchange,
             ))
         }
     }
@@ -319,9 +316,10 @@ fn refused(name: &str, e: ProviderError) -> AgentError {
         ..
     } = &e
     else {
-        return AgentError::Unreachable(format!(
-            "The API Platform token for {name:?} could not be had: {e}. The session is unaffected; ask again shortly."
-        ));
+        return AgentError::Unreachable(UnreachableReason::AudienceToken {
+            audience: name.to_string(),
+            cause: e,
+        });
     };
     // The relay's own words, without the OAuth code the agent already read.
     let reason = match (description.as_deref(), oauth_error.as_deref()) {
@@ -331,25 +329,20 @@ fn refused(name: &str, e: ProviderError) -> AgentError {
         (Some(d), None) => d,
         (None, _) => "no reason given",
     }
-    .trim_end_matches('.');
+    .trim_end_matches('.')
+    .to_string();
+    let audience = name.to_string();
     match (*status, oauth_error.as_deref()) {
-        (400, Some("invalid_grant")) => AgentError::NotSignedIn(format!(
-            "The API Platform token for {name:?} was refused because the session's ID token was not accepted: {reason}. \
-             The session's own token still works. A new sign-in gives a new ID token: sign out and in again \
-             (cis2ctl logout, then cis2ctl login); if that is refused too, the relay and this agent are set up \
-             for different Care Identity environments: tell the administrator."
-        )),
-        (502, Some("relay_misconfigured")) => AgentError::Unreachable(format!(
-            "The API Platform refused the relay's own credentials for {name:?}: {reason}. Signing in again will \
-             not help and the session is unaffected: the relay's administrator must make its [[api_platform]] \
-             api_key, key and kid match the application's registration with the API Platform."
-        )),
-        (400..500, _) => AgentError::BadParams(format!(
-            "The relay would not exchange for {name:?} ({e}); check [[provider.audiences]] route against the relay's [[api_platform]]."
-        )),
-        _ => AgentError::Unreachable(format!(
-            "The API Platform token for {name:?} could not be had: {e}. The session is unaffected; ask again shortly."
-        )),
+        (400, Some("invalid_grant")) => {
+            AgentError::NotSignedIn(NotSignedInReason::IdTokenNotAccepted { audience, reason })
+        }
+        (502, Some("relay_misconfigured")) => {
+            AgentError::Unreachable(UnreachableReason::RelayMisconfigured { audience, reason })
+        }
+        (400..500, _) => {
+            AgentError::BadParams(BadParamsReason::RouteRefused { audience, cause: e })
+        }
+        _ => AgentError::Unreachable(UnreachableReason::AudienceToken { audience, cause: e }),
     }
 }
 

@@ -7,7 +7,10 @@
 use super::machine::{Caller, Input, Refreshed, Refusal};
 use super::session::refused;
 use super::test_hooks::crash_point;
-use super::{Agent, AgentError, TokenAnswer, TokenRequest};
+use super::{
+    Agent, AgentError, BadParamsReason, NotSignedInReason, SignInFailedReason, TokenAnswer,
+    TokenRequest, UnreachableReason,
+};
 use crate::oidc::rp::{SignInError, SignedIn};
 use rand::Rng;
 
@@ -22,9 +25,7 @@ impl Agent {
                 .await;
         }
         if request.audience.is_some() || request.scope.is_some() {
-            return Err(AgentError::BadParams(
-                "This provider does not issue down-scoped tokens: ask without audience and scope for the session's token.".into(),
-            ));
+            return Err(AgentError::BadParams(BadParamsReason::NoDownScopedTokens));
         }
         self.renew(request.min_valid_secs.unwrap_or(0), Caller::Client)
             .await
@@ -69,13 +70,9 @@ impl Agent {
             return if current.expires_at > now + min_valid {
                 Ok(answer_from(&current, installed_at))
             } else {
-                Err(AgentError::NotSignedIn(if current.expires_at > now {
-                    format!(
-                        "The access token has only {} s left, fewer than the {min_valid} s asked, and the provider gave no refresh token to renew it: sign in again (cis2ctl login).",
-                        current.expires_at - now
-                    )
-                } else {
-                    "The session's access token has expired and the provider gave no refresh token: sign in again (cis2ctl login).".into()
+                Err(AgentError::NotSignedIn(NotSignedInReason::NoRefreshToken {
+                    left_secs: current.expires_at.saturating_sub(now),
+                    asked_secs: min_valid,
                 }))
             };
         };
@@ -104,7 +101,7 @@ impl Agent {
                 });
                 if refused(&effects).is_some() {
                     return Err(AgentError::NotSignedIn(
-                        "The clinician signed in here changed while the token was being renewed; ask again.".into(),
+                        NotSignedInReason::ChangedDuringRenewal,
                     ));
                 }
                 crash_point("after_refresh_saved");
@@ -122,12 +119,10 @@ impl Agent {
                     now,
                     outcome: Refreshed::Ended(format!("the provider ended the session: {err}")),
                 });
-                Err(AgentError::NotSignedIn(format!(
-                    "The session has ended: {err}. Sign in again."
-                )))
+                Err(AgentError::NotSignedIn(NotSignedInReason::Ended(err)))
             }
             Err(err) => {
-                let (why, outage) = match &err {
+                let (why, failure) = match err {
                     Ok(err) => {
                         self.apply(Input::RefreshFinished {
                             generation,
@@ -137,28 +132,36 @@ impl Agent {
                                 jitter_percent: rand::thread_rng().gen_range(80..120),
                             },
                         });
-                        (err.to_string(), err.is_outage())
+                        let why = err.to_string();
+                        if err.is_outage() {
+                            (
+                                why,
+                                AgentError::Unreachable(UnreachableReason::Renewal(err)),
+                            )
+                        } else {
+                            (
+                                why,
+                                AgentError::SignInFailed(SignInFailedReason::Renewal(err)),
+                            )
+                        }
                     }
-                    Err(due_in) => (
+                    Err(due_in_secs) => (
                         format!(
-                            "{}; the next attempt is due in {due_in} s",
-                            last_error.unwrap_or_default()
+                            "{}; the next attempt is due in {due_in_secs} s",
+                            last_error.as_deref().unwrap_or_default()
                         ),
-                        true,
+                        AgentError::Unreachable(UnreachableReason::RenewalBackingOff {
+                            last_error,
+                            due_in_secs,
+                        }),
                     ),
                 };
                 // Anything else leaves the session as it was: serve what is still valid, else say why.
                 if current.expires_at > now + min_valid {
                     tracing::warn!(error = %why, "refresh failed; serving the cached token");
                     Ok(answer_from(&current, installed_at))
-                } else if outage {
-                    Err(AgentError::Unreachable(format!(
-                        "The token could not be renewed because the Care Identity Service could not be reached ({why}); the session is kept — try again shortly."
-                    )))
                 } else {
-                    Err(AgentError::SignInFailed(format!(
-                        "The token could not be renewed: {why}. The session is kept."
-                    )))
+                    Err(failure)
                 }
             }
         }

@@ -5,7 +5,7 @@
 
 use super::machine::{Effect, FlightKind, Input, Refusal};
 use super::session::refused;
-use super::{Agent, AgentError, Core, Status};
+use super::{Agent, AgentError, Core, NotSignedInReason, SignInFailedReason, Status};
 use crate::oidc::claims::User;
 use crate::oidc::rp::SignedIn;
 use std::time::Duration;
@@ -56,17 +56,13 @@ impl Agent {
             let mut core = self.core();
             let effects = self.step_locked(&mut core, Input::Login { at_keyboard, now });
             if refused(&effects).is_some() {
-                let who = core.state.active().map(|a| {
-                    let user = &a.tokens.user;
-                    match &user.name {
-                        Some(name) => format!("{name} ({})", user.uid),
-                        None => user.uid.clone(),
-                    }
-                });
-                return Err(AgentError::SignInFailed(format!(
-                    "{} is already signed in here. To sign in as someone else, sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
-                    who.unwrap_or_default()
-                )));
+                let user = core.state.active().map(|a| &a.tokens.user);
+                return Err(AgentError::SignInFailed(
+                    SignInFailedReason::AlreadySignedIn {
+                        uid: user.map(|u| u.uid.clone()).unwrap_or_default(),
+                        name: user.and_then(|u| u.name.clone()),
+                    },
+                ));
             }
             self.flight_to_wait_for(&mut core, &effects, timeout)
         };
@@ -164,10 +160,10 @@ impl Agent {
         match refused(&effects) {
             None => Ok(status),
             Some(Refusal::RoleChangeByOther) => Err(AgentError::SignInFailed(
-                "The role change was completed by another person; the current session is kept. Sign out first to switch clinician.".into(),
+                SignInFailedReason::RoleChangeByOther,
             )),
             Some(Refusal::SessionChanged) => Err(AgentError::NotSignedIn(
-                "The session ended while the role was being changed; sign in again.".into(),
+                NotSignedInReason::EndedDuringRoleChange,
             )),
             Some(_) => Err(interrupted()),
         }
@@ -207,15 +203,12 @@ impl Agent {
         });
         match refused(&effects) {
             None => Ok(status),
-            Some(Refusal::OtherClinician { locked }) => Err(AgentError::SignInFailed(format!(
-                "{} is signed in here{}. They must sign out first (cis2ctl logout), or set [workstation] allow_user_switch = true.",
-                previous.unwrap_or_default(),
-                if *locked {
-                    " (the session is locked)"
-                } else {
-                    ""
-                }
-            ))),
+            Some(Refusal::OtherClinician { locked }) => Err(AgentError::SignInFailed(
+                SignInFailedReason::OtherClinician {
+                    uid: previous.unwrap_or_default(),
+                    locked: *locked,
+                },
+            )),
             Some(_) => Err(interrupted()),
         }
     }
@@ -225,7 +218,7 @@ impl Agent {
 pub(super) type FlightAnswer = watch::Receiver<Option<Result<Status, AgentError>>>;
 
 fn interrupted() -> AgentError {
-    AgentError::SignInFailed("The sign-in was cancelled or interrupted; start it again.".into())
+    AgentError::SignInFailed(SignInFailedReason::Interrupted)
 }
 
 /// The flight's outcome, once it ends.

@@ -1,7 +1,9 @@
 //! JSON-RPC 2.0 over lines: turning a line into a request, a request into a call on the agent, and the
 //! outcome into a response. Every malformed input gets its JSON-RPC error; none ends the connection.
 
-use crate::agent::{Agent, AgentError, ConnectionGrant, TokenRequest};
+use crate::agent::{
+    Agent, AgentError, BadParamsReason, ConnectionGrant, NotAllowedReason, TokenRequest,
+};
 use crate::peer::Peer;
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -316,7 +318,11 @@ struct TokenParams {
 }
 
 fn params<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, AgentError> {
-    serde_json::from_value(value).map_err(|e| AgentError::BadParams(format!("Bad params: {e}.")))
+    serde_json::from_value(value).map_err(|e| {
+        AgentError::BadParams(BadParamsReason::Malformed {
+            detail: e.to_string(),
+        })
+    })
 }
 
 /// Runs a request for `peer`: checks the params and the client policy, calls the agent, and records
@@ -358,7 +364,7 @@ pub async fn call(
     if !crate::policy::OPEN_METHODS.contains(&method) {
         let result = match &outcome {
             Ok(_) => "ok".to_string(),
-            Err(AgentError::NotAllowed(_)) => "denied".to_string(),
+            Err(AgentError::NotAllowed { .. }) => "denied".to_string(),
             Err(e) => format!("error {}", e.code()),
         };
         // Nothing is handed out that the log does not hold (group commit: this waits for the write).
@@ -392,9 +398,11 @@ async fn run(
         "login" => {
             let p = params::<LoginParams>(request.params.clone())?;
             if p.timeout_secs.is_some_and(|t| t == 0 || t > 3600) {
-                return Err(AgentError::BadParams(
-                    "timeout_secs must be between 1 and 3600.".into(),
-                ));
+                return Err(AgentError::BadParams(BadParamsReason::OutOfRange {
+                    param: "timeout_secs",
+                    min: 1,
+                    max: 3600,
+                }));
             }
             login_timeout = p.timeout_secs.map(Duration::from_secs);
             switch_user = p.switch_user;
@@ -422,30 +430,39 @@ async fn run(
         "login" => agent.login(login_timeout).await.map(|s| json!(s)),
         "token" => {
             let Some(p) = token_params else {
-                return Err(AgentError::BadParams("token params are missing.".into()));
+                return Err(AgentError::BadParams(BadParamsReason::Missing {
+                    method: "token",
+                }));
             };
             if p.min_valid_secs.is_some_and(|m| m > 86_400) {
-                return Err(AgentError::BadParams(
-                    "min_valid_secs must be at most 86400.".into(),
-                ));
+                return Err(AgentError::BadParams(BadParamsReason::TooLarge {
+                    param: "min_valid_secs",
+                    max: 86_400,
+                }));
             }
             if let Some(audience) = &p.audience
                 && !grant.audiences.contains(audience)
             {
-                return Err(AgentError::NotAllowed(format!(
-                    "{} may not ask for tokens for audience {audience:?} ({}).",
-                    peer.describe(),
-                    grant.source
-                )));
+                return Err(AgentError::NotAllowed {
+                    program: peer.describe(),
+                    method: method.to_string(),
+                    reason: NotAllowedReason::AudienceNotGranted {
+                        audience: audience.clone(),
+                        source: grant.source,
+                    },
+                });
             }
             if let Some(scope) = &p.scope
                 && !grant.scopes.iter().any(|s| s == scope)
             {
-                return Err(AgentError::NotAllowed(format!(
-                    "{} may not ask for scope {scope:?} ({}).",
-                    peer.describe(),
-                    grant.source
-                )));
+                return Err(AgentError::NotAllowed {
+                    program: peer.describe(),
+                    method: method.to_string(),
+                    reason: NotAllowedReason::ScopeNotGranted {
+                        scope: scope.clone(),
+                        source: grant.source,
+                    },
+                });
             }
             let answer = agent
                 .token(TokenRequest {
@@ -463,8 +480,8 @@ async fn run(
         "version" => Ok(version(agent)),
         "logout" => agent.logout().await.map(|()| json!({})),
         "subscribe" => Ok(json!({})),
-        other => Err(AgentError::BadParams(format!(
-            "There is no method {other:?}."
+        other => Err(AgentError::BadParams(BadParamsReason::NoSuchMethod(
+            other.to_string(),
         ))),
     }
 }
