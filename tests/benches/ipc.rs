@@ -175,6 +175,7 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
     let mut latencies = Vec::with_capacity(clients * calls);
     let mut events = Vec::with_capacity(clients + 1);
     let start = Instant::now() + Duration::from_millis(50);
+    let mut armed: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let mut earliest: Option<Instant> = None;
@@ -203,21 +204,25 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
         if !busy && earliest.is_none() {
             break;
         }
-        let wait = earliest.map_or(Duration::ZERO, |due| {
-            due.saturating_duration_since(Instant::now())
-                .max(Duration::from_nanos(1))
-        });
-        let setting = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: Timespec {
-                tv_sec: wait.as_secs() as _,
-                tv_nsec: wait.subsec_nanos() as _,
-            },
-        };
-        rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &setting).unwrap();
+        // The timer is set again only when the next call due is another one (a zero setting stops it).
+        if earliest != armed {
+            armed = earliest;
+            let wait = earliest.map_or(Duration::ZERO, |due| {
+                due.saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1))
+            });
+            let setting = Itimerspec {
+                it_interval: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: Timespec {
+                    tv_sec: wait.as_secs() as _,
+                    tv_nsec: wait.subsec_nanos() as _,
+                },
+            };
+            rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &setting).unwrap();
+        }
         events.clear();
         epoll::wait(&poller, rustix::buffer::spare_capacity(&mut events), None).unwrap();
         for event in events.iter() {
@@ -225,18 +230,19 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
             if key == timer_key {
                 let mut expirations = [0u8; 8];
                 let _ = rustix::io::read(&timer, &mut expirations);
+                armed = None;
                 continue;
             }
             let connection = &mut connections[key as usize];
+            // One read per readiness: the poll is level-triggered, so what is left is reported again.
             let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match connection.stream.read(&mut chunk) {
-                    Ok(0) => panic!("the agent closed a connection"),
-                    Ok(n) => connection.received.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("{e}"),
-                }
+            match connection.stream.read(&mut chunk) {
+                Ok(0) => panic!("the agent closed a connection"),
+                Ok(n) => connection.received.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("{e}"),
             }
+            let arrived = Instant::now();
             while let Some(end) = connection.received.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = connection.received.drain(..=end).collect();
                 let answer: serde_json::Value = serde_json::from_slice(&line).unwrap();
@@ -246,7 +252,7 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
                     .in_flight
                     .take()
                     .expect("an answer to a call in flight");
-                latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                latencies.push((arrived - due).as_secs_f64() * 1e6);
                 connection.next += 1;
             }
         }
