@@ -424,42 +424,44 @@ pub fn platform_credentials() -> Result<Arc<keyring_core::CredentialStore>, Stor
     }
 }
 
+/// A signed-in session with every field set, the given access token and a lock-free state: for the
+/// tests of the store and of the agent's saved sessions.
+#[cfg(test)]
+pub(crate) fn sample(token: &str) -> Stored {
+    Stored {
+        user: User {
+            uid: "555021935107".into(),
+            name: Some("Amelia Hart".into()),
+            given_name: None,
+            family_name: None,
+            email: None,
+            roles: vec![],
+            selected_role: None,
+            assurance: crate::oidc::claims::Assurance {
+                acr: None,
+                amr: vec![],
+                id_assurance_level: None,
+                authentication_assurance_level: None,
+                auth_time: None,
+            },
+        },
+        sub: "555021935107".into(),
+        sid: Some("sid".into()),
+        access_token: Zeroizing::new(token.into()),
+        expires_at: 42,
+        refresh_token: Some(Zeroizing::new("refresh-secret-value".into())),
+        id_token: Zeroizing::new("id.token.value".into()),
+        events_ticket: Some(Zeroizing::new("v1.events.ticket".into())),
+        signed_in_at: 7,
+        locked: None,
+        locked_by_card: false,
+        card: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oidc::claims::Assurance;
-
-    fn sample(token: &str) -> Stored {
-        Stored {
-            user: User {
-                uid: "555021935107".into(),
-                name: Some("Amelia Hart".into()),
-                given_name: None,
-                family_name: None,
-                email: None,
-                roles: vec![],
-                selected_role: None,
-                assurance: Assurance {
-                    acr: None,
-                    amr: vec![],
-                    id_assurance_level: None,
-                    authentication_assurance_level: None,
-                    auth_time: None,
-                },
-            },
-            sub: "555021935107".into(),
-            sid: Some("sid".into()),
-            access_token: Zeroizing::new(token.into()),
-            expires_at: 42,
-            refresh_token: Some(Zeroizing::new("refresh-secret-value".into())),
-            id_token: Zeroizing::new("id.token.value".into()),
-            events_ticket: Some(Zeroizing::new("v1.events.ticket".into())),
-            signed_in_at: 7,
-            locked: None,
-            locked_by_card: false,
-            card: None,
-        }
-    }
 
     fn mock() -> Arc<keyring_core::CredentialStore> {
         keyring_core::mock::Store::new().unwrap()

@@ -259,39 +259,14 @@ pub(super) fn refused<T>(effects: &[Effect<T>]) -> Option<&Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oidc::claims::Assurance;
-    use zeroize::Zeroizing;
 
     /// A session as an agent before `LockReason` saved it, with its lock in words.
     fn saved_by_an_older_agent(locked: Option<&str>, locked_by_card: bool) -> Stored {
         Stored {
-            user: User {
-                uid: "555021935107".into(),
-                name: None,
-                given_name: None,
-                family_name: None,
-                email: None,
-                roles: vec![],
-                selected_role: None,
-                assurance: Assurance {
-                    acr: None,
-                    amr: vec![],
-                    id_assurance_level: None,
-                    authentication_assurance_level: None,
-                    auth_time: None,
-                },
-            },
-            sub: "555021935107".into(),
-            sid: None,
-            access_token: Zeroizing::new("access".into()),
-            expires_at: 42,
-            refresh_token: None,
-            id_token: Zeroizing::new("id".into()),
-            events_ticket: None,
-            signed_in_at: 7,
             locked: locked.map(String::from),
             locked_by_card,
             card: Some(crate::smartcard::Card::Known("card".into())),
+            ..crate::store::sample("access")
         }
     }
 
