@@ -124,7 +124,14 @@ fn paced(
 /// cores need most of a core themselves and wait for it behind one another, and that wait counts as
 /// the agent's latency; one loop offers the same calls for a fraction of the CPU. Latency is still
 /// measured from each call's scheduled time, and the answer is checked (its id, an access token).
-fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path) -> Figures {
+/// Also returned: how late the generator itself wrote each call (from its scheduled time), the share
+/// of the latency that no agent could have avoided.
+fn paced_from_one_thread(
+    clients: usize,
+    rate: f64,
+    seconds: f64,
+    socket: &Path,
+) -> (Figures, Figures) {
     use rustix::event::epoll;
     use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
 
@@ -173,6 +180,7 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
         })
         .collect();
     let mut latencies = Vec::with_capacity(clients * calls);
+    let mut sent_late = Vec::with_capacity(clients * calls);
     let mut events = Vec::with_capacity(clients + 1);
     let start = Instant::now() + Duration::from_millis(50);
     let mut armed: Option<Instant> = None;
@@ -195,6 +203,7 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
                     connection.next
                 );
                 connection.stream.write_all(request.as_bytes()).unwrap();
+                sent_late.push(due.elapsed().as_secs_f64() * 1e6);
                 connection.in_flight = Some(due);
                 busy = true;
             } else {
@@ -257,7 +266,11 @@ fn paced_from_one_thread(clients: usize, rate: f64, seconds: f64, socket: &Path)
             }
         }
     }
-    Figures::of(latencies, start.elapsed().as_secs_f64())
+    let seconds = start.elapsed().as_secs_f64();
+    (
+        Figures::of(latencies, seconds),
+        Figures::of(sent_late, seconds),
+    )
 }
 
 fn cis2_persistent(socket: PathBuf) -> Box<dyn FnMut() + Send> {
@@ -318,6 +331,34 @@ fn oidc_agent_call(socket: &Path, account: &str) {
     panic!("oidc-agent answered {:?}", String::from_utf8_lossy(&buf));
 }
 
+/// The time the hypervisor ran something else on this virtual machine's cores (`steal` in
+/// /proc/stat): a core taken away for milliseconds stalls whatever ran on it, agent or generator, and
+/// on a shared VM that is the tail's usual cause. Shown beside a run so that its figures can be read.
+struct StolenTime(Option<u64>);
+
+impl StolenTime {
+    fn start() -> StolenTime {
+        StolenTime(Self::ticks())
+    }
+
+    /// Steal over all cores, in clock ticks (USER_HZ, 100 a second on Linux).
+    fn ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+        cpu.split_whitespace().nth(7)?.parse().ok()
+    }
+
+    fn note(&self) -> String {
+        match (self.0, Self::ticks()) {
+            (Some(before), Some(after)) => format!(
+                "   (stolen by the hypervisor meanwhile: {} ms of core time)",
+                after.saturating_sub(before) * 10
+            ),
+            _ => String::new(),
+        }
+    }
+}
+
 /// The target, judged on one offered-load run: p99 <= 1 ms at >= 20,000 req/s.
 fn target_line(generator: &str, figures: &Figures) -> String {
     let p99 =
@@ -361,12 +402,23 @@ fn main() {
     // Warm-up.
     load(CLIENTS, 100, || cis2_persistent(socket.clone()));
     println!("-- offered load: 20,000 req/s for 5 s, latency from each call's scheduled time");
+    let stolen = StolenTime::start();
     let offered = paced(CLIENTS, 20_000.0, 5.0, || cis2_persistent(socket.clone()));
-    println!("{}", offered.line("cis2-agent, persistent connections"));
-    let from_one_thread = paced_from_one_thread(CLIENTS, 20_000.0, 5.0, &socket);
+    println!(
+        "{}{}",
+        offered.line("cis2-agent, persistent connections"),
+        stolen.note()
+    );
+    let stolen = StolenTime::start();
+    let (from_one_thread, sent_late) = paced_from_one_thread(CLIENTS, 20_000.0, 5.0, &socket);
     println!(
         "{}",
         from_one_thread.line("cis2-agent, persistent, one generator thread")
+    );
+    println!(
+        "{}{}",
+        sent_late.line("  of which the generator's own lateness in writing"),
+        stolen.note()
     );
     let offered_per_connection = paced(CLIENTS, 20_000.0, 5.0, || {
         cis2_per_connection(socket.clone())
