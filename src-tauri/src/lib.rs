@@ -33,6 +33,26 @@ struct Args {
     window: bool,
 }
 
+/// The app's command line, for the launcher's tests (the options it hands over are the app's).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
+/// What start at sign-in runs: the `cis2-agent` launcher where this is `cis2-agent-app` beside it
+/// (Linux), else this program.
+fn program_to_start() -> std::path::PathBuf {
+    let program = std::env::current_exe().unwrap_or_else(|_| "cis2-agent".into());
+    let launcher = program
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_suffix("-app"))
+        .map(|name| program.with_file_name(name));
+    match launcher {
+        Some(launcher) if launcher.exists() => launcher,
+        _ => program,
+    }
+}
+
 /// Tauri's context (config, embedded ui/dist, icons): generated once for both processes.
 fn context() -> tauri::Context<tauri::Wry> {
     tauri::generate_context!("../tauri.conf.json")

@@ -382,7 +382,8 @@ fn app_pid(socket_dir: &Path) -> Option<u32> {
         .filter_map(|p| p.parse::<u32>().ok())
         .find(|pid| {
             std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.ends_with("cis2-agent"))
+                // The `cis2-agent` launcher becomes the app: the process runs `cis2-agent-app`.
+                .is_ok_and(|exe| exe.ends_with("cis2-agent-app"))
         })
 }
 
