@@ -51,7 +51,14 @@ pub fn run() {
     let launcher = std::env::current_exe().unwrap_or_else(|_| "cis2-agent".into());
     let app = app_path(launcher);
     let mut command = std::process::Command::new(&app);
-    command.args(&args);
+    // The name the person ran, so the app's usage and errors say `cis2-agent` as they always have.
+    command
+        .arg0(
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "cis2-agent".into()),
+        )
+        .args(&args);
     // The app would start itself again for this (see `shell::start_again_without_gl`): set here,
     // it is one start instead of two.
     if std::env::var_os("GDK_GL").is_none_or(|v| v.is_empty()) {
