@@ -1,8 +1,10 @@
 //! A second launch hands over to the running app as its first act. tauri-plugin-single-instance
 //! does the same, but only once Tauri is built: after this process has started itself again without
 //! OpenGL, opened the display and initialised GTK, which is most of a second launch's time. Here the
-//! plugin's own D-Bus call is made before any of that; if no app answers, the launch goes on and
-//! the plugin takes the name (and still settles two launches racing each other).
+//! plugin's own D-Bus call is made before any of that — by the `cis2-agent` launcher, which links
+//! no GTK or WebKit, and again by the app first thing in `main` when it is started directly; if no
+//! app answers, the launch goes on and the plugin takes the name (and still settles two launches
+//! racing each other). Shared by path between the library and the launcher.
 
 /// The name and object the plugin serves: Tauri's identifier (tauri.conf.json) + `.SingleInstance`.
 #[cfg(target_os = "linux")]

@@ -33,14 +33,44 @@ struct Args {
     window: bool,
 }
 
+/// The app's command line, for the launcher's tests (the options it hands over are the app's).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
+/// What start at sign-in runs: the `cis2-agent` launcher where this is `cis2-agent-app` beside it
+/// (Linux), else this program.
+fn program_to_start() -> std::path::PathBuf {
+    let program = std::env::current_exe().unwrap_or_else(|_| "cis2-agent".into());
+    let launcher = program
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_suffix("-app"))
+        .map(|name| program.with_file_name(name));
+    match launcher {
+        Some(launcher) if launcher.exists() => launcher,
+        _ => program,
+    }
+}
+
 /// Tauri's context (config, embedded ui/dist, icons): generated once for both processes.
 fn context() -> tauri::Context<tauri::Wry> {
     tauri::generate_context!("../tauri.conf.json")
 }
 
+/// The name the desktop knows the app's windows by: GTK makes it their X11 `WM_CLASS`
+/// (`cis2-agent`, `Cis2-agent`) and their Wayland app id. Docks and taskbars match it to the desktop
+/// entry's `StartupWMClass`, which Tauri's `.deb` writes as the program the entry runs
+/// (tauri.conf.json's `mainBinaryName`), to show the window under the entry it was started from. Set,
+/// because GTK would take this program's file name: on Linux the window runs in `cis2-agent-app`.
+pub const WM_CLASS: &str = "cis2-agent";
+
 /// Runs the app, or its window process; returns when it ends.
 pub fn run() {
     let args = Args::parse();
+    // Before GTK starts: it takes the program's name only if none is set.
+    #[cfg(target_os = "linux")]
+    glib::set_prgname(Some(WM_CLASS));
     // Before anything else: a second launch should cost the person no more than a bus call.
     if !args.window && handoff::to_running_app() {
         return;
@@ -57,5 +87,17 @@ pub fn run() {
         window::run();
     } else {
         shell::run(args.launch, args.minimized);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Tauri's `.deb` names the desktop entry's program and `StartupWMClass` after `mainBinaryName`;
+    /// the windows must carry that name, or the desktop shows them apart from the entry.
+    #[test]
+    fn the_windows_are_named_as_the_desktop_entry_expects() {
+        let config: serde_json::Value =
+            serde_json::from_str(include_str!("../../tauri.conf.json")).unwrap();
+        assert_eq!(config["mainBinaryName"], super::WM_CLASS);
     }
 }

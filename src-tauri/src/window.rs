@@ -95,10 +95,12 @@ const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the window until it is closed or the app that started it is gone.
 pub fn run() {
-    let program = std::env::current_exe().unwrap_or_else(|_| "cis2-agent".into());
+    tracing::debug!("window process started");
+    let program = crate::program_to_start();
     let app = with_commands(tauri::Builder::default())
         .manage(Autostart::for_this_user(program))
         .setup(|app| {
+            tracing::debug!("window process: GTK and Tauri up");
             let handle = app.handle().clone();
             let (first_view, first_view_heard) = tokio::sync::oneshot::channel();
             let first_view = std::sync::Mutex::new(Some(first_view));

@@ -382,8 +382,41 @@ fn app_pid(socket_dir: &Path) -> Option<u32> {
         .filter_map(|p| p.parse::<u32>().ok())
         .find(|pid| {
             std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.ends_with("cis2-agent"))
+                // The `cis2-agent` launcher becomes the app: the process runs `cis2-agent-app`.
+                .is_ok_and(|exe| exe.ends_with("cis2-agent-app"))
         })
+}
+
+fn config_main_binary_name() -> String {
+    let config: Value = serde_json::from_str(include_str!("../../tauri.conf.json")).unwrap();
+    config["mainBinaryName"].as_str().unwrap().to_string()
+}
+
+/// The `WM_CLASS` (instance, class) of the top-level windows titled as tauri.conf.json's window,
+/// read with Debian's python3-xlib (as `scripts/bench-idle` reads the screen).
+fn window_classes(display: &str) -> Vec<(String, String)> {
+    let config: Value = serde_json::from_str(include_str!("../../tauri.conf.json")).unwrap();
+    let title = config["app"]["windows"][0]["title"].as_str().unwrap();
+    let script = r#"
+import sys
+from Xlib import display
+d = display.Display(sys.argv[1])
+name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
+for w in d.screen().root.query_tree().children:
+    title = w.get_full_property(name, utf8)
+    if title is not None and title.value.decode() == sys.argv[2]:
+        print(*(w.get_wm_class() or ("-", "-")))
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script, display, title])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "python3-xlib: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(instance, class)| (instance.to_string(), class.to_string()))
+        .collect()
 }
 
 fn write_config(dir: &Path, extra: &str) -> String {
@@ -443,6 +476,16 @@ async fn sign_in_change_role_approve_a_program_and_sign_out_in_the_real_window()
         .await;
     driver.wait_for("#sandbox-banner", "SANDBOX").await;
     driver.screenshot("01-signed-out").await;
+    // Docks and taskbars put the window under the desktop entry whose StartupWMClass (Tauri's
+    // `.deb`: mainBinaryName) matches its WM_CLASS, though it runs in `cis2-agent-app`.
+    // GNOME matches the instance, KDE the class whatever its case.
+    let entry_class = config_main_binary_name();
+    let classes = window_classes(&desktop.display);
+    assert!(
+        matches!(&classes[..], [(instance, class)]
+            if *instance == entry_class && class.eq_ignore_ascii_case(&entry_class)),
+        "the window's WM_CLASS {classes:?}, the desktop entry's StartupWMClass {entry_class}"
+    );
     driver
         .assert_fits("signed out", &["#login", "#settings-link"])
         .await;
