@@ -8,7 +8,9 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p cis2-system-tests --bench ipc`
 //! (`CIS2_BENCH_AUDIT_SYNC=1` for the agent with `[agent] audit_sync = true`). Every answer waits for
-//! its audit record to be written (group commit), so this measures that too.
+//! its audit record to be written (group commit), so this measures that too. `CIS2_BENCH_PIN=1` gives
+//! the agent and the generator a core each. Each offered-load run also prints the core time the
+//! hypervisor took meanwhile (steal): on a shared VM, a run with steal has a tail whatever the agent.
 
 use cis2_system_tests::{Agent, OidcAgent, Process, bin};
 use std::io::{Read, Write};
@@ -375,6 +377,15 @@ impl StolenTime {
     }
 }
 
+/// Runs this thread, and the threads and programs it starts from now on, on these cores only.
+fn run_on_cores(cores: &[usize]) {
+    let mut set = rustix::thread::CpuSet::new();
+    for &core in cores {
+        set.set(core);
+    }
+    rustix::thread::sched_setaffinity(None, &set).expect("CIS2_BENCH_PIN needs cores 0 and 1");
+}
+
 /// The target, judged on one offered-load run: p99 <= 1 ms at >= 20,000 req/s.
 fn target_line(generator: &str, figures: &Figures) -> String {
     let p99 =
@@ -404,16 +415,33 @@ fn main() {
         format!("environment = \"custom\"\n[provider]\nissuer = \"{issuer}\"\nclient_id = \"100000000001.apps.national\"\n[agent]\nclient_policy = \"allow\"\naudit_sync = {audit_sync}\n[provider.exchange]\nmethod = \"none\"\n"),
     )
     .unwrap();
+    // CIS2_BENCH_PIN=1: the agent on core 0, the load generator on core 1 (the agent's threads
+    // inherit the core it is started from), so that neither waits for a core behind the other, as
+    // on a clinician's PC with more cores than two. The hypervisor can still take either core away.
+    let pinned = std::env::var("CIS2_BENCH_PIN").is_ok_and(|v| v == "1");
+    if pinned {
+        run_on_cores(&[0]);
+    }
     let agent = Agent::start(
         dir.path(),
         &["--config", config.to_str().unwrap()],
         &[("CIS2_LOG", "warn")],
     );
+    if pinned {
+        run_on_cores(&[1]);
+    }
     assert!(agent.ctl(&["login"]).status.success());
     println!(
         "token from the cache over the local socket, {CLIENTS} concurrent clients, release build, 2 cores, audit_sync = {audit_sync}"
     );
-    println!("(the load generator shares the 2 cores with the agent)");
+    println!(
+        "{}",
+        if pinned {
+            "(pinned: the agent on core 0, the load generator on core 1)"
+        } else {
+            "(the load generator shares the 2 cores with the agent; CIS2_BENCH_PIN=1 gives each a core)"
+        }
+    );
     let socket = agent.socket.clone();
     // Warm-up.
     load(CLIENTS, 100, || cis2_persistent(socket.clone()));
@@ -464,6 +492,10 @@ fn main() {
         refused_note()
     );
     let rate = persistent.calls as f64 / persistent.seconds;
+    if pinned {
+        // oidc-agent and its load share both cores, as they always have.
+        run_on_cores(&[0, 1]);
+    }
 
     if let Some(oidc) = OidcAgent::start(&issuer, &dir.path().join("oidc-agent")) {
         let (oidc_socket, account) = (oidc.socket.clone(), oidc.account.clone());
