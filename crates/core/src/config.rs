@@ -371,13 +371,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 "Check that it is a file and that this user may read it.",
             ),
         };
-        let (file, fix) = (path.to_path_buf(), fix.to_owned());
-        ConfigError {
-            file,
-            line: None,
-            message,
-            fix,
-        }
+        ConfigError::new(path, None, message, fix)
     })?;
     read::parse_inner(&text, path, true)
 }

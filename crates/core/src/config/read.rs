@@ -225,14 +225,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-        let (file, message, fix) = (self.file.to_path_buf(), message.into(), fix.into());
         let line = span.as_ref().map(|s| line_of(self.text, s.start));
-        ConfigError {
-            file,
-            line,
-            message,
-            fix,
-        }
+        ConfigError::new(self.file, line, message, fix)
     }
 
     /// The item at a key path, if the file gives it.
