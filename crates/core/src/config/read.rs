@@ -42,14 +42,6 @@ const PATH_EXAMPLE: &str = if cfg!(windows) {
 };
 const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
 const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
-/// The tables written as `[name]` (and `[[clients]]`), as opposed to plain keys.
-const TABLES: [&str; 5] = [
-    "provider",
-    "provider.exchange",
-    "agent",
-    "session",
-    "workstation",
-];
 /// An example value of a key (its default where it has one), for the fix.
 fn example(key: &str) -> &'static str {
     match key {
@@ -170,9 +162,11 @@ fn join_path(parent: &str, key: &str) -> String {
 /// `[[clients]]`, plain keys bare.
 fn display_key(parent: &str, key: &str) -> String {
     let path = join_path(parent, key);
+    let table = tables().into_iter().any(|(table, _)| table == path);
     match path.as_str() {
         "clients" => format!("[[{path}]]"),
-        path if TABLES.contains(&path) => format!("[{path}]"),
+        "" | "provider.audiences" => key.to_owned(),
+        _ if table => format!("[{path}]"),
         _ => key.to_owned(),
     }
 }
@@ -336,34 +330,33 @@ impl Reader<'_> {
         let path = steps.join(".");
         let (table, _, key, element) = parts(&path);
         let (shown, found) = (self.snippet(&span), kind(self.item(&path)));
-        let secs = secs_rule(key).is_some();
         if key == "redirect_ports" && element {
-            self.bad_port(&span)
-        } else if secs && message.starts_with("invalid value: integer") {
-            self.bad_secs(&path, false)
-        } else if element {
-            self.err(
-                &span,
-                format!("{key} contains {shown}, which is not text in double quotes."),
+            return self.bad_port(&span);
+        } else if secs_rule(key).is_some() && message.starts_with("invalid value: integer") {
+            return self.bad_secs(&path, false);
+        }
+        let (message, fix) = if element {
+            let message = format!("{key} contains {shown}, which is not text in double quotes.");
+            (
+                message,
                 format!(
                     "Write each entry in double quotes, e.g. {key} = {}.",
                     example(key)
                 ),
             )
         } else if path == "clients" {
-            self.err(
-                &span,
-                format!(
-                    "clients = {shown} is not valid: clients must be a list of [[clients]] \
-                     sections, not {found}."
-                ),
-                "Write each program as its own section: a line [[clients]], then name = \"Ward \
-                 EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
-            )
+            let message = format!(
+                "clients = {shown} is not valid: clients must be a list of [[clients]] sections, \
+                 not {found}."
+            );
+            let fix = "Write each program as its own section: a line [[clients]], then name = \
+                       \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.";
+            (message, fix.to_owned())
         } else if display_key(&table, key).starts_with('[') {
-            self.err(
-                &span,
-                format!("{key} = {shown} is not valid: {key} must be a table, not {found}."),
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be a table, not {found}.");
+            (
+                message,
                 format!("Write it as a section: a line [{path}] followed by its keys."),
             )
         } else if let Some(names) = choices(key) {
@@ -372,7 +365,7 @@ impl Reader<'_> {
             let near = near.map(|n| format!("Did you mean \"{n}\"? "));
             let options: Vec<String> = names.iter().map(|n| format!("{key} = \"{n}\"")).collect();
             let fix = format!("{}Write {}.", near.unwrap_or_default(), join_or(&options));
-            self.err(&span, format!("{key} = {shown} is not valid."), fix)
+            (format!("{key} = {shown} is not valid."), fix)
         } else {
             let wanted = match message {
                 _ if key == "redirect_ports" => "a list of port numbers",
@@ -381,12 +374,11 @@ impl Reader<'_> {
                 m if m.contains("expected u") || m.contains("expected i") => "a whole number",
                 _ => "text in double quotes",
             };
-            self.err(
-                &span,
-                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}."),
-                format!("Write {key} = {}.", example(key)),
-            )
-        }
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}.");
+            (message, format!("Write {key} = {}.", example(key)))
+        };
+        self.err(&span, message, fix)
     }
 
     fn unknown_key(&self, parent: &str, key: &str, allowed: &[&str], span: &Span) -> ConfigError {
