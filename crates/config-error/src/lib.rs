@@ -24,6 +24,24 @@ pub struct ConfigError {
     pub fix: String,
 }
 
+impl ConfigError {
+    /// A mistake in `file`, on `line` when one applies.
+    pub fn new(
+        file: impl Into<PathBuf>,
+        line: Option<usize>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
+        let (file, message, fix) = (file.into(), message.into(), fix.into());
+        ConfigError {
+            file,
+            line,
+            message,
+            fix,
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
@@ -73,15 +91,16 @@ pub fn syntax_error(
         "Check the TOML on that line: key = value pairs, [section] headings, text values in \
          double quotes, lists in [square brackets]."
     };
-    ConfigError {
+    let message = format!(
+        "the file is not valid TOML: {}.",
+        detail.trim_end_matches('.')
+    );
+    ConfigError::new(
         file,
-        line: span.map(|span| line_of(text, span.start)),
-        message: format!(
-            "the file is not valid TOML: {}.",
-            detail.trim_end_matches('.')
-        ),
-        fix: fix.to_owned(),
-    }
+        span.map(|span| line_of(text, span.start)),
+        message,
+        fix,
+    )
 }
 
 /// The unknown key and the keys the table takes, from serde's error for a `deny_unknown_fields`

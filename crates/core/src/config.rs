@@ -1,27 +1,8 @@
-//! Loading and validating the agent config file (see docs/configuration.md).
-//!
-//! The file format is the one in `interfaces.md` ("Config file (TOML)"). This module reads it into a
-//! [`Config`] with serde (the `read` submodule), and refuses anything it does not understand:
-//! unknown keys and bad values are reported with the file, the 1-based line and a sentence that says
-//! what to write instead ([`ConfigError`], shared with the relay).
-//!
-//! Rules beyond the plain format:
-//!
-//! - `environment` picks a preset: `"int"` and `"live"` fill `issuer` from cis2-reference.md §1 when the
-//!   file gives none (an explicit issuer wins, kept byte for byte); `"custom"` needs `issuer`;
-//!   `"sandbox"` uses the embedded mock provider and refuses a `[provider]` section. A file with no
-//!   `environment` is a sandbox file if it has no `[provider]`, and an error if it has one (the file must
-//!   say whether it talks to INT, Live or another provider).
-//! - The issuer is never round-tripped through a URL type: CIS2 issuers contain `:443`, and tokens are
-//!   compared with it as an exact string.
-//! - Secrets never go in the file: a key named `client_secret` or `secret` anywhere is refused;
-//!   `secret_env` names the environment variable that holds the secret.
-//! - Relative paths (`ca_file`, `key_file`, `socket`, `data_dir`) are read from the config file's
-//!   folder; a leading `~/` is the home folder. `[[clients]] path` must be absolute.
-//! - [`load`] also checks that `ca_file` and `key_file` exist; [`parse`] never touches the disk.
-//!
-//! Keys this implementation adds to the contract (all optional): `[provider] prompt`,
-//! `redirect_ports`, `login_timeout_secs`, and `[[clients]] scopes`.
+//! Loading and validating the agent config file: the format is interfaces.md's "Config file (TOML)",
+//! every key is described in docs/configuration.md. This module holds the public types and
+//! [`load`]/[`parse`]; `read` fills them with serde and adds what is ours (presets, the issuer kept
+//! as written, secrets refused, cross-field rules); `paths` finds the file. Every mistake is a
+//! [`ConfigError`] (shared with the relay) naming the file, the line and what to write instead.
 
 mod paths;
 mod read;
@@ -72,8 +53,7 @@ pub const CLIENT_METHODS: [&str; 9] = [
     "subscribe",
     "activity",
 ];
-/// The largest number of seconds any duration in the file may have (366 days). Larger values are
-/// refused so that adding them to a clock reading can never overflow.
+/// The largest duration in the file, in seconds (366 days): adding it to a clock cannot overflow.
 pub const MAX_SECS: u64 = 366 * 24 * 60 * 60;
 
 /// An enum whose values have one name in the file and on the wire, and know their names.
@@ -109,17 +89,9 @@ macro_rules! named_enum {
 }
 
 named_enum! {
-    /// Which provider the agent signs in against (`environment`).
-    Environment {
-        /// The embedded `cis2-mock-idp` on loopback: not NHS CIS2.
-        Sandbox => "sandbox",
-        /// NHS CIS2 INT (path to live).
-        Int => "int",
-        /// NHS CIS2 Live.
-        Live => "live",
-        /// Any other OpenID Connect provider; the file must give `issuer`.
-        Custom => "custom",
-    }
+    /// `environment`: the embedded mock provider (`sandbox`, not NHS CIS2), NHS CIS2 INT or Live,
+    /// or any other OpenID Connect provider (`custom`, which must give `issuer`).
+    Environment { Sandbox => "sandbox", Int => "int", Live => "live", Custom => "custom" }
 }
 
 impl Environment {
@@ -134,145 +106,95 @@ impl Environment {
 }
 
 named_enum! {
-    /// Who swaps the authorization code for tokens (`[provider.exchange] method`).
+    /// `[provider.exchange] method`: who swaps the code for tokens: the vendor's `cis2-relay` (the
+    /// confidential client CIS2 requires), or the agent itself with a signed JWT, with a client
+    /// secret from the environment, or as a public client (PKCE only, the default).
     #[derive(Default)]
     ExchangeMethod {
-        /// The vendor's `cis2-relay` (the confidential client CIS2 requires).
         Relay => "relay",
-        /// The agent itself, authenticating with a signed JWT (`key_file`, `alg`).
         PrivateKeyJwt => "private_key_jwt",
-        /// The agent itself, with a client secret read from the variable named by `secret_env`.
         ClientSecretPost => "client_secret_post",
-        /// The agent itself as a public client (PKCE only).
-        #[default]
-        None => "none",
+        #[default] None => "none",
     }
 }
 
 named_enum! {
-    /// The signature algorithm of a `private_key_jwt` client assertion (`[provider.exchange] alg`).
+    /// `[provider.exchange] alg`: how a `private_key_jwt` assertion is signed (RSASSA-PKCS1-v1_5).
     #[allow(clippy::upper_case_acronyms)]
     #[derive(Default)]
-    SigningAlg {
-        /// RSASSA-PKCS1-v1_5 with SHA-256.
-        RS256 => "RS256",
-        /// RSASSA-PKCS1-v1_5 with SHA-512 (the default).
-        #[default]
-        RS512 => "RS512",
-    }
+    SigningAlg { RS256 => "RS256", #[default] RS512 => "RS512" }
 }
 
 named_enum! {
-    /// Where tokens are kept (`[agent] store`).
+    /// `[agent] store`: the OS keychain (the default), or memory only (shared PCs).
     #[derive(Default)]
-    StoreKind {
-        /// The OS keychain (the default).
-        #[default]
-        Keyring => "keyring",
-        /// Memory only: nothing persists (shared PCs).
-        Memory => "memory",
-    }
+    StoreKind { #[default] Keyring => "keyring", Memory => "memory" }
 }
 
 named_enum! {
-    /// What happens when a program not listed in `[[clients]]` connects (`[agent] client_policy`).
-    ClientPolicy {
-        /// Ask the person at the desk (`cis2-agentd` has no one to ask, so there it refuses).
-        Ask => "ask",
-        /// Serve it.
-        Allow => "allow",
-        /// Refuse it.
-        Deny => "deny",
-    }
+    /// `[agent] client_policy`: what happens when a program not in `[[clients]]` connects (`ask`
+    /// the person at the desk; `cis2-agentd` has no one to ask, so there it refuses).
+    ClientPolicy { Ask => "ask", Allow => "allow", Deny => "deny" }
 }
 
 named_enum! {
-    /// What a workstation event does to the session (`[workstation] on_os_lock`, `on_card_removal`).
-    SignalAction {
-        /// Nothing.
-        Ignore => "ignore",
-        /// Lock the session (tokens are withheld until unlocked).
-        Lock => "lock",
-        /// End the session.
-        SignOut => "sign_out",
-    }
+    /// `[workstation] on_os_lock`, `on_card_removal`: what the event does to the session.
+    SignalAction { Ignore => "ignore", Lock => "lock", SignOut => "sign_out" }
 }
 
 named_enum! {
-    /// What happens after `inactivity_secs` without a client request (`[session] inactivity_action`).
-    InactivityAction {
-        /// Lock the session.
-        Lock => "lock",
-        /// End the session.
-        SignOut => "sign_out",
-        /// Nothing: the inactivity timeout is off.
-        None => "none",
-    }
+    /// `[session] inactivity_action`: what `inactivity_secs` without a request does (`none`: off).
+    InactivityAction { Lock => "lock", SignOut => "sign_out", None => "none" }
 }
 
-/// `[provider.exchange]`: who swaps the code for tokens.
-///
-/// When the table (or its `method`) is absent the method is `relay` for `environment = "int"` and
-/// `"live"` (CIS2 wants a confidential client, which the desktop is not) and `none` for `"custom"`.
-/// The keys a method does not use may be present and are ignored.
+/// `[provider.exchange]`. Absent, the method is `relay` for `int` and `live` (CIS2 wants a
+/// confidential client, which the desktop is not) and `none` for `custom`. Keys the method does not
+/// use may be present and are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Exchange {
-    /// `method`.
     pub method: ExchangeMethod,
-    /// `relay_url`: the `cis2-relay` base URL, as written. Required for `relay`; `https://`, or
-    /// `http://` to a loopback host only (the code and PKCE verifier travel in it).
+    /// The `cis2-relay` base URL, as written (`relay`): `https://`, or `http://` to loopback.
     pub relay_url: Option<String>,
-    /// `key_file`: PEM RSA private key. Required for `private_key_jwt`.
+    /// PEM RSA private key (`private_key_jwt`).
     pub key_file: Option<PathBuf>,
-    /// `alg`: `RS512` (default) or `RS256`.
     pub alg: SigningAlg,
-    /// `kid`: the key id registered with CIS2 for `key_file` (`private_key_jwt`); absent, the key's
-    /// RFC 7638 thumbprint. 1 to 128 of `A-Z a-z 0-9 - _`.
+    /// The key id registered with CIS2 for `key_file`; absent, its RFC 7638 thumbprint.
     pub kid: Option<String>,
-    /// `secret_env`: the NAME of the environment variable holding the client secret. Required for
-    /// `client_secret_post`. Must look like a variable name (letters, digits, `_`).
+    /// The NAME of the environment variable holding the client secret (`client_secret_post`).
     pub secret_env: Option<String>,
 }
 
 /// `[provider]`: the OpenID Connect provider and this agent's client registration with it.
-///
-/// Keys beyond `interfaces.md`: `prompt` (default `"login"`; `""` sends none; otherwise
-/// space-separated `login`, `none`, `consent`, `select_account`), `redirect_ports` (fixed loopback
-/// ports for the redirect, tried in order; default `[]` = a free port chosen at sign-in; whether CIS2
-/// lets the port vary is unconfirmed) and `login_timeout_secs` (how long a sign-in may take in the
-/// browser, default 300, 1..=[`MAX_SECS`]).
+/// Beyond `interfaces.md`: `prompt`, `redirect_ports`, `login_timeout_secs`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// Kept exactly as written (or as the preset gives it): never round-tripped through a URL type.
-    /// `https://`, or `http://` to 127.0.0.0/8, `[::1]` or `localhost`.
+    /// Kept exactly as written (or as the preset gives it): never round-tripped through a URL type,
+    /// which would drop CIS2's `:443`.
     pub issuer: String,
-    /// Required outside the sandbox.
     pub client_id: String,
-    /// Must contain `openid`. Default [`DEFAULT_SCOPES`]. Duplicates are dropped.
+    /// Contains `openid`; duplicates dropped.
     pub scopes: Vec<String>,
-    /// Default `Some("AAL2_OR_AAL3_ANY")`; `acr_values = ""` gives `None` (not sent).
+    /// `None`: not sent (`acr_values = ""`).
     pub acr_values: Option<String>,
-    /// Seconds; default `Some(300)`. 0 is allowed (a fresh sign-in every time).
+    /// Seconds; 0 asks for a fresh sign-in every time.
     pub max_age: Option<u64>,
-    /// Extra key. Default `Some("login")`; `prompt = ""` gives `None` (not sent).
+    /// `None`: not sent (`prompt = ""`).
     pub prompt: Option<String>,
     /// Extra trust anchor (PEM); system roots stay trusted.
     pub ca_file: Option<PathBuf>,
-    /// Extra key: fixed loopback ports for the redirect, tried in order; empty = an ephemeral port.
+    /// Fixed loopback ports for the redirect, tried in order; empty: a free port at each sign-in.
     pub redirect_ports: Vec<u16>,
-    /// Extra key: how long a sign-in may take, in seconds. Default 300.
+    /// How long a sign-in may take in the browser, in seconds.
     pub login_timeout_secs: u64,
-    /// `[provider.exchange]`.
     pub exchange: Exchange,
-    /// `[[provider.audiences]]`: API Platform tokens the agent serves for `token` with `audience`,
-    /// exchanged through the relay (so only with `method = "relay"`).
+    /// `[[provider.audiences]]`: API Platform tokens served for `token` with `audience`, exchanged
+    /// through the relay (so only with `method = "relay"`).
     pub audiences: Vec<AudienceRoute>,
 }
 
-/// The defaults of every key; `issuer` and `client_id` empty (a file must give them, or a preset
-/// the issuer).
+/// The defaults of every key; `issuer` and `client_id` empty (the file or a preset gives them).
 impl Default for ProviderConfig {
     fn default() -> Self {
         ProviderConfig {
@@ -291,78 +213,63 @@ impl Default for ProviderConfig {
     }
 }
 
-/// One `[[provider.audiences]]` entry.
+/// One `[[provider.audiences]]` entry: what programs ask for (`name`) and the relay's
+/// `[[api_platform]] audience` it is exchanged at (`route`, default `name`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AudienceRoute {
-    /// What programs ask for (`"audience": name`).
     pub name: String,
-    /// The relay's `[[api_platform]] audience` it is exchanged at; default `name`.
     pub route: String,
 }
 
-/// `[agent]`.
+/// `[agent]`. `None` paths are the defaults (interfaces.md "The local socket", [`default_data_dir`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// `socket`; `None` = the default path (interfaces.md, "The local socket").
     pub socket: Option<PathBuf>,
-    /// `store`; default `keyring`.
     pub store: StoreKind,
-    /// `data_dir`; `None` = [`default_data_dir`].
     pub data_dir: Option<PathBuf>,
-    /// `client_policy`; `None` = not set: see [`Config::effective_client_policy`].
+    /// `None`: not set; see [`Config::effective_client_policy`].
     pub client_policy: Option<ClientPolicy>,
-    /// `audit_sync`: `fdatasync` the audit log after each batch of records, before the requests
-    /// they record are answered. Default off: a flush costs about a millisecond on a typical disk,
-    /// more than the IPC latency target allows (docs/configuration.md has the figures).
+    /// `fdatasync` the audit log before answering the requests it records. Off by default: a flush
+    /// costs about a millisecond, more than the IPC latency target allows.
     pub audit_sync: bool,
 }
 
-/// One `[[clients]]` entry: a program allowed to use the agent, identified by the OS.
-///
-/// Needs `name` and at least one of `path` (absolute) and `sha256` (64 hex digits, stored lower
-/// case). Extra key beyond `interfaces.md`: `scopes`, the extra scopes this program may ask for
-/// (default empty: none beyond the session's).
+/// One `[[clients]]` entry: a program allowed to use the agent, identified by the OS. Has `name`
+/// and `path` (absolute) or `sha256` (stored lower case); `script`, `script_sha256` and `scopes`
+/// are beyond `interfaces.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientRule {
-    /// Shown to people.
     pub name: String,
-    /// The executable's absolute path.
     pub path: Option<PathBuf>,
-    /// The executable's SHA-256, 64 lower-case hex digits.
     pub sha256: Option<String>,
-    /// Extra key: an interpreter's script, as its command line names it (absolute).
+    /// An interpreter's script, as its command line names it (absolute).
     pub script: Option<PathBuf>,
-    /// Extra key: the script's SHA-256, 64 lower-case hex digits.
     pub script_sha256: Option<String>,
-    /// `None` = the default: every method but `logout`. Entries are among [`CLIENT_METHODS`].
+    /// `None`: every method but `logout`. Entries are among [`CLIENT_METHODS`].
     pub methods: Option<Vec<String>>,
     /// Token audiences it may ask for (empty: the default token only).
     pub audiences: Vec<String>,
-    /// Extra key: scopes it may ask for (empty: none beyond the session's).
+    /// Scopes it may ask for beyond the session's.
     pub scopes: Vec<String>,
 }
 
-/// `[session]`. All durations are seconds, at most [`MAX_SECS`].
+/// `[session]`: durations in seconds, at most [`MAX_SECS`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
-    /// Renew this long before the access token expires. Default 60; 0 allowed (renew at expiry).
+    /// Renew this long before the access token expires.
     pub refresh_margin_secs: u64,
     /// Announce `session_expiring` this long before a session that cannot be renewed ends.
-    /// Default 120; 0 allowed (no advance notice).
     pub expiring_notice_secs: u64,
-    /// No client request for this long → `inactivity_action`. Default 900; must be at least 1: to
-    /// switch the inactivity timeout off, write `inactivity_action = "none"` (0 is refused, so there
-    /// is one way to say it).
+    /// At least 1: `inactivity_action = "none"` is the one way to switch it off.
     pub inactivity_secs: u64,
-    /// Default `lock`.
     pub inactivity_action: InactivityAction,
-    /// A session never lasts longer than this. Default 43200 (12 hours); must be at least 1.
+    /// A session never lasts longer than this.
     pub absolute_secs: u64,
-    /// RP-initiated logout at the provider on logout. Default true.
+    /// RP-initiated logout at the provider on logout.
     pub end_session_at_provider: bool,
 }
 
@@ -383,13 +290,9 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkstationConfig {
-    /// Default `lock`.
     pub on_os_lock: SignalAction,
-    /// Default `lock`.
     pub on_card_removal: SignalAction,
-    /// Default true.
     pub same_card_unlocks: bool,
-    /// Default false.
     pub allow_user_switch: bool,
 }
 
@@ -407,17 +310,13 @@ impl Default for WorkstationConfig {
 /// The whole config file, validated, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// `environment`.
     pub environment: Environment,
-    /// `[provider]`; `None` only in the sandbox (which uses its embedded provider).
+    /// `None` only in the sandbox (which uses its embedded provider).
     pub provider: Option<ProviderConfig>,
-    /// `[agent]`.
     pub agent: AgentConfig,
     /// `[[clients]]`, in file order.
     pub clients: Vec<ClientRule>,
-    /// `[session]`.
     pub session: SessionConfig,
-    /// `[workstation]`.
     pub workstation: WorkstationConfig,
     /// The file this came from; `None` for [`Config::sandbox`].
     pub source: Option<PathBuf>,
@@ -453,8 +352,8 @@ impl Config {
     }
 }
 
-/// Reads and validates the config file at `path`. A missing or unreadable file is an error naming
-/// it. Unlike [`parse`], this also checks that `ca_file` and `key_file` exist.
+/// Reads and validates the config file at `path`; unlike [`parse`], also checks that `ca_file` and
+/// `key_file` exist. A missing or unreadable file is an error naming it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let (message, fix) = match e.kind() {
@@ -472,20 +371,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 "Check that it is a file and that this user may read it.",
             ),
         };
-        let (file, fix) = (path.to_path_buf(), fix.to_owned());
-        ConfigError {
-            file,
-            line: None,
-            message,
-            fix,
-        }
+        ConfigError::new(path, None, message, fix)
     })?;
     read::parse_inner(&text, path, true)
 }
 
-/// Validates config text. `origin` is the file it came from: it names the file in errors, is
-/// recorded in [`Config::source`], and relative paths in the file are read from its folder.
-/// Does not touch the disk.
+/// Validates config text without touching the disk. `origin` names the file in errors, becomes
+/// [`Config::source`], and relative paths are read from its folder.
 pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
     read::parse_inner(text, origin, false)
 }

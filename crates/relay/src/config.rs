@@ -149,11 +149,10 @@ fn line_of_key(text: &str, needle: &str) -> usize {
 /// Reads and checks the file; key files are read to check they are usable RSA keys.
 pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        line: None,
-        message: format!("cannot read the config file: {e}."),
-        fix: "Check the path given with --config and that this user may read it.".into(),
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let message = format!("cannot read the config file: {e}.");
+        let fix = "Check the path given with --config and that this user may read it.";
+        ConfigError::new(path, None, message, fix)
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, &shown, base)
@@ -162,12 +161,7 @@ pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
 /// Checks the text; `base` resolves relative paths. Key files are read.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigError> {
     // The relay's messages carry their fix after a semicolon or a dash, in one sentence.
-    let error = |line: usize, message: String| ConfigError {
-        file: file.into(),
-        line: Some(line),
-        message,
-        fix: String::new(),
-    };
+    let error = |line: usize, message: String| ConfigError::new(file, Some(line), message, "");
     let at = |key: &str, message: String| error(line_of_key(text, key), message);
     let parsed: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);

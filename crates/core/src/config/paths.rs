@@ -38,14 +38,9 @@ pub(super) fn home_dir(get: EnvLookup<'_>, os: Os) -> Option<PathBuf> {
     }
 }
 
-/// The default config path: `$CIS2_AGENT_CONFIG` if set and not empty, else
-/// `<OS config dir>/cis2-agent/config.toml`, where the OS config dir is `$XDG_CONFIG_HOME` (if
-/// absolute) or `~/.config` on Linux and other Unixes, `~/Library/Application Support` on macOS,
-/// and `%APPDATA%` on Windows; when the user has no such file, the machine-wide one if it exists
-/// (see [`system_path`]). `None` when none of those variables is set.
-///
-/// The contract's full order (interfaces.md, "Starting an agent") is: explicit `--config`, else
-/// this; see [`resolve_path`]. With no config file at all the agent runs in sandbox mode.
+/// The default config path (docs/configuration.md has the order and each OS's folders):
+/// `$CIS2_AGENT_CONFIG`, else the user's own file, else the machine-wide one ([`system_path`]) if
+/// it exists. `None` when none of the variables is set.
 pub fn default_path() -> Option<PathBuf> {
     let personal = default_path_with(&env_var, Os::CURRENT);
     if env_var("CIS2_AGENT_CONFIG").is_some_and(|v| !v.is_empty())
@@ -59,9 +54,7 @@ pub fn default_path() -> Option<PathBuf> {
     }
 }
 
-/// The machine-wide config a desktop admin installs: `/etc/cis2-agent/config.toml` on Linux and
-/// other Unixes, `/Library/Application Support/cis2-agent/config.toml` on macOS,
-/// `%ProgramData%\cis2-agent\config.toml` on Windows.
+/// The machine-wide config a desktop admin installs.
 fn system_path(os: Os) -> Option<PathBuf> {
     match os {
         Os::Unix => Some(PathBuf::from("/etc/cis2-agent/config.toml")),
@@ -74,8 +67,7 @@ fn system_path(os: Os) -> Option<PathBuf> {
     }
 }
 
-/// The config path per the contract: `explicit` (`--config FILE`) if given, else
-/// [`default_path`].
+/// `explicit` (`--config FILE`) if given, else [`default_path`] (interfaces.md "Starting an agent").
 pub fn resolve_path(explicit: Option<&std::path::Path>) -> Option<PathBuf> {
     match explicit {
         Some(path) => Some(path.to_path_buf()),
@@ -83,11 +75,8 @@ pub fn resolve_path(explicit: Option<&std::path::Path>) -> Option<PathBuf> {
     }
 }
 
-/// The default data folder (session file, audit log, decisions): `$XDG_DATA_HOME` (if absolute) or
-/// `~/.local/share` on Linux and other Unixes, `~/Library/Application Support` on macOS,
-/// `%LOCALAPPDATA%` on Windows; then `cis2-agent`. If none of those is known (no home folder), a
-/// per-user folder under the temp dir. The folder may not exist yet: the caller creates it
-/// (owner-only).
+/// The default data folder (session file, audit log, decisions; docs/configuration.md has each
+/// OS's), else a per-user folder under the temp dir. The caller creates it (owner-only).
 pub fn default_data_dir() -> PathBuf {
     default_data_dir_with(&env_var, Os::CURRENT)
 }

@@ -42,14 +42,6 @@ const PATH_EXAMPLE: &str = if cfg!(windows) {
 };
 const PROMPT_VALUES: &[&str] = &["login", "none", "consent", "select_account"];
 const SECRET_KEYS: &[&str] = &["client_secret", "clientsecret", "secret"];
-/// The tables written as `[name]` (and `[[clients]]`), as opposed to plain keys.
-const TABLES: [&str; 5] = [
-    "provider",
-    "provider.exchange",
-    "agent",
-    "session",
-    "workstation",
-];
 /// An example value of a key (its default where it has one), for the fix.
 fn example(key: &str) -> &'static str {
     match key {
@@ -170,9 +162,11 @@ fn join_path(parent: &str, key: &str) -> String {
 /// `[[clients]]`, plain keys bare.
 fn display_key(parent: &str, key: &str) -> String {
     let path = join_path(parent, key);
+    let table = tables().into_iter().any(|(table, _)| table == path);
     match path.as_str() {
         "clients" => format!("[[{path}]]"),
-        path if TABLES.contains(&path) => format!("[{path}]"),
+        "" | "provider.audiences" => key.to_owned(),
+        _ if table => format!("[{path}]"),
         _ => key.to_owned(),
     }
 }
@@ -225,14 +219,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, span: &Span, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-        let (file, message, fix) = (self.file.to_path_buf(), message.into(), fix.into());
         let line = span.as_ref().map(|s| line_of(self.text, s.start));
-        ConfigError {
-            file,
-            line,
-            message,
-            fix,
-        }
+        ConfigError::new(self.file, line, message, fix)
     }
 
     /// The item at a key path, if the file gives it.
@@ -342,34 +330,33 @@ impl Reader<'_> {
         let path = steps.join(".");
         let (table, _, key, element) = parts(&path);
         let (shown, found) = (self.snippet(&span), kind(self.item(&path)));
-        let secs = secs_rule(key).is_some();
         if key == "redirect_ports" && element {
-            self.bad_port(&span)
-        } else if secs && message.starts_with("invalid value: integer") {
-            self.bad_secs(&path, false)
-        } else if element {
-            self.err(
-                &span,
-                format!("{key} contains {shown}, which is not text in double quotes."),
+            return self.bad_port(&span);
+        } else if secs_rule(key).is_some() && message.starts_with("invalid value: integer") {
+            return self.bad_secs(&path, false);
+        }
+        let (message, fix) = if element {
+            let message = format!("{key} contains {shown}, which is not text in double quotes.");
+            (
+                message,
                 format!(
                     "Write each entry in double quotes, e.g. {key} = {}.",
                     example(key)
                 ),
             )
         } else if path == "clients" {
-            self.err(
-                &span,
-                format!(
-                    "clients = {shown} is not valid: clients must be a list of [[clients]] \
-                     sections, not {found}."
-                ),
-                "Write each program as its own section: a line [[clients]], then name = \"Ward \
-                 EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.",
-            )
+            let message = format!(
+                "clients = {shown} is not valid: clients must be a list of [[clients]] sections, \
+                 not {found}."
+            );
+            let fix = "Write each program as its own section: a line [[clients]], then name = \
+                       \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.";
+            (message, fix.to_owned())
         } else if display_key(&table, key).starts_with('[') {
-            self.err(
-                &span,
-                format!("{key} = {shown} is not valid: {key} must be a table, not {found}."),
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be a table, not {found}.");
+            (
+                message,
                 format!("Write it as a section: a line [{path}] followed by its keys."),
             )
         } else if let Some(names) = choices(key) {
@@ -378,7 +365,7 @@ impl Reader<'_> {
             let near = near.map(|n| format!("Did you mean \"{n}\"? "));
             let options: Vec<String> = names.iter().map(|n| format!("{key} = \"{n}\"")).collect();
             let fix = format!("{}Write {}.", near.unwrap_or_default(), join_or(&options));
-            self.err(&span, format!("{key} = {shown} is not valid."), fix)
+            (format!("{key} = {shown} is not valid."), fix)
         } else {
             let wanted = match message {
                 _ if key == "redirect_ports" => "a list of port numbers",
@@ -387,12 +374,11 @@ impl Reader<'_> {
                 m if m.contains("expected u") || m.contains("expected i") => "a whole number",
                 _ => "text in double quotes",
             };
-            self.err(
-                &span,
-                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}."),
-                format!("Write {key} = {}.", example(key)),
-            )
-        }
+            let message =
+                format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}.");
+            (message, format!("Write {key} = {}.", example(key)))
+        };
+        self.err(&span, message, fix)
     }
 
     fn unknown_key(&self, parent: &str, key: &str, allowed: &[&str], span: &Span) -> ConfigError {
@@ -529,88 +515,6 @@ impl Reader<'_> {
         }
     }
 
-    fn check_provider(&self, p: &ProviderConfig) -> Checked {
-        let given = |key| self.item(&format!("provider.{key}")).is_some();
-        if given("issuer") {
-            self.url("provider.issuer", &p.issuer, "the provider", false)?;
-        }
-        let word = !p.client_id.is_empty() && !p.client_id.contains(char::is_whitespace);
-        self.rule(
-            given("client_id") && !word,
-            "provider.client_id",
-            "{at} is not valid: it must be the client ID the provider registered, with no spaces.",
-            format!("Write client_id = {CLIENT_ID_EXAMPLE}."),
-        )?;
-        self.words("provider.scopes", &p.scopes)?;
-        let scopes = p
-            .scopes
-            .iter()
-            .map(|s| format!(", \"{s}\""))
-            .collect::<String>();
-        self.rule(
-            !p.scopes.iter().any(|s| s == "openid"),
-            "provider.scopes",
-            "scopes = {shown} does not include \"openid\".",
-            format!("OpenID Connect needs it: write scopes = [\"openid\"{scopes}]."),
-        )?;
-        self.rule(
-            p.acr_values
-                .as_deref()
-                .is_some_and(|s| s.contains(char::is_control)),
-            "provider.acr_values",
-            "acr_values is not valid: it contains control characters.",
-            "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade sign-in \
-             only).",
-        )?;
-        let prompt: Vec<&str> = p.prompt.iter().flat_map(|s| s.split_whitespace()).collect();
-        self.rule(
-            prompt.iter().any(|w| !PROMPT_VALUES.contains(w))
-                || (prompt.contains(&"none") && prompt.len() > 1),
-            "provider.prompt",
-            "prompt = {shown} is not valid.",
-            "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", prompt = \
-             \"select_account\", prompt = \"none\", or prompt = \"\" to send no prompt.",
-        )?;
-        let mut ports = Vec::new();
-        for (i, port) in p.redirect_ports.iter().enumerate() {
-            let path = format!("provider.redirect_ports.{i}");
-            if *port == 0 {
-                return Err(self.bad_port(&self.span(&path)));
-            }
-            let twice = format!("redirect_ports lists port {port} twice.");
-            self.rule(ports.contains(port), &path, &twice, "List each port once.")?;
-            ports.push(*port);
-        }
-        let x = &p.exchange;
-        if let Some(relay_url) = &x.relay_url {
-            self.url("provider.exchange.relay_url", relay_url, "the relay", true)?;
-        }
-        self.rule(
-            x.kid
-                .as_deref()
-                .is_some_and(|kid| cis2_jose::check_kid(kid).is_err()),
-            "provider.exchange.kid",
-            "kid = {shown} is not a key id this agent can send.",
-            "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
-             (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 \
-             thumbprint.",
-        )?;
-        let is_name = |s: &str| {
-            let mut chars = s.chars();
-            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
-        // The value is not quoted back: it may be the secret itself.
-        self.rule(
-            x.secret_env.as_deref().is_some_and(|s| !is_name(s)),
-            "provider.exchange.secret_env",
-            "secret_env is not the name of an environment variable (letters, digits and _, not \
-             starting with a digit).",
-            "secret_env names the variable that holds the secret, never the secret itself: write \
-             secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's environment.",
-        )
-    }
-
     /// A path from the file, resolved (`~/` is the home folder; a relative path is read from the
     /// config file's folder); when `must_exist`, checked to be a file.
     fn file(
@@ -670,35 +574,25 @@ pub(super) fn parse_inner(
     let raw: RawFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
         .map_err(|e| r.serde_error(&e))?;
     r.secs()?;
-    if let Some(p) = &raw.provider {
-        r.check_provider(p)?;
-    }
-
-    let environment = match (raw.environment, &raw.provider) {
-        (Some(env), _) => env,
-        (None, None) => Environment::Sandbox,
-        (None, Some(_)) => {
-            return Err(r.err(
-                &r.span("provider"),
-                "the file has a [provider] section but no environment, so it does not say which \
-                 provider this is.",
-                "Add environment = \"int\", environment = \"live\" or environment = \"custom\" at \
-                 the top of the file, before [provider].",
-            ));
-        }
-    };
-    let provider = match (environment, raw.provider) {
-        (Environment::Sandbox, Some(_)) => {
-            return Err(r.err(
-                &r.span("provider"),
-                "environment = \"sandbox\" uses the agent's embedded test provider, so it takes no \
-                 [provider] section.",
-                "Remove the [provider] section, or set environment = \"int\", environment = \
-                 \"live\" or environment = \"custom\" to sign in against a real provider.",
-            ));
-        }
-        (Environment::Sandbox, None) => None,
-        (env, p) => Some(read_provider(&r, p, env)?),
+    let at_provider = r.span("provider");
+    let pick = "environment = \"int\", environment = \"live\" or environment = \"custom\"";
+    let provider = match (raw.environment, raw.provider) {
+        (None | Some(Environment::Sandbox), None) => None,
+        (None, Some(_)) => Err(r.err(
+            &at_provider,
+            "the file has a [provider] section but no environment, so it does not say which \
+             provider this is.",
+            format!("Add {pick} at the top of the file, before [provider]."),
+        ))?,
+        (Some(Environment::Sandbox), Some(_)) => Err(r.err(
+            &at_provider,
+            "environment = \"sandbox\" uses the agent's embedded test provider, so it takes no \
+             [provider] section.",
+            format!(
+                "Remove the [provider] section, or set {pick} to sign in against a real provider."
+            ),
+        ))?,
+        (Some(env), p) => Some(read_provider(&r, p, env)?),
     };
     let mut agent = raw.agent;
     agent.socket = r.file("agent.socket", agent.socket, false)?;
@@ -708,7 +602,7 @@ pub(super) fn parse_inner(
         read_client(&r, client, i)?;
     }
     Ok(Config {
-        environment,
+        environment: raw.environment.unwrap_or(Environment::Sandbox),
         provider,
         agent,
         clients,
@@ -724,6 +618,7 @@ fn dedup(list: &mut Vec<String>) {
     list.retain(|s| seen.insert(s.clone()));
 }
 
+/// Checks `[provider]`'s values, then fills the preset and defaults and checks what needs what.
 fn read_provider(
     r: &Reader<'_>,
     p: Option<ProviderConfig>,
@@ -744,11 +639,54 @@ fn read_provider(
             format!("environment = \"{env}\" needs a [provider] section, and the file has none.");
         return Err(r.err(&r.span("environment"), message, fix));
     };
-    let p_span = r.span("provider");
-    if r.item("provider.issuer").is_none() {
+    let given = |key: &str| r.item(&format!("provider.{key}")).is_some();
+    if given("issuer") {
+        r.url("provider.issuer", &p.issuer, "the provider", false)?;
+    }
+    let word = !p.client_id.is_empty() && !p.client_id.contains(char::is_whitespace);
+    r.rule(
+        given("client_id") && !word,
+        "provider.client_id",
+        "{at} is not valid: it must be the client ID the provider registered, with no spaces.",
+        format!("Write client_id = {CLIENT_ID_EXAMPLE}."),
+    )?;
+    r.words("provider.scopes", &p.scopes)?;
+    let scopes: String = p.scopes.iter().map(|s| format!(", \"{s}\"")).collect();
+    r.rule(
+        !p.scopes.iter().any(|s| s == "openid"),
+        "provider.scopes",
+        "scopes = {shown} does not include \"openid\".",
+        format!("OpenID Connect needs it: write scopes = [\"openid\"{scopes}]."),
+    )?;
+    r.rule(
+        p.acr_values.iter().any(|s| s.contains(char::is_control)),
+        "provider.acr_values",
+        "acr_values is not valid: it contains control characters.",
+        "Write acr_values = \"AAL2_OR_AAL3_ANY\" (or \"AAL3_ANY\" for smartcard-grade sign-in only).",
+    )?;
+    let prompt: Vec<&str> = p.prompt.iter().flat_map(|s| s.split_whitespace()).collect();
+    r.rule(
+        prompt.iter().any(|w| !PROMPT_VALUES.contains(w))
+            || (prompt.contains(&"none") && prompt.len() > 1),
+        "provider.prompt",
+        "prompt = {shown} is not valid.",
+        "Write prompt = \"login\" (CIS2 role selection needs it), prompt = \"consent\", prompt = \
+         \"select_account\", prompt = \"none\", or prompt = \"\" to send no prompt.",
+    )?;
+    for (i, port) in p.redirect_ports.iter().enumerate() {
+        let path = format!("provider.redirect_ports.{i}");
+        if *port == 0 {
+            return Err(r.bad_port(&r.span(&path)));
+        }
+        let twice = format!("redirect_ports lists port {port} twice.");
+        let again = p.redirect_ports[..i].contains(port);
+        r.rule(again, &path, &twice, "List each port once.")?;
+    }
+    read_exchange_values(r, &p.exchange)?;
+    if !given("issuer") {
         let Some(preset) = env.preset_issuer() else {
             return Err(r.err(
-                &p_span,
+                &r.span("provider"),
                 format!("[provider] has no issuer, and environment = \"{env}\" needs one."),
                 format!(
                     "Add issuer = {ISSUER_EXAMPLE} (the provider's issuer exactly as its discovery \
@@ -759,9 +697,9 @@ fn read_provider(
         };
         p.issuer = preset.to_owned();
     }
-    if r.item("provider.client_id").is_none() {
+    if !given("client_id") {
         return Err(r.err(
-            &p_span,
+            &r.span("provider"),
             format!("[provider] has no client_id, and environment = \"{env}\" needs one."),
             format!(
                 "Add client_id = {CLIENT_ID_EXAMPLE} (the client ID registered for this service) \
@@ -770,78 +708,54 @@ fn read_provider(
         ));
     }
     dedup(&mut p.scopes);
-    p.acr_values = p
-        .acr_values
-        .map(|acr| acr.trim().to_owned())
-        .filter(|acr| !acr.is_empty());
-    let prompt = p
-        .prompt
-        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "));
-    p.prompt = prompt.filter(|s| !s.is_empty());
+    p.acr_values = p.acr_values.map(|acr| acr.trim().to_owned());
+    p.acr_values = p.acr_values.filter(|acr| !acr.is_empty());
+    p.prompt = Some(prompt.join(" ")).filter(|s| !s.is_empty());
     p.ca_file = r.file("provider.ca_file", p.ca_file, true)?;
-    read_exchange(r, &mut p.exchange, env, &p_span)?;
-    let mut names = Vec::new();
-    for (i, audience) in p.audiences.iter_mut().enumerate() {
-        let at = r.span(&format!("provider.audiences.{i}.name"));
-        if at.is_none() {
-            return Err(r.err(
-                &r.span("provider.audiences"),
-                "A [[provider.audiences]] entry has no name.",
-                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
-            ));
-        }
-        for (key, value) in [("name", &audience.name), ("route", &audience.route)] {
-            let path = format!("provider.audiences.{i}.{key}");
-            let word = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
-            r.rule(
-                r.item(&path).is_some() && (value.is_empty() || !value.bytes().all(word)),
-                &path,
-                "[[provider.audiences]] {at} is not valid: it must be letters, digits, - _ or .",
-                format!("Write {key} = \"apim\"."),
-            )?;
-        }
-        let (name, method) = (&audience.name, p.exchange.method);
-        if method != ExchangeMethod::Relay {
-            return Err(r.err(
-                &at,
-                format!(
-                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are \
-                     exchanged by cis2-relay, which holds the platform key, and \
-                     [provider.exchange] method is \"{method}\"."
-                ),
-                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the \
-                 [[provider.audiences]] entry.",
-            ));
-        }
-        if names.contains(name) {
-            let message = format!("[[provider.audiences]] name {name:?} is given twice.");
-            return Err(r.err(
-                &at,
-                message,
-                "Give each [[provider.audiences]] entry its own name.",
-            ));
-        }
-        names.push(name.clone());
-        if audience.route.is_empty() {
-            audience.route = name.clone();
-        }
-    }
+    read_exchange(r, &mut p.exchange, env)?;
+    read_audiences(r, &mut p.audiences, p.exchange.method)?;
     Ok(p)
 }
 
-fn read_exchange(
-    r: &Reader<'_>,
-    x: &mut Exchange,
-    env: Environment,
-    provider_span: &Span,
-) -> Checked {
+/// The values of `[provider.exchange]` that need no other key.
+fn read_exchange_values(r: &Reader<'_>, x: &Exchange) -> Checked {
+    if let Some(relay_url) = &x.relay_url {
+        r.url("provider.exchange.relay_url", relay_url, "the relay", true)?;
+    }
+    r.rule(
+        x.kid
+            .as_deref()
+            .is_some_and(|kid| cis2_jose::check_kid(kid).is_err()),
+        "provider.exchange.kid",
+        "kid = {shown} is not a key id this agent can send.",
+        "Write the kid registered with CIS2 for this key, 1 to 128 letters, digits, - or _ \
+         (e.g. kid = \"eps-cpt-ui-int\"), or leave kid out to send the key's RFC 7638 thumbprint.",
+    )?;
+    let is_name = |s: &str| {
+        let mut chars = s.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    // The value is not quoted back: it may be the secret itself.
+    r.rule(
+        x.secret_env.as_deref().is_some_and(|s| !is_name(s)),
+        "provider.exchange.secret_env",
+        "secret_env is not the name of an environment variable (letters, digits and _, not \
+         starting with a digit).",
+        "secret_env names the variable that holds the secret, never the secret itself: write \
+         secret_env = \"CIS2_CLIENT_SECRET\" and set that variable in the agent's environment.",
+    )
+}
+
+/// The method (the environment's default when the file names none) and the key it needs.
+fn read_exchange(r: &Reader<'_>, x: &mut Exchange, env: Environment) -> Checked {
     let default_method = match env {
         Environment::Int | Environment::Live => ExchangeMethod::Relay,
         Environment::Sandbox | Environment::Custom => ExchangeMethod::None,
     };
     if r.item("provider.exchange").is_none() && default_method == ExchangeMethod::Relay {
         return Err(r.err(
-            provider_span,
+            &r.span("provider"),
             format!(
                 "environment = \"{env}\" swaps the sign-in code for tokens through a relay by \
                  default, and there is no [provider.exchange] section with its relay_url."
@@ -863,9 +777,6 @@ fn read_exchange(
             )
         }
     };
-    let method_span = r
-        .span("provider.exchange.method")
-        .or_else(|| r.span("provider.exchange"));
     let must_exist = x.method == ExchangeMethod::PrivateKeyJwt;
     x.key_file = r.file("provider.exchange.key_file", x.key_file.take(), must_exist)?;
     let (key, add) = match x.method {
@@ -889,6 +800,9 @@ fn read_exchange(
         .iter()
         .filter(|n| **n != x.method.as_str());
     let others: Vec<String> = others.map(|n| format!("method = \"{n}\"")).collect();
+    let method_span = r
+        .span("provider.exchange.method")
+        .or_else(|| r.span("provider.exchange"));
     Err(r.err(
         &method_span,
         format!("{stated} needs {key} in [provider.exchange], and there is none."),
@@ -899,11 +813,57 @@ fn read_exchange(
     ))
 }
 
+/// `[[provider.audiences]]`: named, one word each, once each, through the relay.
+fn read_audiences(r: &Reader<'_>, list: &mut [AudienceRoute], method: ExchangeMethod) -> Checked {
+    for i in 0..list.len() {
+        let at = r.span(&format!("provider.audiences.{i}.name"));
+        if at.is_none() {
+            return Err(r.err(
+                &r.span("provider.audiences"),
+                "A [[provider.audiences]] entry has no name.",
+                "Write name = \"apim\" (what programs ask for) in each [[provider.audiences]] entry.",
+            ));
+        }
+        let audience = &list[i];
+        for (key, value) in [("name", &audience.name), ("route", &audience.route)] {
+            let path = format!("provider.audiences.{i}.{key}");
+            let word = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+            r.rule(
+                r.item(&path).is_some() && (value.is_empty() || !value.bytes().all(word)),
+                &path,
+                "[[provider.audiences]] {at} is not valid: it must be letters, digits, - _ or .",
+                format!("Write {key} = \"apim\"."),
+            )?;
+        }
+        let name = audience.name.clone();
+        if method != ExchangeMethod::Relay {
+            return Err(r.err(
+                &at,
+                format!(
+                    "[[provider.audiences]] {name:?} needs the relay: API Platform tokens are \
+                     exchanged by cis2-relay, which holds the platform key, and \
+                     [provider.exchange] method is \"{method}\"."
+                ),
+                "Set [provider.exchange] method = \"relay\" with relay_url, or remove the \
+                 [[provider.audiences]] entry.",
+            ));
+        }
+        if list[..i].iter().any(|a| a.name == name) {
+            let message = format!("[[provider.audiences]] name {name:?} is given twice.");
+            let fix = "Give each [[provider.audiences]] entry its own name.";
+            return Err(r.err(&at, message, fix));
+        }
+        if list[i].route.is_empty() {
+            list[i].route = name;
+        }
+    }
+    Ok(())
+}
+
 fn read_client(r: &Reader<'_>, c: &mut ClientRule, i: usize) -> Checked {
     let label = format!("[[clients]] entry {}", i + 1);
-    let at = format!("clients.{i}");
-    let key = |key| format!("{at}.{key}");
-    let entry_span = r.span(&at);
+    let key = |key: &str| format!("clients.{i}.{key}");
+    let entry_span = r.span(&format!("clients.{i}"));
     if r.item(&key("name")).is_none() {
         return Err(r.err(
             &entry_span,
@@ -949,17 +909,14 @@ fn read_client(r: &Reader<'_>, c: &mut ClientRule, i: usize) -> Checked {
             ),
         )?;
     }
-    for (i, method) in c.methods.iter().flatten().enumerate() {
+    for (j, method) in c.methods.iter().flatten().enumerate() {
         let near = suggest(method, CLIENT_METHODS).map(|n| format!("Did you mean \"{n}\"? "));
+        let valid = CLIENT_METHODS.join(", ");
         r.rule(
             !CLIENT_METHODS.contains(&method.as_str()),
-            &format!("{at}.methods.{i}"),
+            &key(&format!("methods.{j}")),
             "methods entry {shown}{in} is not a method of the agent.",
-            format!(
-                "{}Valid methods: {}.",
-                near.unwrap_or_default(),
-                CLIENT_METHODS.join(", ")
-            ),
+            format!("{}Valid methods: {valid}.", near.unwrap_or_default()),
         )?;
     }
     r.words(&key("audiences"), &c.audiences)?;
