@@ -443,7 +443,8 @@ fn api_platforms(
             return Err(at(
                 "token_url",
                 format!(
-                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the                      sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
+                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the \
+                     sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
                     entry.token_url
                 ),
             ));
@@ -451,7 +452,8 @@ fn api_platforms(
         if entry.api_key.trim().is_empty() || entry.api_key.chars().any(char::is_whitespace) {
             return Err(at(
                 "api_key",
-                "api_key must be the application's API key from the API Platform's developer                  portal (one word)"
+                "api_key must be the application's API key from the API Platform's developer \
+                 portal (one word)"
                     .into(),
             ));
         }
@@ -466,7 +468,8 @@ fn api_platforms(
             at(
                 "key",
                 format!(
-                    "{} is not a usable RSA private key ({e}); create one with                      `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096`",
+                    "{} is not a usable RSA private key ({e}); create one with \
+                     `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096`",
                     key.display()
                 ),
             )
@@ -736,6 +739,10 @@ mod tests {
             let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(words), "{err}");
+            assert!(
+                !err.message.contains("  "),
+                "one space between words: {err}"
+            );
         }
     }
 
