@@ -1,13 +1,15 @@
 //! What a config-file mistake looks like, shared by the agent's (`cis2-core`) and the relay's
 //! (`cis2-relay`) config readers: the file, the 1-based line, what is wrong and what to write
-//! instead. It also holds the few helpers both readers use to build one: the line of a TOML span,
-//! a TOML syntax error turned into a [`ConfigError`], the key and the valid keys in serde's error
-//! for an unknown key, and a "did you mean" from `strsim`.
+//! instead. It also holds the few helpers both readers use to build one: the item at a key path of
+//! the parsed file (`toml_edit`) and where it is, the line of a TOML span, a TOML syntax error
+//! turned into a [`ConfigError`], the key and the valid keys in serde's error for an unknown key,
+//! and a "did you mean" from `strsim`.
 //! A crate of its own because the relay must not depend on the agent's crate.
 
 use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
+use toml_edit::Item;
 
 /// A config file that cannot be used: where, what is wrong, and what to write instead.
 ///
@@ -65,6 +67,29 @@ pub fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+/// The item at a dotted key path of a parsed file: tables and keys by name, entries of a list by
+/// number (`clients.1.sha256`, `api_platform.0.token_url`); the path "" is the whole file.
+pub fn item_at<'d>(file: &'d Item, path: &str) -> Option<&'d Item> {
+    let mut item = file;
+    for step in path.split('.').filter(|step| !step.is_empty()) {
+        item = match step.parse::<usize>() {
+            Ok(i) => item.get(i)?,
+            Err(_) => item.get(step)?,
+        };
+    }
+    Some(item)
+}
+
+/// Where an item is written: its value, or a table's header, else the table's first key (a table
+/// made by dotted keys has no header).
+pub fn span_of(item: &Item) -> Option<Range<usize>> {
+    item.span().or_else(|| {
+        let t = item.as_table_like()?;
+        t.iter()
+            .find_map(|(k, v)| t.key(k).and_then(|k| k.span()).or_else(|| v.span()))
+    })
 }
 
 /// A TOML syntax error (the parser's `message` and `span`) as a [`ConfigError`] on its line, with
@@ -175,6 +200,34 @@ mod tests {
         assert_eq!(
             unknown_field("invalid type: string \"a\", expected u64"),
             None
+        );
+    }
+
+    /// The relay's and the agent's readers both place every mistake this way.
+    #[test]
+    fn a_key_path_finds_the_item_where_it_is_written() {
+        let text = "top = 1\ninline = { x = 5 }\n[a]\nx = 1\n[[list]]\nx = 2\n[[list]]\n\
+                    x = [3, 4]\n[b.c]\n[d]\ne.x = 6\n";
+        let file = toml_edit::ImDocument::parse(text).unwrap();
+        let line = |path: &str| {
+            let item = item_at(file.as_item(), path);
+            item.and_then(span_of).map(|span| line_of(text, span.start))
+        };
+        assert_eq!(line("a.x"), Some(4));
+        assert_eq!(
+            line("list.1.x"),
+            Some(8),
+            "the second entry's x, not the first's"
+        );
+        assert_eq!(line("list.1.x.1"), Some(8));
+        assert_eq!(line("inline.x"), Some(2));
+        assert_eq!(line("b.c"), Some(9), "a table at its header");
+        assert_eq!(line("d.e"), Some(11), "a dotted-key table at its first key");
+        assert_eq!(line("a.y"), None);
+        assert_eq!(line("list.2"), None);
+        assert_eq!(
+            item_at(file.as_item(), "top").and_then(|i| i.as_integer()),
+            Some(1)
         );
     }
 

@@ -1,11 +1,13 @@
 //! The relay's TOML (interfaces.md "cis2-relay"). Every mistake is reported with the file, the line and
-//! what to write instead; relative paths are read from the config file's folder.
+//! what to write instead; relative paths are read from the config file's folder. A mistake's line
+//! is found in the parsed file (`toml_edit`) by the key's path, as the agent's reader does.
 
-use cis2_config_error::{line_of, suggest, unknown_field};
+use cis2_config_error::{item_at, line_of, span_of, suggest, syntax_error, unknown_field};
 use cis2_jose::{Alg, SigningKey};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use toml_edit::{ImDocument, Item};
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -134,18 +136,6 @@ fn default_alg() -> String {
 
 pub use cis2_config_error::ConfigError;
 
-/// The 1-based line of `needle` as a key (`needle =`) in `text`, or 1.
-fn line_of_key(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(needle)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
-        .unwrap_or(1)
-}
-
 /// Reads and checks the file; key files are read to check they are usable RSA keys.
 pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
     let shown = path.display().to_string();
@@ -161,8 +151,7 @@ pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
 /// Checks the text; `base` resolves relative paths. Key files are read.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigError> {
     // The relay's messages carry their fix after a semicolon or a dash, in one sentence.
-    let error = |line: usize, message: String| ConfigError::new(file, Some(line), message, "");
-    let at = |key: &str, message: String| error(line_of_key(text, key), message);
+    let error = |line: Option<usize>, message: String| ConfigError::new(file, line, message, "");
     let parsed: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
         let message = e.message().trim().to_string();
@@ -178,8 +167,14 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         } else {
             String::new()
         };
-        error(line, format!("{message}{hint}"))
+        error(Some(line), format!("{message}{hint}"))
     })?;
+    // serde has read the file, so it parses: the document is for where each key is.
+    let doc = ImDocument::parse(text)
+        .map_err(|e| syntax_error(text, file.into(), e.message(), e.span()))?;
+    let line = |item: Option<&Item>| item.and_then(span_of).map(|s| line_of(text, s.start));
+    // The key at a dotted path: `relay.listen`, `signing.keys.1`, `api_platform.0.kid`.
+    let at = |path: &str, message: String| error(line(item_at(doc.as_item(), path)), message);
     let resolve = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()
@@ -190,7 +185,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
 
     let listen: SocketAddr = parsed.relay.listen.parse().map_err(|_| {
         at(
-            "listen",
+            "relay.listen",
             format!(
                 "listen = {:?} is not an address and port; write e.g. listen = \"127.0.0.1:8443\"",
                 parsed.relay.listen
@@ -203,9 +198,9 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         _ => {
             return Err(at(
                 if parsed.relay.tls_cert.is_some() {
-                    "tls_cert"
+                    "relay.tls_cert"
                 } else {
-                    "tls_key"
+                    "relay.tls_key"
                 },
                 "tls_cert and tls_key go together: give both for HTTPS, or neither for plain HTTP \
                  behind a reverse proxy"
@@ -215,16 +210,16 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
     };
     if parsed.relay.allowed_redirect_uris.is_empty() {
         return Err(at(
-            "allowed_redirect_uris",
+            "relay.allowed_redirect_uris",
             "allowed_redirect_uris is empty, so no sign-in could ever be redeemed; add the agent's \
              redirect URI, e.g. [\"http://127.0.0.1/callback\"]"
                 .into(),
         ));
     }
-    for uri in &parsed.relay.allowed_redirect_uris {
+    for (i, uri) in parsed.relay.allowed_redirect_uris.iter().enumerate() {
         if url::Url::parse(uri).is_err() {
             return Err(at(
-                "allowed_redirect_uris",
+                &format!("relay.allowed_redirect_uris.{i}"),
                 format!("{uri:?} is not a URL; write e.g. \"http://127.0.0.1/callback\""),
             ));
         }
@@ -233,7 +228,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         && !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
     {
         return Err(at(
-            "redis_url",
+            "relay.redis_url",
             format!("redis_url = {redis:?} must start with redis:// or rediss://"),
         ));
     }
@@ -246,7 +241,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
                     && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))) => {}
         _ => {
             return Err(at(
-                "issuer",
+                "provider.issuer",
                 format!(
                     "issuer = {issuer:?} must be an https:// URL (http:// only on loopback, for the \
                      sandbox), written exactly as CIS2 publishes it, :443 included"
@@ -256,7 +251,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
     }
     if parsed.provider.client_id.trim().is_empty() {
         return Err(at(
-            "client_id",
+            "provider.client_id",
             "client_id is empty; write the client ID from CIS2's Connection Manager".into(),
         ));
     }
@@ -266,49 +261,39 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         "RS256" => Alg::RS256,
         other => {
             return Err(at(
-                "alg",
+                "signing.alg",
                 format!("alg = {other:?} is not supported; write alg = \"RS512\" or \"RS256\""),
             ));
         }
     };
     if parsed.signing.keys.is_empty() {
         return Err(at(
-            "keys",
+            "signing.keys",
             "keys is empty; list the PEM files of the signing keys, e.g. keys = [\"keys/2026-11.pem\"]"
                 .into(),
         ));
     }
     let keys: Vec<PathBuf> = parsed.signing.keys.iter().map(|k| resolve(k)).collect();
-    for key in &keys {
-        let pem = std::fs::read_to_string(key).map_err(|e| {
-            at(
-                "keys",
-                format!("cannot read the key file {}: {e}", key.display()),
-            )
-        })?;
+    for (i, key) in keys.iter().enumerate() {
+        let at_key = |message| at(&format!("signing.keys.{i}"), message);
+        let pem = std::fs::read_to_string(key)
+            .map_err(|e| at_key(format!("cannot read the key file {}: {e}", key.display())))?;
         SigningKey::from_pem(&pem, alg).map_err(|e| {
-            at(
-                "keys",
-                format!(
-                    "{} is not a usable RSA private key ({e}); create one with \
+            at_key(format!(
+                "{} is not a usable RSA private key ({e}); create one with \
                      `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072`",
-                    key.display()
-                ),
-            )
+                key.display()
+            ))
         })?;
     }
     let mut kids = std::collections::HashMap::new();
     for (written, kid) in &parsed.signing.kids {
         let shown = written.display().to_string();
-        // The line of this entry (`"keys/a.pem" = "…"`), else the kids table's.
-        let at_entry = |message: String| {
-            let line = line_of_key(text, &format!("{shown:?}"));
-            if line > 1 {
-                error(line, message)
-            } else {
-                at("kids", message)
-            }
-        };
+        // The line of this entry (`"keys/a.pem" = "…"`), else the kids table's; the entry's key
+        // may hold dots, so it is looked up on its own rather than in a dotted path.
+        let kids_table = item_at(doc.as_item(), "signing.kids");
+        let entry = kids_table.and_then(|kids| kids.get(shown.as_str()));
+        let at_entry = |message: String| error(line(entry).or(line(kids_table)), message);
         let path = resolve(written);
         if !keys.contains(&path) {
             return Err(at_entry(format!(
@@ -327,7 +312,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
             let active = resolve(active);
             if !keys.contains(&active) {
                 return Err(at(
-                    "active",
+                    "signing.active",
                     format!(
                         "active = {:?} is not one of keys; the active key must also be published, \
                          so add it to keys",
@@ -345,7 +330,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         None if keys.len() == 1 => keys[0].clone(),
         None => {
             return Err(at(
-                "keys",
+                "signing.keys",
                 "several keys are listed but none is active; add active = \"<one of keys>\" under \
                  [signing]"
                     .into(),
@@ -381,11 +366,14 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
         ),
     ] {
         if bad {
-            return Err(at(key, format!("[limits] needs {fix}")));
+            return Err(at(
+                &format!("limits.{key}"),
+                format!("[limits] needs {fix}"),
+            ));
         }
     }
 
-    let api_platform = api_platforms(text, &parsed.api_platform, &resolve, &error)?;
+    let api_platform = api_platforms(&parsed.api_platform, &resolve, &at)?;
 
     Ok(RelayConfig {
         listen,
@@ -405,35 +393,20 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
 }
 
 /// Checks the `[[api_platform]]` entries; each key file is read to check it is a usable RSA key.
+/// `at` places a message at a key path of the file.
 fn api_platforms(
-    text: &str,
     entries: &[ApiPlatformSection],
     resolve: &dyn Fn(&Path) -> PathBuf,
-    error: &dyn Fn(usize, String) -> ConfigError,
+    at: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Vec<ApiPlatform>, ConfigError> {
-    // Each entry's own lines: a mistake is reported at its key within that entry.
-    let starts: Vec<usize> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.trim() == "[[api_platform]]")
-        .map(|(i, _)| i)
-        .collect();
     let mut out: Vec<ApiPlatform> = Vec::new();
     for (n, entry) in entries.iter().enumerate() {
+        // A mistake is reported at its key within this entry.
         let at = |key: &str, message: String| {
-            let from = starts.get(n).copied().unwrap_or(0);
-            let line = text
-                .lines()
-                .enumerate()
-                .skip(from)
-                .find(|(_, l)| {
-                    l.trim_start()
-                        .strip_prefix(key)
-                        .is_some_and(|rest| rest.trim_start().starts_with('='))
-                })
-                .map(|(i, _)| i + 1)
-                .unwrap_or(from + 1);
-            error(line, format!("[[api_platform]] {message}"))
+            at(
+                &format!("api_platform.{n}.{key}"),
+                format!("[[api_platform]] {message}"),
+            )
         };
         let name_ok = (1..=64).contains(&entry.audience.len())
             && entry
@@ -470,7 +443,8 @@ fn api_platforms(
             return Err(at(
                 "token_url",
                 format!(
-                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the                      sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
+                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the \
+                     sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
                     entry.token_url
                 ),
             ));
@@ -478,7 +452,8 @@ fn api_platforms(
         if entry.api_key.trim().is_empty() || entry.api_key.chars().any(char::is_whitespace) {
             return Err(at(
                 "api_key",
-                "api_key must be the application's API key from the API Platform's developer                  portal (one word)"
+                "api_key must be the application's API key from the API Platform's developer \
+                 portal (one word)"
                     .into(),
             ));
         }
@@ -493,7 +468,8 @@ fn api_platforms(
             at(
                 "key",
                 format!(
-                    "{} is not a usable RSA private key ({e}); create one with                      `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096`",
+                    "{} is not a usable RSA private key ({e}); create one with \
+                     `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096`",
                     key.display()
                 ),
             )
@@ -719,6 +695,54 @@ mod tests {
             let err = parse(&good(&extra), "relay.toml", dir.path()).unwrap_err();
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(words), "{err}");
+        }
+    }
+
+    /// The line comes from the parsed file, not a search of its text: a key of the same name in an
+    /// earlier `[[api_platform]]` entry, a quoted key written with single quotes, or a table
+    /// written inline does not move it.
+    #[test]
+    fn each_mistake_names_its_own_line_wherever_the_key_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        write_key(dir.path(), "apim.pem");
+        let entry = |name: &str, url: &str| {
+            format!(
+                "[[api_platform]] # {name}\naudience = \"{name}\"\ntoken_url = \"{url}\"\n\
+                 api_key = \"abc123\"\nkey = \"apim.pem\"\nkid = \"int-1\"\n"
+            )
+        };
+        let good_url = "https://int.api.service.nhs.uk/oauth2/token";
+        let two_entries = format!(
+            "{}{}",
+            entry("apim", good_url),
+            entry("apim-live", "http://api.service.nhs.uk/oauth2/token")
+        );
+        let cases = [
+            (good(&two_entries), 18, "https://"),
+            (
+                good("[signing.kids]\n'b.pem' = \"has space\"\n"),
+                11,
+                "not usable",
+            ),
+            (
+                format!(
+                    "# limits first\nlimits = {{ requests_per_minute = 0 }}\n{}",
+                    good("")
+                ),
+                2,
+                "requests_per_minute ≥ 1",
+            ),
+        ];
+        for (text, line, words) in cases {
+            let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(words), "{err}");
+            assert!(
+                !err.message.contains("  "),
+                "one space between words: {err}"
+            );
         }
     }
 

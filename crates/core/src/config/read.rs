@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use cis2_config_error::{line_of, suggest, syntax_error, unknown_field};
+use cis2_config_error::{item_at, line_of, span_of, suggest, syntax_error, unknown_field};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
@@ -225,24 +225,12 @@ impl Reader<'_> {
 
     /// The item at a key path, if the file gives it.
     fn item(&self, path: &str) -> Option<&Item> {
-        let mut item = self.doc.as_item();
-        for step in path.split('.').filter(|step| !step.is_empty()) {
-            item = match step.parse::<usize>() {
-                Ok(i) => item.get(i)?,
-                Err(_) => item.get(step)?,
-            };
-        }
-        Some(item)
+        item_at(self.doc.as_item(), path)
     }
 
     /// Where a key path is: its value, or a table's header, else the table's first key.
     fn span(&self, path: &str) -> Span {
-        let item = self.item(path)?;
-        item.span().or_else(|| {
-            let t = item.as_table_like()?;
-            t.iter()
-                .find_map(|(k, v)| t.key(k).and_then(|k| k.span()).or_else(|| v.span()))
-        })
+        self.item(path).and_then(span_of)
     }
 
     /// The source text of a value, for quoting it back: first line only, at most 60 characters.
