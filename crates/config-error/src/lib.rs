@@ -3,7 +3,7 @@
 //! instead. It also holds the few helpers both readers use to build one: the item at a key path of
 //! the parsed file (`toml_edit`) and where it is, the line of a TOML span, a TOML syntax error
 //! turned into a [`ConfigError`], the key and the valid keys in serde's error for an unknown key,
-//! and a "did you mean" from `strsim`.
+//! a "did you mean" from `strsim`, and the one rule for an http(s) address in a config file.
 //! A crate of its own because the relay must not depend on the agent's crate.
 
 use std::fmt;
@@ -158,6 +158,71 @@ pub fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) ->
         .map(|(_, _, candidate)| candidate)
 }
 
+/// Why an address in a config file (an issuer, a relay's or a token endpoint's URL) cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UrlProblem {
+    Spaces,
+    /// Not a URL at all; the parser's words.
+    NotUrl(String),
+    /// `http://` to a host that is not this computer.
+    PlainHttpToAnotherComputer,
+    NotHttps,
+    NoHost,
+    Fragment,
+    QueryOrFragment,
+}
+
+impl fmt::Display for UrlProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlProblem::Spaces => f.write_str("a URL has no spaces"),
+            UrlProblem::NotUrl(why) => write!(f, "it is not a URL ({why})"),
+            UrlProblem::PlainHttpToAnotherComputer => {
+                f.write_str("it uses plain http to another computer")
+            }
+            UrlProblem::NotHttps => f.write_str("it must start with https://"),
+            UrlProblem::NoHost => f.write_str("it has no host name"),
+            UrlProblem::Fragment => f.write_str("it must not have a #fragment"),
+            UrlProblem::QueryOrFragment => f.write_str("it must not have a ?query or #fragment"),
+        }
+    }
+}
+
+/// Checks an address without changing it (an issuer must stay byte for byte as written, `:443`
+/// included): `https://`, or `http://` to this computer only (any 127.0.0.0/8 address, `[::1]` or
+/// `localhost`: RFC 8252 §7.3), with a host, no spaces, no fragment, and a query only when
+/// `allow_query`.
+pub fn check_http_url(value: &str, allow_query: bool) -> Result<(), UrlProblem> {
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(UrlProblem::Spaces);
+    }
+    let url = url::Url::parse(value).map_err(|e| UrlProblem::NotUrl(e.to_string()))?;
+    let lower = value.to_ascii_lowercase();
+    let http = lower.starts_with("http://") && url.scheme() == "http";
+    let https = lower.starts_with("https://") && url.scheme() == "https";
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    if http && !loopback {
+        return Err(UrlProblem::PlainHttpToAnotherComputer);
+    }
+    if !(http || https) {
+        return Err(UrlProblem::NotHttps);
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(UrlProblem::NoHost);
+    }
+    match (url.fragment(), url.query()) {
+        (Some(_), _) if allow_query => Err(UrlProblem::Fragment),
+        (Some(_), _) | (_, Some(_)) if !allow_query => Err(UrlProblem::QueryOrFragment),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +293,54 @@ mod tests {
         assert_eq!(
             item_at(file.as_item(), "top").and_then(|i| i.as_integer()),
             Some(1)
+        );
+    }
+
+    /// One rule for both readers: the agent's and the relay's addresses are judged alike.
+    #[test]
+    fn an_address_is_https_or_http_to_this_computer() {
+        for good in [
+            "https://idp.example.org:443/realms/x",
+            "HTTPS://idp.example.org",
+            "http://127.0.0.1:8080/",
+            "http://127.0.0.2/",
+            "http://[::1]:8080",
+            "http://localhost/x",
+            "http://LocalHost/x",
+        ] {
+            assert_eq!(check_http_url(good, false), Ok(()), "{good}");
+        }
+        let problem = |url: &str, query: bool| check_http_url(url, query).unwrap_err();
+        assert_eq!(
+            problem("http://idp.example.org", false),
+            UrlProblem::PlainHttpToAnotherComputer
+        );
+        assert_eq!(
+            problem("http://127.0.0.1.example.org", false),
+            UrlProblem::PlainHttpToAnotherComputer,
+            "a name that starts like a loopback address is another computer"
+        );
+        assert_eq!(
+            problem("ftp://idp.example.org", false),
+            UrlProblem::NotHttps
+        );
+        assert_eq!(
+            problem("https://idp.example.org/ x", false),
+            UrlProblem::Spaces
+        );
+        assert!(matches!(
+            problem("idp.example.org", false),
+            UrlProblem::NotUrl(_)
+        ));
+        assert_eq!(
+            problem("https://a.example/?x=1", false),
+            UrlProblem::QueryOrFragment
+        );
+        assert_eq!(check_http_url("https://a.example/?x=1", true), Ok(()));
+        assert_eq!(problem("https://a.example/#x", true), UrlProblem::Fragment);
+        assert_eq!(
+            UrlProblem::QueryOrFragment.to_string(),
+            "it must not have a ?query or #fragment"
         );
     }
 

@@ -1283,6 +1283,89 @@ allow_user_switch = false
         check(&e, 3, &["socket = \"\" is not valid: it is empty."]);
     }
 
+    /// One pair of brackets or two: a section written as the other kind is named as written, with
+    /// the heading to write instead.
+    #[test]
+    fn a_section_written_with_the_wrong_brackets_gets_the_right_heading() {
+        let e = bad("[[agent]]\nstore = \"memory\"\n");
+        check(
+            &e,
+            1,
+            &[
+                "[[agent]] is not valid: agent is one section, so its heading has one pair of brackets.",
+                "Write it as a section: a line [agent] followed by its keys.",
+            ],
+        );
+        let e = bad(&int_with("").replace("[provider.exchange]", "[[provider.exchange]]"));
+        check(
+            &e,
+            4,
+            &[
+                "[[provider.exchange]] is not valid",
+                "a line [provider.exchange]",
+            ],
+        );
+        let e = bad("agent = [1]\n");
+        check(
+            &e,
+            1,
+            &["agent = [1] is not valid: agent must be a table, not a list."],
+        );
+        let e = bad("[clients]\nname = \"a\"\npath = \"/a\"\n");
+        check(
+            &e,
+            1,
+            &[
+                "[clients] is not valid: clients must be a list of [[clients]] sections, not a table.",
+                "a line [[clients]], then name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\"",
+            ],
+        );
+        let e = bad("[agent]\n[agent.socket]\n");
+        check(
+            &e,
+            2,
+            &[
+                "[agent.socket] is not valid: socket is a key, not a section.",
+                "Write socket = ",
+            ],
+        );
+        let e = bad("[[clients]]\nname = \"a\"\npath = \"/a\"\n[[clients.audiences]]\n");
+        check(
+            &e,
+            4,
+            &["[[clients.audiences]] is not valid: audiences is a key, not a section."],
+        );
+        let e = bad("clients = [1]\n");
+        check(
+            &e,
+            1,
+            &["each entry must be a [[clients]] section, not a whole number."],
+        );
+        let e = bad(&int_with("[provider.audiences]\nname = \"apim\"\n"));
+        check(
+            &e,
+            6,
+            &[
+                "[provider.audiences] is not valid: audiences must be a list of [[provider.audiences]] sections, not a table.",
+                "a line [[provider.audiences]], then name = \"apim\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn plain_http_to_another_computer_gets_an_https_example() {
+        let e = bad(&int_with("").replace(RELAY, "http://relay.example.nhs.uk/"));
+        let words = e.to_string();
+        assert!(
+            words.ends_with(
+                "uses plain http to another computer. Use https://, e.g. relay_url = \
+                 \"https://relay.example.nhs.uk/\"; plain http is allowed only when the relay runs \
+                 on this computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
+            ),
+            "{words}"
+        );
+    }
+
     #[test]
     fn client_rules_are_checked() {
         let e = bad("[[clients]]\npath = \"/opt/a\"\n");

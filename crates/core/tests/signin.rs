@@ -305,6 +305,11 @@ async fn each_id_token_rule_refuses_with_its_own_reason() {
             "not by the configured issuer",
         ),
         (
+            "another provider's token, signed by a key this provider does not publish",
+            json!({"signing": "unknown_key", "id_token_claims": {"iss": "https://evil.example/openam"}}),
+            "not by the configured issuer",
+        ),
+        (
             "iss differing only by the port",
             json!({"id_token_claims": {"iss": issuer.replace(&format!(":{port}"), "")}}),
             "not by the configured issuer",

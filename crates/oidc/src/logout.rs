@@ -2,7 +2,7 @@
 //! the vendor's relay when a session ends there. The signature is checked with the same code and keys as
 //! an ID token; then the claims that make it a logout token and not something else.
 
-use crate::validate::{CLOCK_SKEW_SECS, IdTokenError, verify_signature};
+use crate::validate::{CLOCK_SKEW_SECS, IdTokenError, unverified_issuer, verify_signature};
 use cis2_jose::{Alg, JwkSet};
 use serde_json::{Map, Value};
 
@@ -58,6 +58,11 @@ pub fn validate_logout_token(
     keys: &JwkSet,
     expected: &LogoutExpected<'_>,
 ) -> Result<EndedSession, LogoutTokenError> {
+    // Another provider's token is refused before its key is looked for (no refetch for it).
+    if let Some(found) = unverified_issuer(token).filter(|iss| iss != expected.issuer) {
+        let expected = expected.issuer.to_owned();
+        return Err(LogoutTokenError::WrongIssuer { expected, found });
+    }
     let verified =
         verify_signature(token, expected.algs, keys).map_err(LogoutTokenError::Signature)?;
     check_logout_claims(&verified.claims, expected)
@@ -249,6 +254,17 @@ mod tests {
             validate_logout_token(&forged, &keys, &expected()),
             Err(LogoutTokenError::Signature(_))
         ));
+        // Another provider's token is refused by its issuer before its unknown key is looked for
+        // (which would make the relay fetch the keys again); forged with our issuer, by the key.
+        let mut foreign = good();
+        foreign.insert("iss".into(), json!("https://other:443/"));
+        assert_eq!(
+            validate_logout_token(&other.sign(&Value::Object(foreign)), &keys, &expected()),
+            Err(LogoutTokenError::WrongIssuer {
+                expected: ISSUER.into(),
+                found: "https://other:443/".into()
+            })
+        );
         let unsigned = format!(
             "{}.{}.",
             cis2_jose::b64url(br#"{"alg":"none"}"#),

@@ -480,6 +480,10 @@ impl RelyingParty {
         fresh_sign_in: bool,
         access_token: Option<&str>,
     ) -> Result<Map<String, Value>, SignInError> {
+        if let Some(found) = validate::unverified_issuer(token).filter(|iss| iss != self.issuer()) {
+            let expected = self.issuer().to_owned();
+            return Err(IdTokenError::WrongIssuer { expected, found }.into());
+        }
         let algs = accepted_algs(metadata);
         let verified = self
             .discovery

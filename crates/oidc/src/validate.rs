@@ -128,6 +128,16 @@ pub fn acr_level(acr: &str) -> u8 {
     }
 }
 
+/// The `iss` an unsigned-for-now token claims, to refuse another provider's token as such before
+/// any key is looked up (a clearer reason than "a key the provider does not publish", and no JWKS
+/// refetch for a foreign token). It may only refuse: acceptance waits for the signature, and
+/// [`check_claims`] compares `iss` again on the verified claims. `None` when the token does not
+/// parse or names no issuer (the signature step then says why).
+pub fn unverified_issuer(token: &str) -> Option<String> {
+    let parsed = UnverifiedJwt::parse(token).ok()?;
+    parsed.claims.get("iss")?.as_str().map(str::to_owned)
+}
+
 /// The signature step alone: the claims if the token is signed by one of `keys` with an accepted alg.
 pub fn verify_signature(
     token: &str,
@@ -389,6 +399,19 @@ mod tests {
             verify_signature(&other.sign(&json!({})), &[Alg::RS256], &keys),
             Err(IdTokenError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn the_unverified_issuer_is_read_only_from_a_token_that_parses() {
+        let other = SigningKey::generate(Alg::RS256);
+        let token = other.sign(&json!({"iss": "https://evil.example"}));
+        assert_eq!(
+            unverified_issuer(&token).as_deref(),
+            Some("https://evil.example")
+        );
+        assert_eq!(unverified_issuer(&other.sign(&json!({"sub": "a"}))), None);
+        assert_eq!(unverified_issuer(&other.sign(&json!({"iss": 5}))), None);
+        assert_eq!(unverified_issuer("not.a-token"), None);
     }
 
     #[test]

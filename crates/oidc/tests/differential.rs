@@ -1,4 +1,5 @@
-//! Our ID token rules (`validate::verify_signature` + `check_claims`) against an independent
+//! Our ID token rules (`validate::unverified_issuer` to refuse another provider's token first, then
+//! `verify_signature` + `check_claims`, as the relying party runs them) against an independent
 //! implementation, `openidconnect` 4's `IdTokenVerifier` (RS256 and RS512 allowed, the issuer given
 //! as a string with `:443`, the time injected), on the fixtures of `validate.rs`'s unit tests: the
 //! good token and each broken one, claims and signatures. Where the two must differ, the fixture
@@ -6,7 +7,7 @@
 //! differently); everywhere else they must agree.
 
 use cis2_jose::{Alg, JwkSet, SigningKey, b64url};
-use cis2_oidc::validate::{Expected, check_claims, verify_signature};
+use cis2_oidc::validate::{Expected, check_claims, unverified_issuer, verify_signature};
 use openidconnect::core::{
     CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKeySet, CoreJwsSigningAlgorithm,
 };
@@ -66,6 +67,9 @@ fn expected() -> Expected<'static> {
 
 fn ours(token: &str, keys: &JwkSet) -> Result<(), String> {
     let expected = expected();
+    if let Some(iss) = unverified_issuer(token).filter(|iss| iss != expected.issuer) {
+        return Err(format!("WrongIssuer {{ found: {iss:?} }}"));
+    }
     let verified = verify_signature(token, expected.algs, keys).map_err(|e| format!("{e:?}"))?;
     check_claims(&verified.claims, verified.alg, &expected).map_err(|e| format!("{e:?}"))
 }
@@ -265,6 +269,12 @@ fn our_rules_and_openidconnect_agree_except_where_a_named_rule_says_why() {
             "signed by a key the provider does not publish",
             other_key.sign(&with(json!({}))),
             Err("UnknownKey"),
+            Verdict::Agree,
+        ),
+        (
+            "another provider's token, signed by its own key",
+            other_key.sign(&with(json!({"iss": "https://evil.example"}))),
+            Err("WrongIssuer"),
             Verdict::Agree,
         ),
         (

@@ -2,7 +2,9 @@
 //! what to write instead; relative paths are read from the config file's folder. A mistake's line
 //! is found in the parsed file (`toml_edit`) by the key's path, as the agent's reader does.
 
-use cis2_config_error::{item_at, line_of, span_of, suggest, syntax_error, unknown_field};
+use cis2_config_error::{
+    UrlProblem, check_http_url, item_at, line_of, span_of, suggest, syntax_error, unknown_field,
+};
 use cis2_jose::{Alg, SigningKey};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -234,20 +236,13 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<RelayConfig, ConfigE
     }
 
     let issuer = parsed.provider.issuer.clone();
-    match url::Url::parse(&issuer) {
-        Ok(u)
-            if u.scheme() == "https"
-                || (u.scheme() == "http"
-                    && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))) => {}
-        _ => {
-            return Err(at(
-                "provider.issuer",
-                format!(
-                    "issuer = {issuer:?} must be an https:// URL (http:// only on loopback, for the \
-                     sandbox), written exactly as CIS2 publishes it, :443 included"
-                ),
-            ));
-        }
+    if let Err(problem) = check_http_url(&issuer, false) {
+        let must = "must be an https:// URL (http:// only on loopback, for the sandbox), written \
+                    exactly as CIS2 publishes it, :443 included";
+        return Err(at(
+            "provider.issuer",
+            url_mistake("issuer", &issuer, &problem, must),
+        ));
     }
     if parsed.provider.client_id.trim().is_empty() {
         return Err(at(
@@ -431,23 +426,11 @@ fn api_platforms(
                 ),
             ));
         }
-        let url_ok = match url::Url::parse(&entry.token_url) {
-            Ok(u) => {
-                u.scheme() == "https"
-                    || (u.scheme() == "http"
-                        && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
-            }
-            Err(_) => false,
-        };
-        if !url_ok {
-            return Err(at(
-                "token_url",
-                format!(
-                    "token_url = {:?} must be an https:// URL (http:// only on loopback, for the \
-                     sandbox); write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"",
-                    entry.token_url
-                ),
-            ));
+        if let Err(problem) = check_http_url(&entry.token_url, true) {
+            let must = "must be an https:// URL (http:// only on loopback, for the sandbox); \
+                        write e.g. token_url = \"https://int.api.service.nhs.uk/oauth2/token\"";
+            let message = url_mistake("token_url", &entry.token_url, &problem, must);
+            return Err(at("token_url", message));
         }
         if entry.api_key.trim().is_empty() || entry.api_key.chars().any(char::is_whitespace) {
             return Err(at(
@@ -491,6 +474,17 @@ fn api_platforms(
         });
     }
     Ok(out)
+}
+
+/// An address the shared rule refuses: not https (or http to another computer) gets what it must
+/// be; any other problem is named.
+fn url_mistake(key: &str, value: &str, problem: &UrlProblem, must: &str) -> String {
+    match problem {
+        UrlProblem::NotHttps | UrlProblem::PlainHttpToAnotherComputer => {
+            format!("{key} = {value:?} {must}")
+        }
+        other => format!("{key} = {value:?} is not valid: {other}; it {must}"),
+    }
 }
 
 /// Whether `uri` is one of the allowed redirect URIs. Loopback entries (`http://127.0.0.1`,
@@ -658,6 +652,43 @@ mod tests {
             let err = parse(&text, "relay.toml", dir.path()).unwrap_err();
             assert_eq!(err.file, Path::new("relay.toml"));
             assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(words), "{err}");
+        }
+    }
+
+    /// The issuer is judged by the same rule as the agent's (`check_http_url`): any loopback
+    /// address may be plain http, and a fragment or a space is named.
+    #[test]
+    fn the_issuer_is_judged_as_the_agent_judges_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_key(dir.path(), "a.pem");
+        write_key(dir.path(), "b.pem");
+        let with_issuer =
+            |issuer: &str| good("").replace("https://cis2.example:443/realms/Healthcare", issuer);
+        for loopback in [
+            "http://127.0.0.2:9000/realms/x",
+            "http://[::1]:9000/x",
+            "http://localhost/x",
+        ] {
+            let config = parse(&with_issuer(loopback), "relay.toml", dir.path());
+            assert_eq!(config.map(|c| c.issuer).ok().as_deref(), Some(loopback));
+        }
+        for (issuer, words) in [
+            (
+                "https://cis2.example:443/realms/Healthcare#x",
+                "is not valid: it must not have a ?query or #fragment; it must be an https:// URL",
+            ),
+            (
+                "https://cis2.example:443/realms/ Healthcare",
+                "is not valid: a URL has no spaces",
+            ),
+            (
+                "http://127.0.0.1.example/x",
+                "must be an https:// URL (http:// only on loopback",
+            ),
+        ] {
+            let err = parse(&with_issuer(issuer), "relay.toml", dir.path()).unwrap_err();
+            assert_eq!(err.line, Some(5), "{err}");
             assert!(err.message.contains(words), "{err}");
         }
     }

@@ -7,7 +7,9 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use cis2_config_error::{item_at, line_of, span_of, suggest, syntax_error, unknown_field};
+use cis2_config_error::{
+    UrlProblem, check_http_url, item_at, line_of, span_of, suggest, syntax_error, unknown_field,
+};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
@@ -180,6 +182,15 @@ fn join_or(items: &[String]) -> String {
     }
 }
 
+/// For a list of tables, the keys of an entry as a fix writes them.
+fn list_of_tables(path: &str) -> Option<&'static str> {
+    match path {
+        "clients" => Some("name = \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\""),
+        "provider.audiences" => Some("name = \"apim\""),
+        _ => None,
+    }
+}
+
 /// A key path (`clients.1.sha256`, `provider.scopes.0`) in parts: the table holding the key
 /// (`clients`), which entry of a list of tables, the key, and whether the path ends at an entry of
 /// a list value.
@@ -309,21 +320,73 @@ impl Reader<'_> {
             _ => String::new(),
         });
         let mut steps: Vec<String> = steps.collect();
-        let (message, span) = (e.inner().message(), e.inner().span());
+        let (message, serde_span) = (e.inner().message(), e.inner().span());
         if let Some((key, allowed)) = unknown_field(message) {
             // The unknown key may itself contain a dot: it is kept apart from its table's path.
             steps.pop();
-            return self.unknown_key(&steps.join("."), key, &allowed, &span);
+            return self.unknown_key(&steps.join("."), key, &allowed, &serde_span);
         }
         let path = steps.join(".");
         let (table, _, key, element) = parts(&path);
-        let (shown, found) = (self.snippet(&span), kind(self.item(&path)));
+        let (shown, found) = (self.snippet(&serde_span), kind(self.item(&path)));
         if key == "redirect_ports" && element {
-            return self.bad_port(&span);
+            return self.bad_port(&serde_span);
         } else if secs_rule(key).is_some() && message.starts_with("invalid value: integer") {
             return self.bad_secs(&path, false);
         }
-        let (message, fix) = if element {
+        let whole = join_path(&table, key);
+        let owner = match element {
+            true => path
+                .rsplit_once('.')
+                .map_or(path.as_str(), |(owner, _)| owner),
+            false => &path,
+        };
+        let whole_item = self.item(owner);
+        let written = match whole_item {
+            Some(Item::Table(_)) => format!("[{whole}]"),
+            Some(Item::ArrayOfTables(_)) => format!("[[{whole}]]"),
+            _ => format!("{key} = {}", self.snippet(&whole_item.and_then(span_of))),
+        };
+        let (message, fix) = if let Some(entry) = list_of_tables(&whole) {
+            let message = match element {
+                true => format!(
+                    "{written} is not valid: each entry must be a [[{whole}]] section, not {found}."
+                ),
+                false => format!(
+                    "{written} is not valid: {key} must be a list of [[{whole}]] sections, not {}.",
+                    kind(whole_item)
+                ),
+            };
+            (
+                message,
+                format!(
+                    "Write each as its own section: a line [[{whole}]], then {entry} on the lines below."
+                ),
+            )
+        } else if display_key(&table, key).starts_with('[') {
+            let message = match whole_item {
+                Some(Item::ArrayOfTables(_)) => format!(
+                    "{written} is not valid: {key} is one section, so its heading has one pair of \
+                     brackets."
+                ),
+                _ => format!(
+                    "{written} is not valid: {key} must be a table, not {}.",
+                    kind(whole_item)
+                ),
+            };
+            (
+                message,
+                format!("Write it as a section: a line [{whole}] followed by its keys."),
+            )
+        } else if matches!(whole_item, Some(Item::Table(_) | Item::ArrayOfTables(_))) {
+            (
+                format!("{written} is not valid: {key} is a key, not a section."),
+                format!(
+                    "Write {key} = {} among the keys of its section.",
+                    example(key)
+                ),
+            )
+        } else if element {
             let message = format!("{key} contains {shown}, which is not text in double quotes.");
             (
                 message,
@@ -331,21 +394,6 @@ impl Reader<'_> {
                     "Write each entry in double quotes, e.g. {key} = {}.",
                     example(key)
                 ),
-            )
-        } else if path == "clients" {
-            let message = format!(
-                "clients = {shown} is not valid: clients must be a list of [[clients]] sections, \
-                 not {found}."
-            );
-            let fix = "Write each program as its own section: a line [[clients]], then name = \
-                       \"Ward EHR\" and path = \"/opt/ehr/bin/ehr\" on the lines below.";
-            (message, fix.to_owned())
-        } else if display_key(&table, key).starts_with('[') {
-            let message =
-                format!("{key} = {shown} is not valid: {key} must be a table, not {found}.");
-            (
-                message,
-                format!("Write it as a section: a line [{path}] followed by its keys."),
             )
         } else if let Some(names) = choices(key) {
             let written = self.item(&path).and_then(Item::as_str);
@@ -366,7 +414,13 @@ impl Reader<'_> {
                 format!("{key} = {shown} is not valid: {key} must be {wanted}, not {found}.");
             (message, format!("Write {key} = {}.", example(key)))
         };
-        self.err(&span, message, fix)
+        // A table of the wrong kind is named at its heading, not at a key inside it.
+        let span = match whole_item {
+            Some(Item::ArrayOfTables(list)) => list.get(0).and_then(|entry| entry.span()),
+            Some(Item::Table(table)) => table.span(),
+            _ => None,
+        };
+        self.err(&span.or(serde_span), message, fix)
     }
 
     fn unknown_key(&self, parent: &str, key: &str, allowed: &[&str], span: &Span) -> ConfigError {
@@ -457,50 +511,30 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Checks an http(s) URL without changing it: `https://`, or `http://` to this computer only.
-    /// `what` names the other end ("the provider", "the relay").
+    /// An http(s) address, checked by the rule the relay's reader uses too. `what` names the other
+    /// end ("the provider", "the relay").
     fn url(&self, path: &str, value: &str, what: &str, allow_query: bool) -> Checked {
         let (_, _, key, _) = parts(path);
-        let fix = format!("Write {key} = {}.", example(key));
-        let invalid =
-            |reason: &str| Err(self.at(path, &format!("{{at}} is not valid: {reason}."), &fix));
-        if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return invalid("a URL has no spaces");
-        }
-        let url = url::Url::parse(value)
-            .map_err(|e| self.at(path, &format!("{{at}} is not a valid URL ({e})."), &fix))?;
-        let lower = value.to_ascii_lowercase();
-        let http = lower.starts_with("http://") && url.scheme() == "http";
-        let https = lower.starts_with("https://") && url.scheme() == "https";
-        let loopback = match url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            None => false,
-        };
-        if http && !loopback {
-            return Err(self.at(
-                path,
-                "{at} uses plain http to another computer.",
+        let example = format!("{key} = {}", example(key));
+        let (message, fix) = match check_http_url(value, allow_query) {
+            Ok(()) => return Ok(()),
+            Err(UrlProblem::NotUrl(why)) => (
+                format!("{{at}} is not a valid URL ({why})."),
+                format!("Write {example}."),
+            ),
+            Err(UrlProblem::PlainHttpToAnotherComputer) => (
+                "{at} uses plain http to another computer.".to_owned(),
                 format!(
-                    "Use https:// ({fix}); plain http is allowed only when {what} runs on this \
-                     computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
+                    "Use https://, e.g. {example}; plain http is allowed only when {what} runs \
+                     on this computer, e.g. http://127.0.0.1:8080/ or http://[::1]:8080/."
                 ),
-            ));
-        }
-        if !(http || https) {
-            return invalid("it must start with https://");
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return invalid("it has no host name");
-        }
-        match (url.fragment(), url.query()) {
-            (Some(_), _) if allow_query => invalid("it must not have a #fragment"),
-            (Some(_), _) | (_, Some(_)) if !allow_query => {
-                invalid("it must not have a ?query or #fragment")
-            }
-            _ => Ok(()),
-        }
+            ),
+            Err(problem) => (
+                format!("{{at}} is not valid: {problem}."),
+                format!("Write {example}."),
+            ),
+        };
+        Err(self.at(path, &message, fix))
     }
 
     /// A path from the file, resolved (`~/` is the home folder; a relative path is read from the
