@@ -111,6 +111,55 @@ check "the installed cis2ctl.exe status answers the desktop app" \
   "grep -q '\"environment\": *\"sandbox\"' <<<'$tray_status'"
 kill -9 "$tray_pid" 2>/dev/null; wait "$tray_pid" 2>/dev/null
 
+# A config mistake, as an app started from the Start menu meets it: its error line reaches nobody, so
+# it says so in a message box, and exits 2 once the person closes the box.
+title='CIS2 Agent could not start'
+# Finds (or, with "close", asks to close, as a title bar's close button does) the X windows titled
+# $2 on this test's display; false when there is none.
+x_window() {
+  /usr/bin/python3 - ":$(cat "$work/display")" "$1" "$2" <<'PY'
+import sys
+from Xlib import X, display, protocol
+d = display.Display(sys.argv[1])
+name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
+protocols, delete = d.intern_atom("WM_PROTOCOLS"), d.intern_atom("WM_DELETE_WINDOW")
+found = False
+for w in d.screen().root.query_tree().children:
+    title = w.get_full_property(name, utf8)
+    if title is not None and title.value.decode() == sys.argv[3]:
+        found = True
+        if sys.argv[2] == "close":
+            message = protocol.event.ClientMessage(window=w, client_type=protocols,
+                                                   data=(32, [delete, X.CurrentTime, 0, 0, 0]))
+            w.send_event(message, event_mask=X.NoEventMask)
+d.flush()
+sys.exit(0 if found else 1)
+PY
+}
+printf 'environment = "custom"\n' >"$work/bad.toml"
+DISPLAY=":$(cat "$work/display")" wine "$app/cis2-agent.exe" --config "$(winepath -w "$work/bad.toml" 2>/dev/null)" \
+  >/dev/null 2>"$work/bad.err" &
+bad_pid=$!
+pids+=("$bad_pid")
+box_shown() {
+  for _ in $(seq 600); do
+    x_window find "$title" && return 0
+    kill -0 "$bad_pid" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+check "a config mistake: the installed app says so in a message box titled '$title'" "box_shown" ||
+  sed 's/^/# /' "$work/bad.err"
+check "and waits for the person to close it" "sleep 1 && kill -0 $bad_pid 2>/dev/null"
+x_window close "$title"
+for _ in $(seq 200); do kill -0 "$bad_pid" 2>/dev/null || break; sleep 0.1; done
+wait "$bad_pid" 2>/dev/null
+bad_code=$?
+check "closed, it exits 2 ($bad_code), its error line naming the file, line 1 and the fix" \
+  "[ $bad_code = 2 ] && grep -q 'bad.toml:1: environment = \"custom\" needs a \[provider\] section' '$work/bad.err'" ||
+  sed 's/^/# /' "$work/bad.err"
+
 # 3. The admin drops a machine-wide config (as Group Policy or Intune would), then reinstalls with
 #    start at sign-in: the config stays byte for byte, and the installed agent reads it.
 pipe='\\.\pipe\cis2-installer-machine-config'

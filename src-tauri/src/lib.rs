@@ -11,6 +11,7 @@
 pub mod bridge;
 mod handoff;
 mod shell;
+pub mod start_failure;
 pub mod window;
 
 use cis2_core::service::Launch;

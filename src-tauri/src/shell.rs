@@ -277,6 +277,7 @@ pub fn run(launch: Launch, minimized: bool) {
                 Ok(started) => started,
                 Err(failure) => {
                     eprintln!("cis2-agent: {failure}");
+                    crate::start_failure::show(&failure.to_string());
                     std::process::exit(i32::from(failure.exit_code()));
                 }
             };

@@ -396,7 +396,14 @@ fn config_main_binary_name() -> String {
 /// read with Debian's python3-xlib (as `scripts/bench-idle` reads the screen).
 fn window_classes(display: &str) -> Vec<(String, String)> {
     let config: Value = serde_json::from_str(include_str!("../../tauri.conf.json")).unwrap();
-    let title = config["app"]["windows"][0]["title"].as_str().unwrap();
+    windows_titled(
+        display,
+        config["app"]["windows"][0]["title"].as_str().unwrap(),
+    )
+}
+
+/// The `WM_CLASS` of each top-level window titled `title`.
+fn windows_titled(display: &str, title: &str) -> Vec<(String, String)> {
     let script = r#"
 import sys
 from Xlib import display
@@ -647,4 +654,88 @@ async fn the_no_roles_expiring_and_locked_screens() {
     driver.screenshot("08-locked").await;
     driver.assert_fits("locked", &["#unlock", "#logout"]).await;
     driver.quit().await;
+}
+
+/// Asks each top-level window titled `title` to close, as a window manager's close button does.
+fn close_windows_titled(display: &str, title: &str) {
+    let script = r#"
+import sys
+from Xlib import X, display, protocol
+d = display.Display(sys.argv[1])
+name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
+protocols, delete = d.intern_atom("WM_PROTOCOLS"), d.intern_atom("WM_DELETE_WINDOW")
+for w in d.screen().root.query_tree().children:
+    title = w.get_full_property(name, utf8)
+    if title is not None and title.value.decode() == sys.argv[2]:
+        event = protocol.event.ClientMessage(window=w, client_type=protocols, data=(32, [delete, X.CurrentTime, 0, 0, 0]))
+        w.send_event(event, event_mask=X.NoEventMask)
+d.flush()
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script, display, title])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "python3-xlib: {out:?}");
+}
+
+/// Started from a menu or at sign-in, nobody sees the app's error line: a start that fails (here a
+/// config mistake) is shown in a dialog, and the app exits with the failure's code once the person
+/// closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_is_shown_in_a_dialog_until_the_person_closes_it() {
+    let _turn = one_at_a_time().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("xdg-run")).unwrap();
+    let desktop = start_desktop();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "environment = \"custom\"\n").unwrap();
+    let mut app = Command::new(target_bin("cis2-agent-app"))
+        .arg("--config")
+        .arg(&config)
+        .envs(base_env(dir.path(), "555021935107"))
+        .env("DISPLAY", &desktop.display)
+        .env("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the app starts");
+    let title = cis2_agent_app::start_failure::TITLE;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while windows_titled(&desktop.display, title).is_empty() {
+        let ended = app.try_wait().unwrap();
+        assert!(
+            ended.is_none(),
+            "the app ended ({ended:?}) without a dialog"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no dialog titled {title:?} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        app.try_wait().unwrap().is_none(),
+        "the app must wait for the person to close the dialog"
+    );
+    close_windows_titled(&desktop.display, title);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = app.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app did not end after the dialog closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut app.stderr.take().unwrap(), &mut said).unwrap();
+    assert_eq!(status.code(), Some(2), "a config mistake exits 2: {said}");
+    let line = format!(
+        "cis2-agent: {}:1: environment = \"custom\" needs a [provider] section",
+        config.display()
+    );
+    assert!(said.contains(&line), "{said}");
 }

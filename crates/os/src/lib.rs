@@ -3,7 +3,8 @@
 //! creation time and user of a process (who is on the other end of the agent's named pipe, and who owns
 //! the pipe a client connects to), the current user's SID, creating a named pipe with a security
 //! descriptor given in SDDL, reading a handle's security descriptor back, and the session notifications
-//! (lock, unlock, logoff, switch user) of a message-only window ([`session`]). On other systems the
+//! (lock, unlock, logoff, switch user) of a message-only window ([`session`]), and the message box
+//! the desktop app shows when it cannot start. On other systems the
 //! crate is empty: Unix gets the same facts from safe crates (`rustix`, `/proc`).
 
 #[cfg(windows)]

@@ -314,6 +314,25 @@ pub fn as_anonymous<T>(f: impl FnOnce() -> T) -> io::Result<T> {
     Ok(result)
 }
 
+/// Shows `text` in a message box with an error icon and an OK button, above other windows, and
+/// returns when the person closes it. How the desktop app says it could not start: a Windows GUI
+/// program has no console, so its error line reaches nobody.
+pub fn show_error_box(title: &str, text: &str) -> io::Result<()> {
+    use windows_sys::Win32::UI::WindowsAndMessaging::{
+        MB_ICONERROR, MB_OK, MB_SETFOREGROUND, MB_TOPMOST, MessageBoxW,
+    };
+    let (title, text) = (wide(OsStr::new(title)), wide(OsStr::new(text)));
+    let style = MB_OK | MB_ICONERROR | MB_SETFOREGROUND | MB_TOPMOST;
+    // SAFETY: both strings are NUL-terminated UTF-16 buffers that outlive the call, and no owner
+    // window (null) is allowed; the call only reads them.
+    let pressed =
+        unsafe { MessageBoxW(std::ptr::null_mut(), text.as_ptr(), title.as_ptr(), style) };
+    match pressed {
+        0 => Err(io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +438,40 @@ mod tests {
         server.connect().await.unwrap();
         assert_eq!(pipe_client_pid(&server).unwrap(), std::process::id());
         assert_eq!(pipe_server_pid(&client).unwrap(), std::process::id());
+    }
+
+    /// The box is a real window with the title given, and the call returns once it is closed.
+    #[test]
+    fn an_error_box_shows_until_it_is_closed() {
+        use windows_sys::Win32::UI::WindowsAndMessaging::{FindWindowW, PostMessageW, WM_CLOSE};
+        let title = format!("cis2-os test box {}", std::process::id());
+        let shown = std::thread::spawn({
+            let title = title.clone();
+            move || show_error_box(&title, "config.toml:1: a test of the box.")
+        });
+        let wanted = wide(OsStr::new(&title));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let window = loop {
+            // SAFETY: a NUL-terminated UTF-16 title that outlives the call; no class name (null).
+            let found = unsafe { FindWindowW(std::ptr::null(), wanted.as_ptr()) };
+            if !found.is_null() || std::time::Instant::now() > deadline || shown.is_finished() {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        if window.is_null() && shown.is_finished() && under_wine() {
+            let said = shown.join().unwrap();
+            eprintln!("SKIPPED under Wine without a display: the box could not be made ({said:?})");
+            return;
+        }
+        assert!(!window.is_null(), "no window titled {title:?} within 20 s");
+        assert!(
+            !shown.is_finished(),
+            "the call returned with its box still open"
+        );
+        // SAFETY: posting a message to a window handle is sound even if the window has gone since.
+        unsafe { PostMessageW(window, WM_CLOSE, 0, 0) };
+        assert!(shown.join().unwrap().is_ok());
     }
 
     #[test]
