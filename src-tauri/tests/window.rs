@@ -404,26 +404,44 @@ fn window_classes(display: &str) -> Vec<(String, String)> {
 
 /// The `WM_CLASS` of each top-level window titled `title`.
 fn windows_titled(display: &str, title: &str) -> Vec<(String, String)> {
-    let script = r#"
-import sys
-from Xlib import display
-d = display.Display(sys.argv[1])
-name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
-for w in d.screen().root.query_tree().children:
-    title = w.get_full_property(name, utf8)
-    if title is not None and title.value.decode() == sys.argv[2]:
-        print(*(w.get_wm_class() or ("-", "-")))
-"#;
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", script, display, title])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "python3-xlib: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&x_windows(display, title, "list"))
         .lines()
         .filter_map(|line| line.split_once(' '))
         .map(|(instance, class)| (instance.to_string(), class.to_string()))
         .collect()
+}
+
+/// Asks each top-level window titled `title` to close, as a window manager's close button does.
+fn close_windows_titled(display: &str, title: &str) {
+    x_windows(display, title, "close");
+}
+
+/// Lists (`WM_CLASS`, a line each) or closes the top-level windows titled `title`, with Debian's
+/// python3-xlib (as `scripts/bench-idle` reads the screen).
+fn x_windows(display: &str, title: &str, action: &str) -> Vec<u8> {
+    let script = r#"
+import sys
+from Xlib import X, display, protocol
+d = display.Display(sys.argv[1])
+name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
+protocols, delete = d.intern_atom("WM_PROTOCOLS"), d.intern_atom("WM_DELETE_WINDOW")
+for w in d.screen().root.query_tree().children:
+    title = w.get_full_property(name, utf8)
+    if title is None or title.value.decode() != sys.argv[2]:
+        continue
+    if sys.argv[3] == "close":
+        data = (32, [delete, X.CurrentTime, 0, 0, 0])
+        w.send_event(protocol.event.ClientMessage(window=w, client_type=protocols, data=data))
+    else:
+        print(*(w.get_wm_class() or ("-", "-")))
+d.flush()
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script, display, title, action])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "python3-xlib: {out:?}");
+    out.stdout
 }
 
 fn write_config(dir: &Path, extra: &str) -> String {
@@ -654,28 +672,6 @@ async fn the_no_roles_expiring_and_locked_screens() {
     driver.screenshot("08-locked").await;
     driver.assert_fits("locked", &["#unlock", "#logout"]).await;
     driver.quit().await;
-}
-
-/// Asks each top-level window titled `title` to close, as a window manager's close button does.
-fn close_windows_titled(display: &str, title: &str) {
-    let script = r#"
-import sys
-from Xlib import X, display, protocol
-d = display.Display(sys.argv[1])
-name, utf8 = d.intern_atom("_NET_WM_NAME"), d.intern_atom("UTF8_STRING")
-protocols, delete = d.intern_atom("WM_PROTOCOLS"), d.intern_atom("WM_DELETE_WINDOW")
-for w in d.screen().root.query_tree().children:
-    title = w.get_full_property(name, utf8)
-    if title is not None and title.value.decode() == sys.argv[2]:
-        event = protocol.event.ClientMessage(window=w, client_type=protocols, data=(32, [delete, X.CurrentTime, 0, 0, 0]))
-        w.send_event(event, event_mask=X.NoEventMask)
-d.flush()
-"#;
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", script, display, title])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "python3-xlib: {out:?}");
 }
 
 /// Started from a menu or at sign-in, nobody sees the app's error line: a start that fails (here a
