@@ -128,11 +128,11 @@ pub fn acr_level(acr: &str) -> u8 {
     }
 }
 
-/// The `iss` an unsigned-for-now token claims, to refuse another provider's token as such before
-/// any key is looked up (a clearer reason than "a key the provider does not publish", and no JWKS
-/// refetch for a foreign token). It may only refuse: acceptance waits for the signature, and
-/// [`check_claims`] compares `iss` again on the verified claims. `None` when the token does not
-/// parse or names no issuer (the signature step then says why).
+/// The `iss` a token claims before its signature is checked: to refuse another provider's token
+/// as such before any key is looked up (a clearer reason than "a key the provider does not
+/// publish", and no key-set refetch for a foreign token). It may only refuse: acceptance waits for
+/// the signature, and [`check_claims`] compares `iss` again on the verified claims. `None` when the
+/// token does not parse or names no issuer (the signature step then says why).
 pub fn unverified_issuer(token: &str) -> Option<String> {
     let parsed = UnverifiedJwt::parse(token).ok()?;
     parsed.claims.get("iss")?.as_str().map(str::to_owned)
