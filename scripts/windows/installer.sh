@@ -136,29 +136,39 @@ d.flush()
 sys.exit(0 if found else 1)
 PY
 }
-printf 'environment = "custom"\n' >"$work/bad.toml"
-DISPLAY=":$(cat "$work/display")" wine "$app/cis2-agent.exe" --config "$(winepath -w "$work/bad.toml" 2>/dev/null)" \
-  >/dev/null 2>"$work/bad.err" &
-bad_pid=$!
-pids+=("$bad_pid")
-box_shown() {
-  for _ in $(seq 600); do
-    x_window find "$title" && return 0
-    kill -0 "$bad_pid" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
+# Starts the installed app with ARGS (which must make it fail) on the display; checks that a message
+# box titled $title appears and that the app waits for it; closes it; sets $box_code (the app's exit
+# code) with its stderr in $work/box.err.
+fail_with_a_box() {
+  local what="$1"; shift
+  DISPLAY=":$(cat "$work/display")" wine "$app/cis2-agent.exe" "$@" >/dev/null 2>"$work/box.err" &
+  local pid=$!
+  pids+=("$pid")
+  box_shown() {
+    for _ in $(seq 600); do
+      x_window find "$title" && return 0
+      kill -0 "$pid" 2>/dev/null || return 1
+      sleep 0.1
+    done
+    return 1
+  }
+  check "$what: the installed app says so in a message box titled '$title'" "box_shown" ||
+    sed 's/^/# /' "$work/box.err"
+  check "and waits for the person to close it" "sleep 1 && kill -0 $pid 2>/dev/null"
+  x_window close "$title"
+  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  wait "$pid" 2>/dev/null
+  box_code=$?
 }
-check "a config mistake: the installed app says so in a message box titled '$title'" "box_shown" ||
-  sed 's/^/# /' "$work/bad.err"
-check "and waits for the person to close it" "sleep 1 && kill -0 $bad_pid 2>/dev/null"
-x_window close "$title"
-for _ in $(seq 200); do kill -0 "$bad_pid" 2>/dev/null || break; sleep 0.1; done
-wait "$bad_pid" 2>/dev/null
-bad_code=$?
-check "closed, it exits 2 ($bad_code), its error line naming the file, line 1 and the fix" \
-  "[ $bad_code = 2 ] && grep -q 'bad.toml:1: environment = \"custom\" needs a \[provider\] section' '$work/bad.err'" ||
-  sed 's/^/# /' "$work/bad.err"
+printf 'environment = "custom"\n' >"$work/bad.toml"
+fail_with_a_box "a config mistake" --config "$(winepath -w "$work/bad.toml" 2>/dev/null)"
+check "closed, it exits 2 ($box_code), its error line naming the file, line 1 and the fix" \
+  "[ $box_code = 2 ] && grep -q 'bad.toml:1: environment = \"custom\" needs a \\[provider\\] section' '$work/box.err'" ||
+  sed 's/^/# /' "$work/box.err"
+fail_with_a_box "an option mistyped in a shortcut (--minimised)" --minimised
+check "closed, it exits 2 ($box_code), naming the option and the one meant" \
+  "[ $box_code = 2 ] && grep -q \"unexpected argument '--minimised'\" '$work/box.err' && grep -q \"'--minimized'\" '$work/box.err'" ||
+  sed 's/^/# /' "$work/box.err"
 
 # 3. The admin drops a machine-wide config (as Group Policy or Intune would), then reinstalls with
 #    start at sign-in: the config stays byte for byte, and the installed agent reads it.

@@ -68,10 +68,20 @@ pub const WM_CLASS: &str = "cis2-agent";
 
 /// Runs the app, or its window process; returns when it ends.
 pub fn run() {
-    let args = Args::parse();
     // Before GTK starts: it takes the program's name only if none is set.
     #[cfg(target_os = "linux")]
     glib::set_prgname(Some(WM_CLASS));
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // `--help` and `--version` are answers, not failures.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A mistyped option in a shortcut or a Run key is a failed start like any other.
+        Err(e) => {
+            let _ = e.print();
+            start_failure::show(&e.render().to_string());
+            std::process::exit(e.exit_code());
+        }
+    };
     // Before anything else: a second launch should cost the person no more than a bus call.
     if !args.window && handoff::to_running_app() {
         return;

@@ -1,8 +1,9 @@
 //! Telling the person at the desk that the app could not start. Started from a menu, at sign-in or
 //! from Explorer, the app's error line goes nowhere (a Windows GUI program has no console at all), and
 //! a clinician would see nothing happen; so the failure — a config mistake with its file, line and
-//! fix, or a socket another agent holds — is also shown in a dialog, and the app exits once it is
-//! closed. From a terminal the line is enough and no dialog is shown.
+//! fix, a socket another agent holds, or an option mistyped in a shortcut — is also shown in a
+//! dialog, and the app exits once it is closed. From a terminal the line is enough and no dialog is
+//! shown.
 
 use std::io::IsTerminal;
 
@@ -15,6 +16,8 @@ pub fn show(failure: &str) {
     if std::io::stderr().is_terminal() {
         return;
     }
+    // An option's error ends with how to ask for help on a command line: not for a dialog.
+    let failure = failure.split("\nUsage:").next().unwrap_or(failure).trim();
     let text =
         format!("{failure}\n\nIf you cannot fix this, tell your IT service desk what it says.");
     show_dialog(&text);
@@ -23,7 +26,11 @@ pub fn show(failure: &str) {
 #[cfg(target_os = "linux")]
 fn show_dialog(text: &str) {
     use gtk::prelude::*;
-    // Tauri has started GTK on this thread (the app's setup runs in its event loop).
+    // Tauri has started GTK on this thread when the app's setup fails; an option's error comes
+    // before Tauri, and without a display there is no dialog to show.
+    if gtk::init().is_err() {
+        return;
+    }
     let dialog = gtk::MessageDialog::new(
         None::<&gtk::Window>,
         gtk::DialogFlags::MODAL,

@@ -674,9 +674,10 @@ async fn the_no_roles_expiring_and_locked_screens() {
     driver.quit().await;
 }
 
-/// Started from a menu or at sign-in, nobody sees the app's error line: a start that fails (here a
-/// config mistake) is shown in a dialog, and the app exits with the failure's code once the person
-/// closes it.
+/// Started from a menu or at sign-in, nobody sees the app's error line: a start that fails is shown
+/// in a dialog, and the app exits with the failure's code once the person closes it. Two failures:
+/// a config mistake (found when the agent starts, inside Tauri) and an option mistyped in a shortcut
+/// (found before Tauri and GTK start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_start_is_shown_in_a_dialog_until_the_person_closes_it() {
     let _turn = one_at_a_time().await;
@@ -685,10 +686,36 @@ async fn a_failed_start_is_shown_in_a_dialog_until_the_person_closes_it() {
     let desktop = start_desktop();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "environment = \"custom\"\n").unwrap();
+    let (status, said) = fail_with_a_dialog(
+        &desktop,
+        dir.path(),
+        &["--config".as_ref(), config.as_os_str()],
+    );
+    assert_eq!(status.code(), Some(2), "a config mistake exits 2: {said}");
+    let line = format!(
+        "cis2-agent: {}:1: environment = \"custom\" needs a [provider] section",
+        config.display()
+    );
+    assert!(said.contains(&line), "{said}");
+
+    let (status, said) = fail_with_a_dialog(&desktop, dir.path(), &["--minimised".as_ref()]);
+    assert_eq!(status.code(), Some(2), "a mistyped option exits 2: {said}");
+    assert!(
+        said.contains("unexpected argument '--minimised'") && said.contains("'--minimized'"),
+        "{said}"
+    );
+}
+
+/// Runs the app with `args`, which must make it fail: waits for its dialog, checks that the app
+/// waits for it, closes it, and gives the exit status and what the app wrote to stderr.
+fn fail_with_a_dialog(
+    desktop: &Desktop,
+    dir: &Path,
+    args: &[&std::ffi::OsStr],
+) -> (std::process::ExitStatus, String) {
     let mut app = Command::new(target_bin("cis2-agent-app"))
-        .arg("--config")
-        .arg(&config)
-        .envs(base_env(dir.path(), "555021935107"))
+        .args(args)
+        .envs(base_env(dir, "555021935107"))
         .env("DISPLAY", &desktop.display)
         .env("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)
         .stdout(Stdio::null())
@@ -728,10 +755,5 @@ async fn a_failed_start_is_shown_in_a_dialog_until_the_person_closes_it() {
     };
     let mut said = String::new();
     std::io::Read::read_to_string(&mut app.stderr.take().unwrap(), &mut said).unwrap();
-    assert_eq!(status.code(), Some(2), "a config mistake exits 2: {said}");
-    let line = format!(
-        "cis2-agent: {}:1: environment = \"custom\" needs a [provider] section",
-        config.display()
-    );
-    assert!(said.contains(&line), "{said}");
+    (status, said)
 }
