@@ -51,8 +51,8 @@ impl Fanout {
     }
 
     /// Shared through Redis; starts the subscriber that feeds this instance (it reconnects on its own).
-    pub fn redis(url: &str) -> Result<Fanout, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
+    pub fn redis(url: &str) -> Result<Fanout, redis::RedisError> {
+        let client = redis::Client::open(url)?;
         let fanout = Fanout::build(Some(client));
         let weak = Arc::downgrade(&fanout.inner);
         tokio::spawn(async move { subscribe_loop(weak).await });

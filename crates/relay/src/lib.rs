@@ -21,10 +21,46 @@ use cis2_oidc::http::HttpClient;
 use cis2_oidc::rp::{ClientSettings, Exchange, RelyingParty};
 use config::RelayConfig;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+/// Why the relay did not start, with the file or address at fault (the config itself was valid:
+/// [`config::load`] judged it). Displays as the one line `cis2-relay` prints before exiting 1.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot read the key file {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Key {
+        path: PathBuf,
+        source: cis2_jose::JoseError,
+    },
+    #[error("the active key is not among the keys")]
+    NoActiveKey,
+    #[error(transparent)]
+    ProviderClient(#[from] cis2_oidc::http::HttpSetupError),
+    #[error("redis_url: {0}")]
+    Redis(#[source] redis::RedisError),
+    #[error("cannot read {}: {source}", path.display())]
+    ReadTls {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] cis2_tls::TlsConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
 
 /// How long the relay waits for CIS2 on one call.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -61,45 +97,46 @@ impl Drop for RunningRelay {
 }
 
 /// Reads the keys, binds the listener and serves.
-pub async fn start(config: RelayConfig) -> Result<RunningRelay, String> {
+pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     start_with_clock(config, Arc::new(SystemClock)).await
 }
 
 pub async fn start_with_clock(
     config: RelayConfig,
     clock: SharedClock,
-) -> Result<RunningRelay, String> {
+) -> Result<RunningRelay, StartError> {
     let mut keys = Vec::new();
     let mut active = None;
+    let read_key = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|source| StartError::ReadKey {
+            path: path.clone(),
+            source,
+        })
+    };
+    let bad_key = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| StartError::Key { path, source }
+    };
     for path in &config.keys {
-        let pem = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
-        let mut key = SigningKey::from_pem(&pem, config.alg)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut key = SigningKey::from_pem(&read_key(path)?, config.alg).map_err(bad_key(path))?;
         if let Some(kid) = config.kids.get(path) {
-            key = key
-                .with_kid(kid)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            key = key.with_kid(kid).map_err(bad_key(path))?;
         }
         if *path == config.active {
             active = Some(key.clone());
         }
         keys.push(key);
     }
-    let active = active.ok_or("the active key is not among the keys")?;
+    let active = active.ok_or(StartError::NoActiveKey)?;
     let mut platforms = Vec::new();
     for platform in &config.api_platform {
-        let path = &platform.key;
-        let pem = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
-        let key = SigningKey::from_pem(&pem, cis2_jose::Alg::RS512)
+        let key = SigningKey::from_pem(&read_key(&platform.key)?, cis2_jose::Alg::RS512)
             .and_then(|k| k.with_kid(&platform.kid))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(bad_key(&platform.key))?;
         platforms.push((platform.clone(), key));
     }
     let tickets = ticket::Tickets::new(&keys, &active);
-    let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+    let http = HttpClient::with_ca_file(config.ca_file.as_deref(), PROVIDER_TIMEOUT)?;
     let rp = RelyingParty {
         discovery: Discovery::new(config.issuer.clone(), http, clock.clone()),
         settings: ClientSettings {
@@ -115,24 +152,29 @@ pub async fn start_with_clock(
         clock: clock.clone(),
     };
     let fanout = match &config.redis_url {
-        Some(url) => fanout::Fanout::redis(url)?,
+        Some(url) => fanout::Fanout::redis(url).map_err(StartError::Redis)?,
         None => fanout::Fanout::memory(),
     };
     let tls = match &config.tls {
         Some((cert, key)) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            let read = |path: &PathBuf| {
+                std::fs::read_to_string(path).map_err(|source| StartError::ReadTls {
+                    path: path.clone(),
+                    source,
+                })
             };
-            Some(cis2_tls::server_config(&read(cert)?, &read(key)?).map_err(|e| e.to_string())?)
+            Some(cis2_tls::server_config(&read(cert)?, &read(key)?)?)
         }
         None => None,
     };
+    let cannot_listen = |source| StartError::Listen {
+        addr: config.listen,
+        source,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(cannot_listen)?;
+    let addr = listener.local_addr().map_err(cannot_listen)?;
     let url = format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" });
     let relay = Arc::new(
         server::Relay::new(config, rp, &keys, tickets, fanout, clock).with_platforms(platforms),
@@ -169,4 +211,65 @@ pub async fn start_with_clock(
         shutdown: Some(tx),
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cis2_jose::Alg;
+
+    fn config_in(dir: &std::path::Path, listen: &str) -> RelayConfig {
+        std::fs::write(
+            dir.join("a.pem"),
+            SigningKey::generate(Alg::RS512).to_pkcs8_pem(),
+        )
+        .unwrap();
+        let text = format!(
+            "[relay]\nlisten = \"{listen}\"\nallowed_redirect_uris = [\"http://127.0.0.1/callback\"]\n\
+             [provider]\nissuer = \"https://cis2.example:443/realms/Healthcare\"\nclient_id = \"1.apps.national\"\n\
+             [signing]\nkeys = [\"a.pem\"]\n"
+        );
+        config::parse(&text, "relay.toml", dir).unwrap()
+    }
+
+    /// What the config could not know at load: each failure names the file or address at fault.
+    #[tokio::test]
+    async fn a_start_that_fails_says_which_file_or_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = start(config_in(dir.path(), &addr.to_string()))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StartError::Listen { addr: a, .. } if *a == addr),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen on {addr}: ")),
+            "{err}"
+        );
+
+        let config = config_in(dir.path(), "127.0.0.1:0");
+        std::fs::remove_file(dir.path().join("a.pem")).unwrap();
+        let err = start(config).await.err().unwrap();
+        assert!(matches!(&err, StartError::ReadKey { .. }), "{err:?}");
+        let key = dir.path().join("a.pem");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot read the key file {}: ", key.display())),
+            "{err}"
+        );
+
+        let config = config_in(dir.path(), "127.0.0.1:0");
+        std::fs::write(&key, "not a key").unwrap();
+        let err = start(config).await.err().unwrap();
+        assert!(matches!(&err, StartError::Key { .. }), "{err:?}");
+        assert!(
+            err.to_string().starts_with(&format!("{}: ", key.display())),
+            "{err}"
+        );
+    }
 }
